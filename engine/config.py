@@ -1,0 +1,109 @@
+"""Model configuration: one dataclass for the Llama / Qwen2 decoder family, plus presets.
+
+    from engine.config import PRESETS, ModelConfig
+    cfg = PRESETS["smollm2-135m"]            # shapes of a real model
+    cfg = ModelConfig.from_hf_dict(json.load(open("config.json")), source="config.json")
+
+The presets carry shapes only; weights come from engine.weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "llama"                # "llama" or "qwen2": qwen2 adds a bias to q/k/v
+    vocab_size: int = 49152
+    dim: int = 576                     # hidden size
+    n_layers: int = 30
+    n_heads: int = 9                   # query heads
+    n_kv_heads: int = 3                # key/value heads (grouped-query attention when < n_heads)
+    intermediate_size: int = 1536      # SwiGLU hidden size
+    head_dim: int = 0                  # 0 means dim // n_heads
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 2048            # positions the KV cache and RoPE table cover
+    tie_embeddings: bool = True        # lm_head shares the token embedding matrix
+    qkv_bias: bool = False             # True for qwen2
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # --- HF config.json <-> ModelConfig -------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a transformers config.json dict; `source` names the file in errors."""
+        model_type = d.get("model_type")
+        archs = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+        if model_type not in archs:
+            raise ValueError(f"{source}: unknown architecture model_type={model_type!r}; "
+                             f"supported: {', '.join(sorted(archs))}")
+        try:
+            n_heads = d["num_attention_heads"]
+            return cls(
+                arch=archs[model_type],
+                vocab_size=d["vocab_size"],
+                dim=d["hidden_size"],
+                n_layers=d["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=d.get("num_key_value_heads") or n_heads,
+                intermediate_size=d["intermediate_size"],
+                head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+                rope_theta=float(d.get("rope_theta", 10000.0)),
+                rms_eps=float(d.get("rms_norm_eps", 1e-6)),
+                max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=archs[model_type] == "qwen2" or bool(d.get("attention_bias", False)),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    def to_hf_dict(self) -> dict:
+        hf_arch = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}[self.arch]
+        d = {
+            "model_type": hf_arch[0], "architectures": [hf_arch[1]],
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.intermediate_size, "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_eps,
+            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu", "torch_dtype": "float32",
+        }
+        if self.arch == "llama":
+            d["attention_bias"] = self.qkv_bias
+            d["mlp_bias"] = False
+        return d
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Paper's student: shapes only (speed work uses random weights of these shapes).
+    "qwen2.5-7b-instruct": ModelConfig(arch="qwen2", vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
+                                       n_kv_heads=4, intermediate_size=18944, rope_theta=1e6, rms_eps=1e-6,
+                                       max_seq_len=32768, tie_embeddings=False, qkv_bias=True),
+    "qwen2.5-coder-0.5b": ModelConfig(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14,
+                                      n_kv_heads=2, intermediate_size=4864, rope_theta=1e6, rms_eps=1e-6,
+                                      max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
+    "qwen2.5-coder-1.5b": ModelConfig(arch="qwen2", vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
+                                      n_kv_heads=2, intermediate_size=8960, rope_theta=1e6, rms_eps=1e-6,
+                                      max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
+    # The embedded default model.
+    "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                intermediate_size=1536, rope_theta=100000.0, rms_eps=1e-5, max_seq_len=8192,
+                                tie_embeddings=True),
+    # Unit tests.
+    "tiny": ModelConfig(arch="llama", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        intermediate_size=128, rope_theta=10000.0, rms_eps=1e-5, max_seq_len=256,
+                        tie_embeddings=False),
+}
