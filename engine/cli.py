@@ -1,0 +1,135 @@
+"""`mcl`: the command line. Each subcommand parses its flags here and calls one function in the
+module that owns the work (imported lazily, so `mcl --help` is instant).
+
+    mcl generate --model smollm2-135m --prompt "def fib(n):" --max-new-tokens 64
+    mcl chat --model smollm2-135m
+    mcl convert model.gguf out_dir/
+    mcl bench generate|lora|train|serve --json
+    mcl train recipes/mini_smollm2.toml key=value ...
+    mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
+    mcl report runs/eval_base runs/eval_adapted
+    mcl distill ... / mcl correct ... / mcl main
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _call(target: str):
+    """'module:function' -> a handler that imports the module only when the subcommand runs."""
+    def run(args):
+        mod, fn = target.split(":")
+        return getattr(importlib.import_module(mod), fn)(args)
+    return run
+
+
+def _model_flags(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), an HF directory or a .gguf file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mcl", description="mapcoder-lite: one small LLM, four role adapters")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    _model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--adapters", default=None, help="directory of PEFT adapters (one subdirectory per role)")
+    p.add_argument("--adapter", default=None, help="role adapter to apply")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_call("engine.generate:cli_generate"))
+
+    p = sub.add_parser("chat", help="interactive conversation")
+    _model_flags(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_call("engine.generate:cli_chat"))
+
+    p = sub.add_parser("convert", help="GGUF file -> HF-format directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("gguf")
+    p.add_argument("outdir")
+    p.set_defaults(func=_call("engine.weights:cli_convert"))
+
+    p = sub.add_parser("bench", help="side-by-side benchmarks")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    for name, target in [("generate", "engine.bench_generate:main"), ("lora", "kernels.bench:main"),
+                         ("train", "engine.bench_train:main"), ("serve", "engine.bench_serve:main")]:
+        b = bsub.add_parser(name)
+        b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        b.add_argument("--out", default=None, help="also write the JSON here (a file, or a dir such as bench/results/)")
+        b.add_argument("--model", default=None)
+        b.add_argument("--device", default=None)
+        b.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+        b.set_defaults(func=_call(target))
+
+    p = sub.add_parser("train", help="train the four role adapters in one mixed-role run")
+    p.add_argument("recipe", help="a recipes/*.toml file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields (e.g. train.steps=50)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None)
+    p.set_defaults(func=_call("engine.trainer:cli_train"))
+
+    p = sub.add_parser("eval", help="run a strategy over a benchmark")
+    _model_flags(p)
+    p.add_argument("--benchmark", required=True, help="humaneval, humaneval-wst, mbpp, mbpp-py, apps, xcodeeval, codecontests")
+    p.add_argument("--strategy", default="mapcoder", choices=["mapcoder", "direct", "cot"])
+    p.add_argument("--adapters", default=None)
+    p.add_argument("--backend", default="local", choices=["local", "http"])
+    p.add_argument("--url", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("-k", type=int, default=2, help="retrieved examples / plans")
+    p.add_argument("-t", type=int, default=2, help="debug rounds per plan")
+    p.add_argument("--data", default=None, help="benchmark data directory (default ../shared/data/benchmarks)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_call("eval.run:cli_eval"))
+
+    p = sub.add_parser("report", help="compare eval runs: table + PNG chart")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--png", default=None)
+    p.set_defaults(func=_call("eval.report:cli_report"))
+
+    p = sub.add_parser("distill", help="teacher trajectories -> role-tagged SFT JSONL")
+    p.add_argument("--config", default=None, help="recipe TOML with a [distill] table")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_call("recipes.distill:cli_distill"))
+
+    p = sub.add_parser("correct", help="supervisor-guided correction of failed trajectories")
+    p.add_argument("--config", default=None)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_call("recipes.correct:cli_correct"))
+
+    p = sub.add_parser("main", help="the main job: fetch model, train four adapters, evaluate base vs adapted")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--out", default="runs/main")
+    p.set_defaults(func=_call("recipes.main_job:cli_main"))
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Boundary errors are one clear line; programming errors keep their traceback.
+        if getattr(e, "mcl_user_error", True) and not isinstance(e, (KeyError, AttributeError)):
+            print(f"mcl {args.cmd}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(rc or 0)
+
+
+if __name__ == "__main__":
+    main()
