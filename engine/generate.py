@@ -1,0 +1,234 @@
+"""KV-cached generation: sample -> prefill -> decode_one -> generate, plus `mcl generate` / `mcl chat`.
+
+    from engine.hub import load_model
+    from engine.generate import generate
+    model, tok = load_model("smollm2-135m")
+    outs = generate(model, [tok.encode("def fib(n):")], max_new_tokens=32, eos_ids=tok.eos_ids)
+    print(tok.decode(outs[0].token_ids))
+
+    mcl generate --model smollm2-135m --prompt "Write a haiku about tensors" --chat --max-new-tokens 64
+
+Batches of prompts of different lengths are right-padded and prefilled together; each row then decodes
+at its own position (attention masks by position, so padding never leaks). Rows that finish leave the
+batch (their cache slot is simply no longer read). The continuous-batching scheduler (engine/serve.py)
+reuses `sample` and the same model call.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVCache
+
+
+# --- sampling ----------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). Greedy rows take argmax; others temperature / top-k / top-p with their own
+    seeded generator, so a request's samples do not depend on what else is in the batch."""
+    out = logits.argmax(-1)
+    for i, p in enumerate(params):
+        if p.temperature <= 0:
+            continue
+        l = logits[i].float() / p.temperature                              # (V,)
+        if p.top_k > 0:
+            kth = torch.topk(l, min(p.top_k, l.numel())).values[-1]
+            l = l.masked_fill(l < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_l, idx = torch.sort(l, descending=True)
+            cum = sorted_l.softmax(-1).cumsum(-1)
+            drop = cum - sorted_l.softmax(-1) > p.top_p                     # keep the smallest set reaching top_p
+            l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+        probs = l.softmax(-1)
+        out[i] = torch.multinomial(probs, 1, generator=generators[i]).item()
+    return out
+
+
+# --- model steps -------------------------------------------------------------------------------
+def prefill(model, cache: KVCache, prompts: list[list[int]], slots: torch.Tensor, adapter_ids=None,
+            start_pos: list[int] | None = None) -> torch.Tensor:
+    """Run prompts (right-padded into one batch) into the given cache slots; return last-token logits (B, V).
+
+    start_pos lets a caller prefill a chunk of a longer prompt (positions start_pos .. start_pos+len-1)."""
+    dev = cache.k.device
+    B = len(prompts)
+    start = start_pos or [0] * B
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    lens = torch.tensor([len(p) for p in prompts])
+    pos = torch.arange(T)[None, :] + torch.tensor(start)[:, None]            # (B, T)
+    # Padding tokens write their keys to the cache's scratch cell, never over a real key.
+    pos = torch.where(torch.arange(T)[None, :] < lens[:, None], pos, cache.scratch)
+    kv_len = max(s + len(p) for s, p in zip(start, prompts))
+    logits = model(tokens.to(dev), adapter_ids, input_pos=pos.to(dev), kv_cache=cache, cache_slots=slots,
+                   kv_len=kv_len, last_idx=(lens - 1).to(dev))
+    return logits[:, 0]                                                      # (B, V)
+
+
+def decode_one(model, cache: KVCache, last: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None,
+               adapter_ids=None, kv_len: int | None = None) -> torch.Tensor:
+    """One token for every row: last (B,) ids at positions pos (B,) -> logits (B, V)."""
+    logits = model(last[:, None], adapter_ids, input_pos=pos[:, None], kv_cache=cache, cache_slots=slots,
+                   kv_len=kv_len)
+    return logits[:, -1]
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""        # "stop" (EOS or stop string), "length"
+    prompt_tokens: int = 0
+
+
+def _hit_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
+    """If the decoded text contains a stop string, the number of ids to keep (up to and including the hit)."""
+    text = tokenizer.decode(ids)
+    if not any(s in text for s in stop_strings):
+        return None
+    for n in range(1, len(ids) + 1):                                        # shortest prefix that contains a stop
+        t = tokenizer.decode(ids[:n])
+        if any(s in t for s in stop_strings):
+            return n
+    return len(ids)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 64, *, adapter_ids=None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             eos_ids=(), stop_strings=(), tokenizer=None, on_token=None, cache: KVCache | None = None,
+             ignore_eos: bool = False) -> list[Generation]:
+    """Generate for a batch of token-id prompts. adapter_ids: None, or a (B,) tensor/list (-1 = base).
+
+    on_token(row, token_id) is called as tokens are produced (streaming). Stops per row on an EOS id,
+    on a stop string (needs `tokenizer`) or after its max_new_tokens."""
+    dev = next(model.parameters()).device
+    B = len(prompts)
+    ctx = model.cfg.max_seq_len if cache is None else cache.max_len
+    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) >= ctx:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the context limit is {ctx} (prompt + at least one new token)")
+        budgets[i] = min(budgets[i], ctx - len(p))                          # never write past the cache
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer")
+    if cache is None:
+        cache = KVCache(model.cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)),
+                        dtype=model.output_weight.dtype, device=dev)
+    if adapter_ids is not None:
+        adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=dev)
+    params = [SamplingParams(temperature, top_k, top_p)] * B
+    gens = [torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(B)]
+    eos = set() if ignore_eos else set(eos_ids)
+
+    results = [Generation(prompt_tokens=len(p)) for p in prompts]
+    slots = torch.arange(B, device=dev)
+    logits = prefill(model, cache, prompts, slots, adapter_ids)
+    pos = torch.tensor([len(p) for p in prompts], device=dev)               # position of the next token
+    active = list(range(B))
+    while active:
+        nxt = sample(logits.float(), [params[i] for i in active], [gens[i] for i in active]).tolist()
+        still = []
+        for j, i in enumerate(active):
+            tok = nxt[j]
+            r = results[i]
+            if tok in eos:
+                r.finish_reason = "stop"
+                continue
+            r.token_ids.append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if stop_strings:
+                keep = _hit_stop(tokenizer, r.token_ids, stop_strings)
+                if keep is not None:
+                    del r.token_ids[keep:]
+                    r.finish_reason = "stop"
+                    continue
+            if len(r.token_ids) >= budgets[i]:
+                r.finish_reason = "length"
+                continue
+            still.append((i, tok))
+        if not still:
+            break
+        active = [i for i, _ in still]
+        last = torch.tensor([t for _, t in still], device=dev)
+        rows = torch.tensor(active, device=dev)
+        cur = pos[rows] + torch.tensor([len(results[i].token_ids) - 1 for i in active], device=dev)
+        all_rows = len(active) == B
+        logits = decode_one(model, cache, last, cur, None if all_rows else rows,
+                            None if adapter_ids is None else adapter_ids[rows], kv_len=int(cur.max()) + 1)
+    return results
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+class _Streamer:
+    """Print decoded text as it grows; hold back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, row, tok_id):
+        self.ids.append(tok_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+
+def _load(args):
+    from engine.hub import load_model
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cli_generate(args):
+    model, tok = _load(args)
+    adapter = None
+    if getattr(args, "adapters", None):
+        from engine.lora import adapter_id, load_adapters
+        load_adapters(model, args.adapters)
+        adapter = [adapter_id(model, args.adapter)] if args.adapter else None
+    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True) \
+        if args.chat else tok.encode(args.prompt)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    t0 = time.perf_counter()
+    out = generate(model, [ids], args.max_new_tokens, adapter_ids=adapter, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=tok.eos_ids,
+                   on_token=_Streamer(tok))[0]
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(ids)} prompt tokens, {len(out.token_ids)} new in {dt:.2f}s, "
+          f"{len(out.token_ids) / dt:.1f} tok/s, finish: {out.finish_reason}]", file=sys.stderr)
+
+
+def cli_chat(args):
+    model, tok = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        streamer = _Streamer(tok)
+        out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, eos_ids=tok.eos_ids,
+                       on_token=streamer)[0]
+        print()
+        messages.append({"role": "assistant", "content": tok.decode(out.token_ids)})

@@ -1,0 +1,188 @@
+"""The decoder: Llama / Qwen2 family in one file (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP).
+
+Module names equal Hugging Face's (model.layers.N.self_attn.q_proj, ...), so an HF state dict loads
+directly and PEFT adapter keys map one to one. Every projection is an `engine.lora.LoRALinear`: a plain
+linear until adapters are attached, then base + per-token adapter through `kernels.multi_lora`.
+
+    from engine.config import PRESETS
+    from engine.model import Transformer
+    model = Transformer(PRESETS["tiny"])
+    logits = model(tokens)                              # (B, T, V)
+    logits = model(tokens, adapter_ids=torch.tensor([0, 2, -1]))   # one adapter per sequence, -1 = base
+    logits = model(tokens, input_pos=pos, kv_cache=cache)           # cached decoding, see engine/generate.py
+
+Adapter ids travel explicitly through `forward`: (B,) per sequence or (B, T) per token. They are turned
+into kernel segments once per forward and handed to every projection.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.lora import LoRABatch, LoRALinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as HF does), scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); fp32 math as HF."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=positions.device, dtype=torch.int64).float() / hd))
+    freqs = positions.float()[..., None] * inv_freq                   # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                           # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos/sin (B, T, hd). Rotate-half convention (HF / GGUF-after-unpermute)."""
+    cos, sin = cos[:, None], sin[:, None]                             # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        self.q_proj = LoRALinear(cfg.dim, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = LoRALinear(cfg.dim, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = LoRALinear(cfg.dim, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = LoRALinear(nh * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
+        B, T, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        q = self.q_proj(x, lora).view(B, T, nh, hd).transpose(1, 2)      # (B, nh, T, hd)
+        k = self.k_proj(x, lora).view(B, T, nkv, hd).transpose(1, 2)     # (B, nkv, T, hd)
+        v = self.v_proj(x, lora).view(B, T, nkv, hd).transpose(1, 2)     # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            # Whole sequences from position 0: plain causal attention (right padding never leaks left).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=nkv != nh)
+        else:
+            cache.update(self.layer_idx, slots, input_pos, k, v)
+            k_all, v_all = cache.read(self.layer_idx, slots, kv_len, B)     # (B, nkv, L, hd)
+            # Key j is visible to the query at position p iff j <= p (per row: rows may sit at different positions).
+            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= input_pos[:, :, None]  # (B, T, L)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=nkv != nh)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)                      # (B, T, nh*hd)
+        return self.o_proj(y, lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = LoRALinear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = LoRALinear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x, lora):
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, lora, cache, slots, input_pos, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, lora, cache, slots, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of HF checkpoints: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.adapter_names: list[str] = []      # adapter id i <-> adapter_names[i]; see engine.lora.add_adapters
+        self.lora_backend = "auto"              # "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"
+        self.gradient_checkpointing = False
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Random weights (tests, speed work at real shapes): normal(0, std), norms at 1, biases small."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "lora_" in name:
+                continue
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None = None, *,
+                input_pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                cache_slots: torch.Tensor | None = None, kv_len: int | None = None,
+                last_idx: torch.Tensor | None = None, lora: LoRABatch | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) at `last_idx` (B,) when given.
+
+        adapter_ids: None, (B,) per sequence or (B, T) per token; -1 = base only.
+        input_pos:   (B, T) absolute positions (default 0..T-1); needed with kv_cache.
+        kv_cache / cache_slots: the cache and the slot (B,) each row uses (default rows 0..B-1).
+        kv_len:      keys attended = cache positions [0, kv_len) (default max(input_pos) + 1).
+        lora:        precomputed LoRABatch (overrides adapter_ids; lets a caller reuse segments).
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        if kv_cache is not None and kv_len is None:
+            kv_len = int(input_pos.max()) + 1
+        if kv_cache is not None and kv_len > kv_cache.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the KV cache length {kv_cache.max_len}")
+        if lora is None and adapter_ids is not None and self.adapter_names:
+            lora = LoRABatch.from_ids(adapter_ids, B, T, len(self.adapter_names), self.lora_backend)
+
+        x = self.model.embed_tokens(tokens)                                   # (B, T, dim)
+        cos, sin = rope_cos_sin(self.cfg, input_pos, x.dtype)                 # (B, T, hd)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, lora, None, None, input_pos, None,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, lora, kv_cache, cache_slots, input_pos, kv_len)
+        if last_idx is not None:
+            x = x[torch.arange(B, device=x.device), last_idx][:, None]       # (B, 1, dim)
+        x = self.model.norm(x)
+        return F.linear(x, self.output_weight)                                # (B, T|1, V)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
