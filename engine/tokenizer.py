@@ -1,0 +1,257 @@
+"""The tokenizer: a thin wrapper over Hugging Face `tokenizers` (byte-level BPE) plus the chat template.
+
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer.from_file("hf_dir/tokenizer.json")       # reads tokenizer_config.json beside it if present
+    tok = Tokenizer.from_gguf(metadata)                      # metadata from engine.weights.load_gguf
+    ids = tok.encode("def f(x):")                            # list[int]; special tokens in the text are parsed
+    text = tok.decode(ids)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    ids, mask = tok.chat_ids_and_mask(messages)              # mask=1 on assistant content + its closing <|im_end|>
+    stream = tok.decode_stream(); for i in ids: print(stream.step(i), end="")
+
+Building from GGUF follows llama.cpp's reading of the metadata: the vocabulary (tokenizer.ggml.tokens), the merges,
+token types (3 = CONTROL -> special added token, 4 = USER_DEFINED -> plain added token), and the pre-tokenizer
+named by tokenizer.ggml.pre (how text is split before BPE, which must match how the merges were learned):
+    smollm (also starcoder, refact, codeshell): every digit alone, then GPT-2's regex
+    qwen2:     NFC, then Qwen2's regex (single digits, letters with one leading non-letter, ...)
+    llama-bpe: Llama-3's regex (digits in runs of up to 3)
+    gpt-2 / default: GPT-2's regex
+(transformers' own GGUF loader falls back to GPT-2's regex for "smollm", so it splits "2024" differently from
+llama.cpp and from SmolLM2's own tokenizer.json; we follow llama.cpp.)
+
+Chat templates are rendered with jinja2 from the model's own template string (GGUF `tokenizer.chat_template` or
+tokenizer_config.json `chat_template`), in a sandbox configured like transformers' apply_chat_template, so each
+family's default-system-prompt rule is exactly its template's. Without a template we use plain ChatML.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+# Split patterns (public constants of the respective tokenizers).
+_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_QWEN2_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
+_QWEN2 = ("qwen2", "deepseek-r1-qwen")
+_LLAMA3 = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3")
+_GPT2 = ("gpt-2", "gpt2", "default", "mpt", "olmo", None)
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _byte_level_pipeline(tk: tokenizers.Tokenizer, pre: str | None, source: str) -> None:
+    """Set normalizer / pre-tokenizer / decoder for llama.cpp pre-tokenizer type `pre`."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in _DIGITS_THEN_GPT2:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif pre in _QWEN2:
+        tk.normalizer = normalizers.NFC()
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_PAT), "isolated"), byte_level])
+    elif pre in _LLAMA3:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_PAT), "isolated"), byte_level])
+    elif pre in _GPT2:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        known = _DIGITS_THEN_GPT2 + _QWEN2 + _LLAMA3 + _GPT2[:-1]
+        raise ValueError(f"{source}: unknown tokenizer.ggml.pre={pre!r}; supported: {', '.join(known)}")
+    tk.decoder = decoders.ByteLevel()
+
+
+@lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """A jinja2 template in a sandbox set up like transformers' apply_chat_template (trim/lstrip blocks,
+    loop controls, a non-HTML-escaping tojson, raise_exception)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+class StreamDecoder:
+    """Incremental decoding for streaming: step(id) returns the new text ('' while a multi-byte character is
+    still incomplete). One per generated sequence."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, skip_special: bool = True):
+        self._tk = tk
+        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tk, int(token_id)) or ""
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer + chat template. Attributes others rely on: bos_id, eos_id, eos_ids (set of ids
+    that end a turn: eos, <|im_end|>, <|endoftext|> where present), pad_id, vocab_size, chat_template."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, chat_template: str | None = None, add_bos: bool = False,
+                 source: str = "tokenizer"):
+        self.tk = tk
+        self.source = source
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_id = self._id(bos_token)
+        self.eos_id = self._id(eos_token)
+        self.pad_id = self._id(pad_token)
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
+        self.eos_ids = {i for i in (self.eos_id, self._id("<|im_end|>"), self._id("<|endoftext|>")) if i is not None}
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.tk.token_to_id(token)
+
+    # --- constructors --------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, tokenizer_json, tokenizer_config=None) -> "Tokenizer":
+        """tokenizer.json (+ tokenizer_config.json, default: the one beside it, and chat_template.jinja if the
+        config has no chat_template, as transformers >= 4.50 saves it)."""
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid tokenizers JSON file: {e}") from None
+        cfg_path = Path(tokenizer_config) if tokenizer_config else path.parent / "tokenizer_config.json"
+        cfg = {}
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        elif tokenizer_config:
+            raise FileNotFoundError(f"{cfg_path}: no such file")
+
+        def token(key):
+            v = cfg.get(key)
+            return v.get("content") if isinstance(v, dict) else v
+
+        template = cfg.get("chat_template")
+        if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = path.parent / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        return cls(tk, bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
+                   chat_template=template, add_bos=bool(cfg.get("add_bos_token", False)), source=str(path))
+
+    @classmethod
+    def from_gguf(cls, meta: dict, source: str = "GGUF metadata") -> "Tokenizer":
+        """From the metadata dict of engine.weights.load_gguf (byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"{source}: tokenizer.ggml.model={model!r}; only byte-level BPE ('gpt2') is supported")
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            if key not in meta:
+                raise ValueError(f"{source}: missing metadata key {key!r}")
+        tokens = meta["tokenizer.ggml.tokens"]
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        _byte_level_pipeline(tk, meta.get("tokenizer.ggml.pre"), source)
+        # Added tokens keep their vocabulary ids; CONTROL ones are special (skipped by decode(skip_special=True)).
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, ty in zip(tokens, types) if ty == 3])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+
+        def token(key):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        return cls(tk, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                   pad_token=token("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), source=source)
+
+    def save(self, outdir) -> None:
+        """tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad), loadable by AutoTokenizer."""
+        out = Path(outdir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(out / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token, "eos_token": self.eos_token,
+               "pad_token": self.pad_token, "add_bos_token": self.add_bos, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    # --- text <-> ids --------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in the text (e.g. '<|im_end|>') become their ids.
+        add_special prepends BOS when the model asks for one (tokenizer add_bos_token)."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def decode_stream(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self.tk, skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    # --- chat ----------------------------------------------------------------------------------------------
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation rendered by the model's chat template (ChatML when it has none)."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: expected a dict with string 'role' and 'content', got {m!r}")
+        template = _compile_template(self.chat_template or CHATML)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of the rendered conversation (what transformers' apply_chat_template(tokenize=True) gives)."""
+        return self.encode(self.chat_text(messages, add_generation_prompt))
+
+    def chat_ids_and_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(ids, mask) for SFT: ids = apply_chat_template(messages); mask[i] = 1 exactly on the tokens of each
+        assistant turn's content and its closing <|im_end|> (a token counts if its characters overlap that span).
+        Needs a ChatML template (<|im_start|>assistant\\n{content}<|im_end|>)."""
+        text = self.chat_text(messages)
+        enc = self.tk.encode(text, add_special_tokens=False)
+        spans, cursor = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            turn = "<|im_start|>assistant\n" + m["content"] + "<|im_end|>"
+            at = text.find(turn, cursor)
+            if at < 0:
+                raise ValueError(f"messages[{i}]: the chat template did not render this assistant turn as "
+                                 f"ChatML ('<|im_start|>assistant\\n...<|im_end|>'); cannot build its loss mask")
+            start = at + len("<|im_start|>assistant\n")
+            spans.append((start, at + len(turn)))
+            cursor = at + len(turn)
+        mask = [0] * len(enc.ids)
+        for j, (a, b) in enumerate(enc.offsets):
+            if any(a < hi and b > lo for lo, hi in spans):
+                mask[j] = 1
+        return enc.ids, mask
