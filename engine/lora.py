@@ -233,39 +233,45 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
 
 
 def load_peft(model: nn.Module, adapter_dir: str | os.PathLike, name: str | None = None) -> str:
-    """Add one PEFT LoRA adapter from a directory under `name` (default: the directory's name)."""
+    """Add one PEFT LoRA adapter from a directory under `name` (default: the directory's name).
+
+    Every tensor is checked against the model before anything is attached, so a bad file changes nothing."""
     cfg, tensors = read_peft(adapter_dir)
     name = name or Path(adapter_dir).name
-    targets = cfg["target_modules"]
-    targets = tuple(t for t in ALL_TARGETS if t in targets) if isinstance(targets, list) else \
-        tuple(t for t in ALL_TARGETS if t in str(targets))
-    rank = int(cfg["r"])
-    add_adapters(model, [name], rank=rank, alpha=float(cfg["lora_alpha"]), targets=targets)
-    idx = adapter_id(model, name)
-    spec = model.adapter_specs[idx]
-    spec.use_rslora = bool(cfg.get("use_rslora", False))
-    if spec.use_rslora:
-        _install(model, model.adapter_specs, seed=0)
     w_path = Path(adapter_dir) / "adapter_model.safetensors"
+    tm = cfg["target_modules"]
+    targets = tuple(t for t in ALL_TARGETS if (t in tm if isinstance(tm, list) else t in str(tm)))
+    rank = int(cfg["r"])
     expected = {}
     for path, layer in lora_layers(model, targets):
-        expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (layer, "A")
-        expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (layer, "B")
+        expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (path, "A", (rank, layer.in_features))
+        expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (path, "B", (layer.out_features, rank))
+    found = {}
     for key, t in tensors.items():
         key_n = key.replace(".default.weight", ".weight")
         if key_n not in expected:
             raise ValueError(f"{w_path}: tensor {key!r} does not match any targeted projection of this model")
-        layer, which = expected.pop(key_n)
-        want = (rank, layer.in_features) if which == "A" else (layer.out_features, rank)
+        path, which, want = expected[key_n]
         if tuple(t.shape) != want:
             raise ValueError(f"{w_path}: tensor {key!r} has shape {tuple(t.shape)}, expected {want}")
-        with torch.no_grad():
+        found[key_n] = t
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{w_path}: missing tensors, e.g. {missing[0]!r} ({len(missing)} in all)")
+
+    add_adapters(model, [name], rank=rank, alpha=float(cfg["lora_alpha"]), targets=targets)
+    idx = adapter_id(model, name)
+    if cfg.get("use_rslora", False):
+        model.adapter_specs[idx].use_rslora = True
+        _install(model, model.adapter_specs, seed=0)                      # recompute scales, keep weights
+    with torch.no_grad():
+        for key_n, t in found.items():
+            path, which, _ = expected[key_n]
+            layer = model.get_submodule(path)
             if which == "A":
                 layer.lora_A[idx, :rank] = t.to(layer.lora_A.dtype)
             else:
                 layer.lora_B[idx, :, :rank] = t.to(layer.lora_B.dtype)
-    if expected:
-        raise ValueError(f"{w_path}: missing tensors, e.g. {next(iter(expected))!r} ({len(expected)} in all)")
     return name
 
 
