@@ -1,0 +1,214 @@
+"""kernels/multi_lora.py against the float64 oracle (multi_lora_ref): forward and the gradients to x, A and B, for the
+Triton path (the interpreter on CPU, compiled on CUDA) and the plain-torch segment path; Segments invariants; poisoned
+output buffers; ValueErrors at the boundary.
+
+    python -m pytest tests/kernels/test_multi_lora.py -q     # tests/conftest.py sets TRITON_INTERPRET=1 without CUDA
+"""
+import pytest
+import torch
+
+from kernels import multi_lora as ml
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (dtype, atol, rtol): |got - ref| <= atol * max|ref| + rtol * |ref|, elementwise, ref in float64.
+TOLS = {torch.float32: (torch.float32, 1e-4, 1e-4), torch.bfloat16: (torch.bfloat16, 1e-2, 1e-2)}
+
+
+def make_ids(pattern: str, T: int, n_adapters: int, g: torch.Generator) -> torch.Tensor:
+    if pattern == "random":                                   # any order, base tokens included
+        return torch.randint(-1, n_adapters, (T,), generator=g)
+    if pattern == "all_base":
+        return torch.full((T,), -1)
+    if pattern == "empty_segments":                           # adapters 1 and 3 get no tokens
+        return torch.tensor([-1, 0, 2])[torch.randint(0, 3, (T,), generator=g)]
+    if pattern == "skewed_sorted":                            # one big segment, already grouped, descending ids
+        ids = torch.zeros(T, dtype=torch.int64)
+        ids[: T // 8] = n_adapters - 1
+        ids[T // 8: T // 4] = -1
+        return ids
+    raise ValueError(pattern)
+
+
+def make_case(T, n_in, n_out, ranks, pattern, dtype, bias=True, seed=0):
+    """Inputs with adapters of the given ranks zero-padded to R = max(ranks); values never all zero."""
+    g = torch.Generator().manual_seed(seed)
+    NA, R = len(ranks), max(ranks)
+    x = torch.randn(T, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    A, B = torch.zeros(NA, R, n_in), torch.zeros(NA, n_out, R)
+    for a, r in enumerate(ranks):
+        A[a, :r] = torch.randn(r, n_in, generator=g) / n_in ** 0.5
+        B[a, :, :r] = torch.randn(n_out, r, generator=g) / r ** 0.5
+    scales = (torch.rand(NA, generator=g) + 0.5) * torch.tensor([1.0, -1.0] * NA)[:NA]
+    dy = torch.randn(T, n_out, generator=g)
+    ids = make_ids(pattern, T, NA, g)
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)
+    return dict(x=cast(x), weight=cast(w), bias=cast(b), lora_a=cast(A), lora_b=cast(B),
+                scales=scales.to(DEVICE), dy=cast(dy), ids=ids.to(DEVICE), ranks=ranks)
+
+
+def reference(case):
+    """Forward and grads of multi_lora_ref in float64 on the same (already rounded) inputs."""
+    d = lambda t: None if t is None else t.detach().double()
+    x, A, B = (d(case[k]).requires_grad_() for k in ("x", "lora_a", "lora_b"))
+    y = ml.multi_lora_ref(x, d(case["weight"]), d(case["bias"]), A, B, case["scales"].double(), case["ids"])
+    y.backward(d(case["dy"]))
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def run(case, backend, **kw):
+    x, A, B = (case[k].detach().clone().requires_grad_() for k in ("x", "lora_a", "lora_b"))
+    seg = ml.make_segments(case["ids"], len(case["ranks"]))
+    y = ml.multi_lora(x, case["weight"], case["bias"], A, B, case["scales"], seg, backend=backend, **kw)
+    y.backward(case["dy"])
+    if seg.n_lora == 0 and backend == "torch":               # autograd leaves unused parameters' grads at None
+        assert A.grad is None and B.grad is None
+        return y.detach(), x.grad, torch.zeros_like(A), torch.zeros_like(B)
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def assert_close(name, got, ref, dtype):
+    _, atol, rtol = TOLS[dtype]
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    got, ref = got.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    diff = (got - ref).abs()
+    bad = ~(diff <= atol * scale + rtol * ref.abs())         # NaN counts as bad
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{name} ({dtype}): {int(bad.sum())} elements off; largest difference "
+                             f"{diff.nan_to_num(float('inf')).max().item():.3e} (max|ref| {scale:.3e}); first at {i}: "
+                             f"got {got[i].item():.6g}, ref {ref[i].item():.6g}")
+
+
+def check_all(case, got, dtype):
+    ref = reference(case)
+    for name, g, r in zip(("y", "dx", "dA", "dB"), got, ref):
+        assert_close(name, g, r, dtype)
+    _, _, dA, dB = got
+    for a, r in enumerate(case["ranks"]):                     # zero padding gets exactly zero gradient
+        assert (dA[a, r:] == 0).all() and (dB[a, :, r:] == 0).all(), f"padded rank entries of adapter {a} got gradient"
+
+
+CASES = {  # name: (T, in, out, ranks, ids pattern, bias)
+    "T1": (1, 16, 16, [8, 8], "random", True),
+    "odd_5x123x77": (5, 123, 77, [4, 16, 8], "random", True),
+    "ranks_8_16_32_64": (70, 80, 72, [8, 16, 32, 64], "random", False),
+    "empty_segments": (37, 48, 33, [16, 16, 16, 16], "empty_segments", True),
+    "all_base": (20, 40, 24, [8, 8], "all_base", True),
+    "skewed_sorted": (53, 64, 80, [32, 8], "skewed_sorted", False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, backend, dtype):
+    T, n_in, n_out, ranks, pattern, bias = CASES[name]
+    case = make_case(T, n_in, n_out, ranks, pattern, dtype, bias)
+    check_all(case, run(case, backend), dtype)
+
+
+@pytest.mark.parametrize("block_m", ml.BLOCK_MS)
+@pytest.mark.parametrize("fuse_shrink", [True, False])
+def test_triton_tilings(block_m, fuse_shrink):
+    """Every tile height and both shrink placements (fused into the GEMM's K loop, or a separate kernel)."""
+    case = make_case(67, 40, 36, [8, 32, 16], "random", torch.float32, seed=block_m)
+    check_all(case, run(case, "triton", block_m=block_m, fuse_shrink=fuse_shrink), torch.float32)
+
+
+def test_triton_3d_input_and_no_x_grad():
+    """x [B, T, in] is flattened; with x frozen (the first projection in training) only dA, dB are computed."""
+    case = make_case(18, 24, 20, [8, 16], "random", torch.float32, seed=3)
+    ref_y, _, ref_dA, ref_dB = reference(case)
+    A, B = (case[k].clone().requires_grad_() for k in ("lora_a", "lora_b"))
+    seg = ml.make_segments(case["ids"].view(2, 9), 2)
+    y = ml.multi_lora(case["x"].view(2, 9, 24), case["weight"], case["bias"], A, B, case["scales"], seg,
+                      backend="triton")
+    assert y.shape == (2, 9, 20)
+    y.backward(case["dy"].view(2, 9, 20))
+    for name, g, r in (("y", y.detach().view(18, 20), ref_y), ("dA", A.grad, ref_dA), ("dB", B.grad, ref_dB)):
+        assert_close(name, g, r, torch.float32)
+
+
+def test_poisoned_buffers_are_overwritten(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN; outputs and grads must still be exact."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(ml, "_empty", nan_empty)
+    for fuse in (True, False):
+        case = make_case(45, 36, 28, [16, 8, 8], "empty_segments", torch.float32, seed=5)
+        check_all(case, run(case, "triton", fuse_shrink=fuse), torch.float32)
+
+
+def test_segments_invariants():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 5, (200,), generator=g)
+    ids[ids == 3] = 1                                         # adapter 3 empty
+    seg = ml.make_segments(ids, 5)
+    assert torch.equal(seg.perm, torch.sort(ids, stable=True).indices.to(seg.perm.device))
+    assert seg.n_base == int((ids == -1).sum()) and seg.counts == tuple(int((ids == a).sum()) for a in range(5))
+    assert seg.offsets.tolist() == torch.tensor([seg.n_base, *seg.counts]).cumsum(0).tolist()
+    sorted_ids = ids[seg.perm.cpu()]
+    for bm, tiles in seg.tiles.items():
+        covered = torch.zeros(200, dtype=torch.int64)
+        for i, (start, end, adapter) in enumerate(tiles.tolist()):
+            assert 0 < end - start <= bm
+            assert (sorted_ids[start:end] == adapter).all(), f"BLOCK_M={bm}: tile {i} straddles adapters"
+            assert (adapter < 0) == (i < seg.n_base_tiles[bm]), "base tiles must come first"
+            covered[start:end] += 1
+        assert (covered == 1).all(), f"BLOCK_M={bm}: positions not covered exactly once"
+
+
+def test_segments_empty_batch_and_no_adapters():
+    seg = ml.make_segments(torch.zeros(0, dtype=torch.int64), 3)
+    assert seg.n_tokens == 0 and seg.counts == (0, 0, 0) and all(t.shape == (0, 3) for t in seg.tiles.values())
+    seg = ml.make_segments(torch.full((4,), -1), 0)
+    assert seg.n_base == 4 and seg.counts == ()
+
+
+@pytest.mark.parametrize("ids, n", [([0, 3, 1], 3), ([0, -2], 3), ([0.0, 1.0], 3)])
+def test_make_segments_rejects_bad_ids(ids, n):
+    with pytest.raises(ValueError, match="adapter_ids"):
+        ml.make_segments(torch.tensor(ids), n)
+
+
+def _bad(case, **changes):
+    return {**case, **changes}
+
+
+BAD = {  # name: (change to a valid case, word the error must name)
+    "x_width": (lambda c: _bad(c, x=c["x"][:, :-1]), "x"),
+    "x_tokens": (lambda c: _bad(c, x=c["x"][:-1]), "tokens"),
+    "weight_dim": (lambda c: _bad(c, weight=c["weight"][0]), "weight"),
+    "weight_dtype": (lambda c: _bad(c, weight=c["weight"].double()), "weight"),
+    "weight_device": (lambda c: _bad(c, weight=c["weight"].to("meta")), "weight"),
+    "bias_shape": (lambda c: _bad(c, bias=c["bias"][:-1]), "bias"),
+    "lora_a_shape": (lambda c: _bad(c, lora_a=c["lora_a"][:1]), "lora_a"),
+    "lora_b_rank": (lambda c: _bad(c, lora_b=c["lora_b"][..., :-1]), "lora_b"),
+    "scales_dtype": (lambda c: _bad(c, scales=c["scales"].double()), "scales"),
+    "rank_too_big": (lambda c: _bad(c, lora_a=torch.zeros(2, 129, 16), lora_b=torch.zeros(2, 12, 129)), "lora_a"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(BAD))
+def test_rejects_bad_inputs(name, backend):
+    change, word = BAD[name]
+    c = change(make_case(6, 16, 12, [8, 4], "random", torch.float32, seed=1))
+    seg = ml.make_segments(c["ids"], 2)
+    with pytest.raises(ValueError, match=word):
+        ml.multi_lora(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scales"], seg, backend=backend)
+
+
+def test_rejects_bad_backend_and_trainable_weight():
+    c = make_case(6, 16, 12, [8, 4], "random", torch.float32, seed=1)
+    seg = ml.make_segments(c["ids"], 2)
+    args = (c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scales"], seg)
+    with pytest.raises(ValueError, match="backend"):
+        ml.multi_lora(*args, backend="cuda")
+    with pytest.raises(ValueError, match="block_m"):
+        ml.multi_lora(*args, backend="triton", block_m=48)
+    with pytest.raises(ValueError, match="frozen"):
+        ml.multi_lora(c["x"], c["weight"].clone().requires_grad_(), *args[2:], backend="triton")
