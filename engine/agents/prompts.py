@@ -1,0 +1,226 @@
+"""The agents' prompts: MapCoder's four roles (retriever, planner, coder, debugger) plus the Direct and
+chain-of-thought baselines. Each builder takes a `Problem` (eval/problem.py) and returns a chat list
+[{"role": "system"|"user", "content": ...}] for `backend.chat(role, messages, ...)`.
+
+    from engine.agents import prompts
+    msgs = prompts.retriever(problem, k=2)
+    msgs = prompts.planner(problem, example, algorithm)       # plan from one recalled example
+    msgs = prompts.verifier(problem, plan)                     # the planner's confidence call (XML)
+    msgs = prompts.coder(problem, plan, algorithm)
+    msgs = prompts.debugger(problem, plan, code, report, algorithm)
+    msgs = prompts.direct(problem); msgs = prompts.cot(problem)
+
+The structure follows MapCoder (Islam et al., 2024): the retriever recalls k similar problems and the
+algorithm behind them in XML; the planner writes one plan per recalled example and a second call scores
+it (0-100, XML); the coder answers with one ```python block; the debugger sees the failing sample tests
+and answers with a revised plan and one code block. The wording is ours. Output formats here and the
+parsers in engine/agents/parsers.py must change together.
+"""
+from __future__ import annotations
+
+import json
+
+from eval.problem import Problem, Test, TestReport
+
+ROLES = ("retriever", "planner", "coder", "debugger")
+
+_SYSTEM = {
+    "retriever": "You are the retriever in a team of coding agents. You recall programming problems similar "
+                 "to a given one and name the algorithm that solves it. You answer in the XML format you are "
+                 "asked for and write nothing outside it.",
+    "planner": "You are the planner in a team of coding agents. You write short, concrete, step-by-step plans "
+               "for programming problems and judge whether a plan is correct.",
+    "coder": "You are the coder in a team of coding agents. You turn a plan into a correct, complete Python 3 "
+             "program. You answer with one ```python code block.",
+    "debugger": "You are the debugger in a team of coding agents. You find why a Python program fails its "
+                "tests, fix the plan, and rewrite the program. You answer with the revised plan and then "
+                "one ```python code block.",
+}
+
+_MAX_FIELD = 1500          # characters of one test's input/expected/got shown to a model
+
+
+def _msgs(role: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": _SYSTEM[role]}, {"role": "user", "content": user.strip() + "\n"}]
+
+
+def _clip(s, n: int = _MAX_FIELD) -> str:
+    s = s if isinstance(s, str) else json.dumps(s) if _jsonable(s) else repr(s)
+    return s if len(s) <= n else s[: n // 2] + f"\n... [{len(s) - n} characters cut] ...\n" + s[-n // 2:]
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def problem_text(p: Problem) -> str:
+    """The statement the agents read: the description, plus the starter code when it is not already in it."""
+    text = p.description.strip()
+    if p.starter_code.strip() and p.starter_code.strip() not in text:
+        text += f"\n\nStarter code:\n```python\n{p.starter_code.rstrip()}\n```"
+    return text
+
+
+def io_rules(p: Problem) -> str:
+    """How the program talks to the tests: a function to complete, or stdin/stdout."""
+    if p.entry_point:
+        return (f"Write the function `{p.entry_point}` with the signature given in the problem, plus any imports "
+                f"and helpers it needs. Do not read input and do not print.")
+    return ("Read the input from standard input and print the answer to standard output in exactly the format "
+            "the problem asks for. Print nothing else.")
+
+
+def format_test(p: Problem, t: Test) -> str:
+    if t.kind == "stdio":
+        return f"Input:\n{_clip(t.input)}\nExpected output:\n{_clip(t.expected)}"
+    if t.kind == "call":
+        args = ", ".join(_clip(a, 300) for a in (t.input if isinstance(t.input, (list, tuple)) else [t.input]))
+        return f"{p.entry_point}({args}) == {_clip(t.expected)}"
+    return _clip(t.code.strip())                               # assert / check: the test code itself
+
+
+def format_tests(p: Problem, tests: list[Test]) -> str:
+    return "\n\n".join(format_test(p, t) for t in tests) or "(no sample tests)"
+
+
+def format_report(p: Problem, report: TestReport, max_failures: int = 3) -> str:
+    """The failing sample tests, as the debugger sees them: verdict, input, expected, got, stderr tail."""
+    fails = report.failures()
+    if not fails:
+        return f"Verdict: {report.verdict} (no per-test detail)"
+    out = [f"{len(fails)} of {len(report.results)} sample tests failed."]
+    for i, r in enumerate(fails[:max_failures], 1):
+        lines = [f"Test {i}: {r.verdict}"]
+        if r.input is not None:
+            lines.append(f"Input:\n{_clip(r.input)}")
+        if r.expected is not None:
+            lines.append(f"Expected:\n{_clip(r.expected)}")
+        if r.got is not None:
+            lines.append(f"Got:\n{_clip(r.got)}")
+        if r.stderr.strip():
+            lines.append(f"Error:\n{_clip(r.stderr.strip()[-800:], 800)}")
+        out.append("\n".join(lines))
+    if len(fails) > max_failures:
+        out.append(f"({len(fails) - max_failures} more failing tests not shown)")
+    return "\n\n".join(out)
+
+
+# --- MapCoder roles --------------------------------------------------------------------------
+
+def retriever(p: Problem, k: int) -> list[dict]:
+    return _msgs("retriever", f"""
+Recall {k} programming problems that are relevant to the problem below but different from it. Then name the
+algorithm that the problem below needs and explain it in a short tutorial.
+
+# Problem
+{problem_text(p)}
+
+# For each recalled problem write
+1. a short description of the problem,
+2. Python 3 code that solves it,
+3. a step-by-step plan for solving it.
+
+# Then write the algorithm
+Name the algorithm or technique the problem above needs (for example brute force, greedy, dynamic programming,
+binary search, two pointers, sorting, hashing, graph search, recursion, math) and write a short, general
+tutorial on it: when it applies and the steps to use it. No code in the tutorial.
+
+# Output format
+Answer with this XML and nothing outside the <root> element:
+<root>
+<problem>
+<description>the recalled problem</description>
+<code>Python code that solves it</code>
+<planning>numbered steps that solve it</planning>
+</problem>
+... ({k} <problem> elements in all) ...
+<algorithm>the algorithm's name and the tutorial</algorithm>
+</root>
+""")
+
+
+def planner(p: Problem, example, algorithm: str) -> list[dict]:
+    """`example` is a parsers.Example (description, code, planning) or None when retrieval failed."""
+    parts = ["Write a concrete plan for solving the problem below."]
+    if example is not None:
+        parts.append(f"# A similar problem\n{example.description.strip()}")
+        if example.planning.strip():
+            parts.append(f"# Its plan\n{example.planning.strip()}")
+    if algorithm.strip():
+        parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
+    parts += [f"# Problem to solve\n{problem_text(p)}",
+              f"# Sample tests\n{format_tests(p, p.sample_tests)}",
+              "# Your answer\nWrite only the plan for the problem to solve, as numbered steps. No code and no "
+              "other text."]
+    return _msgs("planner", "\n\n".join(parts))
+
+
+def verifier(p: Problem, plan: str) -> list[dict]:
+    return _msgs("planner", f"""
+Here is a programming problem and a plan for solving it in Python 3. Decide whether the plan is correct,
+that is, whether code that follows it would pass every test of the problem.
+
+# Problem
+{problem_text(p)}
+
+# Plan
+{plan.strip()}
+
+# Output format
+Answer with this XML and nothing else:
+<root>
+<explanation>why the plan does or does not solve the problem</explanation>
+<confidence>an integer from 0 to 100: how sure you are that the plan is correct</confidence>
+</root>
+""")
+
+
+def coder(p: Problem, plan: str, algorithm: str) -> list[dict]:
+    parts = ["Write Python 3 code that solves the problem below by following the plan."]
+    if algorithm.strip():
+        parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
+    parts += [f"# Problem\n{problem_text(p)}",
+              f"# Plan\n{plan.strip() or '(no plan: solve the problem directly)'}",
+              f"# Sample tests\n{format_tests(p, p.sample_tests)}",
+              f"# Rules\n{io_rules(p)}\nAnswer with exactly one ```python code block that holds the whole "
+              f"program, and no other text."]
+    return _msgs("coder", "\n\n".join(parts))
+
+
+def debugger(p: Problem, plan: str, code: str, report: TestReport, algorithm: str) -> list[dict]:
+    parts = ["Your Python 3 program for the problem below fails some of its sample tests. Find the mistake, "
+             "revise the plan, and fix the program."]
+    if algorithm.strip():
+        parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
+    parts += [f"# Problem\n{problem_text(p)}",
+              f"# Plan\n{plan.strip() or '(none)'}",
+              f"# Program\n```python\n{code.rstrip() or '# (no code was found in the previous answer)'}\n```",
+              f"# Test report\n{format_report(p, report)}",
+              f"# Rules\n{io_rules(p)}\nFirst write the revised plan as numbered steps. Then write exactly one "
+              f"```python code block that holds the whole corrected program."]
+    return _msgs("debugger", "\n\n".join(parts))
+
+
+# --- baselines (tagged with the coder role) -------------------------------------------------
+
+def direct(p: Problem) -> list[dict]:
+    return _msgs("coder", f"""
+{problem_text(p)}
+
+Write Python 3 code that solves the problem above. {io_rules(p)}
+Answer with exactly one ```python code block and no other text.
+""")
+
+
+def cot(p: Problem) -> list[dict]:
+    return _msgs("coder", f"""
+{problem_text(p)}
+
+Solve the problem above in Python 3. {io_rules(p)}
+Think step by step: first explain briefly how to solve it, then give the whole program in exactly one
+```python code block.
+""")

@@ -1,0 +1,189 @@
+"""Parsers: the labelled answers (agent_fixtures.py) are classified right, and property-based fuzzing over
+malformed XML / markdown never raises (the raw functions, not only the guarded ones).
+
+    python -m pytest tests/agents/test_agents_parsers.py -q
+"""
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent_fixtures import CASES, CONTEXTS, GOOD_FN
+from engine.agents import parsers as P
+
+
+def parse(kind, text, problem, guarded=True):
+    ep, sc = problem.entry_point, problem.starter_code
+    fn = {"retriever": P.parse_retriever, "plan": P.parse_plan, "confidence": P.parse_confidence,
+          "coder": P.parse_code, "debugger": P.parse_debugger}[kind]
+    fn = fn if guarded else fn.unsafe
+    if kind == "retriever":
+        return fn(text, k=2)
+    if kind in ("coder", "debugger"):
+        return fn(text, entry_point=ep, starter_code=sc)
+    return fn(text)
+
+
+def check_case(name, kind, ctx, text, expected):
+    problem = CONTEXTS[ctx]
+    k = expected.get("k", 2) if expected else 2
+    out = P.parse_retriever(text, k=k) if kind == "retriever" else parse(kind, text, problem)
+    if expected is None:
+        assert isinstance(out, P.FormatFailure), f"{name}: expected a format failure, got {out!r}"
+        assert out.reason and not out.reason.startswith("parser error"), f"{name}: {out.reason}"
+        return
+    assert not isinstance(out, P.FormatFailure), f"{name}: unexpected failure {out!r}"
+    if "repairs" in expected:
+        assert bool(out.repairs) == expected["repairs"], f"{name}: repairs {out.repairs}"
+    if kind == "retriever":
+        assert len(out.examples) == expected["n_examples"], f"{name}: {out.examples}"
+        for key, val in expected.items():
+            m = re.fullmatch(r"(description|code|planning)(\d)_(not_)?contains", key)
+            if m:
+                got = getattr(out.examples[int(m.group(2))], m.group(1))
+                assert (val in got) != bool(m.group(3)), f"{name}: {key} {val!r} vs {got!r}"
+        if "algorithm_contains" in expected:
+            assert expected["algorithm_contains"] in out.algorithm, f"{name}: {out.algorithm!r}"
+        if "algorithm_not_contains" in expected:
+            assert expected["algorithm_not_contains"] not in out.algorithm, f"{name}: {out.algorithm!r}"
+    elif kind == "plan":
+        assert expected["contains"] in out.text
+        if "not_contains" in expected:
+            assert expected["not_contains"] not in out.text, f"{name}: {out.text!r}"
+    elif kind == "confidence":
+        assert out.score == expected["score"], f"{name}: {out}"
+    else:
+        code = out.code
+        if "defines" in expected:
+            assert P._defines(code, problem.entry_point) == expected["defines"], f"{name}:\n{code}"
+        if "compiles" in expected:
+            assert P.compiles(code) == expected["compiles"], f"{name}:\n{code}"
+        if "contains" in expected:
+            assert expected["contains"] in code, f"{name}:\n{code}"
+        if "not_contains" in expected:
+            assert expected["not_contains"] not in code, f"{name}:\n{code}"
+        if "plan_contains" in expected:
+            assert expected["plan_contains"] in out.plan, f"{name}: {out.plan!r}"
+        if "plan_not_contains" in expected:
+            assert expected["plan_not_contains"] not in out.plan, f"{name}: {out.plan!r}"
+        if "plan_equals" in expected:
+            assert out.plan == expected["plan_equals"], f"{name}: {out.plan!r}"
+
+
+def test_there_are_enough_labelled_cases():
+    assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES)
+    assert sum(c[4] is None for c in CASES) >= 8            # broken answers, not only good ones
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_labelled_answer(case):
+    check_case(*case)
+
+
+def test_final_code_runs_and_behaves():
+    """The repaired HumanEval answers are whole programs: exec them and call the function."""
+    for name, kind, ctx, text, expected in CASES:
+        if kind in ("coder", "debugger") and ctx == "he" and expected and expected.get("compiles"):
+            out = parse(kind, text, CONTEXTS[ctx])
+            ns = {}
+            exec(out.code, ns)
+            assert ns["below_zero"]([1, 2, -4, 5]) is True, name
+            assert ns["below_zero"]([1, 2, 3]) is False or name == "code_draft_then_final", name
+
+
+def test_failures_name_role_and_keep_an_excerpt():
+    f = P.parse_code("just words " * 100, role="debugger")
+    assert isinstance(f, P.FormatFailure) and f.role == "debugger" and not f
+    assert len(f.excerpt) < 400 and f.excerpt.startswith("just words")
+    assert P.parse_confidence("nothing").role == "planner"
+    assert P.parse_retriever("").role == "retriever"
+
+
+def test_non_text_input_is_a_failure_not_a_crash():
+    for fn in (P.parse_retriever, P.parse_plan, P.parse_confidence, P.parse_code, P.parse_debugger):
+        assert isinstance(fn(None), P.FormatFailure)
+        assert isinstance(fn(b"```python\nx=1\n```"), P.FormatFailure)
+
+
+def test_guard_turns_a_parser_bug_into_a_failure(monkeypatch):
+    monkeypatch.setattr(P, "code_blocks", lambda text: 1 / 0)
+    out = P.parse_plan("1. do it properly")
+    assert isinstance(out, P.FormatFailure) and out.reason.startswith("parser error: ZeroDivisionError")
+
+
+def test_code_picks_entry_point_block_over_longer_helper_block():
+    text = ("```python\nimport sys\n\ndef read():\n    return sys.stdin.read()\n\n\ndef unused_long_helper(x):\n"
+            "    y = x\n    y = y + 1\n    y = y * 2\n    return y\n```\n\n```python\n" + GOOD_FN + "\n```")
+    out = P.parse_code(text, entry_point="below_zero", starter_code=CONTEXTS["he"].starter_code)
+    assert "def below_zero" in out.code and "unused_long_helper" not in out.code
+
+
+def test_starter_helpers_are_put_back():
+    starter = ('def encode_cyclic(s: str):\n    """encode"""\n    return s[::-1]\n\n\n'
+               'def decode_cyclic(s: str):\n    """decode"""\n')
+    out = P.parse_code("```python\ndef decode_cyclic(s):\n    return encode_cyclic(s)\n```",
+                       entry_point="decode_cyclic", starter_code=starter)
+    ns = {}
+    exec(out.code, ns)
+    assert ns["decode_cyclic"]("abc") == "cba"
+
+
+# --- fuzzing ------------------------------------------------------------------------------------
+
+TOKENS = ["<root>", "</root>", "<problem>", "</problem>", "<problem2>", "<description>", "</description>",
+          "<code>", "</code>", "<planning>", "</planning>", "<algorithm>", "</algorithm>", "<explanation>",
+          "</explanation>", "<confidence>", "</confidence>", "<![CDATA[", "]]>", "```", "```python", "```xml",
+          "```py\n", "~~~", "\n", "\n\n", "    ", "\t", "def below_zero(operations):", "def f(x):", "return x",
+          "return", "print(input())", "if a < b:", "&lt;", "&amp;", "&#0;", "&#99999999;", "<think>", "</think>",
+          "<|im_end|>", "</s>", "85", "0.5", "1e309", "99999999999999999999", "Confidence:", "confidence score of",
+          "%", "/100", "\x00", "\r", "\u2028", "é", "🙂", "<", ">", "/", "[", "]", "<!--", "-->", "<a b='c'>",
+          "import os", "from typing import List", "@decorator", "class A:", "## Planning:", "1. step",
+          "(" * 50, "[" * 120, "x = " + "(" * 300]
+
+
+def _noise():
+    return st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=12)), max_size=60).map("".join)
+
+
+def _mutated_case():
+    """A labelled answer with a slice deleted, a token inserted, or the tail cut off."""
+    return st.tuples(st.sampled_from([c[3] for c in CASES]), st.integers(0, 4000), st.integers(0, 400),
+                     st.sampled_from(TOKENS), st.sampled_from(["cut", "delete", "insert"])).map(_mutate)
+
+
+def _mutate(args):
+    text, at, n, tok, how = args
+    at = at % (len(text) + 1)
+    if how == "cut":
+        return text[:at]
+    if how == "delete":
+        return text[:at] + text[at + n:]
+    return text[:at] + tok + text[at:]
+
+
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.one_of(_noise(), _mutated_case()), st.sampled_from(["he", "io"]))
+def test_fuzz_raw_parsers_never_raise(text, ctx):
+    problem = CONTEXTS[ctx]
+    for kind in ("retriever", "plan", "confidence", "coder", "debugger"):
+        out = parse(kind, text, problem, guarded=False)
+        assert isinstance(out, (P.FormatFailure, P.Retrieval, P.Plan, P.Confidence, P.Code)), kind
+        if isinstance(out, P.Confidence):
+            assert 0 <= out.score <= 100
+        if isinstance(out, P.Retrieval):
+            assert 1 <= len(out.examples) <= 2 and all(e.description for e in out.examples)
+        if isinstance(out, P.Code):
+            assert out.code.strip()
+
+
+@FUZZ
+@given(st.text(max_size=400))
+def test_fuzz_arbitrary_unicode_never_raises(text):
+    for kind in ("retriever", "plan", "confidence", "coder", "debugger"):
+        out = parse(kind, text, CONTEXTS["he"], guarded=False)
+        assert out is not None
