@@ -201,7 +201,7 @@ def _gemm_expand_kernel(
     n_tiles, N, K, R,
     stride_im, stride_ik, stride_wk, stride_wn, stride_pa, stride_pk, stride_pr,
     stride_qa, stride_qr, stride_qn, stride_mm, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, ADD_OUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[tok] = inp[tok] @ w + bias + mid[pos] @ q[a] for the rows of one tile (one adapter a) and BLOCK_N columns.
@@ -209,6 +209,7 @@ def _gemm_expand_kernel(
     w is a [K, N] view, p[a] [K, R], q[a] [R, N]. With FUSE_SHRINK, mid = s[a] * inp[tok] @ p[a] is accumulated in the
     same K loop from the already-loaded inp tiles (no second read of inp; costs BLOCK_R / BLOCK_N extra MMA work) and
     the pid_n == 0 program writes it out for the backward; otherwise mid was written by _shrink_kernel and is read here.
+    ADD_OUT (expand only, no K loop) accumulates into out instead: the unfused baseline of kernels/bench.py.
     """
     # Grouped launch order: GROUP_M row tiles walk the same column blocks of w together, so w stays in L2.
     pid = tl.program_id(0)
@@ -233,23 +234,27 @@ def _gemm_expand_kernel(
     n_ok = offs_n < N
     r_ok = offs_r < R
 
-    x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w[k, n]
+    out_ptrs = out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on  # out[tok, n]: scattered rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     mid = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if FUSE_SHRINK:
-        p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(xt, wt, acc, PRECISION)                             # acc += inp[tok, k:k+BK] @ w[k:k+BK, n]
+    if ADD_OUT:                                                        # expand only: start from out[tok, n]
+        acc += tl.load(out_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w[k, n]
         if FUSE_SHRINK:
-            pt = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :] & has_lora, other=0.0)
-            mid = _mma(xt, pt, mid, PRECISION)                         # mid += inp[tok, k:k+BK] @ p[a][k:k+BK, :]
-            p_ptrs += BLOCK_K * stride_pk
-        x_ptrs += BLOCK_K * stride_ik
-        w_ptrs += BLOCK_K * stride_wk
+            p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(xt, wt, acc, PRECISION)                         # acc += inp[tok, k:k+BK] @ w[k:k+BK, n]
+            if FUSE_SHRINK:
+                pt = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :] & has_lora, other=0.0)
+                mid = _mma(xt, pt, mid, PRECISION)                     # mid += inp[tok, k:k+BK] @ p[a][k:k+BK, :]
+                p_ptrs += BLOCK_K * stride_pk
+            x_ptrs += BLOCK_K * stride_ik
+            w_ptrs += BLOCK_K * stride_wk
 
     if has_lora:                                                       # LoRA epilogue: acc += mid @ q[a]
         mid_ptrs = mid_ptr + pos[:, None] * stride_mm + offs_r[None, :]
@@ -261,10 +266,9 @@ def _gemm_expand_kernel(
             mid = tl.load(mid_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         q_ptrs = q_ptr + adapter * stride_qa + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn
         qt = tl.load(q_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(_round(mid, qt.dtype, PRECISION), qt, acc, PRECISION)   # acc += mid[pos] @ q[a][:, n], mid rounded like torch
+        acc = _mma(_round(mid, qt.dtype, PRECISION), qt, acc, PRECISION)   # acc += mid[pos] @ q[a][:, n]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on  # out[tok, n]: scattered rows
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -341,7 +345,8 @@ def _outer_configs():
 
 _shrink_tuned = triton.autotune(configs=_shrink_configs(), key=["K", "R", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
 _outer_tuned = triton.autotune(configs=_outer_configs(), key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
-_gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE, key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "HAS_BIAS"],
+_gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
+                              key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "ADD_OUT", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
 
 
@@ -408,8 +413,28 @@ def _lora_linear(inp, w, p, q, scales, seg: Segments, bias=None, block_m=None, f
         tiles.shape[0], N, K, R,
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), p.stride(2),
         q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse and seg.n_lora > 0, PRECISION=prec, BLOCK_M=bm, BLOCK_R=br)
+        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse and seg.n_lora > 0, ADD_OUT=False, PRECISION=prec, BLOCK_M=bm,
+        BLOCK_R=br)
     return out.to(inp.dtype), mid
+
+
+def _expand_into(out, mid, q, seg: Segments, block_m=64):
+    """out[perm[pos]] += mid[pos] @ q[a] in place, LoRA rows only (q [NA, R, N], any strides): the expand half of
+    the unfused baseline that kernels/bench.py times against the fused path (same kernel, ADD_OUT)."""
+    tiles = seg.tiles[block_m][seg.n_base_tiles[block_m]:]
+    if tiles.shape[0] == 0:
+        return out
+    if out.dtype != _store_dtype(out.dtype):
+        raise ValueError(f"_expand_into: out is {out.dtype}; the interpreter path needs float32")
+    N, R = out.shape[1], q.shape[1]
+    grid = lambda meta: (tiles.shape[0] * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_tuned[grid](
+        q, q, q, q, q, mid, seg.perm, tiles, mid, out,             # inp, w, bias, p: unused with ADD_OUT
+        tiles.shape[0], N, 0, R,
+        0, 0, 0, 0, 0, 0, 0, q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
+        HAS_BIAS=False, FUSE_SHRINK=False, ADD_OUT=True, PRECISION=_precision(out.dtype), BLOCK_M=block_m,
+        BLOCK_R=_block_r(R))
+    return out
 
 
 def _shrink(inp, p, scales, seg: Segments, mid, block_m=64):

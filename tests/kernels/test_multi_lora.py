@@ -212,3 +212,14 @@ def test_rejects_bad_backend_and_trainable_weight():
         ml.multi_lora(*args, backend="triton", block_m=48)
     with pytest.raises(ValueError, match="frozen"):
         ml.multi_lora(c["x"], c["weight"].clone().requires_grad_(), *args[2:], backend="triton")
+
+
+def test_unfused_expand_into():
+    """The bench's unfused baseline (base GEMM, then _shrink, then the expand-only kernel adding into y) is exact."""
+    case = make_case(29, 40, 36, [8, 16], "random", torch.float32, seed=7)
+    seg = ml.make_segments(case["ids"], 2)
+    x, A, B = case["x"], case["lora_a"], case["lora_b"]
+    mid = ml._shrink(x, A.transpose(1, 2), case["scales"], seg, torch.full((29, 16), float("nan")), block_m=16)
+    y = torch.nn.functional.linear(x, case["weight"], case["bias"])
+    ml._expand_into(y, mid, B.transpose(1, 2), seg, block_m=32)
+    assert_close("y", y, reference(case)[0], torch.float32)
