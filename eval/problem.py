@@ -21,11 +21,14 @@ class Test:
     kind="check":  `code` defines `check(candidate)`; it is called with the function `entry_point`.
     kind="call":   call `entry_point(*input)` and compare with `expected` (JSON values, normalised).
     kind="stdio":  feed `input` as stdin, compare stdout with `expected` (whitespace-normalised).
+    `alt_input` (call only): arguments tried when calling with `input` raises TypeError/AttributeError
+    (APPS data as MapCoder ships it lost the quotes of string arguments: "1234" may be a str or an int).
     """
     kind: TestKind
     input: Any = None
     expected: Any = None
     code: str = ""
+    alt_input: Any = None
 
 
 @dataclass

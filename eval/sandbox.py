@@ -1,0 +1,397 @@
+"""Run untrusted Python (model-written solutions) in a throwaway, limited subprocess.
+
+    from eval.sandbox import Limits, run_program
+    ex = run_program("print(int(input()) * 2)", stdin="21\\n", limits=Limits(wall_s=5))
+    ex.stdout, ex.failure          # '42\\n', None   (failure: runtime_error/timeout/memory/syntax_error)
+
+`execute(job, stdin, limits)` is the general entry point; eval/harness.py builds the jobs (one
+subprocess runs all assert/check/call tests of a problem, one subprocess per stdin/stdout test) and
+compares results with the expected values, which stay in this (the parent) process. The child side
+is eval/sandbox_child.py. Calls are thread-safe: run many at once from a ThreadPoolExecutor.
+
+How a run is isolated, by mode (picked once per process, see `mode()`; MCL_SANDBOX_MODE overrides):
+
+  "ns"     root with a working `unshare`: new network, mount and pid namespaces; every mount is
+           remounted read-only/nosuid/nodev; the program's cwd, HOME and /tmp are a fresh tmpfs of
+           `disk_bytes`; it runs as a per-slot unprivileged uid (600000+slot); closed directories on
+           the way to the interpreter (/root is 0700 here) are replaced by a tmpfs holding only that
+           path. Measured here (root, util-linux 2.38, kernel 6.x): all protections below hold.
+  "userns" non-root with unprivileged user namespaces: the same namespaces, uid 0 inside the user
+           namespace with every capability dropped. Not exercised by the tests on CI (runs as root).
+  "plain"  no namespaces (a container without CAP_SYS_ADMIN): rlimits + process-group kill only.
+           As root it drops to the slot uid only if the interpreter is reachable by other users;
+           otherwise the program runs AS ROOT: it can write anywhere, signal any process, and
+           RLIMIT_NPROC does not apply to root, so a fork bomb is only stopped by the wall-clock kill.
+           A warning is printed once when that happens.
+
+What it protects against (ns mode; "plain" keeps only the lines marked *):
+  * runaway CPU: per-test SIGALRM timer, RLIMIT_CPU, and a wall-clock kill of the whole tree
+  * memory: RLIMIT_AS (`memory_bytes`), so allocation fails with MemoryError -> verdict "memory"
+  * huge files: RLIMIT_FSIZE per file; the tmpfs caps the total
+  * huge output: stdout/stderr are read with a cap (`output_bytes`); beyond it the run is killed
+  * leftovers: everything is SIGKILLed at the end; in a pid namespace the supervisor's exit takes
+    every descendant with it, even ones that called setsid(); in plain mode only the process
+    groups are killed (plus every process of the slot uid when one is used)
+    - fork bombs: RLIMIT_NPROC on the slot uid (each slot has its own uid, so runs in parallel do not
+      share the budget); root itself is exempt from RLIMIT_NPROC, hence the uid switch
+    - writing outside its directory: read-only mounts + an unprivileged uid; /tmp is private
+    - network: empty network namespace (no interfaces; loopback down); `socket` is also patched
+      to raise PermissionError (the patch alone, in plain mode, is bypassable via ctypes)
+    - killing the grader: the program's parent is a root supervisor in its own pid namespace;
+      outside processes are invisible (fresh /proc) and another uid's processes can't be signalled
+    - reading the expected output: it is never written to the child's files, argv or environment;
+      the environment is scrubbed; the job file lives in a root-only directory hidden under /tmp
+    - setuid binaries: no_new_privs and nosuid mounts
+  * early exit: results come from per-test records plus a final {"done"} record; a program that calls
+    os._exit(0) before its tests ran gets "runtime_error" for those tests, not "pass"
+
+What it does NOT protect against:
+  - code written to cheat the grader from inside: assert/check tests run in the same interpreter as the
+    solution, which can monkeypatch builtins, return objects whose __eq__ is always True, or write
+    fake records to the result pipe. Call and stdin/stdout tests are compared here, in the parent,
+    against values the child never sees, so forging those needs the answer itself.
+  - kernel exploits, side channels, CPU/memory contention with other runs, reading world-readable
+    files (the read-only root file system is visible), exhausting the shared page cache or inodes
+    within the tmpfs and RLIMIT_FSIZE caps.
+  - in "plain" mode: see above; it is a convenience fallback, not a jail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
+UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
+SETUP_FAILED = 70          # the child's exit code when the jail itself could not be built
+
+
+@dataclass
+class Limits:
+    wall_s: float = 10.0           # wall clock for the whole run (all tests of a batch)
+    test_timeout_s: float = 5.0    # per test inside a batch (SIGALRM in the child)
+    cpu_s: float | None = None     # RLIMIT_CPU; default: wall_s
+    memory_bytes: int = 2 << 30    # RLIMIT_AS (address space; Python itself needs ~30 MiB)
+    file_bytes: int = 16 << 20     # RLIMIT_FSIZE: largest file the program may write
+    disk_bytes: int = 64 << 20     # size of the private tmpfs (ns modes)
+    nproc: int = 32                # processes (and threads) the program may have at once
+    output_bytes: int = 4 << 20    # stdout and stderr each; beyond this the run is killed
+
+
+@dataclass
+class Execution:
+    """What happened in one sandboxed run. `failure` is None when the program ran to completion
+    (exit 0, no limit hit); pass / wrong_answer is for the caller to decide by comparing output."""
+    stdout: str = ""
+    stderr: str = ""
+    records: list[dict] = field(default_factory=list)   # JSON records the driver reported, in order
+    exit_code: int | None = None       # the program's exit status (None if killed by a signal)
+    signal: int | None = None          # the signal that killed it
+    timed_out: bool = False            # wall clock or CPU limit
+    output_exceeded: bool = False
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    mode: str = ""
+    setup_error: str | None = None     # the jail could not be built (not the program's fault)
+
+    @property
+    def done(self) -> bool:
+        """The driver reached its end (a program that os._exit()s early never does)."""
+        return any(r.get("done") for r in self.records)
+
+    @property
+    def syntax_error(self) -> str | None:
+        return next((r["syntax_error"] for r in self.records if "syntax_error" in r), None)
+
+    @property
+    def failure(self) -> str | None:
+        if self.setup_error:
+            raise RuntimeError(f"eval/sandbox.py: the sandbox could not start ({self.mode} mode): {self.setup_error}")
+        if self.timed_out:
+            return "timeout"
+        if self.syntax_error:
+            return "syntax_error"
+        if any(r.get("status") == "memory" for r in self.records) or "MemoryError" in self.stderr[-2000:]:
+            return "memory"
+        if self.output_exceeded or self.exit_code != 0 or self.signal is not None:
+            return "runtime_error"
+        return None
+
+    def stderr_excerpt(self, n: int = 1000) -> str:
+        msg = []
+        if self.output_exceeded:
+            msg.append("output limit exceeded: the run was killed")
+        if self.timed_out:
+            msg.append(f"time limit exceeded (wall {self.wall_s:.1f}s, cpu {self.cpu_s:.1f}s)")
+        if self.signal is not None:
+            msg.append(f"killed by signal {signal.Signals(self.signal).name}")
+        elif self.exit_code not in (0, None) and not self.done:
+            msg.append(f"exit status {self.exit_code}")
+        tail = self.stderr[-n:]
+        return "\n".join(msg + ([tail] if tail else []))
+
+
+# ---------------------------------------------------------------------------------------------------
+# mode detection and uid slots
+
+_mode: str | None = None
+_mode_lock = threading.Lock()
+_slots: set[int] = set()
+_slots_lock = threading.Lock()
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Can a uid with no relation to the owner open `path`? (o+x on every ancestor, o+r on it)."""
+    path = os.path.realpath(path)
+    cur = "/"
+    for part in path.strip("/").split("/"):
+        if not os.stat(cur).st_mode & stat.S_IXOTH:
+            return False
+        cur = os.path.join(cur, part)
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+def _probe(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd + ["true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def mode() -> str:
+    """'ns', 'userns' or 'plain' (see the module docstring); probed once, MCL_SANDBOX_MODE overrides."""
+    global _mode
+    with _mode_lock:
+        if _mode is None:
+            forced = os.environ.get("MCL_SANDBOX_MODE")
+            if forced:
+                if forced not in ("ns", "userns", "plain"):
+                    raise ValueError(f"MCL_SANDBOX_MODE={forced!r}: expected ns, userns or plain")
+                _mode = forced
+            elif shutil.which("unshare") and os.geteuid() == 0 and _probe(UNSHARE):
+                _mode = "ns"
+            elif shutil.which("unshare") and os.geteuid() != 0 and _probe(["unshare", "--user", "--map-root-user"] + UNSHARE[1:]):
+                _mode = "userns"
+            else:
+                _mode = "plain"
+                if os.geteuid() == 0 and not _plain_can_drop():
+                    warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
+                                  "users: untrusted code will run as root with rlimits only (see the docstring)")
+        return _mode
+
+
+def _plain_can_drop() -> bool:
+    return all(_reachable_by_others(p) for p in _read_paths())
+
+
+def _read_paths() -> list[str]:
+    """What the program must be able to read: the interpreter, the stdlib and site-packages."""
+    paths = {os.path.realpath(sys.executable), CHILD}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p and os.path.exists(p):
+            paths.add(os.path.realpath(p))
+    return sorted(paths)
+
+
+def _acquire_slot() -> int:
+    with _slots_lock:
+        slot = next(i for i in range(len(_slots) + 1) if i not in _slots)
+        _slots.add(slot)
+        return slot
+
+
+def _release_slot(slot: int):
+    with _slots_lock:
+        _slots.discard(slot)
+
+
+# ---------------------------------------------------------------------------------------------------
+# running
+
+def run_program(code: str, stdin: str | bytes = b"", limits: Limits | None = None) -> Execution:
+    """Run `code` as __main__ with `stdin`; stdout/stderr come back capped."""
+    return execute({"driver": "program", "code": code}, stdin, limits or Limits())
+
+
+def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -> Execution:
+    """Run one job in the sandbox. `job` is {"driver": "program", "code"} or {"driver": "functions",
+    "code", "setup_code", "entry_point", "tests": [{"kind", "code" | "input", "alt_input"}]}.
+    Nothing in `job` may be secret: the program can read all of it."""
+    limits = limits or Limits()
+    m = mode()
+    root = os.geteuid() == 0
+    slot = _acquire_slot()
+    uid = UID_BASE + slot if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
+    run_dir = tempfile.mkdtemp(prefix="mcl-sandbox-")   # 0700: the job file is unreadable to the uid
+    try:
+        work = os.path.join(run_dir, "work")
+        os.mkdir(work, 0o700)
+        if uid is not None:
+            os.chown(work, uid, uid)
+        full = dict(job, setup_code=job.get("setup_code", ""), entry_point=job.get("entry_point"),
+                    tests=job.get("tests", []), uid=uid, isolate_fs=m != "plain", drop_caps=m == "userns",
+                    count_user_procs=m == "plain" and not root, read_paths=_read_paths(),
+                    tmpfs_size=limits.disk_bytes,
+                    limits={"cpu_s": limits.cpu_s or limits.wall_s, "memory_bytes": limits.memory_bytes,
+                            "file_bytes": limits.file_bytes, "nproc": limits.nproc,
+                            "test_timeout_s": limits.test_timeout_s})
+        job_path = os.path.join(run_dir, "job.json")
+        with open(job_path, "w", encoding="utf-8") as f:
+            json.dump(full, f)
+        stdin_path = os.path.join(run_dir, "stdin")
+        with open(stdin_path, "wb") as f:
+            f.write(stdin.encode() if isinstance(stdin, str) else stdin)
+        home = "/tmp" if m != "plain" else work
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+               "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        prefix = {"ns": UNSHARE, "userns": ["unshare", "--user", "--map-root-user"] + UNSHARE[1:], "plain": []}[m]
+        res_r, res_w = os.pipe()
+        cmd = prefix + [sys.executable, "-I", "-X", "utf8", "-B", CHILD, job_path, str(res_w)]
+        with open(stdin_path, "rb") as stdin_f:
+            t0 = time.monotonic()
+            try:
+                proc = subprocess.Popen(cmd, stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        cwd=work, env=env, pass_fds=(res_w,), start_new_session=True)
+            finally:
+                os.close(res_w)
+        ex = _collect(proc, res_r, limits, t0, uid, m)
+        ex.mode = m
+        return ex
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _release_slot(slot)
+
+
+def _collect(proc: subprocess.Popen, res_r: int, limits: Limits, t0: float, uid: int | None, m: str) -> Execution:
+    """Read stdout, stderr and the result pipe with caps until the child exits or the deadline passes,
+    then kill whatever is left. The child is not reaped before its process group has been killed."""
+    bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray()}
+    keep = {"out": limits.output_bytes, "err": 64 << 10, "res": 4 * limits.output_bytes}
+    caps = {"out": limits.output_bytes, "err": limits.output_bytes, "res": 4 * limits.output_bytes}
+    seen = dict.fromkeys(bufs, 0)
+    sel = selectors.DefaultSelector()
+    for name, fd in (("out", proc.stdout.fileno()), ("err", proc.stderr.fileno()), ("res", res_r)):
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, name)
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ, "exit")
+    deadline = t0 + limits.wall_s + 1.0   # + interpreter start-up
+    stop_at = float("inf")                # set once the child has exited or been killed: drain, then stop
+    timed_out = exceeded = killed = False
+    try:
+        while len(sel.get_map()) > 0:
+            now = time.monotonic()
+            if not killed and (now >= deadline or exceeded):
+                timed_out = not exceeded
+                _kill_tree(proc, uid, m)
+                killed, stop_at = True, min(stop_at, now + 2.0)
+            if now >= stop_at:
+                break
+            for key, _ in sel.select(min(deadline, stop_at) - now if not killed else stop_at - now):
+                if key.data == "exit":   # drain what the pipes still hold; background holders get 0.5 s
+                    sel.unregister(pidfd)
+                    stop_at = min(stop_at, time.monotonic() + 0.5)
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                seen[key.data] += len(chunk)
+                room = keep[key.data] - len(bufs[key.data])
+                if room > 0:
+                    bufs[key.data] += chunk[:room]
+                exceeded |= seen[key.data] > caps[key.data]
+    finally:
+        sel.close()
+        os.close(pidfd)
+        os.close(res_r)
+        _kill_tree(proc, uid, m)   # background children, setsid() escapees (plain mode: best effort)
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+    return _execution(bufs, proc.returncode, timed_out, exceeded, limits, time.monotonic() - t0)
+
+
+def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Execution:
+    records = []
+    for line in bufs["res"].decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    sup = next((r for r in reversed(records) if r.get("supervisor") is True), None)
+    setup = next((str(r["setup_error"]) for r in records if "setup_error" in r), None)
+    ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=bufs["err"].decode("utf-8", "replace"),
+                   records=[r for r in records if "supervisor" not in r and "worker" not in r],
+                   timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)
+    if sup is not None:
+        ex.exit_code, ex.signal, ex.cpu_s = sup.get("exit"), sup.get("signal"), float(sup.get("cpu_s") or 0)
+        if ex.signal in (signal.SIGXCPU, signal.SIGKILL) and ex.cpu_s >= 0.9 * (limits.cpu_s or limits.wall_s):
+            ex.timed_out = True   # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later
+    elif not (timed_out or exceeded):
+        if setup or returncode == SETUP_FAILED:
+            ex.setup_error = setup or ex.stderr[-1000:] or f"exit status {returncode}"
+        else:   # the supervisor itself died (killed from inside, plain mode): not a clean run
+            ex.exit_code = returncode if returncode and returncode > 0 else -1
+            ex.signal = -returncode if returncode and returncode < 0 else None
+    return ex
+
+
+def _ns_children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _kill_tree(proc: subprocess.Popen, uid: int | None, m: str):
+    """SIGKILL everything the run started, without reaping `proc` (so its pid, which is also the
+    process-group id, cannot be reused under us). In the namespace modes killing the supervisor
+    (pid 1 inside) makes the kernel kill the whole pid namespace; `unshare` then reaps it and exits."""
+    if m != "plain":
+        for child in _ns_children(proc.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)   # start_new_session: the group id is the child's pid
+    except OSError:
+        pass
+    if m == "plain" and uid is not None:
+        _kill_uid(uid)
+
+
+def _kill_uid(uid: int):
+    """SIGKILL every process of `uid` (kill(-1) as that uid), for processes that left the group."""
+    for _ in range(3):
+        if not _uid_has_processes(uid):
+            return
+        subprocess.run([sys.executable, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
+                       user=uid, group=uid, extra_groups=[], cwd="/", env={}, capture_output=True)
+
+
+def _uid_has_processes(uid: int) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                return True
+        except OSError:
+            pass
+    return False

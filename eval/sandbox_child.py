@@ -1,0 +1,378 @@
+"""The child side of eval/sandbox.py: set up the jail, then run untrusted code and report through a pipe.
+
+Run only by eval/sandbox.py (stdlib only; never imported by the parent):
+
+    [unshare --net --mount --pid --fork --kill-child --mount-proc] \\
+        python3 -I -X utf8 -B eval/sandbox_child.py JOB.json RESULT_FD
+
+Process tree inside the jail:
+
+    supervisor (trusted; pid 1 of the new pid namespace in "ns"/"userns" mode)
+      - builds the file-system view (read-only remounts, a fresh tmpfs /tmp as the working dir)
+      - forks the worker, waits for it, reports {"supervisor": ..., "exit", "signal", "cpu_s"} and exits;
+        in a pid namespace its exit kills everything the program left behind
+      `- worker: rlimits; drops to the sandbox uid (root) or all capabilities
+               (user namespace); no_new_privs; closes stray fds; blocks sockets; runs a driver:
+           "program":   the code as __main__ with stdin/stdout (stdin/stdout problems)
+           "functions": setup + code once, then every test (assert / check / call) with a per-test
+                        SIGALRM timer; one JSON record per test, then {"done": true}
+
+Every record is one JSON line on RESULT_FD. The worker shares that fd with the untrusted code, so a
+program written to forge records can forge them; see eval/sandbox.py for what that does and does not
+buy it. Expected outputs of call/stdio tests are never in JOB.json: the parent compares.
+"""
+import ast
+import builtins
+import ctypes
+import json
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+import traceback
+
+RESULT_FD = -1
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def report(obj):
+    data = (json.dumps(obj, default=repr) + "\n").encode()
+    while data:
+        data = data[os.write(RESULT_FD, data):]
+
+
+def _mount(src, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()
+    if _libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _mount_points():
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:   # field 5 is the mount point, with space/tab/newline/backslash octal-escaped
+            points.append(line.split()[4].encode().decode("unicode_escape").encode("latin-1").decode())
+    return points
+
+
+def _cover(directory, keep, mode, owner=None, size="64k"):
+    """Mount a fresh tmpfs over `directory`, then bind back the entries of it that paths in `keep` go
+    through. Used to make a closed ancestor (e.g. /root, mode 0700, holding the interpreter) traversable
+    while hiding everything else in it, and to give the program a private /tmp."""
+    keep_fds = {}
+    for path in keep:
+        rel = os.path.relpath(path, directory)
+        if rel.startswith(".."):
+            continue
+        name = rel.split(os.sep)[0]
+        if name not in keep_fds and name != "." and os.path.lexists(os.path.join(directory, name)):
+            keep_fds[name] = os.open(os.path.join(directory, name), os.O_PATH)
+    opts = f"size={size},mode={mode:o}" + (f",uid={owner},gid={owner}" if owner is not None else "")
+    _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+    for name, fd in keep_fds.items():
+        target = os.path.join(directory, name)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.mkdir(target)
+        else:
+            open(target, "w").close()
+        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        os.close(fd)
+
+
+def isolate_filesystem(job):
+    """(mount namespace only, run as (namespace-)root) read-only everything, private /tmp as cwd."""
+    needed = [os.path.realpath(p) for p in job["read_paths"] if os.path.exists(p)]
+    if job["uid"] is not None:   # the sandbox uid must be able to walk to the interpreter and stdlib
+        for _ in range(8):
+            closed = {}
+            for path in needed:
+                cur = "/"
+                for part in path.strip("/").split("/"):
+                    if not os.stat(cur).st_mode & stat.S_IXOTH:
+                        closed.setdefault(cur, []).append(path)
+                        break
+                    cur = os.path.join(cur, part)
+            if not closed:
+                break
+            for directory in sorted(closed, key=len):
+                _cover(directory, closed[directory], 0o755)
+    for point in reversed(_mount_points()):   # best effort: some (e.g. locked) mounts refuse
+        try:
+            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        except OSError:
+            pass
+    _cover("/tmp", [p for p in needed if p.startswith("/tmp/")], 0o700, job["uid"], job["tmpfs_size"])
+    os.chdir("/tmp")
+
+
+def _set_limits(job):
+    lim = job["limits"]
+    cpu = max(1, int(lim["cpu_s"] + 0.999))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (lim["memory_bytes"], lim["memory_bytes"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (lim["file_bytes"], lim["file_bytes"]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    nofile = min(256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    nproc = lim["nproc"]
+    if job["count_user_procs"]:   # plain mode as a normal user: the limit counts all of this uid's processes
+        uid = str(os.getuid())
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    nproc += any(l.startswith("Uid:") and l.split()[1] == uid for l in f)
+            except OSError:
+                pass
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+def _drop_privileges(job):
+    if job["uid"] is not None:
+        os.setgroups([])
+        os.setgid(job["uid"])
+        os.setuid(job["uid"])   # root -> the sandbox uid: all capabilities go with it
+    elif job["drop_caps"]:       # user namespace: stay uid 0 inside it, but without capabilities
+        for cap in range(64):
+            _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)   # _LINUX_CAPABILITY_VERSION_3, this process
+        data = (ctypes.c_uint32 * 6)()                  # effective, permitted, inheritable = 0 (x2 words)
+        if _libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)   # setuid binaries cannot give privileges back
+
+
+def _block_network():
+    """Defence in depth (the real barrier is the empty network namespace, where available)."""
+    import _socket
+    import socket
+
+    def blocked(*args, **kwargs):
+        raise PermissionError("network access is disabled in the sandbox")
+    for mod in (socket, _socket):
+        for name in ("socket", "socketpair", "fromfd", "create_connection", "create_server", "getaddrinfo"):
+            if hasattr(mod, name):
+                setattr(mod, name, blocked)
+
+
+class TestTimeout(BaseException):
+    """Raised by SIGALRM inside a test; a BaseException so `except Exception` in the code can't eat it."""
+
+
+def _on_alarm(signum, frame):
+    raise TestTimeout()
+
+
+def _tb_excerpt(exc, limit=1500):
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:   # skip this file's frames
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return text[-limit:]
+
+
+def _classify(exc, test_file):
+    """status of a failed test: assert (in the test's own code) / timeout / memory / error."""
+    if isinstance(exc, TestTimeout):
+        return "timeout"
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, AssertionError):
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb.tb_frame.f_code.co_filename == test_file:
+            return "assert"
+    return "error"
+
+
+def jsonable(value, depth=0):
+    """Return values -> JSON values (tuples -> lists, dict keys -> str); anything else -> {"__repr__": ...}."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10 ** 4000 else {"__repr__": "<int too large>"}
+    if isinstance(value, float):
+        return value
+    if depth > 50:
+        return {"__repr__": "<nested too deep>"}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, (str, int, float, bool)) or k is None else repr(k): jsonable(v, depth + 1)
+                for k, v in value.items()}
+    try:
+        import numbers
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+    except Exception:
+        pass
+    try:
+        return {"__repr__": repr(value)[:1000]}
+    except BaseException:
+        return {"__repr__": f"<unprintable {type(value).__name__}>"}
+
+
+def _left_side_value(test_code, ns):
+    """For a failed `assert EXPR == EXPECTED`, the value EXPR gave (the debugger wants to see it)."""
+    try:
+        tree = ast.parse(test_code)
+        node = tree.body[0] if len(tree.body) == 1 else None
+        if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1 \
+                and isinstance(node.test.ops[0], ast.Eq):
+            value = eval(compile(ast.Expression(node.test.left), "<got>", "eval"), ns)
+            return repr(value)[:500]
+    except BaseException:
+        pass
+    return None
+
+
+def _resolve(ns, name):
+    fn = ns.get(name)
+    if fn is None and isinstance(ns.get("Solution"), type):   # LeetCode-style `class Solution`
+        fn = getattr(ns["Solution"](), name, None)
+    if fn is None:
+        raise NameError(f"the code does not define {name!r}")
+    return fn
+
+
+def run_functions(job):
+    code, tests, per_test = job["code"], job["tests"], job["limits"]["test_timeout_s"]
+    try:
+        solution = compile(code, "solution.py", "exec")
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
+        report({"syntax_error": f"{type(e).__name__}: {e}"})
+        return 1
+    signal.signal(signal.SIGALRM, _on_alarm)
+    ns = {"__name__": "__solution__", "__builtins__": builtins}
+    signal.setitimer(signal.ITIMER_REAL, per_test)
+    try:
+        exec("from typing import *", ns)   # as MapCoder's evaluator: `List[int]` without an import works
+        if job["setup_code"]:
+            exec(compile(job["setup_code"], "setup.py", "exec"), ns)
+        exec(solution, ns)
+    except EOFError as e:   # a module-level input() with no stdin: fine if the function got defined
+        if not (job["entry_point"] and job["entry_point"] in ns):
+            report({"load_error": _tb_excerpt(e), "status": "error"})
+            return 1
+    except BaseException as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        report({"load_error": _tb_excerpt(e), "status": _classify(e, None)})
+        return 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    for i, test in enumerate(tests):
+        test_file = f"<test {i}>"
+        rec = {"i": i, "status": "ok"}
+        signal.setitimer(signal.ITIMER_REAL, per_test)
+        try:
+            if test["kind"] == "call":
+                fn = _resolve(ns, job["entry_point"])
+                try:
+                    rec["got"] = jsonable(fn(*test["input"]))
+                except (TypeError, AttributeError):
+                    if test.get("alt_input") is None:
+                        raise
+                    rec["got"] = jsonable(fn(*test["alt_input"]))
+            else:
+                exec(compile(test["code"], test_file, "exec"), ns)
+                if test["kind"] == "check":
+                    ns["check"](_resolve(ns, job["entry_point"]))
+        except BaseException as e:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            rec["status"] = _classify(e, test_file)
+            rec["error"] = _tb_excerpt(e)
+            if rec["status"] == "assert":
+                signal.setitimer(signal.ITIMER_REAL, per_test)
+                try:
+                    rec["got"] = _left_side_value(test["code"], ns)
+                except BaseException:
+                    pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        report(rec)
+        if rec["status"] == "timeout":   # a slow solution would be slow on every remaining test too
+            break
+    return 0
+
+
+def run_program(job):
+    try:
+        program = compile(job["code"], "solution.py", "exec")
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
+        report({"syntax_error": f"{type(e).__name__}: {e}"})
+        return 1
+    status = 0
+    try:
+        exec(program, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"})
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException as e:
+        report({"status": "memory" if isinstance(e, MemoryError) else "error"})
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)   # from the program's frame on
+        status = 1
+    return status
+
+
+def worker(job):
+    _set_limits(job)
+    _drop_privileges(job)
+    os.closerange(3, RESULT_FD)
+    os.closerange(RESULT_FD + 1, 1 << 16)
+    _block_network()
+    sys.argv = ["solution.py"]
+    status = run_program(job) if job["driver"] == "program" else run_functions(job)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        status = status or 1
+    report({"done": True, "exit": status})
+    os._exit(status)
+
+
+def supervise(pid, job):
+    t0 = time.monotonic()
+    _, status, ru = os.wait4(pid, 0)
+    rec = {"supervisor": True, "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+           "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+           "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss, "wall_s": time.monotonic() - t0}
+    report(rec)
+    os._exit(0)   # in a pid namespace this kills everything else in it; in plain mode the parent
+                  # kills the process group (the worker and its helpers stay in it)
+
+
+def main():
+    global RESULT_FD
+    job_path, RESULT_FD = sys.argv[1], int(sys.argv[2])
+    with open(job_path, encoding="utf-8") as f:
+        job = json.load(f)
+    if job["isolate_fs"]:
+        try:
+            isolate_filesystem(job)
+        except OSError as e:
+            report({"setup_error": f"isolate_filesystem: {e}"})
+            os._exit(70)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            worker(job)
+        except BaseException as e:   # a failure of the jail itself, not of the program
+            report({"setup_error": _tb_excerpt(e)})
+            os._exit(70)
+    supervise(pid, job)
+
+
+if __name__ == "__main__":
+    main()
