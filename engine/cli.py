@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="GGUF file -> HF-format directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("gguf")
     p.add_argument("outdir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of model.safetensors (the GGUF is dequantised to float32 first)")
     p.set_defaults(func=_call("engine.weights:cli_convert"))
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")

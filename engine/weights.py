@@ -110,6 +110,19 @@ def _load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
     return sd
 
 
+def _rope_fields(d: dict, source) -> dict:
+    """transformers >= 5 writes rope_theta inside "rope_parameters"; older files use top-level rope_theta and
+    rope_scaling. Lift the theta to the top level and refuse scaled RoPE, which the decoder does not implement."""
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ValueError(f"{source}: rope_type={kind!r} is not supported (plain RoPE only)")
+    if "rope_theta" not in d and "rope_theta" in rope:
+        d = d | {"rope_theta": rope["rope_theta"]}
+    return d
+
+
 def load_hf_dir(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """An HF model directory -> (ModelConfig, state dict). Reads config.json and either model.safetensors or the
     shards named by model.safetensors.index.json. Tensors keep the file's dtype unless `dtype` is given."""
@@ -118,9 +131,10 @@ def load_hf_dir(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, di
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no such file (an HF model directory needs config.json)")
     try:
-        cfg = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    cfg = ModelConfig.from_hf_dict(_rope_fields(d, cfg_file), source=str(cfg_file))
 
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
