@@ -1,0 +1,562 @@
+"""Mixed-role LoRA training: four role adapters on one frozen base, in one run, one loop.
+
+    mcl train recipes/mini_smollm2.toml                                  # the embedded miniature, CPU
+    mcl train recipes/mini_smollm2.toml train.steps=50 data.max_len=512  # key=value overrides of the recipe
+    mcl train recipes/mini_smollm2.toml --resume                         # continue from OUT/checkpoints/
+    torchrun --nproc_per_node=8 -m engine.cli train recipes/mapcoder_lite_qwen2.5_7b.toml
+
+    from engine.trainer import load_recipe, train
+    result = train(load_recipe("recipes/mini_smollm2.toml", ["train.steps=20"]))
+
+A step, top to bottom (see `train`):
+  1. the sampler draws the global batch (same on every rank); N = its assistant-token count
+  2. this rank's share, cut into micro-batches, each sorted by adapter id (contiguous kernel segments)
+  3. per micro-batch: logits = model(tokens, adapter_ids); loss = sum(CE * mask) / N; backward
+     -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
+        mixed batch's gradient equals the sum of its single-role parts (adapters share no parameters)
+  4. all-reduce (SUM) of the adapter gradients; non-finite loss -> stop, last good checkpoint untouched
+  5. per-adapter gradient clipping, then AdapterAdamW: every adapter steps as if it were trained alone
+  6. log (tqdm, metrics.jsonl, W&B), eval on the held-out split per role, checkpoint atomically
+
+Precision: CPU runs fp32 throughout. On CUDA the base and adapters are bf16 (the fused kernel takes one dtype),
+forward runs under bf16 autocast, the loss is fp32, and the optimizer keeps fp32 master adapters, fp32
+gradient accumulators and fp32 moments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine import checkpoint as ckpt
+from engine import distributed as D
+from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, split_eval
+from engine.lora import ALL_TARGETS, PEFT_PREFIX, add_adapters, lora_layers, read_peft, save_peft
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipe: one dataclass per TOML table. Every field is overridable as table.key=value.
+
+@dataclass
+class ModelCfg:
+    name: str = "smollm2-135m"        # embedded name, HF directory, .gguf file, or "random:<preset>" (random weights)
+    tokenizer: str = ""               # tokenizer.json path; "" = the model's own
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
+
+
+@dataclass
+class LoraCfg:
+    roles: list = field(default_factory=lambda: list(ROLES))    # adapter id = index in this list
+    rank: int = 32
+    alpha: float = 64.0               # scale = alpha / rank
+    targets: list = field(default_factory=lambda: list(ALL_TARGETS))
+
+
+@dataclass
+class DataCfg:
+    path: str = "recipes/data/mini_sft.jsonl"
+    max_len: int = 1024               # tokens per example; longer ones are truncated (and counted)
+    eval_fraction: float = 0.05       # held out per role
+    sampler: str = "uniform"          # uniform (equal share per role) | proportional (to the data)
+
+
+@dataclass
+class TrainCfg:
+    out_dir: str = "runs/train"
+    steps: int = 100                  # optimizer steps
+    global_batch: int = 16            # examples per optimizer step, over all ranks
+    micro_batch: int = 4              # examples per forward/backward
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 10            # linear warm-up from 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # per-adapter gradient-norm clip; 0 = off
+    grad_checkpointing: bool = False  # recompute block activations in backward
+    fsdp: bool = False                # FSDP2-shard the frozen base across ranks (bases that do not fit one GPU)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0               # 0 = only at the end
+    ckpt_every: int = 0               # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class WandbCfg:
+    mode: str = "auto"                # auto (online with WANDB_API_KEY, else offline) | offline | online | disabled
+    project: str = "mapcoder-lite"
+    name: str = ""
+
+
+@dataclass
+class Recipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+
+
+def _valid_keys(recipe: Recipe) -> list[str]:
+    return [f"{t.name}.{f.name}" for t in dataclasses.fields(recipe) for f in dataclasses.fields(getattr(recipe, t.name))]
+
+
+def _set(recipe: Recipe, key: str, value, source: str) -> None:
+    """Set table.key = value with a type check against the field's default; errors name the key and list the valid ones."""
+    table, _, name = key.partition(".")
+    section = getattr(recipe, table, None) if table in {f.name for f in dataclasses.fields(recipe)} else None
+    if section is None or name not in {f.name for f in dataclasses.fields(section)}:
+        raise ValueError(f"{source}: unknown recipe key {key!r}; valid keys: {', '.join(_valid_keys(recipe))}")
+    old = getattr(section, name)
+    ok = (isinstance(value, bool) if isinstance(old, bool) else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(old, float) else
+          isinstance(value, int) and not isinstance(value, bool) if isinstance(old, int) else
+          isinstance(value, type(old)))
+    if not ok:
+        raise ValueError(f"{source}: {key} = {value!r}: expected {type(old).__name__} (like the default {old!r})")
+    setattr(section, name, float(value) if isinstance(old, float) else value)
+
+
+def load_recipe(path: str | Path | None, overrides=()) -> Recipe:
+    """Recipe TOML (tables [model] [lora] [data] [train] [wandb]) + `table.key=value` overrides (TOML literals;
+    a bare word is a string). Relative data/tokenizer paths resolve against the working directory."""
+    recipe = Recipe()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: recipe not found")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
+        for table, values in doc.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: top-level key {table!r} is not a table; valid keys: {', '.join(_valid_keys(recipe))}")
+            for k, v in values.items():
+                _set(recipe, f"{table}.{k}", v, str(path))
+    for ov in overrides:
+        key, eq, raw = ov.partition("=")
+        if not eq:
+            raise ValueError(f"override {ov!r}: expected table.key=value (e.g. train.steps=50)")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw                                                # bare word -> string
+        _set(recipe, key.strip(), value, "override")
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule.
+
+class AdapterAdamW:
+    """AdamW over stacked adapter tensors (dim 0 = adapter id), stepping each adapter as if it were its own
+    parameter trained alone: each adapter has its own step count (bias correction), and an adapter whose role
+    has no tokens in the global batch is not touched (no momentum drift, no weight decay). Same update as
+    torch.optim.AdamW otherwise. 16-bit parameters get fp32 masters and fp32 gradient accumulators."""
+
+    def __init__(self, params: list[torch.nn.Parameter], n_adapters: int, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0):
+        self.params, self.n = list(params), n_adapters
+        self.b1, self.b2, self.eps, self.wd = betas[0], betas[1], eps, weight_decay
+        f32 = dict(dtype=torch.float32)
+        self.t = torch.zeros(n_adapters, dtype=torch.long)                   # steps taken, per adapter
+        self.m = [torch.zeros_like(p, **f32) for p in self.params]
+        self.v = [torch.zeros_like(p, **f32) for p in self.params]
+        low = [p.dtype != torch.float32 for p in self.params]
+        self.master = [p.detach().float().clone() if lo else None for p, lo in zip(self.params, low)]
+        self.acc = [torch.zeros_like(p, **f32) if lo else None for p, lo in zip(self.params, low)]
+
+    def accumulate(self) -> None:
+        """After each micro-batch's backward: move 16-bit grads into the fp32 accumulators."""
+        for p, a in zip(self.params, self.acc):
+            if a is not None and p.grad is not None:
+                a.add_(p.grad.float())
+                p.grad = None
+
+    def grads(self) -> list[torch.Tensor]:
+        """fp32 gradients, one per parameter (zeros where backward produced none)."""
+        out = []
+        for p, a in zip(self.params, self.acc):
+            if a is None and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            out.append(a if a is not None else p.grad)
+        return out
+
+    def zero_grad(self) -> None:
+        for p, a in zip(self.params, self.acc):
+            p.grad = None
+            if a is not None:
+                a.zero_()
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Per-adapter global-norm clipping (torch's clip_grad_norm_ rule, per adapter). Returns norms (N,)."""
+        grads = self.grads()
+        sq = sum(g.float().pow(2).reshape(self.n, -1).sum(1) for g in grads)  # (N,)
+        norms = sq.sqrt()
+        if max_norm > 0:
+            coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)                 # (N,)
+            for g in grads:
+                g.mul_(coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        return norms
+
+    @torch.no_grad()
+    def step(self, lr: float, active: torch.Tensor) -> None:
+        """One update of the adapters marked active (N,) bool."""
+        active = active.cpu().bool()
+        if not active.any():
+            return
+        self.t += active.long()
+        rows = None if bool(active.all()) else active.nonzero().flatten().tolist()
+        t = self.t.double()
+        bc1, bc2_sqrt = 1 - self.b1 ** t, (1 - self.b2 ** t).sqrt()          # (N,) bias corrections
+        for p, g, m, v, w in zip(self.params, self.grads(), self.m, self.v, self.master):
+            w = p.data if w is None else w
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            if rows is None:                                                 # all adapters: whole tensors
+                self._update(w, g, m, v, lr, bc1.to(w).view(shape), bc2_sqrt.to(w).view(shape))
+            else:                                                            # only some: row views, in place
+                for a in rows:
+                    self._update(w[a], g[a], m[a], v[a], lr, float(bc1[a]), float(bc2_sqrt[a]))
+            if w is not p.data:
+                p.data.copy_(w)
+
+    def _update(self, w, g, m, v, lr, bc1, bc2_sqrt):
+        g = g.float()
+        w.mul_(1 - lr * self.wd)                                            # decoupled weight decay
+        m.lerp_(g, 1 - self.b1)                                             # m = b1 m + (1 - b1) g
+        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)                   # v = b2 v + (1 - b2) g^2
+        denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+        w.sub_(lr * (m / bc1) / denom)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t.clone(), "m": self.m, "v": self.v, "master": self.master}
+
+    def load_state_dict(self, st: dict) -> None:
+        for name in ("m", "v", "master"):
+            for i, (mine, saved) in enumerate(zip(getattr(self, name), st[name])):
+                if (mine is None) != (saved is None) or (mine is not None and mine.shape != saved.shape):
+                    raise ValueError(f"optimizer state {name}[{i}] does not match this model's adapters "
+                                     f"(saved {None if saved is None else tuple(saved.shape)}, "
+                                     f"here {None if mine is None else tuple(mine.shape)})")
+                if mine is not None:
+                    mine.copy_(saved)
+        self.t.copy_(st["t"])
+
+
+def lr_at(step: int, tc: TrainCfg) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces the loop calls.
+
+def token_losses(model, batch: Batch, autocast_dtype) -> torch.Tensor:
+    """Per-token cross-entropy (B, T) in fp32 (padding included; the caller masks)."""
+    with torch.autocast(batch.tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(batch.tokens, adapter_ids=batch.adapter_ids)             # (B, T, V)
+    B, T = batch.tokens.shape
+    return F.cross_entropy(logits.float().reshape(B * T, -1), batch.targets.reshape(-1), reduction="none").view(B, T)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], n_roles: int, micro_batch: int, pad_id: int, d: D.DistInfo,
+             autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out loss per role: (sum of token CE, token count), each (n_roles,), summed over ranks."""
+    model.eval()
+    sums, toks = torch.zeros(n_roles, dtype=torch.float64), torch.zeros(n_roles, dtype=torch.float64)
+    mine = examples[d.rank::d.world]
+    for i in range(0, len(mine), micro_batch):
+        b = collate(mine[i:i + micro_batch], pad_id).to(d.device)
+        tl = token_losses(model, b, autocast_dtype)
+        sums.index_add_(0, b.adapter_ids.cpu(), (tl * b.loss_mask).sum(1).double().cpu())
+        toks.index_add_(0, b.adapter_ids.cpu(), b.loss_mask.sum(1).double().cpu())
+    D.all_reduce_sum_([sums, toks], d)
+    model.train()
+    return sums, toks
+
+
+def build_model(mc: ModelCfg, d: D.DistInfo, dtype: torch.dtype, seed: int):
+    """(model, tokenizer) from the recipe: "random:<preset>" = random weights of a preset's shapes."""
+    tok = None
+    if mc.name.startswith("random:"):
+        from engine.config import PRESETS
+        from engine.model import Transformer
+        preset = mc.name.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ValueError(f"model.name={mc.name!r}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        model = Transformer(PRESETS[preset]).init_weights(seed=seed).to(d.device, dtype)
+    else:
+        from engine.hub import load_model
+        model, tok = load_model(mc.name, device=str(d.device), dtype=str(dtype).removeprefix("torch."))
+    if mc.tokenizer:
+        from engine.tokenizer import Tokenizer
+        tok = Tokenizer.from_file(mc.tokenizer)
+    return model, tok
+
+
+def restore_adapters(model, ckpt_dir: Path, roles: list[str]) -> None:
+    """Copy checkpointed PEFT adapters into the model's stacked tensors (exact; rows past each rank stay zero)."""
+    layers = dict(lora_layers(model))
+    for idx, role in enumerate(roles):
+        _, tensors = read_peft(ckpt_dir / "adapters" / role)
+        for key, t in tensors.items():
+            path, which = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)
+            layer = layers[path]
+            r = t.shape[0] if which.startswith("A") else t.shape[1]
+            with torch.no_grad():
+                if which.startswith("A"):
+                    layer.lora_A[idx, :r] = t.to(layer.lora_A.dtype)
+                else:
+                    layer.lora_B[idx, :, :r] = t.to(layer.lora_B.dtype)
+
+
+class _Logger:
+    """metrics.jsonl + W&B (lazily imported) on the main rank; nothing on the others."""
+
+    def __init__(self, recipe: Recipe, out: Path, mode: str, main: bool):
+        self.run, self.file = None, None
+        if not main:
+            return
+        self.file = open(out / "metrics.jsonl", "a")
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            print("wandb: online requested but WANDB_API_KEY is not set; logging offline", file=sys.stderr)
+            mode = "offline"
+        if mode != "disabled":
+            import wandb
+            self.run = wandb.init(project=recipe.wandb.project, name=recipe.wandb.name or out.name, mode=mode,
+                                  dir=str(out), config=asdict(recipe), resume="allow",
+                                  settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def close(self, summary: dict | None = None) -> None:
+        if self.run is not None:
+            if summary:
+                self.run.summary.update(summary)
+            self.run.finish()
+        if self.file is not None:
+            self.file.close()
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20           # Linux: KiB -> GiB (process RSS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None) -> dict:
+    """Train the role adapters as the recipe says; returns a summary dict (also OUT/train_summary.json).
+    `model` / `tokenizer` may be passed in (tests); otherwise built from recipe.model."""
+    mc, lc, dc, tc = recipe.model, recipe.lora, recipe.data, recipe.train
+    roles = list(lc.roles)
+    R = len(roles)
+    d = D.init(mc.device)
+    if tc.global_batch % (tc.micro_batch * d.world):
+        raise ValueError(f"train.global_batch={tc.global_batch} must be a multiple of train.micro_batch "
+                         f"({tc.micro_batch}) x ranks ({d.world})")
+    out = Path(tc.out_dir)
+    ck_root = out / "checkpoints"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and ckpt.list_checkpoints(ck_root):
+            raise ValueError(f"{ck_root}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                             f"or choose another train.out_dir")
+        ckpt.sweep(ck_root)
+    D.barrier(d)
+    torch.manual_seed(tc.seed)
+
+    # --- model + adapters ------------------------------------------------------------------------------------
+    dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}.get(mc.dtype)
+    if dtype is None:
+        raise ValueError(f"model.dtype={mc.dtype!r}; expected auto, float32 or bfloat16")
+    autocast_dtype = torch.bfloat16 if d.device.type == "cuda" and dtype == torch.bfloat16 else None
+    if model is None:
+        model, tok = build_model(mc, d, dtype, tc.seed)
+        tokenizer = tokenizer or tok
+    else:
+        model = model.to(d.device)
+    if tokenizer is None:
+        raise ValueError(f"model.name={mc.name!r} comes without a tokenizer; set model.tokenizer to a tokenizer.json")
+    add_adapters(model, roles, rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), seed=tc.seed)
+    model.gradient_checkpointing = tc.grad_checkpointing
+    model.train()
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    D.broadcast_(params, d)
+    if tc.fsdp:
+        if not d.on:
+            raise ValueError("train.fsdp = true needs several processes (launch with torchrun)")
+        D.shard_base(model, d)
+    opt = AdapterAdamW(params, R, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
+    pad_id = getattr(tokenizer, "pad_id", None) or 0
+
+    # --- data ------------------------------------------------------------------------------------------------
+    data = load_sft(dc.path, tokenizer, roles, dc.max_len)
+    vocab = model.cfg.vocab_size
+    for e in data.examples:
+        if max(e.ids) >= vocab:
+            raise ValueError(f"{e.where}: token id {max(e.ids)} >= the model's vocab_size {vocab} (tokenizer/model mismatch)")
+    train_ex, eval_ex = split_eval(data.examples, dc.eval_fraction, tc.seed)
+    sampler = RoleSampler(train_ex, R, dc.sampler, tc.seed)
+    if d.main:
+        s = data.stats
+        print(f"data: {len(data.examples)} examples {s.per_role} from {dc.path}; {s.truncated} truncated to "
+              f"{dc.max_len} tokens, {s.dropped} dropped (no assistant token left); {len(eval_ex)} held out",
+              file=sys.stderr)
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    start = 0
+    last_ckpt = ckpt.latest(ck_root) if resume else None
+    if resume and last_ckpt is None and d.main:
+        print(f"resume: no checkpoint under {ck_root}; starting from step 0", file=sys.stderr)
+    if last_ckpt is not None:
+        state = json.loads((last_ckpt / "trainer_state.json").read_text())
+        if state["roles"] != roles:
+            raise ValueError(f"{last_ckpt}: checkpoint roles {state['roles']} differ from the recipe's {roles}")
+        restore_adapters(model, last_ckpt, roles)
+        opt.load_state_dict(torch.load(last_ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        rng_file = last_ckpt / f"rng_rank{d.rank}.pt"
+        ckpt.set_rng_state(torch.load(rng_file if rng_file.exists() else last_ckpt / "rng_rank0.pt",
+                                      weights_only=False))
+        sampler.load_state_dict(state["data_cursor"])
+        start = state["step"]
+        if d.main:
+            print(f"resume: {last_ckpt} (step {start})", file=sys.stderr)
+
+    def save_checkpoint(step: int) -> Path | None:
+        tmp = ckpt.tmp_dir(ck_root, step)
+        if d.main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        D.barrier(d)
+        ckpt.write_rng(tmp, d.rank)
+        D.barrier(d)
+        path = None
+        if d.main:
+            for role in roles:
+                save_peft(model, role, tmp / "adapters" / role, base_model=mc.name)
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            state = {"step": step, "roles": roles, "data_cursor": sampler.state_dict(),
+                     "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
+                                  "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},
+                     "recipe": asdict(recipe)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            path = ckpt.finalize(ck_root, step, tc.keep_checkpoints)
+        D.barrier(d)
+        return path
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    logger = _Logger(recipe, out, wandb_mode or recipe.wandb.mode, d.main)
+    per_rank = tc.global_batch // d.world
+    history, tok_s, eval_loss = [], 0.0, {}
+    from tqdm import tqdm
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not d.main, desc="train",
+               dynamic_ncols=True)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            examples = sampler.draw(tc.global_batch)                    # identical on every rank
+            n_loss = sum(e.n_loss for e in examples)                    # normaliser: the global batch's assistant tokens
+            mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
+            role_loss = torch.zeros(R, dtype=torch.float64)             # sum of token CE per role
+            role_tok = torch.zeros(R, dtype=torch.float64)              # assistant tokens per role
+            n_real = torch.zeros(1, dtype=torch.float64)                # non-pad tokens (throughput)
+            for i in range(0, per_rank, tc.micro_batch):
+                b = collate(mine[i:i + tc.micro_batch], pad_id).to(d.device)
+                tl = token_losses(model, b, autocast_dtype)
+                loss = (tl * b.loss_mask).sum() / n_loss
+                loss.backward()
+                opt.accumulate()
+                ids = b.adapter_ids.cpu()
+                role_loss.index_add_(0, ids, (tl.detach() * b.loss_mask).sum(1).double().cpu())
+                role_tok.index_add_(0, ids, b.loss_mask.sum(1).double().cpu())
+                n_real += b.n_real
+            grads = opt.grads()
+            D.all_reduce_sum_(grads + [role_loss, role_tok, n_real], d)
+            mean_loss = float(role_loss.sum() / n_loss)
+            if not math.isfinite(mean_loss):
+                per_role = {r: float(role_loss[i] / role_tok[i]) for i, r in enumerate(roles) if role_tok[i] > 0}
+                last = ckpt.latest(ck_root)
+                raise RuntimeError(f"non-finite loss at step {step + 1} (loss={mean_loss}, per role {per_role}); "
+                                   f"stopped before updating the adapters. Last good checkpoint: "
+                                   f"{last if last else 'none (no checkpoint was written yet)'}")
+            norms = opt.clip_(tc.grad_clip)
+            lr = lr_at(step, tc)
+            opt.step(lr, active=role_tok > 0)
+            opt.zero_grad()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            dt = time.perf_counter() - t0
+            tok_s = float(n_real) / dt
+            done = step + 1
+
+            if d.main and (done % tc.log_every == 0 or done == tc.steps):
+                m = {"train/loss": mean_loss, "train/lr": lr, "perf/tok_s": tok_s,
+                     "perf/peak_mem_gb": _peak_mem_gb(d.device), "perf/step_s": dt}
+                for i, r in enumerate(roles):
+                    if role_tok[i] > 0:
+                        m[f"train/loss/{r}"] = float(role_loss[i] / role_tok[i])
+                    m[f"train/tokens/{r}"] = int(role_tok[i])
+                    m[f"train/grad_norm/{r}"] = float(norms[i])
+                logger.log(m, done)
+                history.append(m)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:.0f}")
+            if eval_ex and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps):
+                sums, toks = evaluate(model, eval_ex, R, tc.micro_batch, pad_id, d, autocast_dtype)
+                eval_loss = {r: float(sums[i] / toks[i]) for i, r in enumerate(roles) if toks[i] > 0}
+                logger.log({f"eval/loss/{r}": v for r, v in eval_loss.items()}, done)
+            if tc.ckpt_every and done % tc.ckpt_every == 0:
+                save_checkpoint(done)
+
+        # --- final adapters --------------------------------------------------------------------------------------
+        summary = {"steps": tc.steps, "roles": roles, "final_loss": history[-1]["train/loss"] if history else None,
+                   "eval_loss": eval_loss, "tok_s": tok_s, "data": asdict(data.stats),
+                   "adapters": str(out / "adapters")}
+        if d.main:
+            for role in roles:
+                save_peft(model, role, out / "adapters" / role, base_model=mc.name)
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        D.barrier(d)
+        logger.close({k: v for k, v in summary.items() if k in ("final_loss", "tok_s")})
+        return {**summary, "history": history}
+    except BaseException:
+        logger.close()
+        raise
+    finally:
+        bar.close()
+        D.close(d)
+
+
+def cli_train(args) -> int:
+    """`mcl train RECIPE.toml [key=value ...] [--resume] [--wandb MODE]`."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, resume=args.resume, wandb_mode=args.wandb)
+    return 0
