@@ -1,0 +1,150 @@
+"""Where the agents' chat calls go: the local engine's scheduler, or an OpenAI-compatible HTTP endpoint.
+
+    backend = LocalBackend(scheduler, tokenizer, adapters=True)     # engine.serve.Scheduler, started
+    backend = HTTPBackend("http://127.0.0.1:8000", model="qwen2.5-coder-32b", api_key=None)
+    c = backend.chat("planner", messages, max_new_tokens=384, temperature=0.0)
+    c.text, c.prompt_tokens, c.completion_tokens, c.wall_s, c.finish_reason, c.error
+
+`chat` blocks until the answer is complete; the orchestrator calls it from many threads at once, so the
+scheduler sees requests of every role from many problems and batches them together. With adapters
+loaded, LocalBackend tags each request with its role's adapter (adapter name = role name).
+
+LocalBackend answers a prompt longer than the model's context with an error Completion (that call
+cannot run; the orchestrator moves on); other scheduler errors propagate. HTTPBackend never raises: a timeout, a dropped connection, an HTTP error or a body that is not the
+expected JSON becomes a Completion with empty text and `error` set, after `retries` further tries
+(exponential backoff; 4xx other than 408/429 is not retried). Recipes rely on this: a teacher that
+misbehaves costs one trajectory, never the run. Stdlib urllib only: no client library to pin.
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from engine.agents.prompts import ROLES
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0                 # the whole call as the agent saw it: queueing + generation (+ retries)
+    finish_reason: str = "stop"         # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None            # no answer: HTTP failure, or a prompt longer than the local context
+    queue_s: float = 0.0                # LocalBackend: time before the scheduler admitted the request
+
+
+class LocalBackend:
+    """The local engine: chat template -> token ids -> scheduler (role-tagged) -> text.
+
+    adapters: False (every role on the base model), True (adapter name = role name), or the set of
+    roles that have an adapter (the others run on the base model)."""
+
+    def __init__(self, scheduler, tokenizer, adapters=False):
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        self.adapters = set(ROLES) if adapters is True else set(adapters or ())
+
+    def adapter_for(self, role: str) -> str | None:
+        return role if role in self.adapters else None
+
+    def close(self):
+        self.scheduler.stop()
+
+    def chat(self, role: str, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+             stop: list[str] | None = None) -> Completion:
+        t0 = time.perf_counter()
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        max_len = getattr(self.scheduler, "max_len", None)
+        if max_len is not None and len(ids) >= max_len:       # a long problem + history: this call cannot run
+            return Completion("", len(ids), 0, time.perf_counter() - t0, "error",
+                              error=f"prompt of {len(ids)} tokens does not fit the context of {max_len} tokens")
+        fut = self.scheduler.submit(ids, adapter=self.adapter_for(role), max_new_tokens=max_new_tokens,
+                                    temperature=temperature, stop_strings=list(stop or ()))
+        r = fut.result()
+        return Completion(r.text, r.prompt_tokens, r.new_tokens, time.perf_counter() - t0, r.finish_reason,
+                          queue_s=r.queue_s)
+
+
+def open_local(model: str, device: str | None = None, dtype: str | None = None, adapters_dir: str | None = None,
+               n_slots: int = 16) -> LocalBackend:
+    """Load a model (engine.hub), attach the role adapters found in `adapters_dir` (one PEFT directory per
+    role, named after it), start a scheduler. Call `.close()` when done."""
+    from engine.hub import load_model
+    from engine.serve import Scheduler
+    m, tok = load_model(model, device=device, dtype=dtype)
+    roles = ()
+    if adapters_dir:
+        from engine.lora import load_adapters
+        roles = [n for n in load_adapters(m, adapters_dir) if n in ROLES]
+        if not roles:
+            raise FileNotFoundError(f"{adapters_dir}: no adapter subdirectory named after a role ({', '.join(ROLES)})")
+    sched = Scheduler(m, tok, n_slots=n_slots)
+    sched.start()
+    return LocalBackend(sched, tok, adapters=roles)
+
+
+def chat_url(url: str) -> str:
+    """'http://h:p', 'http://h:p/v1' or the full endpoint -> 'http://h:p/v1/chat/completions'."""
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+class HTTPBackend:
+    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, llama.cpp server, a hosted teacher, or
+    engine/agents/http_server.py). `role_models` maps a role to a model name, for servers that expose
+    LoRA adapters as models (vLLM --lora-modules planner=...); other roles use `model`."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 300.0,
+                 retries: int = 2, role_models: dict[str, str] | None = None, backoff_s: float = 1.0):
+        self.url, self.model, self.api_key = chat_url(url), model, api_key
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.role_models = dict(role_models or {})
+
+    def chat(self, role: str, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+             stop: list[str] | None = None) -> Completion:
+        body = {"model": self.role_models.get(role, self.model), "messages": messages,
+                "max_tokens": max_new_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = list(stop)
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode()
+        t0, error = time.perf_counter(), None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+                c = _completion_from_json(raw)
+                c.wall_s = time.perf_counter() - t0
+                return c
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace") if e.fp else ""
+                error = f"HTTP {e.code} from {self.url}: {detail}"
+                if 400 <= e.code < 500 and e.code not in (408, 429):
+                    break                                       # our request is wrong: retrying will not help
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                error = f"bad response body from {self.url}: {type(e).__name__}: {e}"
+            except Exception as e:                              # timeout, refused, reset, dropped mid-body
+                error = f"{type(e).__name__} talking to {self.url}: {e}"
+        return Completion("", 0, 0, time.perf_counter() - t0, "error", error=error)
+
+
+def _completion_from_json(raw: bytes) -> Completion:
+    """An OpenAI chat.completion body -> Completion; ValueError/KeyError/TypeError when it is not one."""
+    d = json.loads(raw)
+    choice = d["choices"][0]
+    text = choice["message"]["content"]
+    if not isinstance(text, str):
+        raise TypeError(f"choices[0].message.content is {type(text).__name__}, not a string")
+    usage = d.get("usage") or {}
+    return Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                      finish_reason=choice.get("finish_reason") or "stop")

@@ -1,0 +1,187 @@
+"""`mcl eval`: run a strategy over a benchmark, score each final program on the hidden tests, and write
+DIR/problems.jsonl (one line per problem: every agent call, sample-test attempts, the final verdict) and
+DIR/summary.json (pass@1, format failures per role, tokens per role, wall time, peak memory).
+
+    mcl eval --benchmark humaneval --strategy mapcoder -k 2 -t 2 --limit 10 --out runs/eval_base
+    mcl eval --benchmark mbpp --adapters runs/main/adapters --out runs/eval_adapted
+    mcl eval --backend http --url http://127.0.0.1:8000 --model qwen2.5-coder-32b --benchmark apps --out runs/t
+      (with --backend http, --adapters means "the server exposes one model per role, named after it")
+
+    from eval.run import run_eval                    # recipes call this directly
+    summary = run_eval(problems, backend, "mapcoder", k=2, t=2, out_dir="runs/x", concurrency=16)
+
+Problems run concurrently on `concurrency` threads. Each thread blocks on one backend call at a time, so
+with the local engine the scheduler batches calls of every role from many problems into one decode batch.
+pass@1 is greedy pass@1: one final program per problem, passed = every hidden test passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from engine.agents.mapcoder import solve
+from engine.agents.prompts import ROLES
+from eval.problem import Problem, TestReport
+
+
+def load_benchmark(name: str, data: str | None = None, limit: int | None = None) -> list[Problem]:
+    """eval/benchmarks/<name with - as _>.py's load(path, limit=...)."""
+    mod_name = f"eval.benchmarks.{name.replace('-', '_')}"
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name != mod_name:
+            raise
+        raise ValueError(f"unknown benchmark {name!r}: there is no {mod_name.replace('.', '/')}.py") from None
+    return mod.load(path=data, limit=limit)
+
+
+def _peak_mem() -> tuple[int, str]:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
+
+
+def _score(problem: Problem, code: str, run_tests) -> tuple[TestReport, str | None]:
+    if not problem.hidden_tests:
+        return TestReport("no_code"), f"problem {problem.id} has no hidden tests"
+    if not code.strip():
+        return TestReport("no_code"), None
+    return run_tests(problem, code, problem.hidden_tests), None
+
+
+def run_problem(problem: Problem, backend, strategy: str, k: int, t: int, run_tests, max_new_tokens: int,
+                index: int = 0) -> dict:
+    """Solve one problem and score it; any exception becomes the record's `error` (the run goes on)."""
+    t0 = time.perf_counter()
+    rec = {"index": index, "id": problem.id, "benchmark": problem.benchmark, "strategy": strategy,
+           "passed": False, "verdict": "no_code", "error": None}
+    try:
+        sol = solve(problem, backend, strategy, k, t, run_tests, max_new_tokens)
+        report, err = _score(problem, sol.code, run_tests)
+        rec.update({
+            "passed": report.passed, "verdict": report.verdict, "error": err,
+            "hidden": {"passed": sum(r.verdict == "pass" for r in report.results), "total": len(problem.hidden_tests)},
+            "solved_samples": sol.solved_samples,
+            "sample_attempts": [dataclasses.asdict(a) for a in sol.attempts],
+            "plans": sol.plans, "algorithm": sol.algorithm, "code": sol.code,
+            "calls": [dataclasses.asdict(c) for c in sol.calls],
+        })
+    except Exception as e:                                   # noqa: BLE001 -- one problem, not the run
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["traceback"] = traceback.format_exc()
+        rec.setdefault("calls", [])
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def summarize(records: list[dict], **meta) -> dict:
+    """problems.jsonl records -> summary.json fields (meta: benchmark, strategy, model, k, t, ...)."""
+    n = len(records)
+    passed = sum(r["passed"] for r in records)
+    calls, fails, repaired = Counter(), Counter(), Counter()
+    tokens = {r: {"prompt": 0, "completion": 0} for r in ROLES}
+    backend_errors = 0
+    for rec in records:
+        for c in rec.get("calls", []):
+            role = c["role"]
+            calls[role] += 1
+            fails[role] += c["status"] == "failed"
+            repaired[role] += c["status"] == "repaired"
+            backend_errors += c["status"] == "error"
+            tok = tokens.setdefault(role, {"prompt": 0, "completion": 0})
+            tok["prompt"] += c["prompt_tokens"]
+            tok["completion"] += c["completion_tokens"]
+    return {
+        **meta, "n": n, "passed": passed, "pass_at_1": passed / n if n else 0.0,
+        "format_failures": {r: fails[r] for r in ROLES},
+        "format_failure_rate": {r: (fails[r] / calls[r] if calls[r] else 0.0) for r in ROLES},
+        "format_repaired": {r: repaired[r] for r in ROLES},
+        "calls": {r: calls[r] for r in ROLES},
+        "tokens": tokens,
+        "backend_errors": backend_errors,
+        "problem_errors": sum(r.get("error") is not None for r in records),
+        "verdicts": dict(Counter(r["verdict"] for r in records)),
+        "solved_samples": sum(bool(r.get("solved_samples")) for r in records),
+    }
+
+
+def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: int = 2, t: int = 2,
+             out_dir: str | os.PathLike = "runs/eval", concurrency: int = 16, max_new_tokens: int = 384,
+             run_tests=None, model: str = "", benchmark: str | None = None, progress: bool = True) -> dict:
+    """Run `strategy` over `problems` on `concurrency` threads; write problems.jsonl + summary.json in
+    out_dir; return the summary."""
+    from tqdm import tqdm
+    if run_tests is None:
+        from eval.harness import run_tests
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    benchmark = benchmark or (problems[0].benchmark if problems else "")
+    t0, records = time.perf_counter(), []
+    partial = out / "problems.jsonl.partial"                # streamed as problems finish; sorted at the end
+    with open(partial, "w") as f, ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="mcl-eval") as pool, \
+            tqdm(total=len(problems), desc=f"{strategy} {benchmark}", disable=not progress, dynamic_ncols=True) as bar:
+        futs = [pool.submit(run_problem, p, backend, strategy, k, t, run_tests, max_new_tokens, i)
+                for i, p in enumerate(problems)]
+        for fut in as_completed(futs):
+            rec = fut.result()
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix(passed=f"{sum(r['passed'] for r in records)}/{len(records)}")
+    records.sort(key=lambda r: r["index"])
+    with open(out / "problems.jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    partial.unlink()
+    wall = time.perf_counter() - t0
+    peak, peak_kind = _peak_mem()
+    summary = summarize(records, benchmark=benchmark, strategy=strategy, model=model, k=k, t=t,
+                        concurrency=concurrency, max_new_tokens=max_new_tokens)
+    completion = sum(v["completion"] for v in summary["tokens"].values())
+    summary.update({"wall_s": wall, "completion_tokens_per_s": completion / wall if wall > 0 else 0.0,
+                    "peak_mem_bytes": peak, "peak_mem_kind": peak_kind})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    first_error = next((r for r in records if r.get("traceback")), None)
+    if first_error is not None:
+        print(f"mcl eval: {summary['problem_errors']} problems raised; first ({first_error['id']}):\n"
+              f"{first_error['traceback']}", file=sys.stderr)
+    return summary
+
+
+def cli_eval(args) -> int:
+    from engine.agents.backends import HTTPBackend, open_local
+    problems = load_benchmark(args.benchmark, args.data, args.limit)
+    if not problems:
+        raise ValueError(f"benchmark {args.benchmark!r} loaded no problems (data: {args.data or 'default'})")
+    if args.backend == "http":
+        if not args.url:
+            raise ValueError("--backend http needs --url (e.g. http://127.0.0.1:8000)")
+        backend = HTTPBackend(args.url, model=args.model, api_key=os.environ.get("OPENAI_API_KEY"),
+                              role_models={r: r for r in ROLES} if args.adapters else None)
+    else:
+        backend = open_local(args.model, args.device, args.dtype, args.adapters, n_slots=args.concurrency)
+    try:
+        s = run_eval(problems, backend, args.strategy, args.k, args.t, args.out, args.concurrency,
+                     args.max_new_tokens, model=args.model, benchmark=args.benchmark)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    fails = ", ".join(f"{r} {s['format_failures'][r]}/{s['calls'][r]}" for r in ROLES if s["calls"][r])
+    print(f"{s['benchmark']} {s['strategy']}: pass@1 {s['pass_at_1']:.3f} ({s['passed']}/{s['n']}); "
+          f"format failures {fails or 'none'}; {s['wall_s']:.1f}s -> {args.out}")
+    return 0
