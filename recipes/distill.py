@@ -1,0 +1,464 @@
+"""`mcl distill`: a teacher runs MapCoder over training problems; its trajectories become role-tagged SFT data.
+
+    mcl distill --config recipes/mini_e2e.toml                     # the [distill] table of a recipe
+    mcl distill --config recipes/mini_e2e.toml n_problems=5 out=runs/d5    # key=value overrides (TOML literals)
+    mcl distill teacher_url=http://127.0.0.1:8000 teacher_model=qwen2.5-coder-32b out=runs/distill_http
+
+    from recipes.distill import DistillConfig, distill, build_examples
+    stats = distill(DistillConfig(n_problems=5, out="runs/d5"), backend=..., run_tests=...)
+
+Flow (one problem = one trajectory = one line of OUT/trajectories.jsonl):
+
+    MBPP train split (any eval/benchmarks loader) -> seeded shuffle -> first n_problems   (deterministic order)
+      -> eval.run.run_problem: MapCoder with the teacher (greedy), every agent call recorded, the final
+         program scored on the problem's tests                  (many problems in flight: one mixed batch)
+      -> appended to trajectories.jsonl, flushed and fsync'ed as each problem finishes
+    trajectories (sorted by problem order) -> build_examples -> OUT/examples.jsonl + OUT/stats.json
+
+What becomes a training example ({"role", "messages": [system, user, assistant], "source"}), from a
+trajectory whose final program passes the problem's tests (accept="hidden": every test of the problem;
+accept="samples": the sample tests only -- a weaker filter, for teachers too weak for the first):
+    retriever  its call, if format-valid
+    planner    the plan call and the confidence call of the plan that led to the passing program
+    coder      the coder call of that plan, if its program passed as written (round 0)
+    debugger   the debugger call that turned that plan's failing program into the passing one
+Every other call is rejected with a reason (stats.json: rejected[role][reason]). Format-valid = the
+parser accepted the answer (status ok or repaired); the assistant text is the teacher's answer as written
+(parsers.clean drops chat special tokens and <think> blocks only).
+
+Resumable: a rerun with the same OUT skips the problem ids already in trajectories.jsonl (a line cut by a
+kill is dropped), so nothing is duplicated; OUT/config.json pins the fields that shape trajectories
+(teacher, benchmark, split, seed, k, t, max_new_tokens) and a rerun that changes one is refused.
+Deterministic: greedy decoding, problem order fixed by the seed, examples built in problem order, so the
+same seed gives the same examples (tests/recipes/test_distill.py checks it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import inspect
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.agents.parsers import clean
+from engine.agents.prompts import ROLES
+from eval.problem import Problem, Test
+
+TRAJECTORY_FIELDS = ("teacher", "teacher_url", "teacher_model", "benchmark", "split", "data", "seed", "k", "t",
+                     "max_new_tokens")       # changing one of these makes old trajectories incomparable
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "qwen2.5-coder-0.5b"  # run by our engine: embedded name, HF directory or .gguf
+    teacher_url: str = ""                # set: an OpenAI-compatible endpoint is the teacher instead
+    teacher_model: str = ""              # the model name sent to that endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (if any)
+    timeout_s: float = 300.0             # per HTTP call; a timeout is a counted backend error
+    retries: int = 2                     # further HTTP tries per call
+    device: str = ""                     # local teacher: "" = cuda when available
+    dtype: str = ""                      # local teacher: "" = bf16 on cuda, fp32 on cpu
+    benchmark: str = "mbpp"              # an eval/benchmarks/<name>.py loader
+    split: str = "train"                 # mbpp: train (task ids 601-974) | validation | test | prompt | "" (all)
+    data: str = ""                       # benchmark data path ("" = the loader's default)
+    n_problems: int = 0                  # 0 = every problem of the split
+    seed: int = 0                        # shuffles the split before taking n_problems; decoding is greedy
+    k: int = 1                           # recalled examples = plans
+    t: int = 1                           # debug rounds per plan
+    max_new_tokens: int = 256            # per call (the retriever gets (k + 1) times this)
+    concurrency: int = 8                 # problems in flight (= scheduler slots for a local teacher)
+    accept: str = "hidden"               # hidden: final program passes all the problem's tests | samples
+    out: str = "runs/distill"
+
+
+# --- configuration: a TOML table + key=value overrides -----------------------------------------------------
+
+def load_config(cls, path: str | None, table: str, overrides=()):
+    """cls() updated from [table] of the TOML at `path`, then from `key=value` overrides (TOML literals; a bare
+    word is a string; `table.key=value` is accepted too). Unknown keys and wrong types are one-line errors."""
+    cfg = cls()
+    names = {f.name: f for f in dataclasses.fields(cls)}
+
+    def put(key, value, source):
+        if key not in names:
+            raise ValueError(f"{source}: unknown key {key!r} in [{table}]; valid keys: {', '.join(names)}")
+        old = getattr(cfg, key)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(old):
+            raise ValueError(f"{source}: {table}.{key} = {value!r}: expected {type(old).__name__} "
+                             f"(like the default {old!r})")
+        setattr(cfg, key, value)
+
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: recipe not found")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: invalid TOML: {e}") from None
+        section = doc.get(table, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{p}: [{table}] is not a table")
+        for k, v in section.items():
+            put(k, v, str(p))
+    for ov in overrides:
+        key, eq, raw = ov.partition("=")
+        if not eq:
+            raise ValueError(f"override {ov!r}: expected key=value (e.g. n_problems=5)")
+        key = key.strip().removeprefix(f"{table}.")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw                                              # bare word -> string
+        put(key, value, "override")
+    return cfg
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def command_line() -> str:
+    return "mcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "mcl" else \
+        " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
+
+
+def run_record(**extra) -> dict:
+    """What one invocation of a recipe stage was: the exact command, when, at which commit."""
+    return {"command": command_line(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(), **extra}
+
+
+# --- teacher backend ---------------------------------------------------------------------------------------
+
+def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: str = "", timeout_s: float = 300.0,
+                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8):
+    """An HTTPBackend when `url` is set, else our engine running `model` (call .close() when done)."""
+    from engine.agents.backends import HTTPBackend, open_local
+    if url:
+        return HTTPBackend(url, model=url_model or model, api_key=os.environ.get(api_key_env) if api_key_env else None,
+                           timeout=timeout_s, retries=retries)
+    return open_local(model, device or None, dtype or None, None, n_slots=n_slots)
+
+
+def teacher_name(cfg) -> str:
+    return f"{cfg.teacher_model or cfg.teacher} @ {cfg.teacher_url}" if cfg.teacher_url else f"{cfg.teacher} (local engine)"
+
+
+# --- problems ----------------------------------------------------------------------------------------------
+
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+
+def _mbpp_task_id(p: Problem) -> int:
+    tid = p.meta.get("task_id")
+    if tid is None:
+        digits = "".join(ch for ch in p.id.rsplit("/", 1)[-1] if ch.isdigit())
+        tid = digits or -1
+    return int(tid)
+
+
+def load_problems(benchmark: str, split: str = "", data: str = "", n: int = 0, seed: int = 0) -> list[Problem]:
+    """The split's problems in loader order, shuffled by `seed` (seed < 0: no shuffle), first n (0 = all).
+    A larger n extends a smaller one's selection (same permutation)."""
+    import importlib
+
+    from eval.run import load_benchmark
+    problems = load_benchmark(benchmark, data or None)          # (one-line error for an unknown benchmark)
+    if split:
+        load = importlib.import_module(f"eval.benchmarks.{benchmark.replace('-', '_')}").load
+        if "split" in inspect.signature(load).parameters:
+            problems = load(path=data or None, split=split)
+        elif benchmark == "mbpp" and split in MBPP_SPLITS:
+            lo, hi = MBPP_SPLITS[split]
+            problems = [p for p in problems if lo <= _mbpp_task_id(p) <= hi]
+        else:
+            raise ValueError(f"split {split!r}: the {benchmark} loader takes no split; use split=\"\" "
+                             f"(mbpp splits: {', '.join(MBPP_SPLITS)})")
+    if not problems:
+        raise ValueError(f"benchmark {benchmark!r} split {split!r} loaded no problems (data: {data or 'default'})")
+    problems = list(problems)
+    if seed >= 0:
+        random.Random(seed).shuffle(problems)
+    return problems[:n] if n else problems
+
+
+def problem_to_json(p: Problem) -> dict:
+    return dataclasses.asdict(p)
+
+
+def problem_from_json(d: dict) -> Problem:
+    d = dict(d)
+    d["sample_tests"] = [Test(**t) for t in d.get("sample_tests", [])]
+    d["hidden_tests"] = [Test(**t) for t in d.get("hidden_tests", [])]
+    return Problem(**d)
+
+
+# --- append-only JSONL keyed by problem id -----------------------------------------------------------------
+
+def read_jsonl_resumable(path: Path) -> list[dict]:
+    """Every complete record of `path`; a last line cut by a kill (no newline, or not JSON) is truncated away
+    so the next append starts on a clean line."""
+    if not path.is_file():
+        return []
+    records, good_end = [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break                                                    # cut mid-line
+        line = data[pos:nl]
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break                                                    # cut mid-line and then appended to? stop here
+        pos = good_end = nl + 1
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+        print(f"{path}: dropped {len(data) - good_end} bytes of an unfinished record", file=sys.stderr)
+    return records
+
+
+def append_jsonl(f, rec: dict) -> None:
+    f.write(json.dumps(rec, default=repr) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def check_resume(out: Path, cfg, fields, stage: str) -> dict:
+    """Load or create OUT/config.json; refuse a rerun whose trajectory-shaping fields differ."""
+    path = out / "config.json"
+    now = {k: getattr(cfg, k) for k in fields}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved["pinned"].get(k), v) for k, v in now.items() if saved["pinned"].get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: {a!r} in {path}, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds a {stage} run with other settings ({what}); use another out= or "
+                             f"delete {out}")
+        return saved
+    return {"stage": stage, "pinned": now, "runs": []}
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+def distill(cfg: DistillConfig, backend=None, run_tests=None, problems: list[Problem] | None = None,
+            progress: bool = True) -> dict:
+    """Run (or resume) the teacher over the problems, then build OUT/examples.jsonl and OUT/stats.json.
+    `backend`/`run_tests`/`problems` default to the teacher in cfg, eval.harness.run_tests, the split in cfg."""
+    from tqdm import tqdm
+
+    from eval.run import run_problem
+    if cfg.accept not in ("hidden", "samples"):
+        raise ValueError(f"accept={cfg.accept!r}: expected 'hidden' or 'samples'")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = check_resume(out, cfg, TRAJECTORY_FIELDS, "distill")
+    if problems is None:
+        problems = load_problems(cfg.benchmark, cfg.split, cfg.data, cfg.n_problems, cfg.seed)
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{cfg.benchmark}: duplicate problem ids in the selection")
+    traj_path = out / "trajectories.jsonl"
+    done = {r["id"] for r in read_jsonl_resumable(traj_path)}
+    todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
+    if run_tests is None:
+        from eval.harness import run_tests
+
+    t0, own_backend, n_new = time.perf_counter(), backend is None, 0
+    meta["runs"].append(run_record(teacher=teacher_name(cfg), todo=len(todo)))
+    write_meta(out, meta, cfg)                                     # pinned before the first trajectory is written
+    if todo:
+        if own_backend:
+            backend = open_backend(cfg.teacher, cfg.teacher_url, cfg.teacher_model, cfg.api_key_env, cfg.timeout_s,
+                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency)
+        try:
+            with open(traj_path, "a") as f, ThreadPoolExecutor(max(1, cfg.concurrency)) as pool, \
+                    tqdm(total=len(problems), initial=len(problems) - len(todo), desc="distill", disable=not progress,
+                         dynamic_ncols=True) as bar:
+                futs = {pool.submit(run_problem, p, backend, "mapcoder", cfg.k, cfg.t, run_tests, cfg.max_new_tokens,
+                                    i): p for i, p in todo}
+                passed = 0
+                for fut in as_completed(futs):
+                    rec = fut.result()                           # run_problem turns exceptions into rec["error"]
+                    rec["problem"] = problem_to_json(futs[fut])
+                    append_jsonl(f, rec)
+                    n_new += 1
+                    passed += rec["passed"]
+                    bar.update(1)
+                    bar.set_postfix(passed=f"{passed}/{n_new}")
+        finally:
+            if own_backend and hasattr(backend, "close"):
+                backend.close()
+    meta["runs"][-1].update(new_trajectories=n_new, wall_s=round(time.perf_counter() - t0, 1))
+    write_meta(out, meta, cfg)
+    return build(out, ids, cfg.accept)
+
+
+def write_meta(out: Path, meta: dict, cfg) -> None:
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps({**meta, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
+
+
+def build(out: Path, ids: list[str], accept: str) -> dict:
+    """trajectories.jsonl (restricted to `ids`, in that order) -> examples.jsonl + stats.json; returns stats."""
+    order = {pid: n for n, pid in enumerate(ids)}
+    trajs = [r for r in read_jsonl_resumable(out / "trajectories.jsonl") if r["id"] in order]
+    trajs.sort(key=lambda r: order[r["id"]])
+    examples, stats = build_examples(trajs, accept)
+    write_examples(out / "examples.jsonl", examples)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# --- trajectories -> examples ------------------------------------------------------------------------------
+
+def example(call: dict, problem_id: str, origin: str, response: str | None = None) -> dict:
+    """One trainer-format line: the call's own messages (system, user) + the answer as the assistant turn."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in call["messages"]]
+    msgs.append({"role": "assistant", "content": clean(call["response"] if response is None else response)})
+    return {"role": call["role"], "messages": msgs,
+            "source": {"origin": origin, "problem": problem_id, "step": call["step"], "plan": call.get("plan"),
+                       "round": call.get("round")}}
+
+
+def winning_attempt(rec: dict) -> tuple[int, int] | None:
+    """(plan, round) of the program that passed the sample tests; for a problem without sample tests, the
+    first coder call that produced code."""
+    for a in rec.get("sample_attempts", []):
+        if a["verdict"] == "pass":
+            return a["plan"], a["round"]
+    if not rec.get("sample_attempts") and rec.get("code"):
+        for c in rec.get("calls", []):
+            if c["role"] == "coder" and c["status"] in ("ok", "repaired"):
+                return c["plan"], 0
+    return None
+
+
+def trajectory_examples(rec: dict, accept: str = "hidden") -> tuple[list[dict], Counter]:
+    """One trajectory -> (kept examples, Counter of (role, rejection reason))."""
+    kept, rejected = [], Counter()
+    calls = rec.get("calls", [])
+    if rec.get("error"):
+        for c in calls:
+            rejected[c["role"], "problem raised"] += 1
+        return kept, rejected
+    good = rec.get("passed") if accept == "hidden" else rec.get("solved_samples")
+    win = winning_attempt(rec)
+    for c in calls:
+        role = c["role"]
+        if c["status"] == "error":
+            rejected[role, "backend error"] += 1
+        elif c["status"] == "failed":
+            rejected[role, "format failure"] += 1
+        elif not good or win is None:
+            rejected[role, "final program fails the problem's tests" if accept == "hidden"
+                     else "no program passed the sample tests"] += 1
+        elif role == "retriever":
+            kept.append(example(c, rec["id"], "distill"))
+        elif c.get("plan") != win[0]:
+            rejected[role, "plan not on the passing path"] += 1
+        elif role == "planner":
+            kept.append(example(c, rec["id"], "distill"))
+        elif role == "coder":
+            if win[1] == 0:
+                kept.append(example(c, rec["id"], "distill"))
+            else:
+                rejected[role, "program failed the sample tests (debugged later)"] += 1
+        elif role == "debugger":
+            if c.get("round") == win[1]:
+                kept.append(example(c, rec["id"], "distill"))
+            else:
+                rejected[role, "program still failed the sample tests"] += 1
+        else:
+            rejected[role, "unknown role"] += 1
+    return kept, rejected
+
+
+def example_key(ex: dict) -> str:
+    return hashlib.sha256(json.dumps([ex["role"], ex["messages"]], sort_keys=True).encode()).hexdigest()
+
+
+def dedup(examples: list[dict], rejected: Counter | None = None) -> list[dict]:
+    seen, out = set(), []
+    for ex in examples:
+        key = example_key(ex)
+        if key in seen:
+            if rejected is not None:
+                rejected[ex["role"], "duplicate"] += 1
+            continue
+        seen.add(key)
+        out.append(ex)
+    return out
+
+
+def build_examples(trajectories: list[dict], accept: str = "hidden") -> tuple[list[dict], dict]:
+    """Trajectories (in problem order) -> (examples, stats). Pure: same trajectories, same output."""
+    examples, rejected, calls = [], Counter(), Counter()
+    for rec in trajectories:
+        kept, rej = trajectory_examples(rec, accept)
+        examples += kept
+        rejected.update(rej)
+        calls.update(c["role"] for c in rec.get("calls", []))
+    examples = dedup(examples, rejected)
+    per_role = Counter(ex["role"] for ex in examples)
+    stats = {
+        "accept": accept,
+        "problems": len(trajectories),
+        "passed_hidden": sum(bool(r.get("passed")) for r in trajectories),
+        "solved_samples": sum(bool(r.get("solved_samples")) for r in trajectories),
+        "problem_errors": sum(bool(r.get("error")) for r in trajectories),
+        "backend_errors": sum(c["status"] == "error" for r in trajectories for c in r.get("calls", [])),
+        "teacher_tokens": {"prompt": sum(c["prompt_tokens"] for r in trajectories for c in r.get("calls", [])),
+                           "completion": sum(c["completion_tokens"] for r in trajectories for c in r.get("calls", []))},
+        "calls": {r: calls[r] for r in ROLES},
+        "examples": {r: per_role[r] for r in ROLES},
+        "examples_total": len(examples),
+        "rejected": {r: dict(sorted((why, n) for (role, why), n in rejected.items() if role == r)) for r in ROLES},
+    }
+    return examples, stats
+
+
+def write_examples(path: Path, examples: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def print_stats(stats: dict, out) -> None:
+    ex = ", ".join(f"{r} {stats['examples'][r]}" for r in ROLES)
+    print(f"distill: {stats['problems']} trajectories, {stats['passed_hidden']} pass the problem's tests, "
+          f"{stats['solved_samples']} the sample tests, {stats['backend_errors']} backend errors; "
+          f"examples: {ex} -> {out}/examples.jsonl")
+
+
+def cli_distill(args) -> int:
+    cfg = load_config(DistillConfig, args.config, "distill", [a for a in args.rest if a != "--"])
+    stats = distill(cfg)
+    print_stats(stats, cfg.out)
+    return 0
