@@ -450,7 +450,8 @@ def _parse_code(text: str, role: str = "coder", entry_point: str | None = None,
         elif compiles(text) and _looks_like_code(text):
             code = text
             repairs.append("no ``` fence")
-        elif entry_point and starter_code and compiles(_complete_body(text, entry_point, starter_code) or ""):
+        elif entry_point and starter_code and _looks_like_code(text) and \
+                compiles(_complete_body(text, entry_point, starter_code) or ""):
             code = text                                             # a bare body: completed below
             repairs.append("no ``` fence")
         else:
