@@ -17,7 +17,6 @@ pass@1 is greedy pass@1: one final program per problem, passed = every hidden te
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -33,15 +32,9 @@ from eval.problem import Problem, TestReport
 
 
 def load_benchmark(name: str, data: str | None = None, limit: int | None = None) -> list[Problem]:
-    """eval/benchmarks/<name with - as _>.py's load(path, limit=...)."""
-    mod_name = f"eval.benchmarks.{name.replace('-', '_')}"
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name != mod_name:
-            raise
-        raise ValueError(f"unknown benchmark {name!r}: there is no {mod_name.replace('.', '/')}.py") from None
-    return mod.load(path=data, limit=limit)
+    """eval.benchmarks.load by `mcl eval --benchmark` name; ValueError for an unknown one."""
+    from eval.benchmarks import load
+    return load(name, path=data, limit=limit)
 
 
 def _peak_mem() -> tuple[int, str]:

@@ -68,8 +68,10 @@ def problem_text(p: Problem) -> str:
 def io_rules(p: Problem) -> str:
     """How the program talks to the tests: a function to complete, or stdin/stdout."""
     if p.entry_point:
-        return (f"Write the function `{p.entry_point}` with the signature given in the problem, plus any imports "
-                f"and helpers it needs. Do not read input and do not print.")
+        how = ("with the signature given in the problem" if p.starter_code.strip()
+               else "called as in the sample tests")
+        return (f"Write the function `{p.entry_point}` {how}, plus any imports and helpers it needs. Do not "
+                f"read input and do not print.")
     return ("Read the input from standard input and print the answer to standard output in exactly the format "
             "the problem asks for. Print nothing else.")
 
@@ -93,9 +95,14 @@ def format_report(p: Problem, report: TestReport, max_failures: int = 3) -> str:
     if not fails:
         return f"Verdict: {report.verdict} (no per-test detail)"
     out = [f"{len(fails)} of {len(report.results)} sample tests failed."]
+    calls = bool(p.entry_point) and any(t.kind == "call" for t in p.sample_tests)
     for i, r in enumerate(fails[:max_failures], 1):
         lines = [f"Test {i}: {r.verdict}"]
-        if r.input is not None:
+        if r.input is not None and calls and isinstance(r.input, (list, tuple)):
+            lines.append(f"Call:\n{p.entry_point}({', '.join(_clip(a, 300) for a in r.input)})")
+        elif isinstance(r.input, str) and r.input.lstrip().startswith(("assert", "check(")):
+            lines.append(f"Test:\n{_clip(r.input)}")
+        elif r.input is not None:
             lines.append(f"Input:\n{_clip(r.input)}")
         if r.expected is not None:
             lines.append(f"Expected:\n{_clip(r.expected)}")
