@@ -254,9 +254,9 @@ def run_functions(job):
     signal.setitimer(signal.ITIMER_REAL, per_test)
     try:
         exec("from typing import *", ns)   # as MapCoder's evaluator: `List[int]` without an import works
-        if job["setup_code"]:
-            exec(compile(job["setup_code"], "setup.py", "exec"), ns)
         exec(solution, ns)
+        if job["setup_code"]:              # after the code: MBPP's setup builds objects of its classes
+            exec(compile(job["setup_code"], "setup.py", "exec"), ns)
     except EOFError as e:   # a module-level input() with no stdin: fine if the function got defined
         if not (job["entry_point"] and job["entry_point"] in ns):
             report({"load_error": _tb_excerpt(e), "status": "error"})

@@ -1,0 +1,81 @@
+"""MBPP (original, 974 problems, asserts) and mbpp-py (MultiPL-E's 397-problem rewording of the test split).
+
+    from eval.benchmarks import mbpp
+    problems = mbpp.load(split="test")    # ../shared/data/benchmarks/mbpp/MBPP.jsonl, task_ids 11-510
+    problems = mbpp.load_py()             # ../shared/data/benchmarks/mbpp/mbpp-py.jsonl
+
+MBPP: standard splits by task_id: prompt 1-10 (few-shot), test 11-510, validation 511-600, train 601-974
+("all" for every row). description = the task text; the function name is only known from the tests, so
+the agents must show `sample_tests` (the first assert, as in the MBPP paper's prompt). hidden_tests =
+all three asserts (challenge_test_list is not used), setup_code = test_setup_code, reference = `code`
+with its `\\r\\n` line ends normalised.
+mbpp-py: description/starter_code = the typed prompt (signature + docstring); sample_tests = its
+`sample_io` asserts; hidden test = its `test` source as one "assert" test (it defines check() and
+calls it itself through test_check()). No reference solutions ship with it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+
+from eval.benchmarks import data_file, take
+from eval.problem import Problem, Test
+
+FILE = "mbpp/MBPP.jsonl"
+PY_FILE = "mbpp/mbpp-py.jsonl"
+SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974), "all": (1, 974)}
+
+
+def load(path: str | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
+    if split not in SPLITS:
+        raise ValueError(f"mbpp split {split!r}: expected one of {', '.join(SPLITS)}")
+    lo, hi = SPLITS[split]
+    file = data_file(path, FILE)
+    problems = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if lo <= row["task_id"] <= hi:
+                problems.append(_problem(row, f"{file}:{lineno}"))
+    return take(problems, limit)
+
+
+def _problem(row: dict, where: str) -> Problem:
+    code = row["code"].replace("\r\n", "\n")
+    asserts = [a.replace("\r\n", "\n") for a in row["test_list"]]
+    if not asserts:
+        raise ValueError(f"{where}: task {row['task_id']} has an empty test_list")
+    return Problem(id=f"mbpp/{row['task_id']}", benchmark="mbpp", description=row["text"],
+                   entry_point=entry_point(code, asserts[0]),
+                   sample_tests=[Test("assert", code=asserts[0])],
+                   hidden_tests=[Test("assert", code=a) for a in asserts],
+                   setup_code=row.get("test_setup_code", "").replace("\r\n", "\n"), reference=code,
+                   meta={"task_id": row["task_id"]})
+
+
+def entry_point(code: str, first_assert: str) -> str | None:
+    """The function under test: the first function called in the assert that the reference defines
+    (falls back to the first called name)."""
+    try:
+        defined = {n.name for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    except SyntaxError:
+        defined = set()
+    called = [n.func.id for n in ast.walk(ast.parse(first_assert))
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    return next((c for c in called if c in defined), called[0] if called else None)
+
+
+def load_py(path: str | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
+    problems = []
+    with open(data_file(path, PY_FILE), encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            problems.append(Problem(
+                id=row["name"], benchmark="mbpp-py", description=row["prompt"], entry_point=row["entry_point"],
+                starter_code=row["prompt"], sample_tests=[Test("assert", code=a) for a in row["sample_io"]],
+                hidden_tests=[Test("assert", code=row["test"])]))
+    return take(problems, limit)
