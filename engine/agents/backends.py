@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -102,6 +103,10 @@ class HTTPBackend:
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 300.0,
                  retries: int = 2, role_models: dict[str, str] | None = None, backoff_s: float = 1.0):
         self.url, self.model, self.api_key = chat_url(url), model, api_key
+        # A loopback server is reached directly, whatever http_proxy says; a remote teacher honours it.
+        loopback = urllib.parse.urlsplit(self.url).hostname in ("127.0.0.1", "localhost", "::1")
+        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({}) if loopback else
+                                                 urllib.request.ProxyHandler()).open
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.role_models = dict(role_models or {})
 
@@ -121,7 +126,7 @@ class HTTPBackend:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._open(req, timeout=self.timeout) as resp:
                     raw = resp.read()
                 c = _completion_from_json(raw)
                 c.wall_s = time.perf_counter() - t0

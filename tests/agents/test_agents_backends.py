@@ -130,12 +130,13 @@ def test_server_errors(echo_server):
     import urllib.error
     import urllib.request
     server, _ = echo_server
-    models = json.loads(urllib.request.urlopen(server.url + "/v1/models").read())
+    urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open      # loopback: no proxy
+    models = json.loads(urlopen(server.url + "/v1/models").read())
     assert [m["id"] for m in models["data"]] == ["retriever", "planner", "coder", "debugger"]
     for path, body, code in [("/v1/chat/completions", b"{not json", 400), ("/v1/chat/completions", b'{"x": 1}', 400),
                              ("/v1/nope", b"{}", 404)]:
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(urllib.request.Request(server.url + path, data=body, method="POST"))
+            urlopen(urllib.request.Request(server.url + path, data=body, method="POST"))
         assert e.value.code == code
     # A backend exception is a 500 for the client (and an error Completion for HTTPBackend), not a dead server.
     c = HTTPBackend(server.url, model="coder", retries=0).chat("coder", [{"role": "user", "content": "explode"}], 5)
