@@ -390,6 +390,18 @@ def _code_region(text: str) -> str | None:
     return None
 
 
+def _drop_unfinished_tail(code: str, entry_point: str | None) -> str | None:
+    """A program cut off mid-statement -> its longest prefix of whole top-level statements that compiles
+    (and still defines the entry point, when there is one); None when there is no such prefix."""
+    lines = code.split("\n")
+    cuts = [i for i, l in enumerate(lines) if i and l[:1].strip() and not l.startswith(("#", ")", "]", "}"))]
+    for i in reversed(cuts[-20:]):
+        head = "\n".join(lines[:i]).rstrip()
+        if compiles(head) and (not entry_point or _defines(head, entry_point)):
+            return head
+    return None
+
+
 def _complete_body(code: str, entry_point: str, starter_code: str) -> str | None:
     """A body without its signature -> starter code (signature + docstring) + the body, indented.
 
@@ -440,6 +452,11 @@ def _parse_code(text: str, role: str = "coder", entry_point: str | None = None,
         plan = "\n".join(text.split("\n")[: block.start]).strip()
         if not block.closed:
             repairs.append("unclosed ``` fence")
+            if not compiles(code):                              # cut off at the token limit mid-statement
+                head = _drop_unfinished_tail(code, entry_point)
+                if head is not None:
+                    code = head
+                    repairs.append("dropped the unfinished tail")
         if len([b for b in blocks if b.code.strip()]) > 1:
             repairs.append(f"{len(blocks)} code blocks: picked one")
     else:

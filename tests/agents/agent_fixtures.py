@@ -413,6 +413,24 @@ def below_zero(operations: List[int]) -> bool:
         balance += op
         if bal""", {"defines": True, "compiles": False, "repairs": True}),
 
+    ("code_truncated_after_a_complete_def", "coder", "he", """```python
+from typing import List
+
+def below_zero(operations: List[int]) -> bool:
+    balance = 0
+    for op in operations:
+        balance += op
+        if balance < 0:
+            return True
+    return False
+
+def below_zero_with_history(operations: List[int]) -> bool:
+    \"\"\"
+    You're given a list of deposit and withdrawal operations on a bank account that starts with zero
+    balance. Your task is to detect if at any point the balance of account fallls below zero, and""",
+     {"defines": True, "compiles": True, "contains": "balance += op", "not_contains": "with_history",
+      "repairs": True}),
+
     ("code_stdio_with_io_blocks", "coder", "io", """```python
 n = int(input())
 a = list(map(int, input().split()))
