@@ -79,9 +79,27 @@ class Attention(nn.Module):
             k_all, v_all = cache.read(self.layer_idx, slots, kv_len, B)     # (B, nkv, L, hd)
             # Key j is visible to the query at position p iff j <= p (per row: rows may sit at different positions).
             mask = torch.arange(kv_len, device=x.device)[None, None, :] <= input_pos[:, :, None]  # (B, T, L)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=nkv != nh)
+            if T <= 8 and not x.is_cuda:
+                y = _small_q_attention(q, k_all, v_all, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=nkv != nh)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)                      # (B, T, nh*hd)
         return self.o_proj(y, lora)
+
+
+def _small_q_attention(q, k, v, mask):
+    """Attention for a few queries per row (decode) on the CPU, where SDPA's flash path costs ~10 ms a call.
+
+    q (B, nh, T, hd); k, v (B, nkv, L, hd); mask (B, T, L). The query heads of one KV group are stacked so
+    the GQA product is one batched matmul without repeating K/V."""
+    B, nh, T, hd = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    g = nh // nkv
+    qg = q.reshape(B, nkv, g * T, hd)                                        # (B, nkv, g*T, hd)
+    s = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5                     # (B, nkv, g*T, L)
+    m = mask[:, None, None].expand(B, 1, g, T, L).reshape(B, 1, g * T, L)
+    p = s.masked_fill(~m, float("-inf")).softmax(-1).to(v.dtype)
+    return (p @ v).reshape(B, nh, T, hd)                                     # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
