@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_call("recipes.correct:cli_correct"))
 
     p = sub.add_parser("main", help="the main job: fetch model, train four adapters, evaluate base vs adapted")
-    p.add_argument("--recipe", default=None)
-    p.add_argument("--out", default="runs/main")
+    p.add_argument("--recipe", default=None, help="recipe TOML with a [main] table (default: built-in settings)")
+    p.add_argument("--out", default=None, help="output directory (default runs/main)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value overrides of [main] (e.g. limit=4)")
     p.set_defaults(func=_call("recipes.main_job:cli_main"))
     return ap
 

