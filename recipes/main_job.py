@@ -39,7 +39,7 @@ class MainConfig:
     train: list = field(default_factory=list)   # more trainer overrides, e.g. ["train.steps=40"]
     data: str = "recipes/data/mini_sft.jsonl"   # role-tagged SFT file (from mcl distill / correct / build_sft)
     benchmarks: list = field(default_factory=lambda: ["humaneval"])
-    limit: int = 6                              # first N problems of each benchmark
+    limit: int = 6                              # first N problems of each benchmark (0 = all)
     data_dir: str = ""                          # benchmark data ("" = the loaders' default)
     k: int = 1                                  # MapCoder: recalled examples / plans
     t: int = 1                                  # MapCoder: debug rounds per plan
@@ -76,7 +76,7 @@ def train_adapters(cfg: MainConfig) -> dict:
 
 def load_eval_problems(name: str, limit: int, data_dir: str = ""):
     from eval.run import load_benchmark
-    problems = load_benchmark(name, data_dir or None, limit)
+    problems = load_benchmark(name, data_dir or None, limit or None)
     if not problems:
         raise ValueError(f"benchmark {name!r} loaded no problems")
     return problems
