@@ -263,11 +263,10 @@ def load_gguf(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict
     reader = open_gguf(path)
     source = str(path)
     meta = gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    if "token_embd.weight" not in names:
-        raise ValueError(f"{source}: missing tensors token_embd.weight")
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    cfg = gguf_config(meta, vocab_size=int(embd.shape[1]), has_output="output.weight" in names, source=source)
+    shapes = {t.name: t.shape for t in reader.tensors}
+    vocab = int(shapes["token_embd.weight"][1]) if "token_embd.weight" in shapes else \
+        len(meta.get("tokenizer.ggml.tokens", ()))             # a missing token_embd is reported below
+    cfg = gguf_config(meta, vocab_size=vocab, has_output="output.weight" in shapes, source=source)
 
     sd = {}
     for t in reader.tensors:
@@ -302,7 +301,7 @@ def convert_gguf(gguf_path, outdir, dtype: torch.dtype = torch.float32) -> Path:
 
     from engine.tokenizer import Tokenizer
     cfg, sd, meta = load_gguf(gguf_path, dtype=dtype)
-    tok = Tokenizer.from_gguf(meta)
+    tok = Tokenizer.from_gguf(meta, source=str(gguf_path))
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -315,6 +314,7 @@ def convert_gguf(gguf_path, outdir, dtype: torch.dtype = torch.float32) -> Path:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok.save(out)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)                  # safetensors writes it 0600
     return out
 
 
