@@ -307,6 +307,38 @@ print(len([x for x in range(1, n) if x &lt; n]))
 <algorithm>Math.</algorithm>
 </root>""", {"n_examples": 1, "k": 1, "code0_contains": "if x < n", "description0_contains": "1 <= x < n"}),
 
+    # Real SmolLM2-135M-Instruct answers (greedy, this repo's prompts, HumanEval/0 and /1), shortened.
+    ("retriever_smollm2_prose_about_algorithm", "retriever", "he", """The algorithm that solves the problem is a recursive algorithm that uses a binary search to find the closest elements to a given threshold. The algorithm is named after the recursive algorithm that solves the Fibonacci sequence.
+
+The algorithm is implemented using a recursive function that takes a list of numbers and a threshold as input.""",
+     None),
+
+    ("retriever_smollm2_repetition_loop", "retriever", "he", """The algorithm is a recursive function that takes a nested list of parentheses as input and returns a list of the same nested list of parentheses.
+
+The steps to solve it are:
+
+1. 1. 2. 3.
+
+The algorithm is a recursive function that takes a nested list of parentheses as input and returns a list of the same nested list of parentheses.
+
+The steps to solve it are:
+
+1. 1. 2. 3.""", None),
+
+    ("confidence_smollm2_no_number", "confidence", "he", """The plan is correct. The code is correct. The plan is correct. The plan is correct. The plan is correct. The plan is correct. The plan is correct.""", None),
+
+    ("code_smollm2_cut_in_test_print", "coder", "he", """```python
+def below_zero(operations: List[int]) -> bool:
+    \"\"\"
+    This function checks the running balance.
+    \"\"\"
+    return any(sum(operations[:i + 1]) < 0 for i in range(len(operations)))
+
+# Test cases
+print(below_zero([1, 2, -4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1""",
+     {"defines": True, "compiles": True, "contains": "from typing import List", "not_contains": "print(",
+      "repairs": True}),
+
     # ------------------------------------------------------------------ planner: the plan
     ("plan_clean", "plan", "he", """1. Initialise balance to 0.
 2. For each operation add it to the balance.
