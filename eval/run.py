@@ -29,6 +29,7 @@ from pathlib import Path
 from engine.agents.mapcoder import solve
 from engine.agents.prompts import ROLES
 from eval.problem import Problem, TestReport
+from eval.report import problem_record, write_problems, write_summary
 
 
 def load_benchmark(name: str, data: str | None = None, limit: int | None = None) -> list[Problem]:
@@ -55,25 +56,20 @@ def _score(problem: Problem, code: str, run_tests) -> tuple[TestReport, str | No
 
 def run_problem(problem: Problem, backend, strategy: str, k: int, t: int, run_tests, max_new_tokens: int,
                 index: int = 0) -> dict:
-    """Solve one problem and score it; any exception becomes the record's `error` (the run goes on)."""
+    """Solve one problem and score it -> its problems.jsonl record (eval.report.problem_record plus the
+    agent trace). Any exception becomes the record's `error` (the run goes on)."""
     t0 = time.perf_counter()
-    rec = {"index": index, "id": problem.id, "benchmark": problem.benchmark, "strategy": strategy,
-           "passed": False, "verdict": "no_code", "error": None}
     try:
         sol = solve(problem, backend, strategy, k, t, run_tests, max_new_tokens)
         report, err = _score(problem, sol.code, run_tests)
-        rec.update({
-            "passed": report.passed, "verdict": report.verdict, "error": err,
-            "hidden": {"passed": sum(r.verdict == "pass" for r in report.results), "total": len(problem.hidden_tests)},
-            "solved_samples": sol.solved_samples,
-            "sample_attempts": [dataclasses.asdict(a) for a in sol.attempts],
-            "plans": sol.plans, "algorithm": sol.algorithm, "code": sol.code,
-            "calls": [dataclasses.asdict(c) for c in sol.calls],
-        })
+        rec = problem_record(problem, report, sol.code, index=index, strategy=strategy, error=err,
+                             solved_samples=sol.solved_samples,
+                             sample_attempts=[dataclasses.asdict(a) for a in sol.attempts],
+                             plans=sol.plans, algorithm=sol.algorithm,
+                             calls=[dataclasses.asdict(c) for c in sol.calls])
     except Exception as e:                                   # noqa: BLE001 -- one problem, not the run
-        rec["error"] = f"{type(e).__name__}: {e}"
-        rec["traceback"] = traceback.format_exc()
-        rec.setdefault("calls", [])
+        rec = problem_record(problem, TestReport("no_code"), None, index=index, strategy=strategy,
+                             error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), calls=[])
     rec["wall_s"] = time.perf_counter() - t0
     return rec
 
@@ -85,6 +81,7 @@ def summarize(records: list[dict], **meta) -> dict:
     calls, fails, repaired = Counter(), Counter(), Counter()
     tokens = {r: {"prompt": 0, "completion": 0} for r in ROLES}
     backend_errors = 0
+    scored = {rec.get("scored_on", "hidden") for rec in records}   # "sample": the benchmark has no hidden tests
     for rec in records:
         for c in rec.get("calls", []):
             role = c["role"]
@@ -106,6 +103,7 @@ def summarize(records: list[dict], **meta) -> dict:
         "problem_errors": sum(r.get("error") is not None for r in records),
         "verdicts": dict(Counter(r["verdict"] for r in records)),
         "solved_samples": sum(bool(r.get("solved_samples")) for r in records),
+        "scored_on": "sample" if scored == {"sample"} else "hidden" if scored <= {"hidden"} else "mixed",
     }
 
 
@@ -132,14 +130,12 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
         for fut in as_completed(futs):
             rec = fut.result()
             records.append(rec)
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, default=repr) + "\n")
             f.flush()
             bar.update(1)
             bar.set_postfix(passed=f"{sum(r['passed'] for r in records)}/{len(records)}")
     records.sort(key=lambda r: r["index"])
-    with open(out / "problems.jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+    write_problems(str(out / "problems.jsonl"), records)
     partial.unlink()
     wall = time.perf_counter() - t0
     peak, peak_kind = _peak_mem()
@@ -148,7 +144,7 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     completion = sum(v["completion"] for v in summary["tokens"].values())
     summary.update({"wall_s": wall, "completion_tokens_per_s": completion / wall if wall > 0 else 0.0,
                     "peak_mem_bytes": peak, "peak_mem_kind": peak_kind})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(str(out), summary)
     first_error = next((r for r in records if r.get("traceback")), None)
     if first_error is not None:
         print(f"mcl eval: {summary['problem_errors']} problems raised; first ({first_error['id']}):\n"

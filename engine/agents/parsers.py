@@ -418,18 +418,24 @@ def _complete_body(code: str, entry_point: str, starter_code: str) -> str | None
     return next((f for f in fulls if compiles(f)), fulls[0])
 
 
+def _quiet_parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():                     # "invalid escape sequence" in the model's regexes
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
 def _with_starter_context(code: str, entry_point: str | None, starter_code: str) -> str:
     """Put back the starter code's imports and helper definitions the answer leaves out."""
     if not starter_code.strip() or not compiles(starter_code):
         return code
     try:
-        tree = ast.parse(code)
+        tree = _quiet_parse(code)
         have = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
                                                                  ast.AsyncFunctionDef))}
     except Exception:
         have = set()
     add = []
-    for node in ast.parse(starter_code).body:
+    for node in _quiet_parse(starter_code).body:
         seg = ast.get_source_segment(starter_code, node) or ""
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             if seg and seg not in code:
