@@ -1,4 +1,4 @@
-"""`mcl bench lora`: the fused multi-adapter LoRA linear against the base GEMM and the PyTorch alternatives, side by side.
+"""`mcl bench lora`: the fused multi-adapter LoRA linear against the base GEMM and the PyTorch alternatives.
 
     mcl bench lora --json --out bench/results/      # GPU: Qwen2.5-7B projections, T in {64, 512, 8192}, bf16
     mcl bench lora --quick --json                   # fewer repeats (GPU: T in {64, 8192}); on CPU a smoke run

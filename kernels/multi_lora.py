@@ -48,7 +48,8 @@ class Segments:
     perm      [T] int64   token indices sorted stably by adapter id; base-only (-1) tokens first
     offsets   [N+1] int64 adapter a's tokens are perm[offsets[a]:offsets[a+1]]; offsets[0] = n_base
     tiles     {BLOCK_M: [n_tiles, 3] int64}  row tiles (start, end, adapter) over positions: every position in exactly
-              one tile, no tile straddles two adapters; base tiles (adapter -1) first, so LoRA tiles are tiles[n_base_tiles[bm]:]
+              one tile, no tile straddles two adapters; base tiles (adapter -1) first, so the LoRA tiles are
+              tiles[bm][n_base_tiles[bm]:]
     counts    tokens per adapter (host ints: the torch path and the launchers size things without a device sync)
     """
     perm: torch.Tensor
@@ -72,7 +73,7 @@ class Segments:
 
 
 def _tile_table(bounds: list[int], bm: int) -> tuple[torch.Tensor, int]:
-    """Segment bounds [n_base, end_0, end_1, ...] (starting at 0) -> ([n_tiles, 3] (start, end, adapter), n_base_tiles)."""
+    """Bounds [0, n_base, end_0, end_1, ...] -> ([n_tiles, 3] rows (start, end, adapter), number of base tiles)."""
     rows = []
     for adapter, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=-1):
         starts = torch.arange(lo, hi, bm, dtype=torch.int64)
@@ -314,7 +315,8 @@ def _segment_outer_kernel(
 # Autotuning (CUDA) / one small config (interpreter).
 
 def _gemm_configs(shapes):
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for n, k, w, s in shapes]
 
 
 if _INTERPRET:
@@ -348,6 +350,10 @@ _outer_tuned = triton.autotune(configs=_outer_configs(), key=["P", "Q", "BLOCK_P
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
                               key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "ADD_OUT", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
+# The expand-only use adds into out, so autotuning's repeated launches must restore it between configs.
+_expand_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
+                                key=["N", "R", "BLOCK_M"], restore_value=["out_ptr"],
+                                prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -428,7 +434,7 @@ def _expand_into(out, mid, q, seg: Segments, block_m=64):
         raise ValueError(f"_expand_into: out is {out.dtype}; the interpreter path needs float32")
     N, R = out.shape[1], q.shape[1]
     grid = lambda meta: (tiles.shape[0] * triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemm_tuned[grid](
+    _expand_tuned[grid](
         q, q, q, q, q, mid, seg.perm, tiles, mid, out,             # inp, w, bias, p: unused with ADD_OUT
         tiles.shape[0], N, 0, R,
         0, 0, 0, 0, 0, 0, 0, q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
@@ -462,7 +468,8 @@ def _segment_outer(u, v, seg: Segments, u_gather: bool, v_gather: bool, dtype):
     _outer_tuned[(NA, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
         u, v, seg.perm, seg.offsets, out, P, Q,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        U_GATHER=u_gather, V_GATHER=v_gather, DTYPE=_TL_DTYPE[dtype], PRECISION=_precision(dtype), BLOCK_P=bp, BLOCK_Q=bq)
+        U_GATHER=u_gather, V_GATHER=v_gather, DTYPE=_TL_DTYPE[dtype], PRECISION=_precision(dtype),
+        BLOCK_P=bp, BLOCK_Q=bq)
     return out.to(dtype)
 
 
@@ -539,7 +546,8 @@ def _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path: bool):
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
         raise ValueError(f"multi_lora: bias has {desc(bias) if isinstance(bias, torch.Tensor) else type(bias)}; "
                          f"expected [out={n_out}] or None")
-    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)] + ([("bias", bias)] if bias is not None else [])
+    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    named += [("bias", bias)] if bias is not None else []
     for name, t in named:
         if t.dtype != x.dtype:
             raise ValueError(f"multi_lora: {name} has {desc(t)}; expected dtype {x.dtype} like x")

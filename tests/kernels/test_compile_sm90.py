@@ -46,7 +46,8 @@ def compile_all():
         ttgir = k.asm["ttgir"]
         wgmma, pipelined = "warp_group_dot" in ttgir, "async_copy" in ttgir or "async_tma" in ttgir
         print(f"{kernel.__name__} {consts} shared={k.metadata.shared} wgmma={wgmma} pipelined={pipelined}")
-        assert "cubin" in k.asm and (pipelined or not want_pipelined), f"{kernel.__name__} {consts}: loads not pipelined"
+        assert "cubin" in k.asm, f"{kernel.__name__} {consts}: no cubin"
+        assert pipelined or not want_pipelined, f"{kernel.__name__} {consts}: loads not pipelined"
         assert wgmma or not want_wgmma, f"{kernel.__name__} {consts}: expected Hopper wgmma"
 
     I = O = 3584
@@ -57,7 +58,8 @@ def compile_all():
     # forward: (x, W^T, A^T, B^T) views; backward dX: (dY, W, B, A) -- see _MultiLoRA
     fwd = dict(shared, **ptrs, stride_im=("i32", I), stride_ik=("i32", 1), stride_wk=("i32", 1), stride_wn=("i32", I),
                stride_pa=("i32", R * I), stride_pk=("i32", 1), stride_pr=("i32", I), stride_qa=("i32", O * R),
-               stride_qr=("i32", 1), stride_qn=("i32", R), stride_mm=("i32", R), stride_om=("i32", O), stride_on=("i32", 1))
+               stride_qr=("i32", 1), stride_qn=("i32", R), stride_mm=("i32", R), stride_om=("i32", O),
+               stride_on=("i32", 1))
     bwd = dict(fwd, stride_im=("i32", O), stride_wk=("i32", I), stride_wn=("i32", 1), stride_pk=("i32", R),
                stride_pr=("i32", 1), stride_qr=("i32", I), stride_qn=("i32", 1), stride_om=("i32", I))
     for args in (fwd, bwd):
@@ -80,9 +82,11 @@ def compile_all():
                 dict(PRECISION="tf32", BLOCK_M=64, BLOCK_K=128, BLOCK_R=R), 4, 3, want_wgmma=True)
     outer = dict(perm_ptr=(i64, None), offsets_ptr=(i64, None), out_ptr=(p, None), stride_oa=("i32", R * I))
     da = dict(outer, u_ptr=(f32, None), v_ptr=(p, None), P=("i32", R), Q=("i32", I), stride_um=("i32", R),
-              stride_up=("i32", 1), stride_vm=("i32", I), stride_vq=("i32", 1), stride_op=("i32", I), stride_oq=("i32", 1))
+              stride_up=("i32", 1), stride_vm=("i32", I), stride_vq=("i32", 1), stride_op=("i32", I),
+              stride_oq=("i32", 1))
     db = dict(outer, u_ptr=(p, None), v_ptr=(f32, None), P=("i32", O), Q=("i32", R), stride_um=("i32", O),
-              stride_up=("i32", 1), stride_vm=("i32", R), stride_vq=("i32", 1), stride_op=("i32", R), stride_oq=("i32", 1))
+              stride_up=("i32", 1), stride_vm=("i32", R), stride_vq=("i32", 1), stride_op=("i32", R),
+              stride_oq=("i32", 1))
     for args, ug, bp, bq in ((da, False, R, 64), (db, True, 64, R)):
         compile_one(ml._segment_outer_kernel, args, dict(U_GATHER=ug, V_GATHER=not ug, DTYPE=tl.bfloat16,
                                                          PRECISION="tf32", BLOCK_T=64, BLOCK_P=bp, BLOCK_Q=bq),
