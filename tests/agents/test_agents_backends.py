@@ -243,7 +243,7 @@ def test_mcl_eval_over_http_end_to_end(tmp_path, monkeypatch):
     import eval.run
     from engine.cli import main
     from agent_fixtures import HE, GOOD_FN
-    import test_agents_mapcoder as tm
+    import agents_fakes as tm
 
     def answer(role, step, user):
         return {"retrieve": tm.retrieval(2), "plan": "1. Keep a running balance.",
@@ -291,7 +291,7 @@ def test_mcl_eval_humaneval_over_http(tmp_path):
     refs = {p.entry_point: p for p in problems}
 
     def oracle(role, step, user):
-        import test_agents_mapcoder as tm
+        import agents_fakes as tm
         if step in ("code", "direct", "cot", "debug"):
             p = next(p for ep, p in refs.items() if f"def {ep}(" in user)
             body = p.reference if p.reference.lstrip().startswith(("def ", "import ", "from ")) else \
@@ -300,7 +300,7 @@ def test_mcl_eval_humaneval_over_http(tmp_path):
         return {"retrieve": tm.retrieval(1), "plan": "1. Do what the docstring says.",
                 "verify": "<confidence>99</confidence>"}[step]
 
-    import test_agents_mapcoder as tm
+    import agents_fakes as tm
     for answer, want in [(oracle, 1.0), (lambda *a: "I cannot help with that.", 0.0)]:
         server = serve(tm.ScriptedBackend(answer))
         out = tmp_path / str(want)
