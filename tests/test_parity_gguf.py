@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engine.hub import load_model, model_path
-from engine.weights import load_gguf
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -22,6 +21,16 @@ PROMPTS = [
     [{"role": "user", "content": "List three prime numbers."}],
     [{"role": "user", "content": "def is_even(n):\n    # complete this\n"}],
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small-op-heavy decoding on a shared 2-core machine runs several times faster on one thread (OpenMP
+    workers spin against other processes); both sides run under the same setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +49,9 @@ def ours(path):
     return load_model(path, device="cpu", dtype=torch.float32)
 
 
-def test_state_dict_equals_transformers(path, hf_model):
-    cfg, sd, _ = load_gguf(path)
+def test_state_dict_equals_transformers(ours, hf_model):
+    """load_model assigns load_gguf's tensors as the parameters, so this is load_gguf's state dict."""
+    cfg, sd = ours[0].cfg, ours[0].state_dict()
     ref = hf_model.state_dict()
     assert cfg.tie_embeddings and set(ref) - set(sd) == {"lm_head.weight"} and not set(sd) - set(ref)
     for k, v in sd.items():
