@@ -44,7 +44,8 @@ from engine.agents.parsers import FormatFailure
 from engine.agents.prompts import ROLES
 from eval.problem import TestReport
 from recipes.distill import (append_jsonl, check_resume, dedup, example, load_config, open_backend,
-                             problem_from_json, read_jsonl_resumable, run_record, write_examples, write_meta)
+                             problem_from_json, read_jsonl_resumable, run_record, set_threads, write_examples,
+                             write_meta)
 
 BLAMEABLE = ("planner", "coder")
 
@@ -67,6 +68,7 @@ class CorrectConfig:
     max_new_tokens: int = 256
     n_problems: int = 0                  # 0 = every failed trajectory
     concurrency: int = 8
+    threads: int = 0                     # torch CPU threads (0 = torch default); 1 wins on an oversubscribed CPU
     out: str = "runs/correct"
 
 
@@ -347,6 +349,7 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
     todo = [r for r in failed if r["id"] not in done]
     if run_tests is None:
         from eval.harness import run_tests
+    set_threads(cfg.threads)
     meta["runs"].append(run_record(todo=len(todo)))
     write_meta(out, meta, cfg)
     t0, opened = time.perf_counter(), []

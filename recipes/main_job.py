@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.prompts import ROLES
-from recipes.distill import load_config, run_record
+from recipes.distill import load_config, run_record, set_threads
 
 
 @dataclass
@@ -45,6 +45,7 @@ class MainConfig:
     t: int = 1                                  # MapCoder: debug rounds per plan
     max_new_tokens: int = 192
     concurrency: int = 8                        # problems in flight = scheduler slots
+    threads: int = 0                            # torch CPU threads (0 = torch default); 1 wins on a busy CPU
     teacher: str = ""                           # also evaluate this model unadapted (e2e comparison); "" = no
     wandb: str = "offline"                      # offline | online | disabled
     device: str = ""
@@ -160,6 +161,7 @@ def log_wandb(cfg: MainConfig, results: dict, png: str | None, report: str) -> s
 
 
 def main_job(cfg: MainConfig) -> dict:
+    set_threads(cfg.threads)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
