@@ -34,7 +34,7 @@ def test_humaneval_canonical_solutions_pass_hidden_and_sample_tests():
     # one sandbox run per problem: the hidden check + the docstring-derived sample asserts
     both = [P.Problem(p.id, p.benchmark, p.description, p.entry_point, hidden_tests=p.hidden_tests + p.sample_tests)
             for p in probs]
-    reports = evaluate(both, [p.reference for p in probs], workers=2)
+    reports = evaluate(both, [p.reference for p in probs], workers=4)
     failed = {p.id: [(r.input, r.verdict, r.stderr[-200:]) for r in rep.failures()] for p, rep in zip(probs, reports)
               if not rep.passed}
     assert failed == {}
@@ -44,7 +44,7 @@ def test_humaneval_canonical_solutions_pass_hidden_and_sample_tests():
 
 def test_humaneval_wrong_answers_score_zero():
     probs = humaneval.load()
-    reports = evaluate(probs, [wrong_function(p.entry_point) for p in probs], workers=2)
+    reports = evaluate(probs, [wrong_function(p.entry_point) for p in probs], workers=4)
     assert pass_at_1(reports) == 0.0, [p.id for p, r in zip(probs, reports) if r.passed]
     assert {r.verdict for r in reports} <= {"wrong_answer", "runtime_error"}
 
@@ -57,7 +57,7 @@ def test_humaneval_wst_samples_pass_with_canonical_solutions():
     assert [p.id for p in wst if not p.sample_tests] == ["HumanEval/41", "HumanEval/83", "HumanEval/116", "HumanEval/149"]
     assert sum(p.meta["dropped_samples"] for p in wst) == 16
     assert [p.id for p in wst] == list(plain)
-    reports = evaluate(wst, [plain[p.id].reference for p in wst], workers=2, sample=True)
+    reports = evaluate(wst, [plain[p.id].reference for p in wst], workers=4, sample=True)
     assert [p.id for p, r in zip(wst, reports) if not r.passed] == []
 
 
@@ -75,7 +75,7 @@ def test_mbpp_splits_and_fields():
 @needs_data
 def test_mbpp_test_split_reference_solutions_pass():
     probs = mbpp.load(split="test")
-    reports = evaluate(probs, [p.reference for p in probs], workers=2)
+    reports = evaluate(probs, [p.reference for p in probs], workers=4)
     failed = {p.id: rep.verdict for p, rep in zip(probs, reports) if not rep.passed}
     assert set(failed) <= set(MBPP_EXCEPTIONS), failed
     assert all(v == "timeout" for v in failed.values()), failed
@@ -85,7 +85,7 @@ def test_mbpp_test_split_reference_solutions_pass():
 @needs_data
 def test_mbpp_wrong_answers_score_zero():
     probs = mbpp.load(split="test")
-    reports = evaluate(probs, [wrong_function(p.entry_point) for p in probs], workers=2)
+    reports = evaluate(probs, [wrong_function(p.entry_point) for p in probs], workers=4)
     assert [p.id for p, r in zip(probs, reports) if r.passed] == []
 
 
@@ -128,11 +128,11 @@ def test_apps_loader_and_hand_written_solutions():
     assert multi.input == ["a #b\nc\nd $e f g", ["#", "$"]]    # multi-line first argument rebuilt
     chosen = [by_id[i] for i in APPS_SOLUTIONS]
     assert {p.meta["io"] for p in chosen} == {"call", "stdio"}
-    reports = evaluate(chosen, list(APPS_SOLUTIONS.values()), workers=2)
+    reports = evaluate(chosen, list(APPS_SOLUTIONS.values()), workers=4)
     assert [(p.id, r.verdict) for p, r in zip(chosen, reports)] == [(p.id, "pass") for p in chosen]
     wrong = ["def super_size(n):\n    return n\n", "def cumulative_triangle(n):\n    return n\n",
              "def drop_cap(s):\n    return s\n", "print(0)\n", "print(1)\n"]
-    assert pass_at_1(evaluate(chosen, wrong, workers=2)) == 0.0
+    assert pass_at_1(evaluate(chosen, wrong, workers=4)) == 0.0
 
 
 @needs_data
@@ -151,7 +151,7 @@ def test_codecontests_fixture():
     assert [len(p.sample_tests) for p in probs] == [1, 1] and [len(p.hidden_tests) for p in probs] == [4, 4]
     assert [len(p.hidden_tests) for p in codecontests.load(path, generated=False)] == [3, 2]
     assert probs[1].time_limit_s == 7.5 and probs[0].reference.startswith("a, b")
-    reports = evaluate(probs, [p.reference for p in probs], workers=2)
+    reports = evaluate(probs, [p.reference for p in probs], workers=4)
     assert [r.verdict for r in reports] == ["pass", "pass"]
     assert [r.verdict for r in evaluate(probs, ["print(input())"] * 2)] == ["wrong_answer", "wrong_answer"]
     with pytest.raises(FileNotFoundError, match="CodeContests"):
