@@ -10,7 +10,7 @@ call-based (`starter_code` holds `def name(args):`): Test("call", input=[args], 
 the code must define `entry_point` (tests call it; module-level input() meets an empty stdin).
 How arguments are recovered: MapCoder's converter wrote each argument as str(x) on its own line, so
 each line is parsed as a Python literal (ast.literal_eval), and kept as a string when it is not one
-('Apple Banana'). When there are more lines than parameters (a multi-line string first argument,
+('Apple Banana'), as are digit strings with leading zeros ("0000"). When there are more lines than parameters (a multi-line string first argument,
 problem 1613), the leading lines are joined back into the first argument. str() lost the quotes of
 string arguments, so "1234" could have been a str: such tests carry `alt_input` with the digit-only
 lines kept as strings, which the child tries if the call with numbers raises TypeError/AttributeError.
@@ -85,6 +85,8 @@ def _params(text: str) -> list[tuple[str, bool]]:
 
 
 def _literal(line: str):
+    if re.fullmatch(r"-?0\d+", line.strip()):   # "0000": a string (Python has no such int literal)
+        return line
     try:
         return ast.literal_eval(line.strip()) if line.strip() else line
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
