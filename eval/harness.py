@@ -19,7 +19,9 @@ Expected values of call and stdio tests never leave this process; the comparison
   stdio  line by line with trailing whitespace and trailing blank lines ignored; failing that,
          token by token, where a token of the expected output that is a non-integer number matches a
          number within 1e-6 (relative or absolute).
-Verdict of a report: "pass" if every test passed, else the verdict of the first test that did not.
+Verdict of a report: "pass" if every test passed, else the verdict of the first test that did not;
+"no_code" for empty code; "pass" for an empty test list (MapCoder's rule for problems without sample
+tests; the code is then not run at all).
 After a test times out the remaining ones are not run (a slow solution is slow on all of them) and get
 "timeout" too, with "not run" in their stderr.
 """
