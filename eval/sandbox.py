@@ -183,15 +183,21 @@ def _reachable_by_others(path: str) -> bool:
     return bool(os.stat(path).st_mode & stat.S_IROTH)
 
 
-def _probe(cmd: list[str]) -> bool:
-    try:
-        return subprocess.run(cmd + ["true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
+def _works(m: str) -> bool:
+    """Probe a mode by doing: run a real job in it (unshare may exist yet mounts be refused, e.g. under
+    a container's seccomp/AppArmor profile)."""
+    if m != "plain" and not shutil.which("unshare"):
         return False
+    try:
+        ex = _execute({"driver": "program", "code": "print('ok')"}, b"", Limits(wall_s=20), m)
+    except OSError:
+        return False
+    return ex.setup_error is None and ex.stdout == "ok\n" and ex.failure is None
 
 
 def mode() -> str:
-    """'ns', 'userns' or 'plain' (see the module docstring); probed once, MCL_SANDBOX_MODE overrides."""
+    """'ns', 'userns' or 'plain' (see the module docstring): the first that works, probed once per
+    process by running a job in it (~0.1 s); MCL_SANDBOX_MODE overrides."""
     global _mode
     with _mode_lock:
         if _mode is None:
@@ -200,12 +206,9 @@ def mode() -> str:
                 if forced not in ("ns", "userns", "plain"):
                     raise ValueError(f"MCL_SANDBOX_MODE={forced!r}: expected ns, userns or plain")
                 _mode = forced
-            elif shutil.which("unshare") and os.geteuid() == 0 and _probe(UNSHARE):
-                _mode = "ns"
-            elif shutil.which("unshare") and os.geteuid() != 0 and _probe(["unshare", "--user", "--map-root-user"] + UNSHARE[1:]):
-                _mode = "userns"
             else:
-                _mode = "plain"
+                candidates = ["ns", "userns"] if os.geteuid() == 0 else ["userns"]
+                _mode = next((m for m in candidates if _works(m)), "plain")
             if _mode == "plain" and os.geteuid() == 0 and not _plain_can_drop():
                 warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
                               "users: untrusted code will run as root with rlimits only (see the docstring)")
@@ -281,8 +284,10 @@ def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -
     """Run one job in the sandbox. `job` is {"driver": "program", "code"} or {"driver": "functions",
     "code", "setup_code", "entry_point", "tests": [{"kind", "code" | "input", "alt_input"}]}.
     Nothing in `job` may be secret: the program can read all of it."""
-    limits = limits or Limits()
-    m = mode()
+    return _execute(job, stdin, limits or Limits(), mode())
+
+
+def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution:
     root = os.geteuid() == 0
     slot = _acquire_slot() if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
     uid = UID_BASE + slot[0] if slot else None
@@ -396,7 +401,10 @@ def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Executi
             records.append(rec)
     sup = next((r for r in reversed(records) if r.get("supervisor") is True), None)
     setup = next((str(r["setup_error"]) for r in records if "setup_error" in r), None)
-    ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=bufs["err"].decode("utf-8", "replace"),
+    stderr = bufs["err"].decode("utf-8", "replace")
+    jail_msgs = [line for line in stderr.splitlines() if line.startswith("unshare: ")]   # not the program's
+    stderr = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("unshare: "))
+    ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=stderr,
                    records=[r for r in records if "supervisor" not in r and "worker" not in r],
                    timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)
     if sup is not None:
@@ -406,8 +414,8 @@ def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Executi
         if ex.signal == signal.SIGXCPU or (ex.signal == signal.SIGKILL and ex.cpu_s >= 0.5 * (limits.cpu_s or limits.wall_s)):
             ex.timed_out = True
     elif not (timed_out or exceeded):
-        if setup or returncode == SETUP_FAILED:
-            ex.setup_error = setup or ex.stderr[-1000:] or f"exit status {returncode}"
+        if setup or returncode == SETUP_FAILED or (jail_msgs and not records):
+            ex.setup_error = setup or "\n".join(jail_msgs) or ex.stderr[-1000:] or f"exit status {returncode}"
         else:   # the supervisor itself died (killed from inside, plain mode): not a clean run
             ex.exit_code = returncode if returncode and returncode > 0 else -1
             ex.signal = -returncode if returncode and returncode < 0 else None

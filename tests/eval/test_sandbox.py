@@ -180,3 +180,21 @@ def test_hostile_runs_in_parallel_do_not_stop_benign_ones():
     assert [r.failure for r in runs[:4]] == ["timeout", "memory", "runtime_error", "runtime_error"]
     assert [r.stdout for r in runs[4:]] == [f"{i * i}\n" for i in range(6)]
     assert leftovers(*[r.tag for r in runs]) == []
+
+
+def test_a_jail_that_cannot_start_is_not_a_verdict(tmp_path, monkeypatch):
+    """If unshare is refused (a locked-down container), mode() falls back and a run in the broken mode
+    raises instead of blaming the program."""
+    import eval.sandbox as sb
+    fake = tmp_path / "unshare"
+    fake.write_text('#!/bin/sh\necho "unshare: unshare failed: Operation not permitted" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sb, "UNSHARE", [str(fake)] + sb.UNSHARE[1:])
+    monkeypatch.setattr(sb, "_mode", None)
+    monkeypatch.delenv("MCL_SANDBOX_MODE", raising=False)
+    assert sb.mode() != "ns"
+    assert sb.run_program("print('fallback')", limits=FAST).stdout == "fallback\n"
+    ex = sb._execute({"driver": "program", "code": "print(1)"}, b"", FAST, "ns")
+    assert "Operation not permitted" in ex.setup_error
+    with pytest.raises(RuntimeError, match="could not start"):
+        ex.failure
