@@ -138,14 +138,19 @@ def _set_limits(job):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     nofile = min(256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    stack_hard = resource.getrlimit(resource.RLIMIT_STACK)[1]   # deep recursion (sys.setrecursionlimit)
+    stack = 64 << 20 if stack_hard == resource.RLIM_INFINITY else min(64 << 20, stack_hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (stack, stack_hard))
     nproc = lim["nproc"]
-    if job["count_user_procs"]:   # plain mode as a normal user: the limit counts all of this uid's processes
+    if job["count_user_procs"]:   # plain mode as a normal user: the limit counts all this uid's tasks
         uid = str(os.getuid())
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/status") as f:
-                    nproc += any(l.startswith("Uid:") and l.split()[1] == uid for l in f)
-            except OSError:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                if fields["Uid"].split()[0] == uid:
+                    nproc += int(fields["Threads"])
+            except (OSError, KeyError, ValueError):
                 pass
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
