@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, target in [("generate", "engine.bench_generate:main"), ("lora", "kernels.bench:main"),
-                         ("train", "engine.bench_train:main"), ("serve", "engine.bench_serve:main")]:
+                         ("train", "engine.bench_train:main"), ("serve", "engine.bench_serve:main"),
+                         ("agents", "eval.bench_concurrency:main")]:
         b = bsub.add_parser(name)
         b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         b.add_argument("--out", default=None, help="also write the JSON here (a file, or a dir such as bench/results/)")
