@@ -24,7 +24,10 @@ accept="samples": the sample tests only -- a weaker filter, for teachers too wea
     debugger   the debugger call that turned that plan's failing program into the passing one
 Every other call is rejected with a reason (stats.json: rejected[role][reason]). Format-valid = the
 parser accepted the answer (status ok or repaired); the assistant text is the teacher's answer as written
-(parsers.clean drops chat special tokens and <think> blocks only).
+(parsers.clean drops chat special tokens and <think> blocks only), with one marked exception: a retriever
+answer cut at the token limit inside its <algorithm> tutorial loses its unfinished last line and gets its
+tags closed (close_truncated_retrieval; counted in stats.json "edited", marked in the example's source).
+Retriever answers cut anywhere else, or recalling more problems than asked, are rejected.
 
 Resumable: a rerun with the same OUT skips the problem ids already in trajectories.jsonl (a line cut by a
 kill is dropped), so nothing is duplicated; OUT/config.json pins the fields that shape trajectories
@@ -41,6 +44,7 @@ import inspect
 import json
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -356,6 +360,32 @@ def example(call: dict, problem_id: str, origin: str, response: str | None = Non
                        "round": call.get("round")}}
 
 
+CLOSED_EDIT = "cut at the token limit inside <algorithm>: unfinished last line dropped, open tags closed"
+_RETRIEVER_TAG = re.compile(r"<(/?)(root|problem|description|code|planning|algorithm)\s*>", re.I)
+
+
+def close_truncated_retrieval(text: str) -> str | None:
+    """A retriever answer cut at the token limit while writing its <algorithm> tutorial (the 0.5B teacher
+    tends to tutor every algorithm the prompt names until the budget ends) -> the same text without the
+    unfinished last line, with </algorithm> and </root> closed. None when the cut is anywhere else (a recalled
+    problem would be incomplete) or nothing of the tutorial is left. The example is marked (source.edit)."""
+    text = clean(text)
+    stack = []
+    for m in _RETRIEVER_TAG.finditer(text):
+        tag = m.group(2).lower()
+        if not m.group(1):
+            stack.append(tag)
+        elif tag in stack:
+            del stack[len(stack) - 1 - stack[::-1].index(tag):]
+    if stack not in (["root", "algorithm"], ["algorithm"]):
+        return None
+    head, _, _ = text.rpartition("\n")                               # drop the unfinished last line
+    start = head.lower().rfind("<algorithm>")
+    if start < 0 or not head[start + len("<algorithm>"):].strip():
+        return None
+    return head.rstrip() + "\n</algorithm>" + ("\n</root>" if stack[0] == "root" else "")
+
+
 def winning_attempt(rec: dict) -> tuple[int, int] | None:
     """(plan, round) of the program that passed the sample tests; for a problem without sample tests, the
     first coder call that produced code."""
@@ -389,7 +419,18 @@ def trajectory_examples(rec: dict, accept: str = "hidden") -> tuple[list[dict], 
             rejected[role, "final program fails the problem's tests" if accept == "hidden"
                      else "no program passed the sample tests"] += 1
         elif role == "retriever":
-            kept.append(example(c, rec["id"], "distill"))
+            if any("problems recalled" in r for r in c.get("repairs", [])):
+                rejected[role, "recalled more problems than asked"] += 1
+            elif c.get("finish_reason") == "length":
+                closed = close_truncated_retrieval(c["response"])
+                if closed is None:
+                    rejected[role, "cut at the token limit outside <algorithm>"] += 1
+                else:
+                    ex = example(c, rec["id"], "distill", closed)
+                    ex["source"]["edit"] = CLOSED_EDIT
+                    kept.append(ex)
+            else:
+                kept.append(example(c, rec["id"], "distill"))
         elif c.get("plan") != win[0]:
             rejected[role, "plan not on the passing path"] += 1
         elif role == "planner":
@@ -448,6 +489,8 @@ def build_examples(trajectories: list[dict], accept: str = "hidden") -> tuple[li
         "calls": {r: calls[r] for r in ROLES},
         "examples": {r: per_role[r] for r in ROLES},
         "examples_total": len(examples),
+        "edited": {r: sum(1 for e in examples if e["role"] == r and e["source"].get("edit")) for r in ROLES},
+        "edit_rule": CLOSED_EDIT,
         "rejected": {r: dict(sorted((why, n) for (role, why), n in rejected.items() if role == r)) for r in ROLES},
     }
     return examples, stats

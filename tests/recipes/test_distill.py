@@ -142,3 +142,27 @@ def test_mbpp_train_split_selection_is_seeded():
     c = load_problems("mbpp", "train", "", n=5, seed=1)
     assert [p.id for p in a] == [p.id for p in b[:5]] and [p.id for p in a] != [p.id for p in c]
     assert len(load_problems("mbpp", "train", "", seed=-1)) == 374
+
+
+def test_truncated_retriever_answers_are_closed_or_rejected():
+    from engine.agents.parsers import parse_retriever
+    from recipes.distill import close_truncated_retrieval
+    head = "<root>\n<problem>\n<description>d</description>\n<code>x = 1</code>\n<planning>1. a</planning>\n</problem>\n"
+    cut = head + "<algorithm>\nGreedy\nTake the best item first.\nBinary sea"
+    closed = close_truncated_retrieval(cut)
+    assert closed == head + "<algorithm>\nGreedy\nTake the best item first.\n</algorithm>\n</root>"
+    r = parse_retriever(closed, k=1)
+    assert r and r.repairs == [] and r.algorithm.startswith("Greedy")
+    assert close_truncated_retrieval(head.replace("</problem>\n", "") + "<pla") is None          # cut in a problem
+    assert close_truncated_retrieval(head + "<algorithm>Greed") is None                          # nothing left
+    call = {"role": "retriever", "step": "retrieve", "status": "repaired", "plan": None, "round": None,
+            "finish_reason": "length", "repairs": ["unclosed <algorithm>"],
+            "messages": [{"role": "user", "content": "u"}], "response": cut}
+    rec = {"id": "p", "passed": True, "solved_samples": True, "error": None, "code": "x",
+           "sample_attempts": [{"plan": 0, "round": 0, "verdict": "pass", "passed": 1, "total": 1}],
+           "calls": [call, dict(call, response=head + "<pla"),
+                     dict(call, finish_reason="stop", repairs=["3 problems recalled, 1 asked"])]}
+    kept, rej = trajectory_examples(rec)
+    assert [e["messages"][-1]["content"] for e in kept] == [closed] and kept[0]["source"]["edit"]
+    assert rej == {("retriever", "cut at the token limit outside <algorithm>"): 1,
+                   ("retriever", "recalled more problems than asked"): 1}
