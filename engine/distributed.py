@@ -90,8 +90,9 @@ def broadcast_(tensors: list[torch.Tensor], d: DistInfo, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
-def shard_base(model: nn.Module, d: DistInfo) -> None:
-    """FSDP2: shard the frozen base across ranks, block by block; adapters stay replicated (ignored_params)."""
+def shard_base(model: nn.Module, d: DistInfo) -> int:
+    """FSDP2: shard the frozen base across ranks, block by block; adapters stay replicated (ignored_params).
+    Returns the number of base tensors now held as sharded DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(d.device.type, (d.world,))
@@ -99,3 +100,5 @@ def shard_base(model: nn.Module, d: DistInfo) -> None:
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, ignored_params=lora)
     fully_shard(model, mesh=mesh, ignored_params=lora)
+    from torch.distributed.tensor import DTensor
+    return sum(isinstance(p, DTensor) for p in model.parameters())

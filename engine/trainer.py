@@ -415,7 +415,10 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
     if tc.fsdp:
         if not d.on:
             raise ValueError("train.fsdp = true needs several processes (launch with torchrun)")
-        D.shard_base(model, d)
+        n_sharded = D.shard_base(model, d)
+        if d.main:
+            print(f"fsdp: {n_sharded} base tensors sharded over {d.world} ranks; {len(params)} adapter tensors replicated",
+                  file=sys.stderr)
     opt = AdapterAdamW(params, R, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
     pad_id = getattr(tokenizer, "pad_id", None) or 0
 
