@@ -32,6 +32,7 @@ import resource
 import sys
 import time
 import tomllib
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -344,8 +345,11 @@ class _Logger:
             mode = "offline"
         if mode != "disabled":
             import wandb
+            id_file = out / "wandb_run_id"                       # a resumed run continues the same W&B run
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
             self.run = wandb.init(project=recipe.wandb.project, name=recipe.wandb.name or out.name, mode=mode,
-                                  dir=str(out), config=asdict(recipe), resume="allow",
+                                  dir=str(out), config=asdict(recipe), id=run_id, resume="allow",
                                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
 
     def log(self, metrics: dict, step: int) -> None:
