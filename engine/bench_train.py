@@ -33,7 +33,7 @@ from engine.trainer import AdapterAdamW, token_losses
 def _shapes(name: str, device: str, quick: bool) -> dict:
     """Batch rows, sequence length, steps and LoRA rank per setting (kept small on CPU)."""
     if device.startswith("cuda"):
-        return dict(B=8, T=512 if quick else 1024, steps=3 if quick else 8, rank=32)
+        return dict(B=8, T=256 if quick else 512, steps=3 if quick else 8, rank=32)   # 7B: ~25 GB of activations
     if name == "tiny":
         return dict(B=8, T=128, steps=5 if quick else 20, rank=8)
     return dict(B=4, T=64, steps=2 if quick else 4, rank=16)
@@ -51,7 +51,10 @@ def _base(name: str, device: str, dtype: torch.dtype):
                 model = Transformer(PRESETS[name])
         finally:
             torch.set_default_dtype(default)
-        model.init_weights(seed=0)                     # CPU generator, copied in: the same values on every device
+        g = torch.Generator(device).manual_seed(0)     # drawn on the device: 7B of CPU randn would take a minute
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.fill_(1.0) if n.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
         return model, PRESETS[name]
     from engine.hub import load_model
     model, _ = load_model(name, device=device, dtype=str(dtype).removeprefix("torch."))

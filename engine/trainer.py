@@ -389,11 +389,11 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
                          f"({tc.micro_batch}) x ranks ({d.world})")
     out = Path(tc.out_dir)
     ck_root = out / "checkpoints"
+    if not resume and ckpt.list_checkpoints(ck_root):                    # every rank sees it: no one waits
+        raise ValueError(f"{ck_root}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                         f"or choose another train.out_dir")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt.list_checkpoints(ck_root):
-            raise ValueError(f"{ck_root}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                             f"or choose another train.out_dir")
         ckpt.sweep(ck_root)
     D.barrier(d)
     torch.manual_seed(tc.seed)
@@ -509,13 +509,15 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
             grads = opt.grads()
             D.all_reduce_sum_(grads + [role_loss, role_tok, n_real], d)
             mean_loss = float(role_loss.sum() / n_loss)
-            if not math.isfinite(mean_loss):
-                per_role = {r: float(role_loss[i] / role_tok[i]) for i, r in enumerate(roles) if role_tok[i] > 0}
+            norms = opt.clip_(tc.grad_clip)                             # per-adapter norms, before clipping
+            if not math.isfinite(mean_loss) or not bool(torch.isfinite(norms).all()):
+                what = "loss" if not math.isfinite(mean_loss) else "gradient"
+                per_role = {r: (round(float(role_loss[i] / role_tok[i]), 4), round(float(norms[i]), 4))
+                            for i, r in enumerate(roles) if role_tok[i] > 0}
                 last = ckpt.latest(ck_root)
-                raise RuntimeError(f"non-finite loss at step {step + 1} (loss={mean_loss}, per role {per_role}); "
-                                   f"stopped before updating the adapters. Last good checkpoint: "
+                raise RuntimeError(f"non-finite {what} at step {step + 1} (loss={mean_loss}; per role (loss, grad "
+                                   f"norm): {per_role}); stopped before updating the adapters. Last good checkpoint: "
                                    f"{last if last else 'none (no checkpoint was written yet)'}")
-            norms = opt.clip_(tc.grad_clip)
             lr = lr_at(step, tc)
             opt.step(lr, active=role_tok > 0)
             opt.zero_grad()

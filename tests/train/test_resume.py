@@ -143,3 +143,19 @@ def test_rerun_into_a_used_out_dir_needs_resume(tmp_path):
     train(recipe, model=tiny_model(), tokenizer=byte_tokenizer())
     with pytest.raises(ValueError, match="pass --resume"):
         train(recipe, model=tiny_model(), tokenizer=byte_tokenizer())
+
+
+def test_nan_gradient_with_finite_loss_also_stops(tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", memorisation_rows(2))
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", tiny_tables(tmp_path / "out", data, steps=6, ckpt_every=1)))
+    model = tiny_model()
+    state = {"n": 0}
+
+    def poison(module, grad_in, grad_out):                    # NaN gradients flowing back from step 3 on
+        state["n"] += 1
+        if state["n"] > 2 * recipe.train.global_batch // recipe.train.micro_batch:
+            return (grad_in[0] * float("nan"),)
+    model.model.norm.register_full_backward_hook(poison)
+    with pytest.raises(RuntimeError, match=r"non-finite gradient at step 3 .*Last good checkpoint: \S+step_000002"):
+        train(recipe, model=model, tokenizer=byte_tokenizer())
+    ckpt.verify(ckpt.latest(tmp_path / "out" / "checkpoints"))
