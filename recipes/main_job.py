@@ -10,7 +10,9 @@ Stages (a tqdm bar on each long one):
     2. train   engine.trainer.train(train_recipe + data.path=data + train.out_dir=OUT/train + `train` overrides)
                -> OUT/train/adapters/{retriever,planner,coder,debugger} (PEFT), OUT/train/wandb (offline run)
     3. eval    ONE model load + adapters, one scheduler; MapCoder (k, t) over the first `limit` problems of
-               each benchmark, first on the base model, then with the adapters (eval.run.run_eval)
+               each benchmark on the base model and with the adapters (eval.run.run_eval), side by side: the
+               base run's requests (no adapter) and the adapted run's (one adapter per role) share every
+               decode batch, so each run's tokens/s is measured under the same load
                -> OUT/eval/<benchmark>_<base|adapted|teacher>/{problems.jsonl,summary.json}
     4. report  the table (pass@1, format failures per agent, tokens/s, wall time, memory) on stdout and in
                OUT/report.txt; OUT/report.png (eval.report.plot); OUT/main_summary.json; the eval numbers
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +47,8 @@ class MainConfig:
     k: int = 1                                  # MapCoder: recalled examples / plans
     t: int = 1                                  # MapCoder: debug rounds per plan
     max_new_tokens: int = 192
-    concurrency: int = 8                        # problems in flight = scheduler slots
+    concurrency: int = 8                        # problems in flight per run
+    side_by_side: bool = True                   # base and adapted runs at once: one scheduler, one mixed batch
     threads: int = 0                            # torch CPU threads (0 = torch default); 1 wins on a busy CPU
     teacher: str = ""                           # also evaluate this model unadapted (e2e comparison); "" = no
     wandb: str = "offline"                      # offline | online | disabled
@@ -96,29 +100,51 @@ def evaluate(cfg: MainConfig) -> dict[str, dict]:
     sets = {b: load_eval_problems(b, cfg.limit, cfg.data_dir) for b in cfg.benchmarks}
     model, tok = load_model(cfg.student, device=cfg.device or None, dtype=cfg.dtype or None)
     roles = [n for n in load_adapters(model, Path(cfg.out) / "train" / "adapters") if n in ROLES]
-    sched = Scheduler(model, tok, n_slots=cfg.concurrency).start()
+    lanes = 2 if cfg.side_by_side else 1
+    sched = Scheduler(model, tok, n_slots=cfg.concurrency * lanes).start()
     results = {}
     try:
         for bench, problems in sets.items():
-            for name, backend in (("base", LocalBackend(sched, tok, adapters=False)),
-                                  ("adapted", LocalBackend(sched, tok, adapters=roles))):
-                results[f"{bench}_{name}"] = run_eval(problems, backend, "mapcoder", cfg.k, cfg.t,
-                                                      out / f"{bench}_{name}", cfg.concurrency, cfg.max_new_tokens,
-                                                      model=f"{cfg.student}{'+adapters' if name == 'adapted' else ''}",
-                                                      benchmark=bench)
+            runs = {f"{bench}_base": (LocalBackend(sched, tok, adapters=False), cfg.student),
+                    f"{bench}_adapted": (LocalBackend(sched, tok, adapters=roles), f"{cfg.student}+adapters")}
+            with ThreadPoolExecutor(lanes) as pool:
+                futs = {name: pool.submit(run_eval, problems, backend, "mapcoder", cfg.k, cfg.t, out / name,
+                                          cfg.concurrency, cfg.max_new_tokens, model=model_name, benchmark=bench)
+                        for name, (backend, model_name) in runs.items()}
+                results.update({name: f.result() for name, f in futs.items()})
     finally:
         sched.stop()
     del model, sched
     if cfg.teacher:
-        backend = open_local(cfg.teacher, cfg.device or None, cfg.dtype or None, None, n_slots=cfg.concurrency)
-        try:
-            for bench, problems in sets.items():
-                results[f"{bench}_teacher"] = run_eval(problems, backend, "mapcoder", cfg.k, cfg.t,
-                                                       out / f"{bench}_teacher", cfg.concurrency, cfg.max_new_tokens,
-                                                       model=cfg.teacher, benchmark=bench)
-        finally:
-            backend.close()
+        todo = {}
+        for bench, problems in sets.items():
+            prev = reusable(out / f"{bench}_teacher", cfg, len(problems))
+            if prev is not None:
+                print(f"main: reusing {out / f'{bench}_teacher'} (same teacher and settings)")
+                results[f"{bench}_teacher"] = prev
+            else:
+                todo[bench] = problems
+        if todo:
+            backend = open_local(cfg.teacher, cfg.device or None, cfg.dtype or None, None, n_slots=cfg.concurrency)
+            try:
+                for bench, problems in todo.items():
+                    results[f"{bench}_teacher"] = run_eval(problems, backend, "mapcoder", cfg.k, cfg.t,
+                                                           out / f"{bench}_teacher", cfg.concurrency,
+                                                           cfg.max_new_tokens, model=cfg.teacher, benchmark=bench)
+            finally:
+                backend.close()
     return results
+
+
+def reusable(run_dir: Path, cfg: MainConfig, n: int) -> dict | None:
+    """A finished eval of the (unchanging) teacher with the same settings: its summary, else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    same = (s.get("model"), s.get("n"), s.get("k"), s.get("t"), s.get("max_new_tokens")) == \
+        (cfg.teacher, n, cfg.k, cfg.t, cfg.max_new_tokens)
+    return s if same else None
 
 
 def table(results: dict[str, dict]) -> str:
