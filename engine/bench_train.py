@@ -54,7 +54,10 @@ def _base(name: str, device: str, dtype: torch.dtype):
         g = torch.Generator(device).manual_seed(0)     # drawn on the device: 7B of CPU randn would take a minute
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.fill_(1.0) if n.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
+                if n.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0, 0.02, generator=g)
         return model, PRESETS[name]
     from engine.hub import load_model
     model, _ = load_model(name, device=device, dtype=str(dtype).removeprefix("torch."))
@@ -94,7 +97,7 @@ def _time_engine(model, batch: Batch, steps: int, n_adapters: int, autocast_dtyp
     model.train()
 
     def step():
-        loss = (token_losses(model, batch, autocast_dtype) * batch.loss_mask).sum() / n_loss
+        loss = token_losses(model, batch, autocast_dtype)[0].sum() / n_loss
         loss.backward()
         opt.accumulate()
         opt.clip_(1.0)
@@ -147,8 +150,8 @@ def _time_hf_peft(model, cfg, batch: Batch, steps: int, rank: int, roles, autoca
             for _ in range(steps_per_role):
                 with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = pm(input_ids=x).logits
-                tl = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(m)
-                loss = (tl * m).sum() / m.sum()
+                r, c = m.nonzero(as_tuple=True)
+                loss = F.cross_entropy(logits[r, c].float(), y[r, c], reduction="sum") / m.sum()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -270,12 +270,14 @@ def lr_at(step: int, tc: TrainCfg) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces the loop calls.
 
-def token_losses(model, batch: Batch, autocast_dtype) -> torch.Tensor:
-    """Per-token cross-entropy (B, T) in fp32 (padding included; the caller masks)."""
+def token_losses(model, batch: Batch, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (fp32) of the assistant targets only: (losses (K,), row of each (K,)), K = loss_mask.sum().
+    Selecting the K positions before the fp32 cast and log-softmax skips the prompt and padding positions."""
     with torch.autocast(batch.tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(batch.tokens, adapter_ids=batch.adapter_ids)             # (B, T, V)
-    B, T = batch.tokens.shape
-    return F.cross_entropy(logits.float().reshape(B * T, -1), batch.targets.reshape(-1), reduction="none").view(B, T)
+    rows, cols = batch.loss_mask.nonzero(as_tuple=True)                         # (K,), (K,)
+    ce = F.cross_entropy(logits[rows, cols].float(), batch.targets[rows, cols], reduction="none")   # (K,)
+    return ce, rows
 
 
 @torch.no_grad()
@@ -287,9 +289,10 @@ def evaluate(model, examples: list[Example], n_roles: int, micro_batch: int, pad
     mine = examples[d.rank::d.world]
     for i in range(0, len(mine), micro_batch):
         b = collate(mine[i:i + micro_batch], pad_id).to(d.device)
-        tl = token_losses(model, b, autocast_dtype)
-        sums.index_add_(0, b.adapter_ids.cpu(), (tl * b.loss_mask).sum(1).double().cpu())
-        toks.index_add_(0, b.adapter_ids.cpu(), b.loss_mask.sum(1).double().cpu())
+        ce, rows = token_losses(model, b, autocast_dtype)
+        role = b.adapter_ids[rows].cpu()                                          # (K,) adapter of each loss token
+        sums.index_add_(0, role, ce.double().cpu())
+        toks.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())
     D.all_reduce_sum_([sums, toks], d)
     model.train()
     return sums, toks
@@ -498,13 +501,12 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
             n_real = torch.zeros(1, dtype=torch.float64)                # non-pad tokens (throughput)
             for i in range(0, per_rank, tc.micro_batch):
                 b = collate(mine[i:i + tc.micro_batch], pad_id).to(d.device)
-                tl = token_losses(model, b, autocast_dtype)
-                loss = (tl * b.loss_mask).sum() / n_loss
-                loss.backward()
+                ce, rows = token_losses(model, b, autocast_dtype)            # (K,) CE of assistant tokens
+                (ce.sum() / n_loss).backward()                              # this micro-batch's share of the mean
                 opt.accumulate()
-                ids = b.adapter_ids.cpu()
-                role_loss.index_add_(0, ids, (tl.detach() * b.loss_mask).sum(1).double().cpu())
-                role_tok.index_add_(0, ids, b.loss_mask.sum(1).double().cpu())
+                role = b.adapter_ids[rows].cpu()                            # (K,) adapter of each loss token
+                role_loss.index_add_(0, role, ce.detach().double().cpu())
+                role_tok.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())
                 n_real += b.n_real
             grads = opt.grads()
             D.all_reduce_sum_(grads + [role_loss, role_tok, n_real], d)

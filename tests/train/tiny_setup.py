@@ -131,6 +131,8 @@ def read_wandb_records(path: Path) -> list:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if pos + 7 + length > len(raw):                           # a chunk still being written
+            break
         data = raw[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
