@@ -341,6 +341,9 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
     out.mkdir(parents=True, exist_ok=True)
     meta = check_resume(out, cfg, PINNED, "correct")
     trajs = sorted(read_jsonl_resumable(src), key=lambda r: (r.get("index", 0), r["id"]))
+    n_sel = _distill_config(src).get("n_problems", 0)
+    if n_sel:                                       # only the distill run's selection (a killed run may hold more)
+        trajs = [r for r in trajs if r.get("index", 0) < n_sel]
     failed = [r for r in trajs if not r.get("passed") and not r.get("error") and r.get("problem")]
     if cfg.n_problems:
         failed = failed[:cfg.n_problems]

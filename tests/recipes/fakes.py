@@ -174,7 +174,10 @@ def misbehaving_handler(modes, good=None, sleep_s=1.0):
                 self._send(200, b'{"id": "x", "object": "chat.completion"}')
             elif mode == "timeout":
                 time.sleep(sleep_s)
-                self._send(200, b"{}")
+                try:                                    # the client gave up long ago
+                    self._send(200, b"{}")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
             elif mode == "drop":
                 self.close_connection = True
                 self.connection.shutdown(2)
