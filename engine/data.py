@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,9 @@ class Example:
     where: str                 # "file:line", for messages about this example
     truncated: bool = False
 
-    @property
+    @cached_property
     def n_loss(self) -> int:
-        return sum(self.mask[1:])                                   # targets are ids[1:]
+        return sum(self.mask[1:])                                   # trained targets (targets are ids[1:])
 
 
 @dataclass

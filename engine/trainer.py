@@ -11,12 +11,13 @@
 A step, top to bottom (see `train`):
   1. the sampler draws the global batch (same on every rank); N = its assistant-token count
   2. this rank's share, cut into micro-batches, each sorted by adapter id (contiguous kernel segments)
-  3. per micro-batch: logits = model(tokens, adapter_ids); loss = sum(CE * mask) / N; backward
+  3. per micro-batch: logits = model(tokens, adapter_ids); loss = (sum of CE over assistant tokens) / N; backward
      -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
         mixed batch's gradient equals the sum of its single-role parts (adapters share no parameters)
-  4. all-reduce (SUM) of the adapter gradients; non-finite loss -> stop, last good checkpoint untouched
+  4. all-reduce (SUM) of the adapter gradients; non-finite loss or gradient -> stop, last good checkpoint untouched
   5. per-adapter gradient clipping, then AdapterAdamW: every adapter steps as if it were trained alone
-  6. log (tqdm, metrics.jsonl, W&B), eval on the held-out split per role, checkpoint atomically
+  6. log (tqdm, OUT/metrics.jsonl, W&B), eval on the held-out split per role, checkpoint (engine/checkpoint.py)
+The learning rate is a pure function of the step (lr_at), so the schedule's state is the step in the checkpoint.
 
 Precision: CPU runs fp32 throughout. On CUDA the base and adapters are bf16 (the fused kernel takes one dtype),
 forward runs under bf16 autocast, the loss is fp32, and the optimizer keeps fp32 master adapters, fp32
