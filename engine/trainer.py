@@ -284,13 +284,19 @@ def token_losses(model, batch: Batch, autocast_dtype) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def evaluate(model, examples: list[Example], n_roles: int, micro_batch: int, pad_id: int, d: D.DistInfo,
              autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out loss per role: (sum of token CE, token count), each (n_roles,), summed over ranks."""
+    """Held-out loss per role: (sum of token CE, token count), each (n_roles,), summed over ranks.
+    Every rank runs the same number of forwards (FSDP's all-gathers are collective): a rank whose share ran out
+    evaluates a stand-in batch and discards it."""
     model.eval()
     sums, toks = torch.zeros(n_roles, dtype=torch.float64), torch.zeros(n_roles, dtype=torch.float64)
-    mine = examples[d.rank::d.world]
-    for i in range(0, len(mine), micro_batch):
-        b = collate(mine[i:i + micro_batch], pad_id).to(d.device)
+    per = -(-len(examples) // d.world)                                           # ceil: examples per rank
+    mine = examples[d.rank * per:(d.rank + 1) * per]
+    for i in range(0, per, micro_batch):
+        chunk = mine[i:i + micro_batch]
+        b = collate(chunk or examples[:1], pad_id).to(d.device)
         ce, rows = token_losses(model, b, autocast_dtype)
+        if not chunk:
+            continue
         role = b.adapter_ids[rows].cpu()                                          # (K,) adapter of each loss token
         sums.index_add_(0, role, ce.double().cpu())
         toks.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())

@@ -68,3 +68,23 @@ def test_bad_batch_shape_and_vocab_mismatch(tmp_path):
     small.cfg = small.cfg.replace(vocab_size=100)            # pretend the model has a smaller vocabulary
     with pytest.raises(ValueError, match=r"v.jsonl:1: token id \d+ >= the model's vocab_size 100"):
         train(recipe, model=small, tokenizer=byte_tokenizer())
+
+
+def test_eval_runs_the_same_number_of_forwards_on_every_rank(tmp_path, monkeypatch):
+    from engine import distributed as D
+    from engine.data import load_sft
+    from engine.lora import add_adapters
+    from engine.trainer import evaluate
+    ex = load_sft(write_jsonl(tmp_path / "e.jsonl", memorisation_rows(2)[:7]), byte_tokenizer()).examples
+    model = tiny_model()
+    add_adapters(model, ROLES, rank=4)
+    calls = []
+    model.model.norm.register_forward_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(D, "all_reduce_sum_", lambda tensors, d: None)
+    counted = []
+    for rank in range(3):                                      # 7 examples over 3 ranks: 3, 3, 1
+        calls.clear()
+        sums, toks = evaluate(model, ex, 4, 2, 0, D.DistInfo(rank=rank, world=3), None)
+        counted.append((len(calls), int(toks.sum())))
+    assert [c for c, _ in counted] == [2, 2, 2]
+    assert sum(t for _, t in counted) == sum(e.n_loss for e in ex)
