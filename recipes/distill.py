@@ -28,6 +28,9 @@ parser accepted the answer (status ok or repaired); the assistant text is the te
 answer cut at the token limit inside its <algorithm> tutorial loses its unfinished last line and gets its
 tags closed (close_truncated_retrieval; counted in stats.json "edited", marked in the example's source).
 Retriever answers cut anywhere else, or recalling more problems than asked, are rejected.
+A weaker tier, off by default and labelled per example (source.tier) and in stats.json: roles listed in
+format_only_roles also keep answers that parsed cleanly (status ok, not cut) from trajectories whose
+program failed -- for a role the teacher almost never gets right (the 0.5B teacher's debugger).
 
 Resumable: a rerun with the same OUT skips the problem ids already in trajectories.jsonl (a line cut by a
 kill is dropped), so nothing is duplicated; OUT/config.json pins the fields that shape trajectories
@@ -52,7 +55,7 @@ import time
 import tomllib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.parsers import clean
@@ -84,6 +87,8 @@ class DistillConfig:
     concurrency: int = 8                 # problems in flight (= scheduler slots for a local teacher)
     threads: int = 0                     # torch CPU threads (0 = torch default); 1 wins on an oversubscribed CPU
     accept: str = "hidden"               # hidden: final program passes all the problem's tests | samples
+    format_only_roles: list = field(default_factory=list)   # roles that also keep clean-format answers of
+                                         # failed trajectories (labelled tier; for roles the teacher rarely solves)
     out: str = "runs/distill"
 
 
@@ -329,7 +334,7 @@ def distill(cfg: DistillConfig, backend=None, run_tests=None, problems: list[Pro
                 backend.close()
     meta["runs"][-1].update(new_trajectories=n_new, wall_s=round(time.perf_counter() - t0, 1))
     write_meta(out, meta, cfg)
-    return build(out, ids, cfg.accept)
+    return build(out, ids, cfg.accept, cfg.format_only_roles)
 
 
 def write_meta(out: Path, meta: dict, cfg) -> None:
@@ -338,12 +343,12 @@ def write_meta(out: Path, meta: dict, cfg) -> None:
     os.replace(tmp, out / "config.json")
 
 
-def build(out: Path, ids: list[str], accept: str) -> dict:
+def build(out: Path, ids: list[str], accept: str, format_only_roles=()) -> dict:
     """trajectories.jsonl (restricted to `ids`, in that order) -> examples.jsonl + stats.json; returns stats."""
     order = {pid: n for n, pid in enumerate(ids)}
     trajs = [r for r in read_jsonl_resumable(out / "trajectories.jsonl") if r["id"] in order]
     trajs.sort(key=lambda r: order[r["id"]])
-    examples, stats = build_examples(trajs, accept)
+    examples, stats = build_examples(trajs, accept, format_only_roles)
     write_examples(out / "examples.jsonl", examples)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
@@ -399,8 +404,16 @@ def winning_attempt(rec: dict) -> tuple[int, int] | None:
     return None
 
 
-def trajectory_examples(rec: dict, accept: str = "hidden") -> tuple[list[dict], Counter]:
-    """One trajectory -> (kept examples, Counter of (role, rejection reason))."""
+FORMAT_ONLY = "format-only: the answer parsed cleanly (no repair, not cut) but its trajectory's program failed"
+_TEST_REASONS = ("final program fails the problem's tests", "no program passed the sample tests",
+                 "plan not on the passing path", "program failed the sample tests (debugged later)",
+                 "program still failed the sample tests")
+
+
+def trajectory_examples(rec: dict, accept: str = "hidden", format_only_roles=()) -> tuple[list[dict], Counter]:
+    """One trajectory -> (kept examples, Counter of (role, rejection reason)). Roles in `format_only_roles`
+    also keep calls rejected only for the tests' verdict when their answer parsed cleanly (status ok,
+    finished by itself): a weaker, labelled tier (source.tier) for roles the teacher rarely gets right."""
     kept, rejected = [], Counter()
     calls = rec.get("calls", [])
     if rec.get("error"):
@@ -410,43 +423,39 @@ def trajectory_examples(rec: dict, accept: str = "hidden") -> tuple[list[dict], 
     good = rec.get("passed") if accept == "hidden" else rec.get("solved_samples")
     win = winning_attempt(rec)
     for c in calls:
-        role = c["role"]
+        role, text, why = c["role"], None, None
         if c["status"] == "error":
-            rejected[role, "backend error"] += 1
+            why = "backend error"
         elif c["status"] == "failed":
-            rejected[role, "format failure"] += 1
+            why = "format failure"
         elif not good or win is None:
-            rejected[role, "final program fails the problem's tests" if accept == "hidden"
-                     else "no program passed the sample tests"] += 1
+            why = _TEST_REASONS[0] if accept == "hidden" else _TEST_REASONS[1]
         elif role == "retriever":
             if any("problems recalled" in r for r in c.get("repairs", [])):
-                rejected[role, "recalled more problems than asked"] += 1
+                why = "recalled more problems than asked"
             elif c.get("finish_reason") == "length":
-                closed = close_truncated_retrieval(c["response"])
-                if closed is None:
-                    rejected[role, "cut at the token limit outside <algorithm>"] += 1
-                else:
-                    ex = example(c, rec["id"], "distill", closed)
-                    ex["source"]["edit"] = CLOSED_EDIT
-                    kept.append(ex)
-            else:
-                kept.append(example(c, rec["id"], "distill"))
+                text = close_truncated_retrieval(c["response"])
+                why = "cut at the token limit outside <algorithm>" if text is None else None
         elif c.get("plan") != win[0]:
-            rejected[role, "plan not on the passing path"] += 1
-        elif role == "planner":
-            kept.append(example(c, rec["id"], "distill"))
-        elif role == "coder":
-            if win[1] == 0:
-                kept.append(example(c, rec["id"], "distill"))
-            else:
-                rejected[role, "program failed the sample tests (debugged later)"] += 1
-        elif role == "debugger":
-            if c.get("round") == win[1]:
-                kept.append(example(c, rec["id"], "distill"))
-            else:
-                rejected[role, "program still failed the sample tests"] += 1
+            why = "plan not on the passing path"
+        elif role == "coder" and win[1] != 0:
+            why = "program failed the sample tests (debugged later)"
+        elif role == "debugger" and c.get("round") != win[1]:
+            why = "program still failed the sample tests"
+        elif role not in ROLES:
+            why = "unknown role"
+        if why is None:
+            ex = example(c, rec["id"], "distill", text)
+            if text is not None:
+                ex["source"]["edit"] = CLOSED_EDIT
+            kept.append(ex)
+        elif why in _TEST_REASONS and role in format_only_roles and c["status"] == "ok" and \
+                c.get("finish_reason", "stop") == "stop":
+            ex = example(c, rec["id"], "distill")
+            ex["source"]["tier"] = FORMAT_ONLY
+            kept.append(ex)
         else:
-            rejected[role, "unknown role"] += 1
+            rejected[role, why] += 1
     return kept, rejected
 
 
@@ -467,11 +476,11 @@ def dedup(examples: list[dict], rejected: Counter | None = None) -> list[dict]:
     return out
 
 
-def build_examples(trajectories: list[dict], accept: str = "hidden") -> tuple[list[dict], dict]:
+def build_examples(trajectories: list[dict], accept: str = "hidden", format_only_roles=()) -> tuple[list[dict], dict]:
     """Trajectories (in problem order) -> (examples, stats). Pure: same trajectories, same output."""
     examples, rejected, calls = [], Counter(), Counter()
     for rec in trajectories:
-        kept, rej = trajectory_examples(rec, accept)
+        kept, rej = trajectory_examples(rec, accept, format_only_roles)
         examples += kept
         rejected.update(rej)
         calls.update(c["role"] for c in rec.get("calls", []))
@@ -491,6 +500,8 @@ def build_examples(trajectories: list[dict], accept: str = "hidden") -> tuple[li
         "examples_total": len(examples),
         "edited": {r: sum(1 for e in examples if e["role"] == r and e["source"].get("edit")) for r in ROLES},
         "edit_rule": CLOSED_EDIT,
+        "format_only": {r: sum(1 for e in examples if e["role"] == r and e["source"].get("tier")) for r in ROLES},
+        "format_only_rule": FORMAT_ONLY if format_only_roles else "",
         "rejected": {r: dict(sorted((why, n) for (role, why), n in rejected.items() if role == r)) for r in ROLES},
     }
     return examples, stats

@@ -166,3 +166,11 @@ def test_truncated_retriever_answers_are_closed_or_rejected():
     assert [e["messages"][-1]["content"] for e in kept] == [closed] and kept[0]["source"]["edit"]
     assert rej == {("retriever", "cut at the token limit outside <algorithm>"): 1,
                    ("retriever", "recalled more problems than asked"): 1}
+
+
+def test_format_only_tier_is_labelled(tmp_path):
+    stats, exs, _ = run(tmp_path, "f", format_only_roles=["debugger"])
+    dbg = [e for e in exs if e["role"] == "debugger"]
+    assert [(e["source"]["problem"], "tier" in e["source"]) for e in dbg] == [("fake/sub", False), ("fake/mul", True)]
+    assert stats["format_only"] == {"retriever": 0, "planner": 0, "coder": 0, "debugger": 1}
+    assert stats["examples"]["coder"] == 1                 # other roles unchanged
