@@ -68,7 +68,7 @@ class CorrectConfig:
     max_new_tokens: int = 256
     n_problems: int = 0                  # 0 = every failed trajectory
     concurrency: int = 8
-    threads: int = 0                     # torch CPU threads (0 = torch default); 1 wins on an oversubscribed CPU
+    threads: int = 0                     # torch CPU threads: 0 = auto (1 on a busy machine), -1 = torch default
     out: str = "runs/correct"
 
 

@@ -85,7 +85,7 @@ class DistillConfig:
     t: int = 1                           # debug rounds per plan
     max_new_tokens: int = 256            # per call (the retriever gets (k + 1) times this)
     concurrency: int = 8                 # problems in flight (= scheduler slots for a local teacher)
-    threads: int = 0                     # torch CPU threads (0 = torch default); 1 wins on an oversubscribed CPU
+    threads: int = 0                     # torch CPU threads: 0 = auto (1 on a busy machine), -1 = torch default
     accept: str = "hidden"               # hidden: final program passes all the problem's tests | samples
     format_only_roles: list = field(default_factory=list)   # roles that also keep clean-format answers of
                                          # failed trajectories (labelled tier; for roles the teacher rarely solves)
@@ -169,13 +169,17 @@ def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: st
     return open_local(model, device or None, dtype or None, None, n_slots=n_slots)
 
 
-def set_threads(n: int) -> None:
-    """torch CPU threads. With more runnable threads than cores (other jobs on the machine), OpenMP regions wait
-    on descheduled peers: measured here, a KV-cache gather went from 0.01 ms to 8 ms with 2 threads on a
-    loaded 2-core machine, and the 0.5B teacher decoded 7x faster with 1 thread than with 2."""
+def set_threads(n: int) -> int:
+    """torch CPU threads: n > 0 exactly n; 0 = auto: 1 when the machine is busy (1-minute load average above
+    the core count), else torch's default; < 0 = torch's default. Why: with more runnable threads than cores,
+    OpenMP regions wait on descheduled peers -- measured on a loaded 2-core machine, a KV-cache gather went
+    from 0.01 ms to 8 ms with 2 threads, and the 0.5B teacher decoded 7x faster with 1 thread than with 2."""
+    import torch
+    if n == 0 and os.getloadavg()[0] > (os.cpu_count() or 1):
+        n = 1
     if n > 0:
-        import torch
         torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def teacher_name(cfg) -> str:

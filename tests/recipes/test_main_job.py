@@ -48,7 +48,7 @@ def test_main_job_tiny_student(sft, tmp_path):
     recipe = tmp_path / "train.toml"
     recipe.write_text('[lora]\nrank = 4\nalpha = 8.0\n[data]\nmax_len = 2048\neval_fraction = 0.0\n'
                       '[train]\nsteps = 1\nglobal_batch = 4\nmicro_batch = 4\nwarmup_steps = 0\n')
-    cfg = MainConfig(student=str(student), train_recipe=str(recipe), data=str(data_dir / "data" / "sft.jsonl"),
+    cfg = MainConfig(student=str(student), train_recipe=str(recipe), train=[], data=str(data_dir / "data" / "sft.jsonl"),
                      benchmarks=["humaneval"], limit=2, max_new_tokens=6, concurrency=2, out=str(tmp_path / "main"))
     s = main_job(cfg)
     out = Path(cfg.out)
