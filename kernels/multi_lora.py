@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+DENSE_MAX_T = 64                  # torch path: at most this many tokens -> one dense pass over all adapters
 MAX_RANK = 128                    # BLOCK_R <= 128 keeps the fused shrink accumulator in registers
 BLOCK_MS = (16, 32, 64, 128)      # row-tile heights with a tile table in every Segments
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # read when triton.jit is (at import), so they agree
@@ -58,6 +59,7 @@ class Segments:
     n_base_tiles: dict
     counts: tuple
     n_base: int
+    onehot: torch.Tensor | None = None   # [T, N] fp32, token t's adapter column = 1 (few-token torch path only)
 
     @property
     def n_tokens(self) -> int:
@@ -106,7 +108,9 @@ def make_segments(adapter_ids: torch.Tensor, n_adapters: int) -> Segments:
     return Segments(perm=views[0], offsets=views[1],
                     tiles={bm: v.view(-1, 3) for bm, v in zip(BLOCK_MS, views[2:])},
                     n_base_tiles={bm: tables[bm][1] for bm in BLOCK_MS},
-                    counts=tuple(counts[1:]), n_base=counts[0])
+                    counts=tuple(counts[1:]), n_base=counts[0],
+                    onehot=F.one_hot(ids + 1, n_adapters + 1)[:, 1:].float().to(adapter_ids.device)
+                    if ids.numel() <= DENSE_MAX_T else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,7 +135,15 @@ def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments):
     _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path=False)
     x2 = x.reshape(-1, x.shape[-1])                                     # [T, in]
     y = F.linear(x2, weight, bias)                                      # [T, out]
-    if seg.n_lora:
+    if seg.n_lora and seg.onehot is not None:
+        # Few tokens (decode): x against every adapter's A at once, keep each token's own block, then B per
+        # adapter as one bmm. Same bytes read as the per-segment loop, ~7 ops instead of ~4 per adapter.
+        N, R = lora_a.shape[0], lora_a.shape[1]
+        xa = (x2 @ lora_a.reshape(N * R, -1).t()).view(-1, N, R)       # [T, N, R]   x A[n]^T for every n
+        w = (seg.onehot * scales).to(xa.dtype)                          # [T, N]      s[a] on the token's adapter
+        xa = (xa * w[:, :, None]).transpose(0, 1)                       # [N, T, R]   other adapters zeroed
+        y = y + torch.bmm(xa, lora_b.transpose(1, 2)).sum(0)            # [T, out]    sum_n xa[n] B[n]^T
+    elif seg.n_lora:
         lora_perm = seg.perm[seg.n_base:]                               # LoRA tokens, grouped by adapter
         chunks = x2[lora_perm].split(seg.counts)                        # host ints: no sync
         deltas = [(xs @ lora_a[a].t()) * scales[a].to(xs.dtype) @ lora_b[a].t()

@@ -4,6 +4,8 @@ output buffers; ValueErrors at the boundary.
 
     python -m pytest tests/kernels/test_multi_lora.py -q     # tests/conftest.py sets TRITON_INTERPRET=1 without CUDA
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,9 +62,11 @@ def reference(case):
 def run(case, backend, **kw):
     x, A, B = (case[k].detach().clone().requires_grad_() for k in ("x", "lora_a", "lora_b"))
     seg = ml.make_segments(case["ids"], len(case["ranks"]))
+    if backend == "torch_segments":                         # force the per-segment loop even for few tokens
+        seg, backend = dataclasses.replace(seg, onehot=None), "torch"
     y = ml.multi_lora(x, case["weight"], case["bias"], A, B, case["scales"], seg, backend=backend, **kw)
     y.backward(case["dy"])
-    if seg.n_lora == 0 and backend == "torch":               # autograd leaves unused parameters' grads at None
+    if seg.n_lora == 0 and backend in ("torch", "torch_segments"):               # autograd leaves unused parameters' grads at None
         assert A.grad is None and B.grad is None
         return y.detach(), x.grad, torch.zeros_like(A), torch.zeros_like(B)
     return y.detach(), x.grad, A.grad, B.grad
@@ -102,7 +106,7 @@ CASES = {  # name: (T, in, out, ranks, ids pattern, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "torch_segments"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name, backend, dtype):
     T, n_in, n_out, ranks, pattern, bias = CASES[name]
