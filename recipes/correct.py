@@ -134,6 +134,11 @@ _AGENT_WORD = r"(planner|planning|plan|coder|coding|code|programmer|implementati
 _TAGS = ("agent", "faulty_agent", "fault", "blame", "culprit", "responsible")
 
 
+_TEMPLATE_TEXT = ("what is wrong and how to fix it", "planner or coder",
+                  "the plan is wrong or incomplete, so a program that follows it faithfully would still fail",
+                  "the plan is right, but the program does not follow it or has a bug")
+
+
 def _norm_agent(word: str) -> str:
     return "planner" if word.lower().startswith("plan") else "coder"
 
@@ -146,7 +151,9 @@ def _tag(text: str, tag: str) -> str | None:
 def parse_verdict(text) -> Verdict | FormatFailure:
     """The supervisor's answer -> Verdict; never raises. Tried in order: an <agent> tag (or faulty_agent, blame,
     ...); a phrase such as 'the coder is at fault' / 'Agent: planner'; exactly one of the two roles named.
-    Feedback: the <feedback> tag, else the text with the verdict removed."""
+    Feedback: the <feedback> tag, else the text with the verdict removed. A failure (counted): no agent, a tag
+    naming both (small models copy the template '<agent>planner or coder</agent>'), or feedback that is
+    missing or copied from the prompt."""
     try:
         if not isinstance(text, str):
             return FormatFailure("supervisor", f"answer is {type(text).__name__}, not text")
@@ -157,9 +164,11 @@ def parse_verdict(text) -> Verdict | FormatFailure:
         for tag in _TAGS:
             v = _tag(t, tag)
             if v:
-                m = re.search(rf"\b{_AGENT_WORD}\b", v, re.I)
-                if m:
-                    agent, how = _norm_agent(m.group(1)), "tag"
+                named = {_norm_agent(w) for w in re.findall(rf"\b{_AGENT_WORD}\b", v, re.I)}
+                if len(named) > 1:                              # "<agent>planner or coder</agent>": the template
+                    return FormatFailure("supervisor", f"<{tag}> names both agents: {v[:60]!r}", parsers._excerpt(t))
+                if named:
+                    agent, how = named.pop(), "tag"
                     break
         if agent is None:
             pats = [rf"\b(?:agent|fault|faulty|blame|culprit|responsible|mistake\s+(?:is|was)\s+(?:made\s+)?by)\b"
@@ -177,10 +186,14 @@ def parse_verdict(text) -> Verdict | FormatFailure:
         if agent is None:
             return FormatFailure("supervisor", "no agent named (planner or coder)", parsers._excerpt(t))
         fb = _tag(t, "feedback")
-        if not fb:
+        if fb is None:
             fb = re.sub(r"</?\w+\s*>", " ", t)
             fb = re.sub(rf"<(?:{'|'.join(_TAGS)})>.*?</(?:{'|'.join(_TAGS)})>", " ", fb, flags=re.S | re.I).strip()
-        return Verdict(agent, fb.strip(), how)
+        fb = fb.strip()
+        if not fb or fb.lower() in _TEMPLATE_TEXT:
+            return FormatFailure("supervisor", "no feedback of its own (empty, or the prompt's words copied)",
+                                 parsers._excerpt(t))
+        return Verdict(agent, fb, how)
     except Exception as e:                                          # noqa: BLE001 -- the boundary: count, never crash
         return FormatFailure("supervisor", f"parser error: {type(e).__name__}: {e}")
 

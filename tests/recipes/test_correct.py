@@ -32,7 +32,12 @@ def test_parse_verdict(text, agent, feedback):
 
 
 @pytest.mark.parametrize("text", ["", "   ", "I don't know.", "Both the planner and the coder made mistakes.",
-                                  None, 42, "<root><agent>tester</agent></root>"])
+                                  None, 42, "<root><agent>tester</agent></root>",
+                                  # the 0.5B supervisor copying the output template (seen in the real run)
+                                  "<root>\n<agent>planner or coder</agent>\n<feedback>the plan is wrong or incomplete, "
+                                  "so a program that follows it faithfully would still fail</feedback>\n</root>",
+                                  "<root><agent>coder</agent><feedback>what is wrong and how to fix it</feedback></root>",
+                                  "<root><agent>coder</agent><feedback> </feedback></root>"])
 def test_parse_verdict_failures_never_raise(text):
     assert not parse_verdict(text)
 
