@@ -83,7 +83,7 @@ def main(args):
     result = {"model": name, "device": _device_name(device), "torch": torch.__version__,
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "same_greedy_tokens": a == b, "rows": rows,
-              "command": "mcl bench generate" + (" --quick" if args.quick else "")}
+              "command": "mcl bench generate" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if getattr(args, "threads", None) else "")}
     _write(result, args.out, f"generate_{device}.json")
     print(json.dumps(result))
 

@@ -91,7 +91,7 @@ def main(args):
               "n_slots": n_slots, "rows": out_rows,
               "continuous_vs_sequential": round(tps["continuous_mixed"] / tps["sequential"], 3),
               "continuous_vs_per_role": round(tps["continuous_mixed"] / tps["per_role_batches"], 3),
-              "command": "mcl bench serve" + (" --quick" if args.quick else "") + f" --model {name} --device {device}"}
+              "command": "mcl bench serve" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if getattr(args, "threads", None) else "") + f" --model {name} --device {device}"}
     if device.startswith("cuda"):
         result.update(_gpu_decode_checks(model))
     _write(result, args.out, f"serve_{name}_{device}.json")

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--model", default=None)
         b.add_argument("--device", default=None)
         b.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+        b.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
         b.set_defaults(func=_call(target))
 
     p = sub.add_parser("train", help="train the four role adapters in one mixed-role run")
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         rc = args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
