@@ -35,9 +35,9 @@ from engine.agents.prompts import ROLES
 from recipes.distill import load_config, run_record, set_threads
 
 
-# The main job's training, sized for <= 15 minutes in all on a 2-core CPU: SmolLM2-135M trains at roughly
-# 35-70 tokens/s there (examples are ~700 tokens), so 6 steps of 4 examples, one per role (uniform sampler).
-MAIN_TRAIN = ("train.steps=6", "train.global_batch=4", "train.micro_batch=4", "train.lr=1e-3", "train.warmup_steps=1",
+# The main job's training, sized for <= 15 minutes in all on a 2-core CPU: SmolLM2-135M trains at ~50-130
+# tokens/s there (examples are ~600 tokens; 20-60 s a step), so 10 steps of 4 examples, about one per role.
+MAIN_TRAIN = ("train.steps=10", "train.global_batch=4", "train.micro_batch=4", "train.lr=1e-3", "train.warmup_steps=1",
               "train.eval_every=0", "train.ckpt_every=0", "data.eval_fraction=0.0")
 
 
@@ -52,7 +52,8 @@ class MainConfig:
     data_dir: str = ""                          # benchmark data ("" = the loaders' default)
     k: int = 1                                  # MapCoder: recalled examples / plans
     t: int = 1                                  # MapCoder: debug rounds per plan
-    max_new_tokens: int = 160                   # per call; the retriever gets (k + 1) times this
+    max_new_tokens: int = 256                   # per call (the retriever gets (k + 1) times this); the teacher's
+                                                # debugger answers (plan + program) run to ~250 tokens
     concurrency: int = 8                        # problems in flight per run
     side_by_side: bool = True                   # base and adapted runs at once: one scheduler, one mixed batch
     threads: int = 0                            # torch CPU threads: 0 = auto (1 on a busy machine), -1 = default
