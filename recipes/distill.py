@@ -147,8 +147,15 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    return "mcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "mcl" else \
-        " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
+    """The command as typed: `mcl ...`, `python -m package.module ...` or `python file ...`."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    prog = Path(sys.argv[0])
+    if prog.name == "mcl":
+        return f"mcl {args}"
+    root = Path(__file__).resolve().parents[1]
+    if prog.suffix == ".py" and prog.resolve().is_relative_to(root):     # run as python -m recipes.x
+        return f"python -m {'.'.join(prog.resolve().relative_to(root).with_suffix('').parts)} {args}"
+    return f"python {shlex.quote(sys.argv[0])} {args}"
 
 
 def run_record(**extra) -> dict:

@@ -174,3 +174,12 @@ def test_format_only_tier_is_labelled(tmp_path):
     assert [(e["source"]["problem"], "tier" in e["source"]) for e in dbg] == [("fake/sub", False), ("fake/mul", True)]
     assert stats["format_only"] == {"retriever": 0, "planner": 0, "coder": 0, "debugger": 1}
     assert stats["examples"]["coder"] == 1                 # other roles unchanged
+
+
+def test_command_line_is_recorded_as_typed(monkeypatch):
+    import recipes.distill as d
+    root = Path(d.__file__).resolve().parents[1]
+    monkeypatch.setattr("sys.argv", [str(root / "recipes" / "build_sft.py"), "--note", "a b"])
+    assert d.command_line() == "python -m recipes.build_sft --note 'a b'"
+    monkeypatch.setattr("sys.argv", ["/usr/bin/mcl", "distill", "n_problems=5"])
+    assert d.command_line() == "mcl distill n_problems=5"
