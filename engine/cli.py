@@ -30,6 +30,9 @@ def _model_flags(p: argparse.ArgumentParser):
                    help="embedded model name (smollm2-135m, qwen2.5-coder-0.5b), an HF directory or a .gguf file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "q4"],
+                   help="CPU inference weights: fp32 (exact), bf16, or q4 (a GGUF's 4-bit blocks as they are); "
+                        "see engine/quant.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--model", default=None)
         b.add_argument("--device", default=None)
         b.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+        b.add_argument("--weights", default=None, choices=["fp32", "bf16", "q4"],
+                       help="our engine's CPU weights (see engine/quant.py); default per bench")
         b.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
         b.set_defaults(func=_call(target))

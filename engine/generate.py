@@ -191,7 +191,7 @@ class _Streamer:
 
 def _load(args):
     from engine.hub import load_model
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype, weights=getattr(args, "weights", "fp32"))
 
 
 def cli_generate(args):

@@ -179,10 +179,12 @@ def resolve(name_or_path) -> Path:
                      f"or a .gguf file")
 
 
-def load_model(name_or_path, device=None, dtype=None):
+def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
     """(engine.model.Transformer in eval mode, engine.tokenizer.Tokenizer) for an embedded name, an HF directory
     (config.json + safetensors + tokenizer.json) or a .gguf file. device: default cuda when available;
-    dtype: torch dtype or its name, default bfloat16 on cuda, float32 on cpu."""
+    dtype: torch dtype or its name, default bfloat16 on cuda, float32 on cpu.
+    weights: "fp32" (exact), or on the CPU "bf16" / "q4": packed inference copies (engine/quant.py); "q4" keeps a
+    GGUF's Q4_0/Q4_1 tensors 4-bit. The model's `pack_stats` says what was packed."""
     from engine.model import Transformer
     from engine.tokenizer import Tokenizer
     from engine.weights import load_gguf, load_hf_dir
@@ -213,7 +215,13 @@ def load_model(name_or_path, device=None, dtype=None):
                     raise RuntimeError(f"engine.model buffer {mod_name}.{b_name} {tuple(b.shape)} is not in the "
                                        f"checkpoint and has no value; hub.load_model cannot build it")
                 mod.register_buffer(b_name, torch.empty(b.shape, dtype=b.dtype), persistent=False)
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    if weights != "fp32":
+        from engine.quant import pack_model
+        from engine.weights import load_gguf_q4
+        q4 = load_gguf_q4(path, cfg) if weights == "q4" and not path.is_dir() else None
+        model.pack_stats = pack_model(model, weights, q4)
+    return model, tok
 
 
 if __name__ == "__main__":

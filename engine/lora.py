@@ -63,9 +63,12 @@ class LoRALinear(nn.Module):
         self.lora_B: nn.Parameter | None = None                              # (N, out, R)
         self.register_buffer("lora_scale", torch.zeros(0), persistent=False)  # (N,) fp32
         self.ranks: list[int] = []
+        self.packed = None       # engine.quant.PackedLinear: a bf16 / 4-bit copy of `weight` for CPU inference
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            return self._packed_forward(x, lora)
         if lora is None or self.lora_A is None:
             return F.linear(x, self.weight, self.bias)
         from kernels.multi_lora import multi_lora
@@ -73,6 +76,16 @@ class LoRALinear(nn.Module):
         y = multi_lora(x2, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scale, lora.seg,
                        backend=lora.backend)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _packed_forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        """Inference with the packed base (engine/quant.py) plus the adapters' delta in the model dtype."""
+        y = self.packed(x)
+        if self.bias is not None:
+            y = y + self.bias
+        if lora is not None and self.lora_A is not None and lora.seg.n_lora:
+            y = y + _lora_delta(x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.lora_scale,
+                                lora.seg).view_as(y)
+        return y
 
     # --- adapter slots -------------------------------------------------------------------
     def set_adapters(self, ranks: list[int], scales: list[float], seed: int = 0):
@@ -102,6 +115,17 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             delta = self.lora_B[idx, :, :r].float() @ self.lora_A[idx, :r].float()   # (out, in)
             self.weight += (self.lora_scale[idx] * delta).to(self.weight.dtype)
+        self.packed = None       # the packed copy no longer matches: fall back to the exact weight
+
+
+def _lora_delta(x2, lora_a, lora_b, scales, seg) -> torch.Tensor:
+    """s[a] (x A[a]^T) B[a]^T per token (no base term), for inference beside a packed base. x2 (T, in) -> (T, out)."""
+    out = x2.new_zeros(x2.shape[0], lora_b.shape[1])
+    perm = seg.perm[seg.n_base:]                                           # LoRA tokens grouped by adapter
+    for a, xs in enumerate(x2[perm].split(seg.counts)):
+        if xs.shape[0]:
+            out[perm[sum(seg.counts[:a]):sum(seg.counts[:a + 1])]] = (xs @ lora_a[a].t()) * scales[a] @ lora_b[a].t()
+    return out
 
 
 # --- model-level helpers ----------------------------------------------------------------------

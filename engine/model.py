@@ -145,6 +145,7 @@ class Transformer(nn.Module):
         self.adapter_names: list[str] = []      # adapter id i <-> adapter_names[i]; see engine.lora.add_adapters
         self.lora_backend = "auto"              # "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"
         self.gradient_checkpointing = False
+        self.output_packed = None               # engine.quant.PackedLinear copy of the LM head (CPU inference)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -196,6 +197,8 @@ class Transformer(nn.Module):
         if last_idx is not None:
             x = x[torch.arange(B, device=x.device), last_idx][:, None]       # (B, 1, dim)
         x = self.model.norm(x)
+        if self.output_packed is not None and not torch.is_grad_enabled():
+            return self.output_packed(x)                                      # (B, T|1, V), see engine/quant.py
         return F.linear(x, self.output_weight)                                # (B, T|1, V)
 
     def num_params(self, trainable_only: bool = False) -> int:
