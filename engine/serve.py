@@ -11,6 +11,18 @@ them (several prompts in one batch, long prompts in chunks of `prefill_chunk` to
 one token for every running request in ONE batch whose rows carry different adapter ids (the fused
 multi-LoRA kernel on CUDA), (4) sample, check stops, free the slots of finished requests at once so the
 next step refills them. Results go back through concurrent.futures.Future; `on_token` streams.
+
+Automatic prefix caching (as vLLM's automatic prefix caching and SGLang's radix cache do, without blocks):
+every slot remembers the prompt whose keys/values it holds -- while its request runs and after it finishes,
+until the slot is reused. On admission a request looks for the slot holding the longest common prefix of
+its prompt under the SAME adapter (k/v projections carry the adapter, so KV differs between adapters),
+takes that slot in place when it is free or else copies the prefix's K/V rows into a free slot (the least
+recently used), and prefills only the rest. When a prefix it shares is still being prefilled by a running
+request, the request waits for it rather than computing it twice. Eviction is implicit: a freed slot's
+rows stay reusable until a new request takes the slot. The reused K/V rows are the ones a prefill of the
+same tokens at the same positions writes, so outputs match a run without the cache (greedy: equal up to
+floating-point ties; tests/test_serve.py checks). `stats` counts prompt_tokens, prefill_tokens (computed),
+prefix_hits, prefix_reused_tokens, prefix_copies (vs in place) and prefix_waits.
 """
 from __future__ import annotations
 
@@ -62,7 +74,8 @@ class _Request:
 
 class Scheduler:
     def __init__(self, model, tokenizer, n_slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
-                 max_prefill_rows: int = 8, log_batches: bool = False, ignore_eos: bool = False):
+                 max_prefill_rows: int = 8, log_batches: bool = False, ignore_eos: bool = False,
+                 prefix_cache: bool = True, prefix_min: int = 16):
         self.model, self.tok = model, tokenizer
         dev = next(model.parameters()).device
         self.device = dev
@@ -79,6 +92,12 @@ class Scheduler:
         self.log_batches = log_batches
         self.batch_log: list[dict] = []                  # per decode step: size and adapters in the batch
         self.stats = collections.Counter()
+        # Prefix cache: owner[slot] is the last request that wrote the slot (running or finished); its rows
+        # 0..owner.prefilled-1 hold the KV of owner.prompt[:owner.prefilled] under owner.adapter_id.
+        self.prefix_cache, self.prefix_min = prefix_cache, max(1, prefix_min)
+        self.owner: list[_Request | None] = [None] * n_slots
+        self.last_use = [0] * n_slots                   # admission tick of the last request that used the slot
+        self._tick = 0
 
     # --- submitting ------------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -128,12 +147,56 @@ class Scheduler:
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            while self.free and self.waiting:
-                req = self.waiting.popleft()
-                req.slot, req.t_admit = self.free.pop(), time.perf_counter()
-                self.running[req.slot] = req
+            self._admit()
         self._prefill_step()
         self._decode_step()
+
+    def _admit(self):
+        """Free slots to waiting requests (FIFO), each starting from the longest cached prefix it can reuse."""
+        deferred = []
+        while self.free and self.waiting:
+            req = self.waiting.popleft()
+            src, n, pending = self._longest_prefix(req) if self.prefix_cache else (-1, 0, 0)
+            if pending > n and pending >= self.prefix_min:   # a running prefill is computing more of our prefix
+                deferred.append(req)
+                self.stats["prefix_waits"] += 1
+                continue
+            self._tick += 1
+            if n >= self.prefix_min and src in self.free:
+                slot = src                              # reuse in place: nothing to copy
+            else:
+                slot = min(self.free, key=lambda s: (self.owner[s] is not None, self.last_use[s]))   # LRU
+            self.free.remove(slot)
+            if n >= self.prefix_min:
+                if slot != src:                         # cache[:, slot, :, :n] = cache[:, src, :, :n], K and V
+                    self.cache.k[:, slot, :, :n] = self.cache.k[:, src, :, :n]
+                    self.cache.v[:, slot, :, :n] = self.cache.v[:, src, :, :n]
+                    self.stats["prefix_copies"] += 1
+                self.last_use[src] = self._tick
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_reused_tokens"] += n
+                req.prefilled = n
+            self.stats["prompt_tokens"] += len(req.prompt)
+            req.slot, req.t_admit = slot, time.perf_counter()
+            self.owner[slot], self.last_use[slot] = req, self._tick
+            self.running[slot] = req
+        self.waiting.extendleft(reversed(deferred))
+
+    def _longest_prefix(self, req) -> tuple[int, int, int]:
+        """(slot, n, pending): the slot whose rows 0..n-1 hold req's first n prompt tokens under req's adapter
+        (longest n; a free slot wins ties), n < len(prompt) so one token is left to prefill; `pending` is the
+        longest shared prefix that a prefill now running will have computed. (-1, 0, 0) when nothing matches."""
+        src, best, pending, cap = -1, 0, 0, len(req.prompt) - 1
+        for slot, o in enumerate(self.owner):
+            if o is None or o.adapter_id != req.adapter_id:
+                continue
+            m = min(_common_prefix(o.prompt, req.prompt), cap)
+            n = min(m, o.prefilled)
+            if self.running.get(slot) is o:
+                pending = max(pending, m)
+            if (n, slot in self.free) > (best, src in self.free):
+                src, best = slot, n
+        return src, best, max(pending, best)
 
     def _prefill_step(self):
         todo = [r for r in self.running.values() if r.prefilled < len(r.prompt)][: self.max_prefill_rows]
@@ -214,6 +277,16 @@ class Scheduler:
         if not r.future.done():
             r.future.set_result(res)
 
+    def prefix_summary(self) -> dict:
+        """Prompt tokens admitted, computed and reused; hit rate = reused / admitted prompt tokens."""
+        st = self.stats
+        return {"prompt_tokens": st["prompt_tokens"], "prefill_tokens": st["prefill_tokens"],
+                "prefix_reused_tokens": st["prefix_reused_tokens"], "prefix_hits": st["prefix_hits"],
+                "prefix_copies": st["prefix_copies"], "prefix_waits": st["prefix_waits"],
+                "requests": self._tick,
+                "token_hit_rate": round(st["prefix_reused_tokens"] / max(1, st["prompt_tokens"]), 4),
+                "request_hit_rate": round(st["prefix_hits"] / max(1, self._tick), 4)}
+
     # --- running in the background ---------------------------------------------------------------
     def run_until_done(self) -> None:
         while self.has_work():
@@ -242,6 +315,7 @@ class Scheduler:
                     self.running.clear()
                     self.waiting.clear()
                     self.free = list(range(self.cache.n_slots))[::-1]
+                    self.owner = [None] * self.cache.n_slots      # the broken step may have half-written rows
                     self.by_future.clear()
 
     def stop(self) -> None:
@@ -257,3 +331,20 @@ class Scheduler:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (slice comparisons run in C; binary search)."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 1, n                                       # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

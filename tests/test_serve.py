@@ -1,6 +1,8 @@
 """Continuous batching with mixed adapters: each request's greedy output equals running it alone with its
 adapter; 1000 random requests (cancellations, budgets hitting the context) leak nothing; bad requests are
-refused while the others continue.
+refused while the others continue. Prefix caching: outputs with reuse equal outputs without it (mixed
+adapters, prefixes ending mid-chunk, eviction with few slots, waiting on a running prefill); the cache key
+includes the adapter; an evicted prefix is never used; the counters add up.
 
     python -m pytest tests/test_serve.py -q
 """
@@ -116,3 +118,85 @@ def test_background_thread_streams_and_cancels(model):
         r2 = long.result(timeout=60)
     assert seen == r1.token_ids[:len(seen)] and len(seen) == r1.new_tokens
     assert r2.finish_reason == "cancelled" and r1.wall_s >= r1.ttft_s >= r1.queue_s >= 0
+
+
+# --- prefix caching -------------------------------------------------------------------------------
+
+def _run(model, reqs, arrive_every=0, **kw):
+    """Submit (prompt, adapter, budget) requests (all at once, or one per `arrive_every` steps); results + sched."""
+    sched = Scheduler(model, CharTokenizer(), **kw)
+    futs, pending = [], list(reqs)
+    while pending or sched.has_work():
+        for _ in range(len(pending) if not arrive_every else 1):
+            if pending:
+                p, a, n = pending.pop(0)
+                futs.append(sched.submit(p, adapter=a, max_new_tokens=n))
+        for _ in range(max(1, arrive_every)):
+            sched.step()
+    return [f.result().token_ids for f in futs], sched
+
+
+@pytest.mark.parametrize("arrive_every,n_slots", [(0, 3), (2, 2), (1, 6)])
+def test_prefix_reuse_equals_no_reuse(model, arrive_every, n_slots):
+    rng = random.Random(10 + n_slots)
+    prefixes = [rand_prompt(rng, n) for n in (13, 21, 30)]          # 13, 21: end mid-chunk (chunk 8)
+    reqs = []
+    for _ in range(24):
+        pre = rng.choice(prefixes)
+        reqs.append((pre[:rng.randint(len(pre) - 4, len(pre))] + rand_prompt(rng, rng.randint(0, 9)),
+                     rng.choice(["planner", "coder", None]), rng.randint(1, 8)))
+    reqs.append((prefixes[0], "planner", 5))                        # a prompt that is entirely a cached prefix
+    kw = dict(n_slots=n_slots, max_len=64, prefill_chunk=8)
+    with_cache, s1 = _run(model, reqs, arrive_every, prefix_min=4, **kw)
+    without, s0 = _run(model, reqs, arrive_every, prefix_cache=False, **kw)
+    assert with_cache == without
+    for (p, a, n), out in zip(reqs[:6], with_cache):                # and equal to running alone
+        assert out == generate(model, [p], n, adapter_ids=[-1 if a is None else ROLES.index(a)], eos_ids={0})[0].token_ids
+    st = s1.stats
+    assert st["prefix_hits"] > 0 and st["prefix_copies"] > 0 and st["prefix_hits"] > st["prefix_copies"]  # in place too
+    assert st["prefill_tokens"] == st["prompt_tokens"] - st["prefix_reused_tokens"]
+    assert st["prefill_tokens"] < s0.stats["prefill_tokens"] == s0.stats["prompt_tokens"]
+    assert s0.stats["prefix_hits"] == 0 and sorted(s1.free) == list(range(n_slots))
+
+
+def test_requests_wait_for_a_shared_prefix_being_prefilled(model):
+    rng = random.Random(6)
+    pre = rand_prompt(rng, 27)
+    reqs = [(pre + rand_prompt(rng, 3), "planner", 4) for _ in range(4)]    # all at once, 4 free slots
+    outs, sched = _run(model, reqs, n_slots=4, max_len=64, prefill_chunk=8)  # 27 = 3 chunks of 8 + 3
+    st = sched.stats
+    assert st["prefix_waits"] > 0 and st["prefix_hits"] == 3 and st["prefix_reused_tokens"] >= 3 * 27
+    assert st["prefill_tokens"] <= 30 + 3 * 3
+    for (q, a, n), out in zip(reqs, outs):
+        assert out == generate(model, [q], n, adapter_ids=[ROLES.index(a)], eos_ids={0})[0].token_ids
+
+
+def test_prefix_cache_key_includes_the_adapter(model):
+    p = rand_prompt(random.Random(3), 40)
+    reqs = [(p, "coder", 4), (p, "debugger", 4), (p, None, 4), (p + [7, 8], "coder", 4)]
+    outs, sched = _run(model, reqs, arrive_every=3, n_slots=4, max_len=64)
+    assert sched.stats["prefix_hits"] == 1 and sched.stats["prefix_reused_tokens"] == 40   # only coder -> coder
+    for (q, a, n), out in zip(reqs, outs):
+        assert out == generate(model, [q], n, adapter_ids=[-1 if a is None else ROLES.index(a)], eos_ids={0})[0].token_ids
+
+
+@pytest.mark.parametrize("n_slots,hits", [(1, 0), (2, 1)])
+def test_evicted_prefix_is_not_used(model, n_slots, hits):
+    rng = random.Random(4)
+    a, b = rand_prompt(rng, 30), rand_prompt(rng, 30)
+    reqs = [(a + [1], "coder", 3), (b + [2], "coder", 3), (a + [3], "coder", 3)]    # one at a time
+    outs, sched = _run(model, reqs, arrive_every=6, n_slots=n_slots, max_len=64)
+    assert sched.stats["prefix_hits"] == hits                       # one slot: b evicted a; two: a's rows kept (LRU)
+    assert sched.stats["prefix_reused_tokens"] == 30 * hits
+    for (q, ad, n), out in zip(reqs, outs):
+        assert out == generate(model, [q], n, adapter_ids=[ROLES.index(ad)], eos_ids={0})[0].token_ids
+
+
+def test_common_prefix_matches_naive():
+    from engine.serve import _common_prefix
+    rng = random.Random(5)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randint(0, 12))]
+        b = a[:rng.randint(0, len(a))] + [rng.randrange(3) for _ in range(rng.randint(0, 12))]
+        naive = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _common_prefix(a, b) == naive
