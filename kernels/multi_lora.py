@@ -12,7 +12,8 @@ different ranks are stored zero-padded to R = max rank (<= MAX_RANK); padded ent
 Contents, top to bottom:
   Segments / make_segments   per batch, once: token order grouped by adapter + row-tile tables (no host sync per layer)
   multi_lora_ref             the oracle: per-token gather of A/B + bmm (tests run it in float64)
-  multi_lora_torch           the fast plain-torch path: base matmul + one matmul pair per adapter segment + index_add
+  multi_lora_torch           the fast plain-torch path: base matmul + per adapter segment a matmul pair (one bmm pair
+                             when the tokens come grouped in equal segments; slices, no gather/scatter, when grouped)
   _shrink_kernel             mid[pos] = s[a] * x[perm[pos]] A[a]^T over row tiles of one adapter each
   _gemm_expand_kernel        out[perm[pos]] = inp[perm[pos]] w + bias + mid[pos] q[a]  (shrink optionally fused in)
   _segment_outer_kernel      G[a] = U_a^T V_a summed over the tokens of adapter a  (dA, dB)
@@ -60,6 +61,8 @@ class Segments:
     counts: tuple
     n_base: int
     onehot: torch.Tensor | None = None   # [T, N] fp32, token t's adapter column = 1 (few-token torch path only)
+    in_order: bool = False               # perm is the identity: the tokens already come grouped by adapter (the
+                                         # trainer's batches, rows sorted by role), so segments are slices of x
 
     @property
     def n_tokens(self) -> int:
@@ -110,7 +113,8 @@ def make_segments(adapter_ids: torch.Tensor, n_adapters: int) -> Segments:
                     n_base_tiles={bm: tables[bm][1] for bm in BLOCK_MS},
                     counts=tuple(counts[1:]), n_base=counts[0],
                     onehot=F.one_hot(ids + 1, n_adapters + 1)[:, 1:].float().to(adapter_ids.device)
-                    if ids.numel() <= DENSE_MAX_T else None)
+                    if ids.numel() <= DENSE_MAX_T else None,
+                    in_order=bool((ids[1:] >= ids[:-1]).all()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,12 +147,27 @@ def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments):
         w = (seg.onehot * scales).to(xa.dtype)                          # [T, N]      s[a] on the token's adapter
         xa = (xa * w[:, :, None]).transpose(0, 1)                       # [N, T, R]   other adapters zeroed
         y = y + torch.bmm(xa, lora_b.transpose(1, 2)).sum(0)            # [T, out]    sum_n xa[n] B[n]^T
+    elif seg.n_lora and seg.in_order and len(set(seg.counts)) == 1:
+        # Tokens grouped by adapter, every adapter the same count c (the trainer's balanced batches): the LoRA rows
+        # are one [N, c, in] view, so each half of the delta is one bmm, added into the base output's LoRA rows.
+        N, c = seg.n_adapters, seg.counts[0]
+        xl = x2[seg.n_base:].view(N, c, -1)                             # [N, c, in]
+        mid = torch.bmm(xl, lora_a.transpose(1, 2)) * scales.to(x2.dtype)[:, None, None]   # [N, c, R]  s[a] x A[a]^T
+        yl = torch.baddbmm(y[seg.n_base:].view(N, c, -1), mid, lora_b.transpose(1, 2))     # [N, c, out]
+        y = yl.view(-1, yl.shape[-1]) if not seg.n_base else torch.cat((y[:seg.n_base], yl.flatten(0, 1)))
     elif seg.n_lora:
-        lora_perm = seg.perm[seg.n_base:]                               # LoRA tokens, grouped by adapter
-        chunks = x2[lora_perm].split(seg.counts)                        # host ints: no sync
-        deltas = [(xs @ lora_a[a].t()) * scales[a].to(xs.dtype) @ lora_b[a].t()
-                  for a, xs in enumerate(chunks) if xs.shape[0]]
-        y = y.index_add(0, lora_perm, torch.cat(deltas))
+        # One matmul pair per non-empty adapter on its tokens. In order: slices of x, no gather or scatter.
+        # unbind (not A[a]) so the backward stacks the per-adapter grads once instead of a zero-filled copy each.
+        ts = seg.perm[seg.n_base:]                                      # LoRA tokens, grouped by adapter
+        chunks = (x2[seg.n_base:] if seg.in_order else x2[ts]).split(seg.counts)   # host ints: no sync
+        As, Bs, s = lora_a.unbind(0), lora_b.unbind(0), scales.to(x2.dtype)
+        delta = torch.cat([(xs @ As[a].t()) * s[a] @ Bs[a].t() for a, xs in enumerate(chunks) if xs.shape[0]])
+        if not seg.in_order:
+            y = y.index_add(0, ts, delta)
+        elif seg.n_base:
+            y = torch.cat((y[:seg.n_base], y[seg.n_base:] + delta))
+        else:
+            y = y + delta
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

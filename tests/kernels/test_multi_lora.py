@@ -28,6 +28,13 @@ def make_ids(pattern: str, T: int, n_adapters: int, g: torch.Generator) -> torch
         ids[: T // 8] = n_adapters - 1
         ids[T // 8: T // 4] = -1
         return ids
+    if pattern.startswith("sorted_"):                         # already grouped (the trainer's batches): in_order
+        n_base = {"sorted_equal": 0, "sorted_equal_base": 8, "sorted_uneven": 5}[pattern]
+        if pattern == "sorted_uneven":                        # uneven, adapter 1 empty
+            counts = [T - n_base - 2 * (T // 7)] + [0] + [T // 7] * 2 + [0] * (n_adapters - 4)
+        else:
+            counts = [(T - n_base) // n_adapters] * n_adapters
+        return torch.repeat_interleave(torch.arange(-1, n_adapters), torch.tensor([n_base] + counts))
     raise ValueError(pattern)
 
 
@@ -102,7 +109,21 @@ CASES = {  # name: (T, in, out, ranks, ids pattern, bias)
     "empty_segments": (37, 48, 33, [16, 16, 16, 16], "empty_segments", True),
     "all_base": (20, 40, 24, [8, 8], "all_base", True),
     "skewed_sorted": (53, 64, 80, [32, 8], "skewed_sorted", False),
+    "sorted_equal": (72, 40, 56, [8, 8, 16, 8], "sorted_equal", True),        # one bmm pair, no gather/scatter
+    "sorted_equal_base": (72, 40, 56, [8, 4, 8, 8], "sorted_equal_base", False),
+    "sorted_uneven": (75, 48, 33, [16, 8, 16, 4], "sorted_uneven", True),     # slices, one empty segment
 }
+
+
+def test_sorted_patterns_take_the_in_order_path():
+    """The sorted cases above really exercise the slice/bmm branches (in_order), the others the gather path."""
+    g = torch.Generator().manual_seed(0)
+    for name, (T, _, _, ranks, pattern, _) in CASES.items():
+        seg = ml.make_segments(make_ids(pattern, T, len(ranks), g), len(ranks))
+        if T > 1 and pattern != "all_base":                 # one token, or all base, is trivially in order
+            assert seg.in_order == pattern.startswith("sorted_"), name
+        if pattern.startswith("sorted_"):
+            assert seg.n_tokens == T and (len(set(seg.counts)) == 1) == pattern.startswith("sorted_equal"), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
