@@ -61,6 +61,8 @@ class MainConfig:
     wandb: str = "offline"                      # offline | online | disabled
     device: str = ""
     dtype: str = ""
+    weights: str = "q4"                         # student inference weights on the CPU (engine/quant.py): q4 keeps
+                                                # the GGUF's 4-bit blocks (~2.8x faster decode), fp32 is exact
     budget_s: float = 900.0                     # the main job's promise; exceeding it is reported, not fatal
     out: str = "runs/main"
 
@@ -105,15 +107,19 @@ def evaluate(cfg: MainConfig) -> dict[str, dict]:
 
     out = Path(cfg.out) / "eval"
     sets = {b: load_eval_problems(b, cfg.limit, cfg.data_dir) for b in cfg.benchmarks}
-    model, tok = load_model(cfg.student, device=cfg.device or None, dtype=cfg.dtype or None)
+    import torch
+    on_cpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    weights = cfg.weights if on_cpu else "fp32"            # packed weights are a CPU path; CUDA runs bf16
+    model, tok = load_model(cfg.student, device=cfg.device or None, dtype=cfg.dtype or None, weights=weights)
+    student = cfg.student if weights == "fp32" else f"{cfg.student} ({weights})"
     roles = [n for n in load_adapters(model, Path(cfg.out) / "train" / "adapters") if n in ROLES]
     lanes = 2 if cfg.side_by_side else 1
     sched = Scheduler(model, tok, n_slots=cfg.concurrency * lanes).start()
     results = {}
     try:
         for bench, problems in sets.items():
-            runs = {f"{bench}_base": (LocalBackend(sched, tok, adapters=False), cfg.student),
-                    f"{bench}_adapted": (LocalBackend(sched, tok, adapters=roles), f"{cfg.student}+adapters")}
+            runs = {f"{bench}_base": (LocalBackend(sched, tok, adapters=False), student),
+                    f"{bench}_adapted": (LocalBackend(sched, tok, adapters=roles), f"{student}+adapters")}
             with ThreadPoolExecutor(lanes) as pool:
                 futs = {name: pool.submit(run_eval, problems, backend, "mapcoder", cfg.k, cfg.t, out / name,
                                           cfg.concurrency, cfg.max_new_tokens, model=model_name, benchmark=bench)
