@@ -167,13 +167,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None = None, *,
                 input_pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, kv_len: int | None = None,
-                last_idx: torch.Tensor | None = None, lora: LoRABatch | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) at `last_idx` (B,) when given.
+                last_idx: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                lora: LoRABatch | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) at `last_idx` (B,), or (K, V) at `logits_at` (K,).
 
         adapter_ids: None, (B,) per sequence or (B, T) per token; -1 = base only.
         input_pos:   (B, T) absolute positions (default 0..T-1); needed with kv_cache.
         kv_cache / cache_slots: the cache and the slot (B,) each row uses (default rows 0..B-1).
         kv_len:      keys attended = cache positions [0, kv_len) (default max(input_pos) + 1).
+        logits_at:   flattened positions b * T + t (K,) whose logits are wanted (training: the loss positions);
+                     the final norm and the LM head, the largest matmul per token, skip every other position.
         lora:        precomputed LoRABatch (overrides adapter_ids; lets a caller reuse segments).
         """
         B, T = tokens.shape
@@ -196,6 +199,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, lora, kv_cache, cache_slots, input_pos, kv_len)
         if last_idx is not None:
             x = x[torch.arange(B, device=x.device), last_idx][:, None]       # (B, 1, dim)
+        elif logits_at is not None:
+            x = x.reshape(B * T, -1)[logits_at]                               # (K, dim)
         x = self.model.norm(x)
         if self.output_packed is not None and not torch.is_grad_enabled():
             return self.output_packed(x)                                      # (B, T|1, V), see engine/quant.py
