@@ -203,9 +203,8 @@ class Scheduler:
         if not todo:
             return
         chunks = [r.prompt[r.prefilled: r.prefilled + self.prefill_chunk] for r in todo]
-        dev = self.device
-        logits = prefill(self.model, self.cache, chunks, torch.tensor([r.slot for r in todo], device=dev),
-                         self._adapter_ids(todo), start_pos=[r.prefilled for r in todo])
+        logits = prefill(self.model, self.cache, chunks, self._slots(todo), self._adapter_ids(todo),
+                         start_pos=[r.prefilled for r in todo])
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(len(c) for c in chunks)
         done_rows = []
@@ -218,20 +217,28 @@ class Scheduler:
             self._accept(reqs, logits[done_rows])
 
     def _decode_step(self):
-        reqs = [r for r in self.running.values() if r.prefilled == len(r.prompt) and r.out]
+        reqs = sorted((r for r in self.running.values() if r.prefilled == len(r.prompt) and r.out),
+                      key=lambda r: r.slot)
         if not reqs:
             return
         dev = self.device
         last = torch.tensor([r.out[-1] for r in reqs], device=dev)
         pos = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in reqs], device=dev)
-        slots = torch.tensor([r.slot for r in reqs], device=dev)
-        logits = decode_one(self.model, self.cache, last, pos, slots, self._adapter_ids(reqs),
+        logits = decode_one(self.model, self.cache, last, pos, self._slots(reqs), self._adapter_ids(reqs),
                             kv_len=int(pos.max()) + 1)
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         if self.log_batches:
             self.batch_log.append({"size": len(reqs), "adapters": sorted({r.adapter or "base" for r in reqs})})
         self._accept(reqs, logits)
+
+    def _slots(self, reqs):
+        """The rows' cache slots; None when they are slots 0..B-1 in order, so attention reads a view of
+        the cache instead of gathering (copying) every row's keys and values in every layer."""
+        slots = [r.slot for r in reqs]
+        if slots == list(range(len(slots))):
+            return None
+        return torch.tensor(slots, device=self.device)
 
     def _adapter_ids(self, reqs):
         if not self.model.adapter_names:
