@@ -70,3 +70,27 @@ def test_mixed_role_decode_batches(model, tmp_path):
     mixed = [b for b in sched.batch_log if len(b["adapters"]) > 1]
     assert mixed, f"no decode batch mixed roles: {sched.batch_log[:20]}"
     assert max(b["size"] for b in sched.batch_log) > 1
+    # Prefix caching: the retriever prompts of different problems share their instructions.
+    st = sched.stats
+    assert st["prefix_hits"] > 0 and st["prefill_tokens"] == st["prompt_tokens"] - st["prefix_reused_tokens"]
+
+
+def test_prefix_cache_does_not_change_the_agents_answers(model, tmp_path):
+    probs = [ev.Problem(id=f"p{i}", benchmark="toy", description=f"Return {i} plus the sum. " + "x " * (7 * i),
+                        entry_point="f", sample_tests=[ev.Test("assert", code="assert f([1]) == 1")],
+                        hidden_tests=[ev.Test("assert", code="assert f([2]) == 2")]) for i in range(4)]
+    answers, hits = [], []
+    for cache in (True, False):
+        sched = Scheduler(model, WordTokenizer(), n_slots=3, max_len=1024, prefill_chunk=32, prefix_cache=cache)
+        sched.start()
+        try:
+            run_eval(probs, LocalBackend(sched, WordTokenizer(), adapters=True), "mapcoder", k=1, t=1,
+                     out_dir=tmp_path / str(cache), concurrency=4, max_new_tokens=6, run_tests=never_run,
+                     progress=False)
+        finally:
+            sched.stop()
+        recs = [json.loads(line) for line in (tmp_path / str(cache) / "problems.jsonl").read_text().splitlines()]
+        answers.append([[(c["role"], c["response"]) for c in r["calls"]] for r in recs])
+        hits.append(sched.stats["prefix_hits"])
+    assert answers[0] == answers[1] and hits[0] > 0 and hits[1] == 0
+    assert sum(len(resp) for calls in answers[0] for _, resp in calls) > 20     # real (noise) answers compared
