@@ -11,7 +11,8 @@
 A step, top to bottom (see `train`):
   1. the sampler draws the global batch (same on every rank); N = its assistant-token count
   2. this rank's share, cut into micro-batches, each sorted by adapter id (contiguous kernel segments)
-  3. per micro-batch: logits = model(tokens, adapter_ids); loss = (sum of CE over assistant tokens) / N; backward
+  3. per micro-batch: logits = model(tokens, adapter_ids, logits_at=the assistant positions) (K, V);
+     loss = (sum of CE over assistant tokens) / N; backward
      -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
         mixed batch's gradient equals the sum of its single-role parts (adapters share no parameters)
   4. all-reduce (SUM) of the adapter gradients; non-finite loss or gradient -> stop, last good checkpoint untouched
@@ -273,11 +274,13 @@ def lr_at(step: int, tc: TrainCfg) -> float:
 
 def token_losses(model, batch: Batch, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (fp32) of the assistant targets only: (losses (K,), row of each (K,)), K = loss_mask.sum().
-    Selecting the K positions before the fp32 cast and log-softmax skips the prompt and padding positions."""
-    with torch.autocast(batch.tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(batch.tokens, adapter_ids=batch.adapter_ids)             # (B, T, V)
+    The model computes logits at those K positions only (logits_at): the final norm, the LM head (forward and
+    backward) and the log-softmax skip the prompt and padding positions."""
     rows, cols = batch.loss_mask.nonzero(as_tuple=True)                         # (K,), (K,)
-    ce = F.cross_entropy(logits[rows, cols].float(), batch.targets[rows, cols], reduction="none")   # (K,)
+    at = rows * batch.tokens.shape[1] + cols                                    # (K,) flattened b * T + t
+    with torch.autocast(batch.tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(batch.tokens, adapter_ids=batch.adapter_ids, logits_at=at)   # (K, V)
+    ce = F.cross_entropy(logits.float(), batch.targets[rows, cols], reduction="none")   # (K,)
     return ce, rows
 
 
