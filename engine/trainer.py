@@ -10,7 +10,8 @@
 
 A step, top to bottom (see `train`):
   1. the sampler draws the global batch (same on every rank); N = its assistant-token count
-  2. this rank's share, cut into micro-batches, each sorted by adapter id (contiguous kernel segments)
+  2. this rank's micro-batches (micro_batches: by default grouped by length, so little padding), each sorted by
+     adapter id (contiguous kernel segments)
   3. per micro-batch: logits = model(tokens, adapter_ids, logits_at=the assistant positions) (K, V);
      loss = (sum of CE over assistant tokens) / N; backward
      -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
@@ -80,6 +81,7 @@ class TrainCfg:
     steps: int = 100                  # optimizer steps
     global_batch: int = 16            # examples per optimizer step, over all ranks
     micro_batch: int = 4              # examples per forward/backward
+    group_by_length: bool = True      # micro-batches of similar lengths (less padding; same examples, same gradient)
     lr: float = 2e-4
     min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 10            # linear warm-up from 0
@@ -285,6 +287,20 @@ def lr_at(step: int, tc: TrainCfg) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces the loop calls.
+
+def micro_batches(examples: list[Example], micro: int, rank: int, world: int, by_length: bool) -> list[list[Example]]:
+    """This rank's micro-batches of the global batch `examples` (same list on every rank).
+    by_length: the global batch sorted by length (stable) is cut into micro-batches of neighbouring lengths, dealt to
+    the ranks in turn (rank r: the r-th, (r+W)-th, ... of the one-process order), so rows are padded to a similar
+    length; the micro-batches still partition the same examples, so the step's gradient is the same sum.
+    Otherwise: rank r takes the r-th contiguous block of the batch, cut in order."""
+    if not by_length:
+        per = len(examples) // world
+        mine = examples[rank * per:(rank + 1) * per]
+        return [mine[i:i + micro] for i in range(0, per, micro)]
+    ordered = sorted(examples, key=lambda e: len(e.ids))
+    return [ordered[i:i + micro] for i in range(0, len(ordered), micro)][rank::world]
+
 
 def token_losses(model, batch: Batch, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (fp32) of the assistant targets only: (losses (K,), row of each (K,)), K = loss_mask.sum().
@@ -509,7 +525,6 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
 
     # --- loop ------------------------------------------------------------------------------------------------
     logger = _Logger(recipe, out, wandb_mode or recipe.wandb.mode, d.main)
-    per_rank = tc.global_batch // d.world
     history, tok_s, eval_loss = [], 0.0, {}
     from tqdm import tqdm
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not d.main, desc="train",
@@ -519,19 +534,18 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
             t0 = time.perf_counter()
             examples = sampler.draw(tc.global_batch)                    # identical on every rank
             n_loss = sum(e.n_loss for e in examples)                    # normaliser: the global batch's assistant tokens
-            mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
             role_loss = torch.zeros(R, dtype=torch.float64)             # sum of token CE per role
             role_tok = torch.zeros(R, dtype=torch.float64)              # assistant tokens per role
-            n_real = torch.zeros(1, dtype=torch.float64)                # non-pad tokens (throughput)
-            for i in range(0, per_rank, tc.micro_batch):
-                b = collate(mine[i:i + tc.micro_batch], pad_id).to(d.device)
+            n_real = torch.zeros(2, dtype=torch.float64)                # non-pad tokens (throughput), tokens computed
+            for mb in micro_batches(examples, tc.micro_batch, d.rank, d.world, tc.group_by_length):
+                b = collate(mb, pad_id).to(d.device)
                 ce, rows = token_losses(model, b, autocast_dtype)            # (K,) CE of assistant tokens
                 (ce.sum() / n_loss).backward()                              # this micro-batch's share of the mean
                 opt.accumulate()
                 role = b.adapter_ids[rows].cpu()                            # (K,) adapter of each loss token
                 role_loss.index_add_(0, role, ce.detach().double().cpu())
                 role_tok.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())
-                n_real += b.n_real
+                n_real += torch.tensor([b.n_real, b.tokens.numel()], dtype=torch.float64)
             grads = opt.grads()
             D.all_reduce_sum_(grads + [role_loss, role_tok, n_real], d)
             mean_loss = float(role_loss.sum() / n_loss)
@@ -550,12 +564,13 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             dt = time.perf_counter() - t0
-            tok_s = float(n_real) / dt
+            tok_s = float(n_real[0]) / dt
             done = step + 1
 
             if d.main and (done % tc.log_every == 0 or done == tc.steps):
                 m = {"train/loss": mean_loss, "train/lr": lr, "perf/tok_s": tok_s,
-                     "perf/peak_mem_gb": _peak_mem_gb(d.device), "perf/step_s": dt}
+                     "perf/peak_mem_gb": _peak_mem_gb(d.device), "perf/step_s": dt,
+                     "perf/padding": float(1 - n_real[0] / n_real[1])}      # share of computed tokens that are pad
                 for i, r in enumerate(roles):
                     if role_tok[i] > 0:
                         m[f"train/loss/{r}"] = float(role_loss[i] / role_tok[i])
