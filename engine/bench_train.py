@@ -41,8 +41,8 @@ def _shapes(name: str, device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
         return dict(B=8, T=256 if quick else 512, steps=3 if quick else 4, rank=32, rounds=1 if quick else 3)
     if name == "tiny":
-        return dict(B=8, T=128, steps=5 if quick else 10, rank=8, rounds=1 if quick else 5)
-    return dict(B=4, T=64, steps=1 if quick else 2, rank=16, rounds=1 if quick else 5)
+        return dict(B=8, T=128, steps=5 if quick else 4, rank=8, rounds=1 if quick else 15)
+    return dict(B=4, T=64, steps=1, rank=16, rounds=1 if quick else 7)
 
 
 def _base(name: str, device: str, dtype: torch.dtype):
