@@ -160,8 +160,11 @@ def cli_eval(args) -> int:
     if args.backend == "http":
         if not args.url:
             raise ValueError("--backend http needs --url (e.g. http://127.0.0.1:8000)")
+        # One hour per call: a CPU engine behind the URL (engine/agents/http_server.py) can take over five
+        # minutes for the retriever's (k+1) * max_new_tokens answer in a full batch, and a timed-out call keeps
+        # running on the server, so a retry only doubles its work (seen: 300 s timed out every retriever call).
         backend = HTTPBackend(args.url, model=args.model, api_key=os.environ.get("OPENAI_API_KEY"),
-                              role_models={r: r for r in ROLES} if args.adapters else None)
+                              role_models={r: r for r in ROLES} if args.adapters else None, timeout=3600.0)
     else:
         backend = open_local(args.model, args.device, args.dtype, args.adapters, n_slots=args.concurrency)
     try:
