@@ -200,3 +200,16 @@ def test_common_prefix_matches_naive():
         b = a[:rng.randint(0, len(a))] + [rng.randrange(3) for _ in range(rng.randint(0, 12))]
         naive = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert _common_prefix(a, b) == naive
+
+
+def test_prefill_batch_bounds_padding_and_keeps_the_oldest_row():
+    from engine.serve import _prefill_batch
+    rng = random.Random(7)
+    for _ in range(500):
+        rem = [rng.choice([rng.randint(1, 8), rng.randint(1, 700)]) for _ in range(rng.randint(1, 8))]
+        cap = rng.choice([16, 512])
+        T, rows = _prefill_batch(rem, cap)
+        assert 0 in rows and 1 <= T <= cap and T == max(min(rem[i], T) for i in rows)
+        assert sum(min(rem[i], T) for i in rows) >= 0.9 * T * len(rows)         # padding <= 10%
+    assert _prefill_batch([300, 700], 512) == (300, [0, 1])               # not 1024 positions for 812 tokens
+    assert _prefill_batch([400, 3, 400, 400], 512) == (400, [0, 2, 3])     # the 3-token row waits a step
