@@ -166,10 +166,12 @@ def cli_eval(args) -> int:
         backend = HTTPBackend(args.url, model=args.model, api_key=os.environ.get("OPENAI_API_KEY"),
                               role_models={r: r for r in ROLES} if args.adapters else None, timeout=3600.0)
     else:
-        backend = open_local(args.model, args.device, args.dtype, args.adapters, n_slots=args.concurrency)
+        backend = open_local(args.model, args.device, args.dtype, args.adapters, n_slots=args.concurrency,
+                             weights=getattr(args, "weights", "fp32"))
     try:
         s = run_eval(problems, backend, args.strategy, args.k, args.t, args.out, args.concurrency,
-                     args.max_new_tokens, model=args.model, benchmark=args.benchmark)
+                     args.max_new_tokens, benchmark=args.benchmark,
+                     model=args.model if getattr(args, "weights", "fp32") == "fp32" else f"{args.model} ({args.weights})")
     finally:
         if hasattr(backend, "close"):
             backend.close()

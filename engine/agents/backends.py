@@ -70,12 +70,12 @@ class LocalBackend:
 
 
 def open_local(model: str, device: str | None = None, dtype: str | None = None, adapters_dir: str | None = None,
-               n_slots: int = 16) -> LocalBackend:
-    """Load a model (engine.hub), attach the role adapters found in `adapters_dir` (one PEFT directory per
-    role, named after it), start a scheduler. Call `.close()` when done."""
+               n_slots: int = 16, weights: str = "fp32") -> LocalBackend:
+    """Load a model (engine.hub; `weights` fp32 | bf16 | q4, see engine/quant.py), attach the role adapters found
+    in `adapters_dir` (one PEFT directory per role, named after it), start a scheduler. Call `.close()` when done."""
     from engine.hub import load_model
     from engine.serve import Scheduler
-    m, tok = load_model(model, device=device, dtype=dtype)
+    m, tok = load_model(model, device=device, dtype=dtype, weights=weights)
     roles = ()
     if adapters_dir:
         from engine.lora import load_adapters

@@ -96,13 +96,14 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "q4"], help="CPU weights (engine/quant.py)")
     ap.add_argument("--adapters", default=None, help="directory of PEFT adapters, one subdirectory per role")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     a = ap.parse_args(argv)
     from engine.agents.backends import open_local
-    backend = open_local(a.model, a.device, a.dtype, a.adapters, n_slots=a.slots)
+    backend = open_local(a.model, a.device, a.dtype, a.adapters, n_slots=a.slots, weights=a.weights)
     server = serve(backend, a.host, a.port)
     print(f"serving {a.model} at {server.url}/v1/chat/completions (Ctrl-C to stop)", flush=True)
     try:
