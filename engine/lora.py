@@ -119,12 +119,20 @@ class LoRALinear(nn.Module):
 
 
 def _lora_delta(x2, lora_a, lora_b, scales, seg) -> torch.Tensor:
-    """s[a] (x A[a]^T) B[a]^T per token (no base term), for inference beside a packed base. x2 (T, in) -> (T, out)."""
-    out = x2.new_zeros(x2.shape[0], lora_b.shape[1])
-    perm = seg.perm[seg.n_base:]                                           # LoRA tokens grouped by adapter
-    for a, xs in enumerate(x2[perm].split(seg.counts)):
-        if xs.shape[0]:
-            out[perm[sum(seg.counts[:a]):sum(seg.counts[:a + 1])]] = (xs @ lora_a[a].t()) * scales[a] @ lora_b[a].t()
+    """s[a] (x A[a]^T) B[a]^T per token (no base term), for inference beside a packed base. x2 (T, in) -> (T, out).
+    When every token has the same adapter (batch-1 decode) it is three ops, without gather or scatter."""
+    perm, T = seg.perm[seg.n_base:], x2.shape[0]
+    out, start = None, 0
+    for a, n in enumerate(seg.counts):
+        if n:
+            xs = x2 if n == T else x2[perm[start:start + n]]
+            d = (xs @ lora_a[a].t()) * scales[a] @ lora_b[a].t()
+            if n == T:
+                return d
+            if out is None:
+                out = x2.new_zeros(T, lora_b.shape[1])
+            out[perm[start:start + n]] = d
+        start += n
     return out
 
 
