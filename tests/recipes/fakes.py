@@ -195,26 +195,6 @@ def _role_of(messages) -> str:
 
 # --- a tiny student on disk (HF directory) for the main job ---------------------------------------------------
 
-def byte_tokenizer():
-    """The real engine Tokenizer over a byte-level BPE without merges: bytes 0..253 + two ChatML specials = 256
-    ids (the tiny vocabulary)."""
-    from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers
-    from engine.tokenizer import Tokenizer
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, map(chr, cs)))
-    tk = TK(models.BPE(vocab={table[b]: b for b in range(254)}, merges=[], fuse_unk=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<|im_start|>", "<|im_end|>")])
-    return Tokenizer(tk, eos_token="<|im_end|>", pad_token=None, source="byte_tokenizer")
-
-
 def tiny_hf_dir(path, seed=0, max_seq_len=4096):
     """A random tiny llama as an HF directory (config.json, model.safetensors, tokenizer.json)."""
     from pathlib import Path
@@ -227,5 +207,6 @@ def tiny_hf_dir(path, seed=0, max_seq_len=4096):
     model = Transformer(cfg).init_weights(seed=seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    from tests.train.tiny_setup import byte_tokenizer     # the same 256-id byte-level tokenizer the trainer tests use
     byte_tokenizer().save(path)
     return path
