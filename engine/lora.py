@@ -83,8 +83,8 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if lora is not None and self.lora_A is not None and lora.seg.n_lora:
-            y = y + _lora_delta(x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.lora_scale,
-                                lora.seg).view_as(y)
+            from kernels.multi_lora import multi_lora_torch
+            y = multi_lora_torch(x, self.weight, None, self.lora_A, self.lora_B, self.lora_scale, lora.seg, base_out=y)
         return y
 
     # --- adapter slots -------------------------------------------------------------------
@@ -116,24 +116,6 @@ class LoRALinear(nn.Module):
             delta = self.lora_B[idx, :, :r].float() @ self.lora_A[idx, :r].float()   # (out, in)
             self.weight += (self.lora_scale[idx] * delta).to(self.weight.dtype)
         self.packed = None       # the packed copy no longer matches: fall back to the exact weight
-
-
-def _lora_delta(x2, lora_a, lora_b, scales, seg) -> torch.Tensor:
-    """s[a] (x A[a]^T) B[a]^T per token (no base term), for inference beside a packed base. x2 (T, in) -> (T, out).
-    When every token has the same adapter (batch-1 decode) it is three ops, without gather or scatter."""
-    perm, T = seg.perm[seg.n_base:], x2.shape[0]
-    out, start = None, 0
-    for a, n in enumerate(seg.counts):
-        if n:
-            xs = x2 if n == T else x2[perm[start:start + n]]
-            d = (xs @ lora_a[a].t()) * scales[a] @ lora_b[a].t()
-            if n == T:
-                return d
-            if out is None:
-                out = x2.new_zeros(T, lora_b.shape[1])
-            out[perm[start:start + n]] = d
-        start += n
-    return out
 
 
 # --- model-level helpers ----------------------------------------------------------------------

@@ -134,12 +134,17 @@ def multi_lora_ref(x, weight, bias, lora_a, lora_b, scales, adapter_ids):
     return (y + lora).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments):
-    """Plain torch over the sorted segments (what the engine runs on CPU); autograd flows natively."""
+def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments, *, base_out=None):
+    """Plain torch over the sorted segments (what the engine runs on CPU); autograd flows natively.
+    base_out: x W^T + bias computed by the caller (engine/quant.py's packed weights); `weight` is then only checked."""
     _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path=False)
     x2 = x.reshape(-1, x.shape[-1])                                     # [T, in]
-    y = F.linear(x2, weight, bias)                                      # [T, out]
-    if seg.n_lora and seg.onehot is not None:
+    y = F.linear(x2, weight, bias) if base_out is None else base_out.reshape(x2.shape[0], -1)   # [T, out]
+    if seg.n_lora and seg.n_lora == seg.n_tokens and max(seg.counts) == seg.n_tokens:
+        # Every token on one adapter (batch-1 decode, single-role batches): that adapter's two matmuls, nothing else.
+        a = seg.counts.index(seg.n_tokens)
+        y = y + (x2 @ lora_a[a].t()) * scales[a].to(x2.dtype) @ lora_b[a].t()
+    elif seg.n_lora and seg.onehot is not None:
         # Few tokens (decode): x against every adapter's A at once, keep each token's own block, then B per
         # adapter as one bmm. Same bytes read as the per-segment loop, ~7 ops instead of ~4 per adapter.
         N, R = lora_a.shape[0], lora_a.shape[1]
