@@ -8,7 +8,7 @@ module that owns the work (imported lazily, so `mcl --help` is instant).
     mcl train recipes/mini_smollm2.toml key=value ...
     mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
     mcl report runs/eval_base runs/eval_adapted
-    mcl distill ... / mcl correct ... / mcl main
+    mcl distill ... / mcl correct ... / mcl mutate ... / mcl main
 """
 from __future__ import annotations
 
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_call("recipes.correct:cli_correct"))
+
+    p = sub.add_parser("mutate", help="debugger examples from passing trajectories by seeded bug injection")
+    p.add_argument("--config", default=None)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_call("recipes.mutate:cli_mutate"))
 
     p = sub.add_parser("main", help="the main job: fetch model, train four adapters, evaluate base vs adapted")
     p.add_argument("--recipe", default=None, help="recipe TOML with a [main] table (default: built-in settings)")

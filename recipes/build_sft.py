@@ -1,13 +1,15 @@
-"""Merge the examples of `mcl distill` and `mcl correct` into one role-tagged SFT file + PROVENANCE.json.
+"""Merge the examples of `mcl distill`, `mcl correct` and `mcl mutate` into one role-tagged SFT file + PROVENANCE.json.
 
-    python -m recipes.build_sft --distill runs/distill --correct runs/correct --out recipes/data/mini_sft.jsonl
+    python -m recipes.build_sft --distill runs/distill --correct runs/correct --mutate runs/mutate \
+        --out recipes/data/mini_sft.jsonl
 
     from recipes.build_sft import build_sft
-    prov = build_sft("runs/distill", "runs/correct", "recipes/data/mini_sft.jsonl")
+    prov = build_sft("runs/distill", "runs/correct", "recipes/data/mini_sft.jsonl", mutate_dir="runs/mutate")
 
 The output is the trainer's format (engine/data.py), one example per line, distilled examples first (in
-problem order) then corrected ones; exact duplicates (same role and messages) are dropped. Each line keeps
-its "source" (origin distill|correct, problem id, agent step), which the trainer ignores.
+problem order), then corrected ones, then the mutation stage's debugger examples; exact duplicates (same role
+and messages) are dropped. Each line keeps its "source" (origin distill|correct|mutation, problem id, agent
+step), which the trainer ignores.
 
 PROVENANCE.json (beside the output) is assembled from what the stages recorded themselves (their
 OUT/config.json and OUT/stats.json), never typed by hand: the teacher and supervisor, every command that
@@ -50,12 +52,14 @@ def _stage(d: Path | None) -> tuple[dict, dict, list[dict]]:
     return json.loads(cfg.read_text()), json.loads((d / "stats.json").read_text()), _read(d / "examples.jsonl")
 
 
-def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", note: str = "") -> dict:
+def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", note: str = "",
+              mutate_dir=None) -> dict:
     """Write `out` and PROVENANCE.json beside it; return the provenance dict."""
     d_meta, d_stats, d_ex = _stage(Path(distill_dir))
     c_meta, c_stats, c_ex = _stage(Path(correct_dir)) if correct_dir else ({}, {}, [])
+    m_meta, m_stats, m_ex = _stage(Path(mutate_dir)) if mutate_dir else ({}, {}, [])
     rejected = Counter()
-    examples = dedup(d_ex + c_ex, rejected)
+    examples = dedup(d_ex + c_ex + m_ex, rejected)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_examples(out, examples)
@@ -69,7 +73,7 @@ def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", 
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "examples": {r: per_role[r] for r in ROLES},
         "examples_total": len(examples),
-        "by_origin": {o: {r: per_origin[o, r] for r in ROLES} for o in ("distill", "correct")},
+        "by_origin": {o: {r: per_origin[o, r] for r in ROLES} for o in ("distill", "correct", "mutation")},
         "duplicates_dropped": sum(rejected.values()),
         "teacher": teacher_name(SimpleNamespace(**dc)) if dc else "",
         "supervisor": (teacher_name(SimpleNamespace(teacher=cc.get("supervisor"), teacher_url=cc.get("supervisor_url"),
@@ -82,6 +86,8 @@ def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", 
         "edited": {"examples": d_stats.get("edited", {}), "rule": d_stats.get("edit_rule", "")},
         "distill": {"settings": dc, "runs": d_meta.get("runs", []), "stats": d_stats},
         "correct": {"settings": cc, "runs": c_meta.get("runs", []), "stats": c_stats} if cc else None,
+        "mutation": ({"rule": m_stats.get("rule", ""), "settings": m_meta.get("config", {}),
+                      "runs": m_meta.get("runs", []), "stats": m_stats} if m_meta else None),
         "build": run_record(),
         "note": note,
     }
@@ -93,10 +99,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--distill", required=True, help="out= directory of `mcl distill`")
     ap.add_argument("--correct", default=None, help="out= directory of `mcl correct`")
+    ap.add_argument("--mutate", default=None, help="out= directory of `mcl mutate`")
     ap.add_argument("--out", default="recipes/data/mini_sft.jsonl")
     ap.add_argument("--note", default="", help="a free-text remark stored in PROVENANCE.json")
     a = ap.parse_args(argv)
-    prov = build_sft(a.distill, a.correct, a.out, a.note)
+    prov = build_sft(a.distill, a.correct, a.out, a.note, mutate_dir=a.mutate)
     print(f"build_sft: {prov['examples_total']} examples ({', '.join(f'{r} {n}' for r, n in prov['examples'].items())})"
           f" -> {a.out} + {Path(a.out).parent / 'PROVENANCE.json'}")
     return 0

@@ -1,12 +1,13 @@
-"""The end-to-end recipe: distill -> correct -> build the SFT file -> train the four adapters -> evaluate.
+"""The end-to-end recipe: distill -> correct -> mutate -> build the SFT file -> train the four adapters -> evaluate.
 
     python -m recipes.e2e recipes/mini_e2e.toml                        # the miniature (CPU, hours)
     python -m recipes.e2e recipes/mini_e2e.toml distill.n_problems=5 main.limit=2   # table.key=value overrides
     python -m recipes.e2e recipes/paper_e2e.toml distill.teacher_url=http://HOST:8000 ...
 
-Each stage is the same code as its command (mcl distill, mcl correct, python -m recipes.build_sft, mcl main)
-and keeps its own resumable state under its out= directory, so rerunning after a kill continues where it
-stopped. Tables of the recipe: [distill] [correct] [build] [main] (see recipes/mini_e2e.toml).
+Each stage is the same code as its command (mcl distill, mcl correct, mcl mutate, python -m recipes.build_sft,
+mcl main) and keeps its own resumable state under its out= directory, so rerunning after a kill continues where
+it stopped. Tables of the recipe: [distill] [correct] [mutate] [build] [main] (see recipes/mini_e2e.toml); a
+recipe without a [mutate] table skips that stage.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.distill import DistillConfig, distill, load_config, print_stats
 from recipes.main_job import MainConfig, main_job
+from recipes.mutate import MutateConfig, mutate
 
 
 def run_e2e(recipe: str, overrides=()) -> dict:
-    tables = ("distill", "correct", "build", "main")
+    tables = ("distill", "correct", "mutate", "build", "main")
     for ov in overrides:
         if ov.split(".", 1)[0] not in tables or "=" not in ov:
             raise ValueError(f"override {ov!r}: expected table.key=value with table in {', '.join(tables)}")
@@ -29,22 +31,30 @@ def run_e2e(recipe: str, overrides=()) -> dict:
     dcfg = load_config(DistillConfig, recipe, "distill", ovs["distill"])
     ccfg = load_config(CorrectConfig, recipe, "correct", ovs["correct"])
     mcfg = load_config(MainConfig, recipe, "main", ovs["main"])
-    build = tomllib.loads(Path(recipe).read_text()).get("build", {})
+    doc = tomllib.loads(Path(recipe).read_text())
+    mutcfg = load_config(MutateConfig, recipe, "mutate", ovs["mutate"]) if "mutate" in doc else None
+    build = doc.get("build", {})
     for o in ovs["build"]:
         k, _, v = o.removeprefix("build.").partition("=")
         build[k.strip()] = v.strip().strip('"')
     sft = build.get("out", mcfg.data)
 
-    print(f"e2e [1/4] distill: {dcfg.teacher_url or dcfg.teacher} over {dcfg.benchmark}/{dcfg.split}", flush=True)
+    print(f"e2e [1/5] distill: {dcfg.teacher_url or dcfg.teacher} over {dcfg.benchmark}/{dcfg.split}", flush=True)
     print_stats(distill(dcfg), dcfg.out)
-    print("e2e [2/4] correct the failed trajectories", flush=True)
+    print("e2e [2/5] correct the failed trajectories", flush=True)
     cs = correct(ccfg)
     print(f"correct: {cs['attempted']} attempted, blame {cs['blame']}, {cs['successes']} corrected", flush=True)
-    print(f"e2e [3/4] build {sft}", flush=True)
-    prov = build_sft(dcfg.out, ccfg.out, sft, note=f"python -m recipes.e2e {recipe} {' '.join(overrides)}".strip())
+    if mutcfg is not None:
+        print("e2e [3/5] mutate the passing programs into debugger examples", flush=True)
+        ms = mutate(mutcfg)
+        print(f"mutate: {ms['examples']['debugger']} debugger examples from {ms['programs_mutated']} programs",
+              flush=True)
+    print(f"e2e [4/5] build {sft}", flush=True)
+    prov = build_sft(dcfg.out, ccfg.out, sft, note=f"python -m recipes.e2e {recipe} {' '.join(overrides)}".strip(),
+                     mutate_dir=mutcfg.out if mutcfg else None)
     print(f"build_sft: {prov['examples']}", flush=True)
     mcfg.data = sft
-    print("e2e [4/4] train + evaluate", flush=True)
+    print("e2e [5/5] train + evaluate", flush=True)
     return main_job(mcfg)
 
 

@@ -79,9 +79,10 @@ class Solution:
 
 
 def budgets(max_new_tokens: int, k: int) -> dict[str, int]:
-    """New-token budget per step: the retriever writes k examples (code, plan) plus a tutorial."""
+    """New-token budget per step: max_new_tokens for one piece of work; the retriever writes k examples (code,
+    plan) plus a tutorial; the debugger a revised plan and a whole program, like CoT's reasoning + program."""
     return {"retrieve": (k + 1) * max_new_tokens, "plan": max_new_tokens, "verify": max_new_tokens,
-            "code": max_new_tokens, "debug": max_new_tokens, "direct": max_new_tokens,
+            "code": max_new_tokens, "debug": 2 * max_new_tokens, "direct": max_new_tokens,
             "cot": 2 * max_new_tokens}
 
 
