@@ -14,7 +14,7 @@ import eval.problem as ev
 from engine.agents.backends import Completion
 from engine.agents.mapcoder import solve
 from eval.run import run_eval, summarize
-from agents_fakes import ScriptedBackend, code, example_of, fake_run_tests, retrieval
+from agents_fakes import ScriptedBackend, code, example_of, fake_run_tests, retrieval, step_of
 
 
 def problem(pid="p0", n_samples=2, hidden=1):
@@ -242,3 +242,21 @@ def test_run_eval_records_a_crashing_problem_and_goes_on(tmp_path, capsys):
     recs = [json.loads(l) for l in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert recs[1]["error"] == "RuntimeError: scheduler exploded" and "Traceback" in recs[1]["traceback"]
     assert "scheduler exploded" in capsys.readouterr().err
+
+
+def test_budgets_per_step():
+    """One piece of work gets max_new_tokens; the retriever k examples + a tutorial; the debugger a plan and a
+    whole program (like CoT)."""
+    seen = []
+
+    class Recording(ScriptedBackend):
+        def chat(self, role, messages, max_new_tokens, temperature=0.0, stop=None):
+            seen.append((step_of(role, messages[-1]["content"]), max_new_tokens))
+            return super().chat(role, messages, max_new_tokens, temperature, stop)
+
+    def answer(role, step, user):
+        return {"retrieve": retrieval(2), "plan": f"1. Plan EX{example_of(user)} steps.", "verify": "<confidence>50</confidence>",
+                "code": code("first try"), "debug": "1. Fixed.\n" + code("PASS", "return x")}[step]
+
+    solve(problem(), Recording(answer), "mapcoder", k=2, t=1, run_tests=fake_run_tests, max_new_tokens=100)
+    assert dict(seen) == {"retrieve": 300, "plan": 100, "verify": 100, "code": 100, "debug": 200}
