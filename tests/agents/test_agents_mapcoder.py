@@ -255,8 +255,9 @@ def test_budgets_per_step():
             return super().chat(role, messages, max_new_tokens, temperature, stop)
 
     def answer(role, step, user):
-        return {"retrieve": retrieval(2), "plan": f"1. Plan EX{example_of(user)} steps.", "verify": "<confidence>50</confidence>",
-                "code": code("first try"), "debug": "1. Fixed.\n" + code("PASS", "return x")}[step]
+        return {"retrieve": retrieval(2), "plan": f"1. Plan EX{example_of(user)} steps.",
+                "verify": "<confidence>50</confidence>", "code": code("first try"),
+                "debug": "1. Fixed.\n" + code("PASS", "return x")}[step]
 
     solve(problem(), Recording(answer), "mapcoder", k=2, t=1, run_tests=fake_run_tests, max_new_tokens=100)
     assert dict(seen) == {"retrieve": 300, "plan": 100, "verify": 100, "code": 100, "debug": 200}
