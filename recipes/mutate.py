@@ -20,18 +20,21 @@ test of its problem (distill's accept="hidden" rule):
                          -> at most per_program mutants, at most max_tries sandbox runs per program; a program
                             whose answer (below) would exceed max_answer_chars is skipped (the eval budget)
     one mutant -> one debugger example: the debugger's own prompt (prompts.debugger: problem, the winning plan,
-                  the mutant, its real test report, the retrieved algorithm) and as the answer the line at fault,
-                  the plan, and the teacher's passing program as written:
+                  the mutant, its real test report, the retrieved algorithm) and as the answer what the debugger's
+                  system prompt asks for, the plan's numbered steps (plan_steps: without what the teacher wrote
+                  after them) and then the passing program as written:
 
-        The mistake is on line 4: `if x < y:` should be `if x <= y:`.
-
-        # Revised plan
         1. ...
+        2. ...
 
-        # Program
         ```python
         <the passing program>
         ```
+
+    No headings and no quoted line at fault in the answer: a first version began "The mistake is on line N:
+    `bad` should be `good`." under "# Revised plan" / "# Program" headings, and the 135M student looped while
+    quoting long lines and continued the prompt's own "# Relevant algorithm" section after a heading
+    (runs/mini/main48m: 3 of 12 debugger answers without code).
 
 The examples are labelled (source.origin = "mutation", with the operator and line) and counted in
 OUT/stats.json; build_sft merges them and PROVENANCE.json names the rule. Pure and deterministic given the
@@ -45,6 +48,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +58,8 @@ from recipes.distill import (dedup, load_config, problem_from_json, read_jsonl_r
                              winning_attempt, write_examples, write_meta)
 
 RULE = ("mutation: the teacher's passing program (every test of its problem passes) with one seeded single-line "
-        "bug that fails the sample tests in the sandbox; the answer names the line and gives back the plan and "
-        "the passing program as written")
+        "bug that fails the sample tests in the sandbox; the answer is the plan's steps and the passing program "
+        "as written")
 
 
 @dataclass
@@ -180,9 +184,29 @@ def winning_plan(rec: dict) -> str | None:
     return None
 
 
-def answer(m: Mutant, plan: str, code: str) -> str:
-    return (f"The mistake is on line {m.line}: `{m.bad}` should be `{m.good}`.\n\n# Revised plan\n{plan.strip()}\n\n"
-            f"# Program\n```python\n{code.rstrip()}\n```")
+_STEP = re.compile(r"^\s*(\d+[.)]|[-*]) ")
+
+
+def plan_steps(plan: str) -> str:
+    """The numbered steps a plan opens with, without what the teacher wrote after them (it often goes on with
+    "# Relevant algorithm ...", "# Plan" again, or the problem): lines up to the first heading, or up to the
+    first blank line followed by a line that is not a step. The whole text when it does not open with a step."""
+    lines = plan.strip().splitlines()
+    if not lines or not _STEP.match(lines[0]):
+        return plan.strip()
+    kept = []
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("#"):
+            break
+        if not line.strip() and (i + 1 == len(lines) or not _STEP.match(lines[i + 1])):
+            break
+        kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def answer(plan: str, code: str) -> str:
+    """The debugger's answer for a code-level bug: the plan's steps (still right), then the passing program."""
+    return f"{plan_steps(plan)}\n\n```python\n{code.rstrip()}\n```"
 
 
 def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[dict], Counter]:
@@ -203,8 +227,7 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
     if not sites:
         why["no mutation site"] += 1
         return [], why
-    sites = [m for m in sites if len(answer(m, plan, code)) <= cfg.max_answer_chars]
-    if not sites:
+    if len(answer(plan, code)) > cfg.max_answer_chars:
         why["answer longer than max_answer_chars"] += 1
         return [], why
     kept = []
@@ -219,7 +242,7 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
             why["mutant times out"] += 1
             continue
         msgs = prompts.debugger(problem, plan, m.code, report, rec.get("algorithm") or "")
-        msgs.append({"role": "assistant", "content": answer(m, plan, code)})
+        msgs.append({"role": "assistant", "content": answer(plan, code)})
         kept.append({"role": "debugger", "messages": msgs,
                      "source": {"origin": "mutation", "problem": rec["id"], "step": "debug",
                                 "operator": m.operator, "line": m.line, "verdict": report.verdict}})

@@ -13,7 +13,7 @@ from eval import problem as P
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.distill import DistillConfig, distill, read_jsonl_resumable
-from recipes.mutate import MutateConfig, mutants, mutate, trajectory_mutants
+from recipes.mutate import MutateConfig, mutants, mutate, plan_steps, trajectory_mutants
 from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
 
 ROLES = ("retriever", "planner", "coder", "debugger")
@@ -47,6 +47,15 @@ def test_mutants_change_one_line_and_compile():
     assert any(x.bad == 'return "é" + s if len(s) >= 1 else s' for x in m)
 
 
+def test_plan_steps_drop_what_follows_the_steps():
+    steps = "1. Split the string.\n2. Convert each part:\n   - to int\n3. Return the max."
+    assert plan_steps(steps + "\n\n# Relevant algorithm\nBrute force\n") == steps
+    assert plan_steps(steps + "\n\n# Plan\n" + steps) == steps
+    assert plan_steps(steps + "\n\nThis works because the input is small.") == steps
+    assert plan_steps("1. One.\n\n2. Two.\n") == "1. One.\n\n2. Two."      # blank lines between steps stay
+    assert plan_steps("First sort, then scan.\n# Note") == "First sort, then scan.\n# Note"   # not steps: as is
+
+
 def _distill(tmp_path):
     cfg = DistillConfig(out=str(tmp_path / "d"), k=1, t=1, concurrency=2)
     distill(cfg, backend=FakeTeacher(), run_tests=run_tests_inprocess, problems=PROBLEMS, progress=False)
@@ -76,13 +85,13 @@ def test_examples_come_from_passing_programs_and_answer_with_them(tmp_path):
         assert f"return {bad}" in user and "1 of 1 sample tests failed" in user and "wrong_answer" in user
         d = parsers.parse_debugger(answer, entry_point=rec["problem"]["entry_point"])
         assert d and d.code.strip() == rec["code"].strip()              # the passing program, as written
-        good = rec["code"].splitlines()[1].strip()
-        assert answer.startswith(f"The mistake is on line 2: `return {bad}` should be `{good}`.")
+        assert answer.startswith("1. ") and "#" not in answer.split("```")[0]      # the steps, no heading
     # sub was won by the debugger: its revised plan is the plan shown and given back; add's is the planner's
     sub = next(r for r in rows if r["source"]["problem"] == "fake/sub")
     assert "# Plan\n1. Fix the operator." in sub["messages"][1]["content"]
     add = next(r for r in rows if r["source"]["problem"] == "fake/add")
-    assert "# Revised plan\n1. Compute the result of add.\n2. Return it." in add["messages"][2]["content"]
+    program = trajs["fake/add"]["code"].rstrip()
+    assert add["messages"][2]["content"] == f"1. Compute the result of add.\n2. Return it.\n\n```python\n{program}\n```"
 
 
 def test_deterministic_and_seeded(tmp_path):
