@@ -35,10 +35,11 @@ from engine.agents.prompts import ROLES
 from recipes.distill import load_config, run_record, set_threads
 
 
-# The main job's training, sized for <= 15 minutes in all on a 2-core CPU: SmolLM2-135M trains at ~140-180
-# tokens/s there on one thread (examples are ~600 tokens; ~15 s a step), so 16 steps of 4 examples drawn in
-# proportion to the data (the planner has 28 of the 64 examples, the retriever 9).
-MAIN_TRAIN = ("train.steps=16", "train.global_batch=4", "train.micro_batch=4", "train.lr=1e-3", "train.warmup_steps=2",
+# The main job's training, sized for <= 15 minutes in all on a 2-core CPU: SmolLM2-135M trains at ~150-190
+# tokens/s there (examples are ~600-1100 tokens; ~14 s a step), so 32 steps of 4 examples drawn in proportion
+# to the data (the planner has 28 of the 78 examples, the debugger 27, the retriever 9). 16 steps left the
+# debugger looping in its plan (2 of 2 answers without code); 32 steps: 0 of 4 (runs of 2026-11-24).
+MAIN_TRAIN = ("train.steps=32", "train.global_batch=4", "train.micro_batch=4", "train.lr=1e-3", "train.warmup_steps=2",
               "train.eval_every=0", "train.ckpt_every=0", "data.eval_fraction=0.0", "data.sampler=proportional")
 
 
