@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import TimeoutError as FuturesTimeout
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,7 +56,10 @@ class LocalBackend:
         self.scheduler.stop()
 
     def chat(self, role: str, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-             stop: list[str] | None = None) -> Completion:
+             stop: list[str] | None = None, gone=None) -> Completion:
+        """`gone`: optional callable polled while waiting (every 0.2 s); when it returns True the request is
+        cancelled in the scheduler (its KV slot freed at the next step) -- the HTTP server passes "the client
+        hung up"."""
         t0 = time.perf_counter()
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         max_len = getattr(self.scheduler, "max_len", None)
@@ -64,6 +68,13 @@ class LocalBackend:
                               error=f"prompt of {len(ids)} tokens does not fit the context of {max_len} tokens")
         fut = self.scheduler.submit(ids, adapter=self.adapter_for(role), max_new_tokens=max_new_tokens,
                                     temperature=temperature, stop_strings=list(stop or ()))
+        if gone is not None:
+            while not fut.done():
+                try:
+                    fut.result(timeout=0.2)
+                except FuturesTimeout:
+                    if gone():
+                        self.scheduler.cancel(fut)
         r = fut.result()
         return Completion(r.text, r.prompt_tokens, r.new_tokens, time.perf_counter() - t0, r.finish_reason,
                           queue_s=r.queue_s)

@@ -10,12 +10,17 @@ Loopback only. Used by the tests and by `mcl eval --backend http` against the lo
 
 The request's `model` picks the role when it is a role name (retriever, planner, coder, debugger:
 the convention of servers that expose LoRA adapters as models); any other name means "coder".
-Each request is handled in its own thread, so concurrent clients reach the backend concurrently.
+Each request is handled in its own thread, so concurrent clients reach the backend concurrently. A client
+that hangs up before its answer is complete has its request cancelled in the scheduler (LocalBackend's `gone`
+hook; other backends run to the end), so an abandoned call does not hold a KV slot until its token limit.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import select
+import socket
 import threading
 import time
 import uuid
@@ -41,6 +46,14 @@ def make_handler(backend):
             self.end_headers()
             self.wfile.write(body)
 
+        def _client_gone(self) -> bool:
+            """True once the client closed its end: the socket reads as ready and a peek returns no bytes."""
+            try:
+                ready, _, _ = select.select([self.connection], [], [], 0)
+                return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
                 return self._send(200, {"object": "list", "data": [{"id": r, "object": "model"} for r in ROLES]})
@@ -59,11 +72,14 @@ def make_handler(backend):
             model = str(req.get("model") or "")
             role = model if model in ROLES else "coder"
             stop = req.get("stop")
+            args = (role, messages, int(req.get("max_tokens") or 512), float(req.get("temperature") or 0.0),
+                    [stop] if isinstance(stop, str) else stop)
             try:
-                c = backend.chat(role, messages, int(req.get("max_tokens") or 512),
-                                 float(req.get("temperature") or 0.0), [stop] if isinstance(stop, str) else stop)
+                c = backend.chat(*args, gone=self._client_gone) if _takes_gone(backend) else backend.chat(*args)
             except Exception as e:                      # noqa: BLE001 -- report it to the client, keep serving
                 return self._send(500, {"error": {"message": f"backend failed: {type(e).__name__}: {e}"}})
+            if c.finish_reason == "cancelled":
+                return None                             # the client is gone: nobody to answer
             if c.error:
                 return self._send(502, {"error": {"message": c.error}})
             self._send(200, {
@@ -76,6 +92,14 @@ def make_handler(backend):
             })
 
     return Handler
+
+
+def _takes_gone(backend) -> bool:
+    """Whether backend.chat accepts the `gone` hook (LocalBackend does; HTTP and test backends need not)."""
+    try:
+        return "gone" in inspect.signature(backend.chat).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def serve(backend, host: str = "127.0.0.1", port: int = 0, handler=None) -> ThreadingHTTPServer:

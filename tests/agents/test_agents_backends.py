@@ -99,6 +99,49 @@ def echo_server():
     server.server_close()
 
 
+class HangingScheduler(FakeScheduler):
+    """submit() returns a future that only a cancel() resolves (as the real scheduler does: 'cancelled')."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled = threading.Event()
+
+    def submit(self, prompt_ids, **kw):
+        self.submits.append(dict(prompt=list(prompt_ids), **kw))
+        return Future()
+
+    def cancel(self, fut):
+        self.cancelled.set()
+        fut.set_result(SimpleNamespace(text="par", prompt_tokens=5, new_tokens=2, finish_reason="cancelled",
+                                       queue_s=0.0))
+
+
+def test_a_client_that_hangs_up_cancels_its_request():
+    import socket
+    sched = HangingScheduler()
+    backend = LocalBackend(sched, FakeTokenizer(), adapters=True)
+    server = serve(backend)
+    try:
+        body = json.dumps({"model": "coder", "messages": MSGS, "max_tokens": 50}).encode()
+        sock = socket.create_connection(server.server_address)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 5
+        while not sched.submits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.submits and not sched.cancelled.is_set()     # admitted; still waiting on the model
+        time.sleep(0.5)
+        assert not sched.cancelled.is_set()                        # a connected client is never cancelled
+        sock.close()                                               # the client hangs up
+        assert sched.cancelled.wait(5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # a direct call without `gone` just waits for the scheduler, as before
+    f = LocalBackend(FakeScheduler(), FakeTokenizer()).chat("coder", MSGS, 5)
+    assert f.finish_reason == "length"
+
+
 def test_chat_url_forms():
     assert chat_url("http://h:1") == "http://h:1/v1/chat/completions"
     assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
