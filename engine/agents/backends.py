@@ -10,7 +10,9 @@ scheduler sees requests of every role from many problems and batches them togeth
 loaded, LocalBackend tags each request with its role's adapter (adapter name = role name).
 
 LocalBackend answers a prompt longer than the model's context with an error Completion (that call
-cannot run; the orchestrator moves on); other scheduler errors propagate. HTTPBackend never raises: a timeout, a dropped connection, an HTTP error or a body that is not the
+cannot run; the orchestrator moves on); other scheduler errors propagate. LocalBackend.chat(..., gone=f)
+cancels the request in the scheduler once f() is True (the HTTP server: the client hung up).
+HTTPBackend never raises: a timeout, a dropped connection, an HTTP error or a body that is not the
 expected JSON becomes a Completion with empty text and `error` set, after `retries` further tries
 (exponential backoff; 4xx other than 408/429 is not retried). Recipes rely on this: a teacher that
 misbehaves costs one trajectory, never the run. Stdlib urllib only: no client library to pin.
