@@ -227,7 +227,8 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
     if not sites:
         why["no mutation site"] += 1
         return [], why
-    if len(answer(plan, code)) > cfg.max_answer_chars:
+    reply = answer(plan, code)                                     # the same for every mutant of this program
+    if len(reply) > cfg.max_answer_chars:
         why["answer longer than max_answer_chars"] += 1
         return [], why
     kept = []
@@ -242,7 +243,7 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
             why["mutant times out"] += 1
             continue
         msgs = prompts.debugger(problem, plan, m.code, report, rec.get("algorithm") or "")
-        msgs.append({"role": "assistant", "content": answer(plan, code)})
+        msgs.append({"role": "assistant", "content": reply})
         kept.append({"role": "debugger", "messages": msgs,
                      "source": {"origin": "mutation", "problem": rec["id"], "step": "debug",
                                 "operator": m.operator, "line": m.line, "verdict": report.verdict}})

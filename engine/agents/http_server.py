@@ -32,6 +32,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def make_handler(backend):
+    takes_gone = _takes_gone(backend)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -75,7 +77,7 @@ def make_handler(backend):
             args = (role, messages, int(req.get("max_tokens") or 512), float(req.get("temperature") or 0.0),
                     [stop] if isinstance(stop, str) else stop)
             try:
-                c = backend.chat(*args, gone=self._client_gone) if _takes_gone(backend) else backend.chat(*args)
+                c = backend.chat(*args, gone=self._client_gone) if takes_gone else backend.chat(*args)
             except Exception as e:                      # noqa: BLE001 -- report it to the client, keep serving
                 return self._send(500, {"error": {"message": f"backend failed: {type(e).__name__}: {e}"}})
             if c.finish_reason == "cancelled":
