@@ -8,7 +8,7 @@
 
 The output is the trainer's format (engine/data.py), one example per line, distilled examples first (in
 problem order), then corrected ones, then the mutation stage's debugger examples; exact duplicates (same role
-and messages) are dropped. Each line keeps its "source" (origin distill|correct|mutation, problem id, agent
+and messages) are dropped. Each line keeps its "source" (origin distill|correct|mutation|student_repair, problem id, agent
 step), which the trainer ignores.
 
 PROVENANCE.json (beside the output) is assembled from what the stages recorded themselves (their
@@ -73,7 +73,7 @@ def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", 
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "examples": {r: per_role[r] for r in ROLES},
         "examples_total": len(examples),
-        "by_origin": {o: {r: per_origin[o, r] for r in ROLES} for o in ("distill", "correct", "mutation")},
+        "by_origin": {o: {r: per_origin[o, r] for r in ROLES} for o in ("distill", "correct", "mutation", "student_repair")},
         "duplicates_dropped": sum(rejected.values()),
         "teacher": teacher_name(SimpleNamespace(**dc)) if dc else "",
         "supervisor": (teacher_name(SimpleNamespace(teacher=cc.get("supervisor"), teacher_url=cc.get("supervisor_url"),
@@ -86,6 +86,7 @@ def build_sft(distill_dir, correct_dir=None, out="recipes/data/mini_sft.jsonl", 
         "edited": {"examples": d_stats.get("edited", {}), "rule": d_stats.get("edit_rule", "")},
         "distill": {"settings": dc, "runs": d_meta.get("runs", []), "stats": d_stats},
         "correct": {"settings": cc, "runs": c_meta.get("runs", []), "stats": c_stats} if cc else None,
+        "student_repair": (m_stats or {}).get("student_repair"),
         "mutation": ({"rule": m_stats.get("rule", ""), "settings": m_meta.get("config", {}),
                       "runs": m_meta.get("runs", []), "stats": m_stats} if m_meta else None),
         "build": run_record(),

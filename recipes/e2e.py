@@ -7,10 +7,13 @@
 Each stage is the same code as its command (mcl distill, mcl correct, mcl mutate, python -m recipes.build_sft,
 mcl main) and keeps its own resumable state under its out= directory, so rerunning after a kill continues where
 it stopped. Tables of the recipe: [distill] [correct] [mutate] [build] [main] (see recipes/mini_e2e.toml); a
-recipe without a [mutate] table skips that stage.
+recipe without a [mutate] table skips that stage. When [mutate] names student_trajectories, the student
+(main.student) first runs distill itself on the same problems, into that file's directory (resumable too):
+its debugger calls become the "student_repair" examples (recipes/mutate.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tomllib
 from pathlib import Path
@@ -45,6 +48,11 @@ def run_e2e(recipe: str, overrides=()) -> dict:
     cs = correct(ccfg)
     print(f"correct: {cs['attempted']} attempted, blame {cs['blame']}, {cs['successes']} corrected", flush=True)
     if mutcfg is not None:
+        if mutcfg.student_trajectories:
+            scfg = dataclasses.replace(dcfg, teacher=mcfg.student, teacher_url="", teacher_model="",
+                                       format_only_roles=[], out=str(Path(mutcfg.student_trajectories).parent))
+            print(f"e2e [3/5] the student {mcfg.student} runs the same problems (its own failing programs)", flush=True)
+            distill(scfg)
         print("e2e [3/5] mutate the passing programs into debugger examples", flush=True)
         ms = mutate(mutcfg)
         print(f"mutate: {ms['examples']['debugger']} debugger examples from {ms['programs_mutated']} programs",

@@ -36,9 +36,17 @@ test of its problem (distill's accept="hidden" rule):
     quoting long lines and continued the prompt's own "# Relevant algorithm" section after a heading
     (runs/mini/main48m: 3 of 12 debugger answers without code).
 
-The examples are labelled (source.origin = "mutation", with the operator and line) and counted in
-OUT/stats.json; build_sft merges them and PROVENANCE.json names the rule. Pure and deterministic given the
-trajectories and the sandbox: no model is called, a rerun rewrites the same files.
+A second source, on when student_trajectories is set: the student's own failing programs. Run the student
+itself through distill on the same problems (`mcl distill teacher=smollm2-135m out=runs/mini/student_base`);
+each debugger call it made there is a prompt the student's debugger really sees at eval time (its own plan,
+its own failing program -- often degenerate, repeated text cut at the token limit -- its real test report)
+and becomes an example answered with the teacher's plan steps and passing program for that problem
+(source.origin = "student_repair"). Calls whose prompt exceeds max_prompt_tokens (the student's own count,
+recorded in the call) are skipped so that prompt + answer fit the trainer's max_len.
+
+The examples are labelled (source.origin = "mutation", with the operator and line; "student_repair", with
+the round) and counted in OUT/stats.json; build_sft merges them and PROVENANCE.json names the rules. Pure and
+deterministic given the trajectories and the sandbox: no model is called, a rerun rewrites the same files.
 """
 from __future__ import annotations
 
@@ -60,6 +68,9 @@ from recipes.distill import (dedup, load_config, problem_from_json, read_jsonl_r
 RULE = ("mutation: the teacher's passing program (every test of its problem passes) with one seeded single-line "
         "bug that fails the sample tests in the sandbox; the answer is the plan's steps and the passing program "
         "as written")
+STUDENT_RULE = ("student_repair: a debugger call of the student's own distill run (its failing program and real "
+                "test report, as its debugger saw them) answered with the teacher's plan steps and passing program "
+                "for the same problem")
 
 
 @dataclass
@@ -70,6 +81,9 @@ class MutateConfig:
     max_answer_chars: int = 1400         # longer answers are rejected: the debugger's budget is 2 x 256 new
                                          # tokens at eval, ~3 characters each for SmolLM2 on these answers
     seed: int = 0
+    student_trajectories: str = ""      # `mcl distill teacher=<student>` trajectories: its debugger calls become
+                                        # examples answered with the teacher's passing program ("" = off)
+    max_prompt_tokens: int = 800        # student calls with longer prompts are skipped (prompt + answer <= max_len)
     out: str = "runs/mutate"
 
 
@@ -251,6 +265,43 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
     return kept, why
 
 
+def student_repairs(student: dict, teacher: dict | None, cfg: MutateConfig) -> tuple[list[dict], Counter]:
+    """One student trajectory -> (debugger examples: its debugger calls answered with the teacher's passing
+    program for the same problem, Counter of reasons)."""
+    why = Counter()
+    calls = [c for c in student.get("calls", []) if c["role"] == "debugger"]
+    if not calls:
+        why["student made no debugger call"] += 1
+        return [], why
+    plan = winning_plan(teacher) if teacher and teacher.get("passed") and not teacher.get("error") else None
+    if not plan:
+        why["no passing teacher program for the problem"] += len(calls)
+        return [], why
+    reply = answer(plan, teacher["code"])
+    if len(reply) > cfg.max_answer_chars:
+        why["answer longer than max_answer_chars"] += len(calls)
+        return [], why
+    kept = []
+    for c in calls:
+        if c.get("prompt_tokens", 0) > cfg.max_prompt_tokens:
+            why["prompt longer than max_prompt_tokens"] += 1
+            continue
+        msgs = [{"role": m["role"], "content": m["content"]} for m in c["messages"] if m["role"] != "assistant"]
+        msgs.append({"role": "assistant", "content": reply})
+        kept.append({"role": "debugger", "messages": msgs,
+                     "source": {"origin": "student_repair", "problem": student["id"], "step": "debug",
+                                "round": c.get("round"), "student_status": c.get("status")}})
+        why["kept"] += 1
+    return kept, why
+
+
+def _selected(path: Path) -> list[dict]:
+    """The trajectories of a distill run, in problem order, restricted to the run's current selection."""
+    trajs = sorted(read_jsonl_resumable(path), key=lambda r: r.get("index", 0))
+    n = distill_selection(path)
+    return [r for r in trajs if r.get("index", 0) < n] if n else trajs
+
+
 def distill_selection(trajectories: Path) -> int:
     """n_problems of the distill run that wrote `trajectories` (its config.json beside it), 0 if unknown: a
     trajectory's index is its place in distill's seeded order, so index < n is the run's current selection
@@ -268,10 +319,7 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
     src = Path(cfg.trajectories)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: trajectories not found (run mcl distill first)")
-    trajs = sorted(read_jsonl_resumable(src), key=lambda r: r.get("index", 0))
-    n = distill_selection(src)
-    if n:
-        trajs = [r for r in trajs if r.get("index", 0) < n]
+    trajs = _selected(src)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     examples, reasons = [], Counter()
@@ -279,13 +327,30 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
         kept, why = trajectory_mutants(rec, cfg, run_tests)
         examples += kept
         reasons.update(why)
+    n_mutants = len(examples)
+    student = {}
+    if cfg.student_trajectories:
+        spath = Path(cfg.student_trajectories)
+        if not spath.is_file():
+            raise FileNotFoundError(f"{spath}: student trajectories not found (run mcl distill teacher=<student>)")
+        by_id, sreasons = {r["id"]: r for r in trajs}, Counter()
+        for rec in _selected(spath):
+            kept, why = student_repairs(rec, by_id.get(rec["id"]), cfg)
+            examples += kept
+            sreasons.update(why)
+        n_student = len(examples) - n_mutants
+        scfg = spath.parent / "config.json"
+        student = {"trajectories": str(spath), "examples": n_student, "reasons": dict(sorted(sreasons.items())),
+                   "student_run": json.loads(scfg.read_text()) if scfg.is_file() else None, "rule": STUDENT_RULE}
     dropped = Counter()
     examples = dedup(examples, dropped)
-    stats = {"trajectories": len(trajs), "programs_mutated": len({e["source"]["problem"] for e in examples}),
-             "examples": {"debugger": len(examples)},
-             "operators": dict(sorted(Counter(e["source"]["operator"] for e in examples).items())),
-             "verdicts": dict(sorted(Counter(e["source"]["verdict"] for e in examples).items())),
-             "reasons": dict(sorted(reasons.items())), "duplicates_dropped": sum(dropped.values()), "rule": RULE}
+    mutated = [e for e in examples if e["source"]["origin"] == "mutation"]
+    stats = {"trajectories": len(trajs), "programs_mutated": len({e["source"]["problem"] for e in mutated}),
+             "examples": {"debugger": len(examples)}, "mutants": len(mutated),
+             "operators": dict(sorted(Counter(e["source"]["operator"] for e in mutated).items())),
+             "verdicts": dict(sorted(Counter(e["source"]["verdict"] for e in mutated).items())),
+             "reasons": dict(sorted(reasons.items())), "duplicates_dropped": sum(dropped.values()), "rule": RULE,
+             "student_repair": student or None}
     write_examples(out / "examples.jsonl", examples)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_meta(out, {"stage": "mutate", "runs": [run_record()]}, cfg)
@@ -295,8 +360,11 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
 def cli_mutate(args) -> int:
     cfg = load_config(MutateConfig, args.config, "mutate", [a for a in args.rest if a != "--"])
     s = mutate(cfg)
-    print(f"mutate: {s['examples']['debugger']} debugger examples from {s['programs_mutated']} passing programs "
+    print(f"mutate: {s['mutants']} debugger examples from {s['programs_mutated']} passing programs "
           f"({s['trajectories']} trajectories) -> {cfg.out}/examples.jsonl; {s['reasons']}")
+    if s["student_repair"]:
+        r = s["student_repair"]
+        print(f"mutate: + {r['examples']} student repairs ({r['trajectories']}); {r['reasons']}")
     return 0
 
 

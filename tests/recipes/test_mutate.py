@@ -136,6 +136,41 @@ def test_real_sandbox_and_build_sft_provenance(tmp_path):
     assert prov["examples"]["debugger"] == 1 + 2                      # sub's real debugger call + 2 mutants
 
 
+def test_student_repairs_answer_the_students_own_debugger_calls(tmp_path):
+    traj = _distill(tmp_path)
+    # the student's own distill run; here the same scripted model, whose debugger runs on sub and mul only
+    cfg = MutateConfig(trajectories=str(traj), student_trajectories=str(traj), out=str(tmp_path / "m"))
+    stats = mutate(cfg, run_tests=run_tests_inprocess)
+    rows = [json.loads(x) for x in (tmp_path / "m" / "examples.jsonl").read_text().splitlines()]
+    student = [r for r in rows if r["source"]["origin"] == "student_repair"]
+    assert [r["source"]["problem"] for r in student] == ["fake/sub"]        # mul: the teacher never passed it
+    assert stats["student_repair"]["reasons"] == {"kept": 1, "no passing teacher program for the problem": 1,
+                                                  "student made no debugger call": 2}
+    assert stats["examples"] == {"debugger": 3} and stats["mutants"] == 2
+    trajs = {r["id"]: r for r in read_jsonl_resumable(traj)}
+    call = next(c for c in trajs["fake/sub"]["calls"] if c["role"] == "debugger")
+    assert student[0]["messages"][:-1] == call["messages"]                   # the prompt the student saw, as is
+    assert "return a + b" in call["messages"][-1]["content"]                 # its failing program
+    answer = student[0]["messages"][-1]["content"]
+    d = parsers.parse_debugger(answer, entry_point="sub")
+    assert d and d.code.strip() == trajs["fake/sub"]["code"].strip() and answer.startswith("1. ")
+    assert student[0]["source"]["round"] == 1
+
+    short = mutate(MutateConfig(trajectories=str(traj), student_trajectories=str(traj), max_prompt_tokens=1,
+                                out=str(tmp_path / "m1")), run_tests=run_tests_inprocess)
+    assert short["student_repair"]["reasons"]["prompt longer than max_prompt_tokens"] == 1
+    assert short["student_repair"]["examples"] == 0
+
+    prov = build_sft(tmp_path / "d", None, tmp_path / "sft.jsonl", mutate_dir=tmp_path / "m")
+    assert prov["by_origin"]["student_repair"] == {"retriever": 0, "planner": 0, "coder": 0, "debugger": 1}
+    assert prov["student_repair"]["rule"].startswith("student_repair:")
+    assert prov["student_repair"]["student_run"]["stage"] == "distill"
+
+    with pytest.raises(FileNotFoundError, match="student trajectories not found"):
+        mutate(MutateConfig(trajectories=str(traj), student_trajectories=str(tmp_path / "nope.jsonl"),
+                            out=str(tmp_path / "m2")), run_tests=run_tests_inprocess)
+
+
 def test_missing_trajectories_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="trajectories not found"):
         mutate(MutateConfig(trajectories=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "m")))
