@@ -202,12 +202,12 @@ def _on_alarm(signum, frame):
 
 
 def _tb_excerpt(exc, limit=1500):
+    """The program's traceback without this file's frames: the runner's at the top, and the SIGALRM handler's
+    at the bottom of a timeout (whose path would otherwise end up in the report the debugger reads)."""
     import traceback
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:   # skip this file's frames
-        tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return text[-limit:]
+    te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != __file__])
+    return "".join(te.format())[-limit:]
 
 
 def _classify(exc, test_file):

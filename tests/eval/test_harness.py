@@ -128,6 +128,8 @@ def test_a_timeout_stops_the_batch():
     r = run_tests(p, "def f(x):\n    while x == 0:\n        pass\n    return x", timeout=1.0)
     assert [x.verdict for x in r.results] == ["pass", "timeout", "timeout"]
     assert "not run" in r.results[2].stderr and time.monotonic() - t0 < 15
+    tb = r.results[1].stderr                       # the program's frame, not the sandbox's alarm handler
+    assert "TestTimeout" in tb and "line 2, in f" in tb and "sandbox_child" not in tb, tb
 
 
 def test_timeout_even_when_the_program_swallows_it():
