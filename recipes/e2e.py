@@ -55,8 +55,9 @@ def run_e2e(recipe: str, overrides=()) -> dict:
             distill(scfg)
         print("e2e [3/5] mutate the passing programs into debugger examples", flush=True)
         ms = mutate(mutcfg)
-        print(f"mutate: {ms['examples']['debugger']} debugger examples from {ms['programs_mutated']} programs",
-              flush=True)
+        extra = f", {ms['student_repair']['examples']} student repairs" if ms["student_repair"] else ""
+        print(f"mutate: {ms['examples']['debugger']} debugger examples ({ms['mutants']} mutants of "
+              f"{ms['programs_mutated']} programs{extra})", flush=True)
     print(f"e2e [4/5] build {sft}", flush=True)
     prov = build_sft(dcfg.out, ccfg.out, sft, note=f"python -m recipes.e2e {recipe} {' '.join(overrides)}".strip(),
                      mutate_dir=mutcfg.out if mutcfg else None)
