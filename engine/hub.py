@@ -187,7 +187,7 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
     GGUF's Q4_0/Q4_1 tensors 4-bit. The model's `pack_stats` says what was packed."""
     from engine.model import Transformer
     from engine.tokenizer import Tokenizer
-    from engine.weights import load_gguf, load_hf_dir
+    from engine.weights import load_gguf, load_hf_dir, open_gguf
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -200,9 +200,11 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
     path = resolve(name_or_path)
     if path.is_dir():
         cfg, sd = load_hf_dir(path, dtype=dtype)
+        reader = None
         tok = Tokenizer.from_file(path / "tokenizer.json")
     else:
-        cfg, sd, meta = load_gguf(path, dtype=dtype)
+        reader = open_gguf(path)                   # once: the q4 path below reads the same file's blocks
+        cfg, sd, meta = load_gguf(path, dtype=dtype, reader=reader)
         tok = Tokenizer.from_gguf(meta, source=str(path))
 
     with torch.device("meta"):                     # no random init: every parameter comes from the checkpoint
@@ -219,7 +221,7 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
     if weights != "fp32":
         from engine.quant import pack_model
         from engine.weights import load_gguf_q4
-        q4 = load_gguf_q4(path, cfg) if weights == "q4" and not path.is_dir() else None
+        q4 = load_gguf_q4(path, cfg, reader=reader) if weights == "q4" and not path.is_dir() else None
         model.pack_stats = pack_model(model, weights, q4)
     return model, tok
 

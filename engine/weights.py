@@ -256,11 +256,12 @@ def gguf_config(meta: dict, vocab_size: int, has_output: bool, source: str) -> M
     )
 
 
-def load_gguf(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+def load_gguf(path, dtype: torch.dtype | None = None, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """A GGUF file -> (ModelConfig, state dict in HF naming, metadata dict). Quantised tensors are dequantised to
-    float32 one by one (then cast to `dtype` if given), so peak memory is the dense model plus one tensor."""
+    float32 one by one (then cast to `dtype` if given), so peak memory is the dense model plus one tensor.
+    `reader`: an open_gguf(path) already made (parsing a GGUF's header takes ~2 s for SmolLM2's 49k tokens)."""
     from gguf.quants import dequantize
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     source = str(path)
     meta = gguf_metadata(reader)
     shapes = {t.name: t.shape for t in reader.tensors}
@@ -289,12 +290,13 @@ def load_gguf(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict
     return cfg, check_state_dict(cfg, sd, source), meta
 
 
-def load_gguf_q4(path, cfg: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def load_gguf_q4(path, cfg: ModelConfig, reader=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The Q4_0 / Q4_1 tensors of a GGUF file in their 4-bit form: HF name -> (q, scale, zero), rows in HF order
-    (llama q/k rows unpermuted like the dequantised weights). See engine/quant.py for the layout."""
+    (llama q/k rows unpermuted like the dequantised weights). See engine/quant.py for the layout. `reader`: as in
+    load_gguf."""
     from engine.quant import gguf_q4_rows
     out = {}
-    for t in open_gguf(path).tensors:
+    for t in (reader or open_gguf(path)).tensors:
         hf = gguf_to_hf_name(t.name)
         if hf is None or t.tensor_type.name not in ("Q4_0", "Q4_1"):
             continue
