@@ -1,7 +1,9 @@
-"""Debugger examples by bug injection: a passing program of the teacher, one seeded small bug, the real test report.
+"""Debugger examples from the teacher's passing programs: each with one seeded small bug and its real test report,
+and (optionally) the student's own failing programs, each answered with the teacher's passing program.
 
     mcl mutate --config recipes/mini_e2e.toml                    # the [mutate] table of a recipe
     mcl mutate trajectories=runs/distill/trajectories.jsonl out=runs/mutate per_program=3
+    mcl mutate trajectories=runs/distill/trajectories.jsonl student_trajectories=runs/student/trajectories.jsonl
 
     from recipes.mutate import MutateConfig, mutate, mutants
     stats = mutate(MutateConfig(trajectories=..., out=...), run_tests=...)
