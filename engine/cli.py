@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_call("recipes.correct:cli_correct"))
 
-    p = sub.add_parser("mutate", help="debugger examples from passing trajectories by seeded bug injection")
+    p = sub.add_parser("mutate", help="debugger examples: seeded bugs in the teacher's passing programs (+ the student's own failing ones)")
     p.add_argument("--config", default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_call("recipes.mutate:cli_mutate"))
