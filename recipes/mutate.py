@@ -225,10 +225,15 @@ def answer(plan: str, code: str) -> str:
     return f"{plan_steps(plan)}\n\n```python\n{code.rstrip()}\n```"
 
 
+def _passed(rec: dict) -> bool:
+    """The trajectory's final program passes every test of its problem (distill's accept="hidden")."""
+    return bool(rec.get("passed")) and not rec.get("error")
+
+
 def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[dict], Counter]:
     """One trajectory -> (debugger examples, Counter of reasons: kept / rejected)."""
     why = Counter()
-    if rec.get("error") or not rec.get("passed"):
+    if not _passed(rec):
         why["final program fails the problem's tests"] += 1
         return [], why
     problem = problem_from_json(rec["problem"])
@@ -275,7 +280,7 @@ def student_repairs(student: dict, teacher: dict | None, cfg: MutateConfig) -> t
     if not calls:
         why["student made no debugger call"] += 1
         return [], why
-    plan = winning_plan(teacher) if teacher and teacher.get("passed") and not teacher.get("error") else None
+    plan = winning_plan(teacher) if teacher and _passed(teacher) else None
     if not plan:
         why["no passing teacher program for the problem"] += len(calls)
         return [], why
@@ -329,20 +334,19 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
         kept, why = trajectory_mutants(rec, cfg, run_tests)
         examples += kept
         reasons.update(why)
-    n_mutants = len(examples)
-    student = {}
+    student = None
     if cfg.student_trajectories:
         spath = Path(cfg.student_trajectories)
         if not spath.is_file():
             raise FileNotFoundError(f"{spath}: student trajectories not found (run mcl distill teacher=<student>)")
-        by_id, sreasons = {r["id"]: r for r in trajs}, Counter()
+        by_id, repairs, sreasons = {r["id"]: r for r in trajs}, [], Counter()
         for rec in _selected(spath):
             kept, why = student_repairs(rec, by_id.get(rec["id"]), cfg)
-            examples += kept
+            repairs += kept
             sreasons.update(why)
-        n_student = len(examples) - n_mutants
+        examples += repairs
         scfg = spath.parent / "config.json"
-        student = {"trajectories": str(spath), "examples": n_student, "reasons": dict(sorted(sreasons.items())),
+        student = {"trajectories": str(spath), "examples": len(repairs), "reasons": dict(sorted(sreasons.items())),
                    "student_run": json.loads(scfg.read_text()) if scfg.is_file() else None, "rule": STUDENT_RULE}
     dropped = Counter()
     examples = dedup(examples, dropped)
@@ -352,7 +356,7 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
              "operators": dict(sorted(Counter(e["source"]["operator"] for e in mutated).items())),
              "verdicts": dict(sorted(Counter(e["source"]["verdict"] for e in mutated).items())),
              "reasons": dict(sorted(reasons.items())), "duplicates_dropped": sum(dropped.values()), "rule": RULE,
-             "student_repair": student or None}
+             "student_repair": student}
     write_examples(out / "examples.jsonl", examples)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_meta(out, {"stage": "mutate", "runs": [run_record()]}, cfg)
