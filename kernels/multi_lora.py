@@ -281,13 +281,16 @@ def _gemm_expand_kernel(
         w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w[k, n]
         if FUSE_SHRINK:
             p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+            # A base-only tile (adapter -1) loads no p: its rank bound is 0. Folding the scalar has_lora into a
+            # block mask keeps every mask a block of i1 (triton >= 3.9's interpreter rejects block & scalar).
+            p_r_ok = offs_r < tl.where(has_lora, R, 0)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_ok = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(xt, wt, acc, PRECISION)                         # acc += inp[tok, k:k+BK] @ w[k:k+BK, n]
             if FUSE_SHRINK:
-                pt = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :] & has_lora, other=0.0)
+                pt = tl.load(p_ptrs, mask=k_ok[:, None] & p_r_ok[None, :], other=0.0)
                 mid = _mma(xt, pt, mid, PRECISION)                     # mid += inp[tok, k:k+BK] @ p[a][k:k+BK, :]
                 p_ptrs += BLOCK_K * stride_pk
             x_ptrs += BLOCK_K * stride_ik
