@@ -168,7 +168,7 @@ class Transformer(nn.Module):
                 input_pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, kv_len: int | None = None,
                 last_idx: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                lora: LoRABatch | None = None) -> torch.Tensor:
+                lora: LoRABatch | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) at `last_idx` (B,), or (K, V) at `logits_at` (K,).
 
         adapter_ids: None, (B,) per sequence or (B, T) per token; -1 = base only.
@@ -178,6 +178,8 @@ class Transformer(nn.Module):
         logits_at:   flattened positions b * T + t (K,) whose logits are wanted (training: the loss positions);
                      the final norm and the LM head, the largest matmul per token, skip every other position.
         lora:        precomputed LoRABatch (overrides adapter_ids; lets a caller reuse segments).
+        return_hidden: the final-normed hidden states (.., dim) instead of logits, for a caller that applies the LM
+                     head itself (engine/chunked_ce.py: the head and the loss in chunks, in training).
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -202,6 +204,8 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x.reshape(B * T, -1)[logits_at]                               # (K, dim)
         x = self.model.norm(x)
+        if return_hidden:
+            return x                                                          # (B, T|1, dim) or (K, dim)
         if self.output_packed is not None and not torch.is_grad_enabled():
             return self.output_packed(x)                                      # (B, T|1, V), see engine/quant.py
         return F.linear(x, self.output_weight)                                # (B, T|1, V)
