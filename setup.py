@@ -7,7 +7,7 @@ setup(
     description="One small LLM, four role adapters: the MapCoder-Lite engine (model, fused multi-LoRA, "
                 "mixed-role training and serving, agents, evaluation).",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "eval", "eval.*",
-                                    "recipes", "recipes.*"]),
+                                    "recipes", "recipes.*", "bench"]),
     package_data={"recipes": ["*.toml", "data/*"]},
     python_requires=">=3.10",
     install_requires=[

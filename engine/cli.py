@@ -4,6 +4,7 @@ module that owns the work (imported lazily, so `mcl --help` is instant).
     mcl generate --model smollm2-135m --prompt "def fib(n):" --max-new-tokens 64
     mcl chat --model smollm2-135m
     mcl convert model.gguf out_dir/
+    mcl export --gguf ADAPTER_DIR OUT.gguf [--model smollm2-135m]
     mcl bench generate|lora|train|serve --json
     mcl train recipes/mini_smollm2.toml key=value ...
     mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
@@ -66,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of model.safetensors (the GGUF is dequantised to float32 first)")
     p.set_defaults(func=_call("engine.weights:cli_convert"))
 
+    p = sub.add_parser("export", help="PEFT adapter -> llama.cpp's GGUF LoRA adapter file")
+    p.add_argument("--gguf", nargs=2, required=True, metavar=("ADAPTER_DIR", "OUT.gguf"))
+    p.add_argument("--model", default="smollm2-135m", help="the base GGUF (embedded name or .gguf file)")
+    p.set_defaults(func=_call("engine.export_gguf:cli_export"))
+
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for name, target in [("generate", "engine.bench_generate:main"), ("lora", "kernels.bench:main"),
-                         ("train", "engine.bench_train:main"), ("serve", "engine.bench_serve:main"),
-                         ("agents", "eval.bench_concurrency:main")]:
+    for name, target in [("generate", "bench.generate:main"), ("lora", "kernels.bench:main"),
+                         ("train", "bench.train:main"), ("serve", "bench.serve:main"),
+                         ("agents", "bench.agents:main")]:
         b = bsub.add_parser(name)
         b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         b.add_argument("--out", default=None, help="also write the JSON here (a file, or a dir such as bench/results/)")

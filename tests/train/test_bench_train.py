@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 
 def test_bench_train_quick_tiny(tmp_path, capsys):
-    from engine.bench_train import main
+    from bench.train import main
     out = tmp_path / "results"
     main(argparse.Namespace(json=True, out=str(out) + "/", model="tiny", device="cpu", quick=True))
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from engine.bench_generate import _device_name, _write
+from bench.common import device_name, write_result
 
 
 def main(args):
@@ -68,7 +68,7 @@ def main(args):
               flush=True)
     steps = logs["concurrent"]
     mixed = sum(1 for b in steps if len(b["adapters"]) > 1)
-    result = {"device": _device_name(device), "model": name, "problems": n, "max_new_tokens": max_new,
+    result = {"device": device_name(device), "model": name, "problems": n, "max_new_tokens": max_new,
               "strategy": "mapcoder k=1 t=1", "rows": rows,
               "speedup": round(rows[1]["wall_s"] / rows[0]["wall_s"], 3),
               "decode_steps": len(steps), "mixed_role_steps": mixed,
@@ -79,7 +79,7 @@ def main(args):
               "command": "mcl bench agents --json" + (" --quick" if args.quick else "")
               + (f" --threads {args.threads}" if getattr(args, "threads", None) else "")
               + (f" --weights {weights}" if weights else "")}
-    _write(result, args.out, f"agents_{name.replace('/', '_')}_{device}.json")
+    write_result(result, args.out, f"agents_{name.replace('/', '_')}_{device}.json")
     print(json.dumps(result))
 
 

@@ -19,11 +19,12 @@ Prints one JSON object as the last line: {"model", "device", "rows": [{batch, ne
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import device_name, write_result
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -107,7 +108,7 @@ def main(args):
     ghf = [theirs(hf_models["float32"], [p])[0][:len(g)] for p, g in zip(prompts, g32)]
     def same_prefix(xs, ys):
         return [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(xs, ys)]
-    result = {"model": name, "device": _device_name(device), "torch": torch.__version__,
+    result = {"model": name, "device": device_name(device), "torch": torch.__version__,
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "ours_weights": packed, "hf_weights": "fp32 (transformers dequantises the GGUF to fp32)",
               "same_greedy_tokens": g32 == ghf,
@@ -117,21 +118,6 @@ def main(args):
               "command": "mcl bench generate" + (" --quick" if args.quick else "")
               + (f" --weights {packed}" if getattr(args, "weights", None) else "")
               + (f" --threads {args.threads}" if getattr(args, "threads", None) else "")}
-    _write(result, args.out, f"generate_{device}.json")
+    write_result(result, args.out, f"generate_{device}.json")
     print(json.dumps(result))
 
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _write(result: dict, out: str | None, default_name: str):
-    if not out:
-        return
-    p = Path(out)
-    if out.endswith("/") or p.is_dir():
-        p.mkdir(parents=True, exist_ok=True)
-        p = p / default_name
-    p.write_text(json.dumps(result, indent=2) + "\n")

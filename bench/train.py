@@ -25,12 +25,11 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from engine.bench_generate import _device_name, _write
+from bench.common import device_name, write_result
 from engine.data import ROLES, Batch
 from engine.lora import ALL_TARGETS, add_adapters
 from engine.trainer import AdapterAdamW, token_losses
@@ -211,7 +210,7 @@ def main(args):
 
     tok_s = {r["mode"]: r["tok_s"] for r in rows}
     cpu = {r["mode"]: r.get("cpu_tok_s") for r in rows}
-    result = {"device": _device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
+    result = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
               "batch": B, "seq_len": T, "steps": steps, "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS),
               "rows": rows, "mixed_vs_single": round(tok_s["mixed4"] / tok_s["single"], 3),
               "mixed_vs_hf_peft": round(tok_s["mixed4"] / tok_s["hf_peft_sequential"], 3),
@@ -223,7 +222,7 @@ def main(args):
               "command": "mcl bench train" + (f" --model {args.model}" if args.model else "") +
                          (f" --threads {args.threads}" if getattr(args, "threads", None) else "") +
                          (" --quick" if args.quick else "")}
-    _write(result, args.out, f"train_{name}_{'cuda' if cuda else 'cpu'}.json")
+    write_result(result, args.out, f"train_{name}_{'cuda' if cuda else 'cpu'}.json")
     if args.json:
         print(json.dumps(result))
     return 0
