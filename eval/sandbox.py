@@ -88,7 +88,7 @@ import warnings
 from dataclasses import dataclass, field
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
-UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
+UNSHARE = ["unshare", "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
 LOCK_DIR = os.path.join(tempfile.gettempdir(), f"mcl-sandbox-slots-{os.geteuid()}")
 SETUP_FAILED = 70          # the child's exit code when the jail itself could not be built
@@ -235,6 +235,76 @@ def _read_paths() -> list[str]:
     return sorted(paths | {os.path.realpath(p) for p in _site_paths()})
 
 
+SYSTEM_PATHS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/alternatives",
+                "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd",
+                "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/ssl", "/etc/mime.types"]
+
+
+def _jail_paths() -> list[str]:
+    """What the jail's root is made of (bound read-only at the same paths): the system directories, a
+    few /etc files, and the interpreter's prefix, stdlib and site-packages, parents before children,
+    none below another one (a bind brings its subtree)."""
+    paths = SYSTEM_PATHS + [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
+                            os.path.dirname(os.path.realpath(sys.executable))]
+    paths += [p for p in _read_paths() if p != CHILD] + _site_paths()
+    out: list[str] = []
+    for p in sorted({os.path.normpath(p) for p in paths if p and os.path.isabs(p)}):
+        if not any(p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+_bpf: bytes | None = None
+_bpf_lock = threading.Lock()
+SECCOMP_DENY = {   # syscall -> errno; the filter's default is to allow
+    "socket": "EACCES",            # no new sockets of any family: host Unix-domain sockets (connect by
+                                   # path ignores the network namespace), AF_VSOCK (not namespaced)
+    "io_uring_setup": "EPERM", "io_uring_enter": "EPERM", "io_uring_register": "EPERM",   # would bypass it
+    "unshare": "EPERM", "setns": "EPERM", "mount": "EPERM", "umount2": "EPERM", "pivot_root": "EPERM",
+    "chroot": "EPERM", "open_tree": "EPERM", "move_mount": "EPERM", "fsopen": "EPERM", "fsmount": "EPERM",
+    "fspick": "EPERM", "fsconfig": "EPERM", "mount_setattr": "EPERM",
+    "bpf": "EPERM", "userfaultfd": "EPERM", "perf_event_open": "EPERM",
+    "keyctl": "EPERM", "add_key": "EPERM", "request_key": "EPERM",   # keyrings are not namespaced
+    "clone3": "ENOSYS",            # its flags are behind a pointer: libc falls back to clone(), checked below
+}
+CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+SOCKETPAIR_DENIED_TYPES = (2, 3, 4, 5, 10)   # all but SOCK_STREAM (a datagram pair can sendto() a host path)
+
+
+def _seccomp_bpf() -> bytes | None:
+    """The seccomp filter, compiled once per process by libseccomp (through pyseccomp, its ctypes binding)
+    into raw BPF that the child loads with one prctl. libseccomp resolves syscall numbers per
+    architecture and kills other-architecture syscalls (int 0x80 from x86-64). None when the library
+    is missing: then isolation()["seccomp"] is False and the jail's root is the only barrier."""
+    global _bpf
+    with _bpf_lock:
+        if _bpf is None:
+            try:
+                import errno as E
+
+                import pyseccomp as sc
+                f = sc.SyscallFilter(sc.ALLOW)
+                for name, err in SECCOMP_DENY.items():
+                    try:
+                        f.add_rule(sc.ERRNO(getattr(E, err)), name)
+                    except (OSError, ValueError, RuntimeError):
+                        pass   # a syscall this kernel/architecture does not have
+                for flag in CLONE_NS_FLAGS:
+                    f.add_rule(sc.ERRNO(E.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+                for t in SOCKETPAIR_DENIED_TYPES:
+                    f.add_rule(sc.ERRNO(E.EACCES), "socketpair", sc.Arg(1, sc.MASKED_EQ, 0xF, t))
+                with tempfile.TemporaryFile() as tmp:
+                    f.export_bpf(tmp)
+                    tmp.seek(0)
+                    _bpf = tmp.read()
+            except (ImportError, OSError, AttributeError, RuntimeError) as e:
+                warnings.warn(f"eval/sandbox.py: no seccomp filter ({type(e).__name__}: {e}); "
+                              "install pyseccomp and libseccomp2 (see the docstring)")
+                _bpf = b""
+        return _bpf or None
+
+
 def _acquire_slot() -> tuple[int, int]:
     """A sandbox uid no other run holds, in this process or any other (an flock'ed file per slot in a
     root-only directory), and the lock's fd. Slots keep parallel runs' RLIMIT_NPROC budgets apart."""
@@ -266,6 +336,10 @@ def isolation() -> dict:
     uid_drop = os.geteuid() == 0 and (m == "ns" or (m == "plain" and _plain_can_drop()))
     ns = m != "plain"
     return {"mode": m, "uid_drop": uid_drop, "namespaces": ns,
+            "ipc_namespace": ns, "uts_namespace": ns,
+            "jail_root": ns,                      # allowlisted root: no repository, data, /run, host sockets
+            "seccomp": _seccomp_bpf() is not None,
+            "devices": True,                      # /dev/null, zero, full, random, urandom (plain: the host's)
             "readonly_fs": ns,                    # plain + uid_drop: only files the uid may not write
             "no_write_outside": ns or uid_drop,   # ... except world-writable directories (/tmp) in plain mode
             "private_tmp": ns, "net_namespace": ns, "kills_escaped": ns or uid_drop,
@@ -295,12 +369,16 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
     try:
         work = os.path.join(run_dir, "work")
         os.mkdir(work, 0o700)
+        jail_root = os.path.join(run_dir, "root")   # the jail's / (a tmpfs mounted there, in its namespace)
+        os.mkdir(jail_root, 0o700)
         if uid is not None:
             os.chown(work, uid, uid)
         full = dict(job, setup_code=job.get("setup_code", ""), entry_point=job.get("entry_point"),
                     tests=job.get("tests", []), uid=uid, isolate_fs=m != "plain", drop_caps=m == "userns",
                     count_user_procs=m == "plain" and not root, read_paths=_read_paths(),
-                    site_paths=_site_paths(),
+                    site_paths=_site_paths(), jail_root=jail_root, jail_paths=_jail_paths(),
+                    hide_paths=[p for p in job.get("hide_paths", ()) if os.path.isdir(p)],
+                    seccomp_bpf=_seccomp_bpf() or b"",
                     tmpfs_size=limits.disk_bytes,
                     limits={"cpu_s": limits.cpu_s or limits.wall_s, "memory_bytes": limits.memory_bytes,
                             "file_bytes": limits.file_bytes, "nproc": limits.nproc,
@@ -315,16 +393,18 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
                "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         prefix = {"ns": UNSHARE, "userns": ["unshare", "--user", "--map-root-user"] + UNSHARE[1:], "plain": []}[m]
-        res_r, res_w = os.pipe()
-        cmd = prefix + [sys.executable, "-I", "-S", "-X", "utf8", "-B", CHILD, job_path, str(res_w)]
+        res_r, res_w = os.pipe()       # the worker's records (the program can write here too)
+        sup_r, sup_w = os.pipe()       # the supervisor's (closed in the worker before the program starts)
+        cmd = prefix + [sys.executable, "-I", "-S", "-X", "utf8", "-B", CHILD, job_path, str(res_w), str(sup_w)]
         with open(stdin_path, "rb") as stdin_f:
             t0 = time.monotonic()
             try:
                 proc = subprocess.Popen(cmd, stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        cwd=work, env=env, pass_fds=(res_w,), start_new_session=True)
+                                        cwd=work, env=env, pass_fds=(res_w, sup_w), start_new_session=True)
             finally:
                 os.close(res_w)
-        ex = _collect(proc, res_r, limits, t0, uid, m)
+                os.close(sup_w)
+        ex = _collect(proc, res_r, sup_r, limits, t0, uid, m)
         ex.mode, ex.uid, ex.tag = m, uid, os.path.basename(run_dir)
         return ex
     finally:
@@ -333,15 +413,16 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
             _release_slot(*slot)
 
 
-def _collect(proc: subprocess.Popen, res_r: int, limits: Limits, t0: float, uid: int | None, m: str) -> Execution:
+def _collect(proc: subprocess.Popen, res_r: int, sup_r: int, limits: Limits, t0: float, uid: int | None,
+             m: str) -> Execution:
     """Read stdout, stderr and the result pipe with caps until the child exits or the deadline passes,
     then kill whatever is left. The child is not reaped before its process group has been killed."""
-    bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray()}
-    keep = {"out": limits.output_bytes, "err": 64 << 10, "res": 4 * limits.output_bytes}
-    caps = {"out": limits.output_bytes, "err": limits.output_bytes, "res": 4 * limits.output_bytes}
+    bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray(), "sup": bytearray()}
+    keep = {"out": limits.output_bytes, "err": 64 << 10, "res": 4 * limits.output_bytes, "sup": 64 << 10}
+    caps = {"out": limits.output_bytes, "err": limits.output_bytes, "res": 4 * limits.output_bytes, "sup": 1 << 20}
     seen = dict.fromkeys(bufs, 0)
     sel = selectors.DefaultSelector()
-    for name, fd in (("out", proc.stdout.fileno()), ("err", proc.stderr.fileno()), ("res", res_r)):
+    for name, fd in (("out", proc.stdout.fileno()), ("err", proc.stderr.fileno()), ("res", res_r), ("sup", sup_r)):
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ, name)
     try:                                  # exit notification without reaping (Linux >= 5.3)
@@ -383,6 +464,7 @@ def _collect(proc: subprocess.Popen, res_r: int, limits: Limits, t0: float, uid:
         if pidfd is not None:
             os.close(pidfd)
         os.close(res_r)
+        os.close(sup_r)
         _kill_tree(proc, uid, m)   # background children, setsid() escapees (plain mode: best effort)
         proc.stdout.close()
         proc.stderr.close()
@@ -390,22 +472,29 @@ def _collect(proc: subprocess.Popen, res_r: int, limits: Limits, t0: float, uid:
     return _execution(bufs, proc.returncode, timed_out, exceeded, limits, time.monotonic() - t0)
 
 
-def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Execution:
-    records = []
-    for line in bufs["res"].decode("utf-8", "replace").splitlines():
+def _records(data: bytearray) -> list[dict]:
+    """JSON-object lines; anything else (garbage, absurd nesting: the program may write here) is skipped."""
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError, MemoryError):
             continue
         if isinstance(rec, dict):
-            records.append(rec)
-    sup = next((r for r in reversed(records) if r.get("supervisor") is True), None)
-    setup = next((str(r["setup_error"]) for r in records if "setup_error" in r), None)
+            out.append(rec)
+    return out
+
+
+def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Execution:
+    records = _records(bufs["res"])               # the worker's: the program can forge these
+    trusted = _records(bufs["sup"])               # the supervisor's: out of the program's reach
+    sup = next((r for r in reversed(trusted) if r.get("supervisor") is True), None)
+    setup = next((str(r["setup_error"]) for r in trusted if "setup_error" in r), None)
     stderr = bufs["err"].decode("utf-8", "replace")
     jail_msgs = [line for line in stderr.splitlines() if line.startswith("unshare: ")]   # not the program's
     stderr = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("unshare: "))
     ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=stderr,
-                   records=[r for r in records if "supervisor" not in r and "worker" not in r],
+                   records=[r for r in records if "supervisor" not in r and "setup_error" not in r],
                    timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)
     if sup is not None:
         ex.exit_code, ex.signal, ex.cpu_s = sup.get("exit"), sup.get("signal"), float(sup.get("cpu_s") or 0)

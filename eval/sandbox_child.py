@@ -31,8 +31,12 @@ import stat
 import sys
 import time
 
-RESULT_FD = -1
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+RESULT_FD = -1       # the worker's records (the untrusted code can write here too)
+SUPERVISOR_FD = -1   # the supervisor's: closed in the worker before the untrusted code starts
+SETUP_FAILED = 70
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+DEVICES = ("null", "zero", "full", "random", "urandom")
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -58,10 +62,10 @@ def dumps(v) -> str:
     return dumps(repr(v))
 
 
-def report(obj):
+def report(obj, fd=None):
     data = (dumps(obj) + "\n").encode("utf-8", "backslashreplace")
     while data:
-        data = data[os.write(RESULT_FD, data):]
+        data = data[os.write(RESULT_FD if fd is None else fd, data):]
 
 
 def _mount(src, target, fstype, flags, data=None):
@@ -79,53 +83,82 @@ def _mount_points():
     return points
 
 
-def _cover(directory, keep, mode, owner=None, size="64k"):
-    """Mount a fresh tmpfs over `directory`, then bind back the entries of it that paths in `keep` go
-    through. Used to make a closed ancestor (e.g. /root, mode 0700, holding the interpreter) traversable
-    while hiding everything else in it, and to give the program a private /tmp."""
-    keep_fds = {}
-    for path in keep:
-        rel = os.path.relpath(path, directory)
-        if rel.startswith(".."):
-            continue
-        name = rel.split(os.sep)[0]
-        if name not in keep_fds and name != "." and os.path.lexists(os.path.join(directory, name)):
-            keep_fds[name] = os.open(os.path.join(directory, name), os.O_PATH)
-    opts = f"size={size},mode={mode:o}" + (f",uid={owner},gid={owner}" if owner is not None else "")
-    _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, opts)
-    for name, fd in keep_fds.items():
-        target = os.path.join(directory, name)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            os.mkdir(target)
-        else:
-            open(target, "w").close()
-        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-        os.close(fd)
+def _mkpoint(path, like):
+    """Create the mount point `path` (inside the jail root) for the host path `like`: parents 0755."""
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    if os.path.isdir(like):
+        os.makedirs(path, 0o755, exist_ok=True)
+    elif not os.path.lexists(path):
+        open(path, "w").close()
+
+
+def _bind(src, dst, flags=MS_RDONLY | MS_NOSUID | MS_NODEV):
+    """Bind `src` (a host path) at `dst`, then remount the bind with `flags` (a bind ignores them)."""
+    _mkpoint(dst, src)
+    _mount(src, dst, None, MS_BIND | MS_REC)
+    _mount(None, dst, None, MS_REMOUNT | MS_BIND | flags)
+
+
+def _limit_ipc(job):
+    """The run's own SysV IPC namespace (unshare --ipc) dies with it; cap it too, so that segments
+    created and detached within one run cannot hold more memory than the run may (best effort: in a
+    user namespace older kernels refuse these writes)."""
+    mem = job["limits"]["memory_bytes"]
+    for name, value in (("shmmax", mem), ("shmall", max(1, mem // 4096)), ("shmmni", 64),
+                        ("msgmni", 16), ("sem", "250 8000 32 32")):
+        try:
+            with open(f"/proc/sys/kernel/{name}", "w") as f:
+                f.write(str(value))
+        except OSError:
+            pass
 
 
 def isolate_filesystem(job):
-    """(mount namespace only, run as (namespace-)root) read-only everything, private /tmp as cwd."""
-    needed = [os.path.realpath(p) for p in job["read_paths"] if os.path.exists(p)]
-    if job["uid"] is not None:   # the sandbox uid must be able to walk to the interpreter and stdlib
-        for _ in range(8):
-            closed = {}
-            for path in needed:
-                cur = "/"
-                for part in path.strip("/").split("/"):
-                    if not os.stat(cur).st_mode & stat.S_IXOTH:
-                        closed.setdefault(cur, []).append(path)
-                        break
-                    cur = os.path.join(cur, part)
-            if not closed:
-                break
-            for directory in sorted(closed, key=len):
-                _cover(directory, closed[directory], 0o755)
-    for point in reversed(_mount_points()):   # best effort: some (e.g. locked) mounts refuse
-        try:
-            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        except OSError:
-            pass
-    _cover("/tmp", [p for p in needed if p.startswith("/tmp/")], 0o700, job["uid"], job["tmpfs_size"])
+    """(new mount namespace, as (namespace-)root) build the jail's root from an allowlist and chroot
+    into it: the system directories and the interpreter's read-only; a private /dev with only
+    null, zero, full, random, urandom (+ a private /dev/shm); a fresh /proc; a private /tmp as cwd.
+    Everything else on the host (the repository, benchmark data, /run, /var, /home, /root, host
+    sockets) is simply not there; job["hide_paths"] inside the allowed ones are covered by empty
+    read-only tmpfs."""
+    root = job["jail_root"]
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for path in job["jail_paths"]:               # sorted: parents first
+        dst = root + path
+        if os.path.islink(path):                 # /bin -> usr/bin on merged-/usr systems
+            os.makedirs(os.path.dirname(dst), 0o755, exist_ok=True)
+            if not os.path.lexists(dst):
+                os.symlink(os.readlink(path), dst)
+        elif os.path.exists(path):
+            _bind(path, dst)
+    for path in job["hide_paths"]:               # directories (benchmark data inside site-packages)
+        if os.path.isdir(root + path):
+            _mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=555")
+    for point in _mount_points():                # submounts that came with the recursive binds
+        if point.startswith(root + "/"):
+            try:
+                _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            except OSError:
+                pass                             # best effort: some (locked) mounts refuse
+    _bind("/proc", root + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = root + "/dev"
+    os.mkdir(dev, 0o755)
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    for name in DEVICES:                         # the host's nodes, bound: mknod needs more than we have
+        if os.path.exists(f"/dev/{name}"):
+            _bind(f"/dev/{name}", f"{dev}/{name}", MS_NOSUID | MS_NOEXEC)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(dev + "/shm", 0o755)
+    os.mkdir(root + "/tmp", 0o755)
+    _mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    owner = f",uid={job['uid']},gid={job['uid']}" if job["uid"] is not None else ""
+    for point in (dev + "/shm", root + "/tmp"):  # writable, private, sized: the run's only disk
+        _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={job['tmpfs_size']},mode={0o1777 if point.endswith('shm') else 0o700:o}{owner}")
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    os.chroot(".")
     os.chdir("/tmp")
 
 
@@ -254,6 +287,42 @@ def jsonable(value, depth=0):
         return {"__repr__": f"<unprintable {type(value).__name__}>"}
 
 
+def tagged(value, depth=0):
+    """A value for an expectation the parent checks (eval/harness.py `decode_tagged` inverts this):
+    containers keep their type ({"list"|"tuple"|"set"|"dict"|"bytes"|"complex": ...}) so that the
+    parent's == is Python's; numbers become int/float; anything else {"repr": ...}, equal to nothing."""
+    if value is None or type(value) in (bool, str):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    try:
+        import numbers
+        if isinstance(value, bool) or type(value).__name__ == "bool_":   # numpy's bool_ too
+            return bool(value)
+        if isinstance(value, numbers.Integral):
+            value = int(value)
+            return value if abs(value) < 10 ** 4000 else {"repr": "<int too large>"}
+        if isinstance(value, numbers.Real):
+            return float(value)
+        if isinstance(value, numbers.Complex):
+            return {"complex": [float(value.real), float(value.imag)]}
+    except Exception:
+        return {"repr": "<unconvertible number>"}
+    if depth > 50:
+        return {"repr": "<nested too deep>"}
+    for kind, types in (("list", list), ("tuple", tuple), ("set", (set, frozenset))):
+        if isinstance(value, types):
+            return {kind: [tagged(v, depth + 1) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[tagged(k, depth + 1), tagged(v, depth + 1)] for k, v in value.items()]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value).hex()}
+    try:
+        return {"repr": repr(value)[:1000]}
+    except BaseException:
+        return {"repr": f"<unprintable {type(value).__name__}>"}
+
+
 def _left_side_value(test_code, ns):
     """For a failed `assert EXPR == EXPECTED`, the value EXPR gave (the debugger wants to see it)."""
     import ast
@@ -303,9 +372,16 @@ def run_functions(job):
         return 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+    current = [0]
+
+    def expect(k, value):
+        """An assert the parent took the expected value out of (eval/harness.py): report the value."""
+        report({"i": current[0], "k": k, "got": tagged(value)})
+    ns["__mcl_expect__"] = expect
     for i, test in enumerate(tests):
         test_file = f"<test {i}>"
         rec = {"i": i, "status": "ok"}
+        current[0] = i
         signal.setitimer(signal.ITIMER_REAL, per_test)
         try:
             if test["kind"] == "call":
@@ -361,13 +437,32 @@ def run_program(job):
     return status
 
 
+def _install_seccomp(bpf):
+    """Load the BPF program eval/sandbox.py compiled with libseccomp (see its _seccomp_bpf): one prctl,
+    no library needed in the jail. Needs no_new_privs (set by _drop_privileges)."""
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
 def worker(job):
-    _set_limits(job)
-    _drop_privileges(job)
-    os.closerange(3, RESULT_FD)
+    """Set up, then run the untrusted code. Until the code starts, a failure is the jail's and goes to
+    the supervisor's channel (still open here); from then on only RESULT_FD is left."""
+    try:
+        _set_limits(job)
+        _drop_privileges(job)
+        if job["seccomp_bpf"]:
+            _install_seccomp(job["seccomp_bpf"])
+        _site(job)
+    except BaseException as e:
+        report({"setup_error": _tb_excerpt(e)}, SUPERVISOR_FD)
+        os._exit(SETUP_FAILED)
+    os.closerange(3, RESULT_FD)                  # the supervisor's channel among them
     os.closerange(RESULT_FD + 1, 1 << 16)
     _block_network()
-    _site(job)
     sys.argv = ["solution.py"]
     status = run_program(job) if job["driver"] == "program" else run_functions(job)
     try:
@@ -385,30 +480,30 @@ def supervise(pid, job):
     rec = {"supervisor": True, "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
            "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss, "wall_s": time.monotonic() - t0}
-    report(rec)
+    report(rec, SUPERVISOR_FD)
     os._exit(0)   # in a pid namespace this kills everything else in it; in plain mode the parent
                   # kills the process group (the worker and its helpers stay in it)
 
 
 def main():
-    global RESULT_FD
-    job_path, RESULT_FD = sys.argv[1], int(sys.argv[2])
+    global RESULT_FD, SUPERVISOR_FD
+    job_path, RESULT_FD, SUPERVISOR_FD = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with open(job_path, "rb") as f:
         job = marshal.load(f)   # written by eval/sandbox.py (trusted); marshal needs no imports
     if job["isolate_fs"]:
         try:
+            _limit_ipc(job)
             isolate_filesystem(job)
         except OSError as e:
-            report({"setup_error": f"isolate_filesystem: {e}"})
-            os._exit(70)
+            report({"setup_error": f"isolate_filesystem: {e}"}, SUPERVISOR_FD)
+            os._exit(SETUP_FAILED)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     pid = os.fork()
     if pid == 0:
         try:
             worker(job)
-        except BaseException as e:   # a failure of the jail itself, not of the program
-            report({"setup_error": _tb_excerpt(e)})
-            os._exit(70)
+        finally:
+            os._exit(1)   # whatever escapes the worker: it never reaches the supervisor's code
     supervise(pid, job)
 
 

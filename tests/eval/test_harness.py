@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import eval.harness as harness
-from eval import problem as P          # (not `from ... import Test`: pytest would try to collect it)
+from engine.agents import problem as P          # (not `from ... import Test`: pytest would try to collect it)
 from eval.harness import evaluate, outputs_equal, pass_at_1, pass_at_k, run_tests, values_equal
 
 Problem = P.Problem

@@ -100,8 +100,9 @@ def test_writing_outside_its_directory_fails(tmp_path):
     marker = f"mcl-escape-{uuid.uuid4().hex[:8]}"
     blocked = [str(tmp_path / marker), os.path.join(REPO, marker), os.path.join(os.path.expanduser("~"), marker)]
     if ISO["readonly_fs"]:
-        blocked += [f"/var/tmp/{marker}", f"/dev/shm/{marker}"]
-    private = [f"/tmp/{marker}"] if ISO["private_tmp"] else []   # the program's own tmpfs: allowed, never on the host
+        blocked += [f"/var/tmp/{marker}", f"/usr/{marker}", f"/etc/{marker}"]
+    # the program's own tmpfs mounts: allowed, never on the host
+    private = [f"/tmp/{marker}", f"/dev/shm/{marker}"] if ISO["private_tmp"] else []
     code = ("import sys\nfor p in sys.stdin.read().split():\n    try:\n        open(p, 'w').write('x')\n"
             "        print('WROTE', p)\n    except OSError as e:\n        print('blocked', p, type(e).__name__)\n"
             "open('inside.txt', 'w').write('fine')\nprint('inside ok', open('inside.txt').read())\n")
