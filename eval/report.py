@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Iterable
 
-from eval.problem import Problem, TestReport
+from engine.agents.problem import Problem, TestReport
 
 ROLES = ("retriever", "planner", "coder", "debugger")
 

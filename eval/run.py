@@ -28,7 +28,7 @@ from pathlib import Path
 
 from engine.agents.mapcoder import solve
 from engine.agents.prompts import ROLES
-from eval.problem import Problem, TestReport
+from engine.agents.problem import Problem, TestReport
 from eval.report import problem_record, write_problems, write_summary
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from engine.agents import parsers, prompts
 from engine.agents.parsers import FormatFailure
 from engine.agents.prompts import ROLES
-from eval.problem import TestReport
+from engine.agents.problem import TestReport
 from recipes.distill import (append_jsonl, check_resume, dedup, example, load_config, open_backend,
                              problem_from_json, read_jsonl_resumable, run_record, set_threads, write_examples,
                              write_meta)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from engine.agents.parsers import clean
 from engine.agents.prompts import ROLES
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 TRAJECTORY_FIELDS = ("teacher", "teacher_url", "teacher_model", "benchmark", "split", "data", "seed", "k", "t",
                      "max_new_tokens")       # changing one of these makes old trajectories incomparable

@@ -1,7 +1,10 @@
 """The MapCoder control flow for one problem, and the Direct / chain-of-thought baselines.
 
     from engine.agents.mapcoder import solve
-    sol = solve(problem, backend, "mapcoder", k=2, t=2)          # blocking; call from many threads at once
+    sol = solve(problem, backend, "mapcoder", k=2, t=2, run_tests=run_tests)   # blocking; many threads at once
+
+`run_tests(problem, code, tests) -> TestReport` is passed in by the caller (eval.harness.run_tests runs the tests
+in the sandbox; tests pass a fake): the agents never import eval, which sits above them.
     sol.code, sol.solved_samples, sol.calls, sol.attempts, sol.plans
 
 MapCoder (Islam et al., 2024), as run here:
@@ -10,7 +13,7 @@ MapCoder (Islam et al., 2024), as run here:
     planner:    per example, a plan for our problem, then a confidence 0-100 (XML)        2 calls each
     order the plans by confidence, highest first (ties keep retrieval order), then for each plan:
       coder:    one program from the plan
-      sample tests (eval.harness.run_tests on problem.sample_tests) -> pass: stop, done
+      sample tests (run_tests on problem.sample_tests) -> pass: stop, done
       debugger: up to t rounds: failing tests -> revised plan + program -> sample tests -> pass: stop
     no plan passed: the program that passed the most sample tests (the latest among equals)
 
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 from engine.agents import parsers, prompts
 from engine.agents.parsers import FormatFailure
-from eval.problem import Problem, TestReport
+from engine.agents.problem import Problem, TestReport
 
 STRATEGIES = ("mapcoder", "direct", "cot")
 
@@ -112,11 +115,6 @@ def _code_parser(problem: Problem, role: str):
                                            starter_code=problem.starter_code)
 
 
-def _default_run_tests():
-    from eval.harness import run_tests       # imported late: the sandbox is only needed when tests run
-    return run_tests
-
-
 def _sample_test(run_tests, problem: Problem, code: str) -> TestReport:
     if not code.strip():
         return TestReport("no_code")
@@ -125,7 +123,9 @@ def _sample_test(run_tests, problem: Problem, code: str) -> TestReport:
 
 def mapcoder(problem: Problem, backend, k: int = 2, t: int = 2, run_tests=None, max_new_tokens: int = 384,
              temperature: float = 0.0) -> Solution:
-    run_tests = run_tests or _default_run_tests()
+    if run_tests is None:
+        raise TypeError("mapcoder needs run_tests(problem, code, tests) -> TestReport for the sample tests "
+                        "(eval.harness.run_tests runs them in the sandbox)")
     t0, budget = time.perf_counter(), budgets(max_new_tokens, k)
     sol = Solution(problem.id, "mapcoder", "")
 

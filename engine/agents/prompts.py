@@ -1,5 +1,5 @@
 """The agents' prompts: MapCoder's four roles (retriever, planner, coder, debugger) plus the Direct and
-chain-of-thought baselines. Each builder takes a `Problem` (eval/problem.py) and returns a chat list
+chain-of-thought baselines. Each builder takes a `Problem` (engine/agents/problem.py) and returns a chat list
 [{"role": "system"|"user", "content": ...}] for `backend.chat(role, messages, ...)`.
 
     from engine.agents import prompts
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from eval.problem import Problem, Test, TestReport
+from engine.agents.problem import Problem, Test, TestReport
 
 ROLES = ("retriever", "planner", "coder", "debugger")
 

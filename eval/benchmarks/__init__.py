@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from eval.problem import Problem
+from engine.agents.problem import Problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "benchmarks")

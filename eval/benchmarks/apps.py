@@ -28,7 +28,7 @@ import json
 import re
 
 from eval.benchmarks import data_file, take
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 FILE = "apps/selected150.jsonl"
 DEF = re.compile(r"def\s+(\w+)\s*\(([^)]*)\)")

@@ -18,7 +18,7 @@ import json
 import os
 
 from eval.benchmarks import data_dir, take
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 PYTHON3 = 3   # CodeContests language ids: 1 Python 2, 2 C++, 3 Python 3, 4 Java
 

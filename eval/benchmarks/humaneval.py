@@ -29,7 +29,7 @@ import os
 import re
 
 from eval.benchmarks import data_file, take
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 WST_FILE = "humaneval/HumanEvalWST.jsonl"
 ARROWS = r"(?:==>|==|=>|➞|->|→|=|\breturns\b|\bshould return\b|\breturn\b)"

@@ -21,7 +21,7 @@ import ast
 import json
 
 from eval.benchmarks import data_file, take
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 FILE = "mbpp/MBPP.jsonl"
 PY_FILE = "mbpp/mbpp-py.jsonl"

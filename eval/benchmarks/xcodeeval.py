@@ -18,7 +18,7 @@ import json
 import re
 
 from eval.benchmarks import data_file, take
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 FILE = "xcodeeval/prog_syn_val.jsonl"
 

@@ -8,7 +8,7 @@ A case: (name, kind, context, text, expected). kind picks the parser (retriever 
 coder | debugger); context is "he" (a HumanEval-style function problem) or "io" (stdin/stdout); expected
 is None for a format failure, else a dict of checks (see check_case in the test).
 """
-from eval.problem import Problem, Test
+from engine.agents.problem import Problem, Test
 
 HE_STARTER = '''from typing import List
 

@@ -6,7 +6,7 @@ builders for well-formed answers.
 import re
 import threading
 
-import eval.problem as ev
+import engine.agents.problem as ev
 from engine.agents.backends import Completion
 
 

@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-import eval.problem as ev
+import engine.agents.problem as ev
 from engine.agents.backends import LocalBackend
 from engine.agents.prompts import ROLES
 from engine.config import PRESETS

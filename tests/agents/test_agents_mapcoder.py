@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-import eval.problem as ev
+import engine.agents.problem as ev
 from engine.agents.backends import Completion
 from engine.agents.mapcoder import solve
 from eval.run import run_eval, summarize

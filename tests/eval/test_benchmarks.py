@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from eval import problem as P
+from engine.agents import problem as P
 from eval.benchmarks import apps, codecontests, data_dir, humaneval, load, mbpp, xcodeeval
 from eval.harness import evaluate, pass_at_1, run_tests
 

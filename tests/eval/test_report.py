@@ -8,7 +8,7 @@ import os
 import pytest
 
 from engine.cli import main as mcl
-from eval import problem as P
+from engine.agents import problem as P
 from eval.report import problem_record, read_summary, summarize, table, write_problems, write_summary
 
 

@@ -13,7 +13,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler
 
 from engine.agents.backends import Completion
-from eval.problem import Problem, Test, TestReport, TestResult
+from engine.agents.problem import Problem, Test, TestReport, TestResult
 
 
 def _problem(name, op_doc, samples, hidden):

@@ -9,7 +9,7 @@ import pytest
 
 from engine.agents import parsers
 from engine.data import parse_line
-from eval import problem as P
+from engine.agents import problem as P
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.distill import DistillConfig, distill, read_jsonl_resumable

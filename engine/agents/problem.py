@@ -1,7 +1,8 @@
-"""The problem and test-report types shared by the benchmarks, the sandbox and the agents.
+"""The agents' vocabulary: the problem and test-report types shared by the agents, the benchmarks and the sandbox.
 
-A benchmark loader (eval/benchmarks/*.py) turns its file into `Problem`s. The agents see only
-`description`, `starter_code`, `entry_point` and `sample_tests`; `hidden_tests` are for scoring.
+It lives with the agents (engine/agents/), who read problems and test reports; eval/ imports it from here (the
+engine never imports eval). A benchmark loader (eval/benchmarks/*.py) turns its file into `Problem`s. The agents
+see only `description`, `starter_code`, `entry_point` and `sample_tests`; `hidden_tests` are for scoring.
 `eval.harness.run_tests(problem, code, tests)` (sandboxed) returns a `TestReport`.
 """
 from __future__ import annotations
