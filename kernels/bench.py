@@ -1,26 +1,36 @@
 """`mcl bench lora`: the fused multi-adapter LoRA linear against the base GEMM and the PyTorch alternatives.
 
-    mcl bench lora --json --out bench/results/      # GPU: Qwen2.5-7B projections, T in {64, 512, 8192}, bf16
-    mcl bench lora --quick --json                   # fewer repeats (GPU: T in {64, 8192}); on CPU a smoke run
+    python -m kernels.bench --json --out bench/results/   # GPU: Qwen2.5-7B projections, T in {64, 512, 8192}, bf16
+    python -m kernels.bench --quick --json                # fewer repeats (GPU: T in {64, 8192}); on CPU a smoke run
+    python -m kernels.bench --ceilings --json             # measured device-to-device copy GB/s, dense GEMM TFLOP/s
+    python -m kernels.bench --profile --out DIR           # torch.profiler per-kernel table, q_proj at T=8192 and 64
+    mcl bench lora ...                                    # the same as the first two (engine/cli.py)
 
-For every projection shape, token count T, adapter mix (even, or skewed 70/20/7/3 %; tokens in shuffled order, as a
-serving batch arrives) and pass (fwd; fwd+bwd = forward + grads to x, A, B with W frozen), one process times:
+Imports nothing of the project but kernels.multi_lora: the projection shapes are the table MODELS below.
+For every projection shape, token count T, adapter mix (even; skewed 70/20/7/3 %; tokens in shuffled order, as a
+serving batch arrives; base_only: every id -1, which isolates our GEMM's gap to cuBLAS) and pass (fwd; fwd+bwd =
+forward + grads to x, A, B with W frozen), one process times:
   base        x W^T (+ b) alone through F.linear (cuBLAS); its fwd+bwd is the base forward + dX
   peft_loop   PEFT's mixed-batch forward: base, then per adapter gather rows, two matmuls, index_add_ (the index
               tensors are built once per batch, outside the timing, as Segments are)
   gather_bmm  base + per-token gather of A[a], B[a] and two bmms (skipped when the gathered B exceeds 2 GiB)
-  unfused     cuBLAS base, then two more launches: our shrink kernel and our expand-only kernel adding into y
+  unfused     cuBLAS base, then two more launches: our shrink kernel and the expand-only kernel below adding into y
               (backward: cuBLAS dY W, shrink, expand-into, and the same dA/dB kernels as ours)
-  ours        multi_lora(backend="triton"): expand in the GEMM epilogue, shrink fused or separate (heuristic)
-  ours_alt    ours with the other shrink placement (to tune multi_lora._pick_fuse; not with --quick)
+  ours        multi_lora(backend="triton"): the decode kernel for a forward of <= 64 tokens, else the expand in the
+              GEMM epilogue with the shrink fused or separate (heuristic)
+  ours_alt    the sorted-tile path with the other shrink placement (to tune multi_lora._pick_fuse; not with --quick)
+Roofline columns per row: flops and bytes of the pass (formulas in _work), achieved TFLOP/s and GB/s of base and ours,
+and roof_ms = max(flops / peak, bytes / bandwidth) against the measured ceilings (--ceilings); "block" rows sum one
+Qwen2.5-7B decoder block's 7 projections (q, k, v, o, gate, up, down), so their ratios are FLOP-weighted totals.
 GPU: CUDA-event timings by triton.testing.do_bench (L2 flushed between reps), medians after warm-up; random inputs,
 never zero. CPU: tiny fp32 shapes and the torch paths only ("ours" = multi_lora_torch; the Triton interpreter is far
-too slow to time). Each row records the relative error of ours against the PEFT loop. With --json the last stdout line
-is one JSON object {"device", "torch", "triton", "rows": [...], "goals": [...], ...}; --out also writes it (a
-directory -> <dir>/lora_<device>.json, rewritten after every shape so a timeout keeps the rows done).
+too slow to time). With --json the last stdout line is one JSON object {"device", "torch", "triton", "ceilings",
+"rows", "block", "goals", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json, rewritten after every
+shape so a timeout keeps the rows done).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -32,30 +42,51 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import multi_lora as ml
 
 N_ADAPTERS = 4
 SKEW = (0.70, 0.20, 0.07, 0.03)
-GOALS = [  # (description, pass, T or None for all, ratio field, bound, "le" | "ge")
-    ("fwd, T=8192: ours within 1.05x of base cuBLAS", "fwd", 8192, "ours_vs_base", 1.05, "le"),
-    ("fwd+bwd, T=8192: ours within 1.10x of base fwd + dX", "fwd+bwd", 8192, "ours_vs_base", 1.10, "le"),
-    ("decode fwd, T=64: ours within 1.25x of base", "fwd", 64, "ours_vs_base", 1.25, "le"),
-    ("fwd+bwd: ours >= 2x faster than the PEFT loop", "fwd+bwd", None, "peft_loop_vs_ours", 2.0, "ge"),
+MIXES = ("even", "skewed", "base_only")
+# Projection shapes of one decoder layer: dim, heads, kv heads, head dim, MLP width, q/k/v bias (from the models'
+# config.json files; kept here so the kernels package imports nothing of the engine).
+MODELS = {
+    "qwen2.5-7b-instruct": dict(dim=3584, n_heads=28, n_kv_heads=4, head_dim=128, intermediate=18944, qkv_bias=True),
+    "smollm2-135m": dict(dim=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536, qkv_bias=False),
+    "tiny": dict(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, qkv_bias=False),
+}
+GOALS = [  # (description, table, pass, T predicate, ratio field, bound, "le" | "ge"); block = FLOP-weighted 7 projs
+    ("block fwd, T=8192: ours <= 1.05x base cuBLAS", "block", "fwd", lambda T: T == 8192, "ours_vs_base", 1.05, "le"),
+    ("block fwd+bwd, T=8192: ours <= 1.10x base fwd + dX", "block", "fwd+bwd", lambda T: T == 8192, "ours_vs_base",
+     1.10, "le"),
+    ("block decode fwd, T=64, 4 adapters: ours <= 1.25x base", "block", "fwd", lambda T: T == 64, "ours_vs_base", 1.25,
+     "le"),
+    ("block fwd+bwd, T<=512: ours >= 2x faster than the PEFT loop", "block", "fwd+bwd", lambda T: T <= 512,
+     "peft_loop_vs_ours", 2.0, "ge"),
+    ("block fwd+bwd, T=8192: ours >= 1.25x faster than the PEFT loop", "block", "fwd+bwd", lambda T: T == 8192,
+     "peft_loop_vs_ours", 1.25, "ge"),
+    ("per projection fwd, T=8192: ours <= 1.05x base", "rows", "fwd", lambda T: T == 8192, "ours_vs_base", 1.05, "le"),
+    ("per projection decode fwd, T=64: ours <= 1.25x base", "rows", "fwd", lambda T: T == 64, "ours_vs_base", 1.25,
+     "le"),
 ]
 
 
 def _shapes(model: str):
     """[(op, same-shaped ops, in, out, has_bias)] of one decoder layer's projections."""
-    from engine.config import PRESETS
-    if model not in PRESETS:
-        raise ValueError(f"mcl bench lora: --model {model!r} is not a preset ({', '.join(PRESETS)})")
-    c = PRESETS[model]
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return [("q_proj", ["o_proj"], c.dim, q, c.qkv_bias), ("k_proj", ["v_proj"], c.dim, kv, c.qkv_bias),
-            ("gate_proj", ["up_proj"], c.dim, c.intermediate_size, False),
-            ("down_proj", [], c.intermediate_size, c.dim, False)]
+    if model not in MODELS:
+        raise ValueError(f"kernels/bench.py: --model {model!r} is not in MODELS ({', '.join(MODELS)})")
+    c = MODELS[model]
+    q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    return [("q_proj", ["o_proj"], c["dim"], q, c["qkv_bias"]), ("k_proj", ["v_proj"], c["dim"], kv, c["qkv_bias"]),
+            ("gate_proj", ["up_proj"], c["dim"], c["intermediate"], False),
+            ("down_proj", [], c["intermediate"], c["dim"], False)]
 
 
 def _adapter_ids(T: int, mix: str, g: torch.Generator) -> torch.Tensor:
+    if mix == "base_only":
+        return torch.full((T,), -1, dtype=torch.int64)
     if mix == "even":
         ids = torch.arange(T) % N_ADAPTERS
     else:
@@ -64,36 +95,82 @@ def _adapter_ids(T: int, mix: str, g: torch.Generator) -> torch.Tensor:
     return ids[torch.randperm(T, generator=g)]
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The unfused baseline: cuBLAS base, our shrink, and this expand-only kernel adding into y.
+
+@triton.jit
+def _expand_kernel(
+    mid_ptr, q_ptr, perm_ptr, tile_ptr, out_ptr,
+    N, R,
+    stride_mm, stride_qa, stride_qr, stride_qn, stride_om, stride_on,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[perm[pos], n] += mid[pos] @ q[a][:, n] for one row tile (one adapter a) and BLOCK_N columns; base tiles
+    (adapter -1) and padding rows of the table touch nothing."""
+    start = tl.load(tile_ptr + tl.program_id(0) * 3)
+    adapter = tl.load(tile_ptr + tl.program_id(0) * 3 + 2)
+    end = tl.where(adapter >= 0, tl.load(tile_ptr + tl.program_id(0) * 3 + 1), start)
+    a_idx = tl.maximum(adapter, 0)
+    pos = start + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok, n_ok, r_ok = pos < end, offs_n < N, offs_r < R
+    tok = tl.load(perm_ptr + pos, mask=row_ok, other=0)
+    mid = tl.load(mid_ptr + pos[:, None] * stride_mm + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    qt = tl.load(q_ptr + a_idx * stride_qa + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    out_ptrs = out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on
+    acc = tl.load(out_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    acc = ml._mma(ml._round(mid, qt.dtype, PRECISION), qt, acc, PRECISION)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _expand_into(out, mid, q, seg: ml.Segments, block_m: int):
+    """out[perm[pos]] += mid[pos] @ q[a] in place, LoRA rows only (q [NA, R, N], any strides)."""
+    tiles = seg.tiles[block_m]
+    if out.shape[0] == 0:
+        return out
+    if out.dtype != ml._store_dtype(out.dtype):
+        raise ValueError(f"kernels/bench.py _expand_into: out is {out.dtype}; the interpreter path needs float32")
+    N, R, bn = out.shape[1], q.shape[1], 32 if ml._INTERPRET else 128
+    _expand_kernel[(tiles.shape[0], triton.cdiv(N, bn))](
+        mid, q, seg.perm, tiles, out, N, R,
+        mid.stride(0), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
+        PRECISION=ml._precision(out.dtype), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_R=ml._block_r(R))
+    return out
+
+
 class _Unfused(torch.autograd.Function):
     """cuBLAS base GEMM, then a separate shrink and a separate expand-into launch; the same dA/dB kernels as ours."""
 
     @staticmethod
     def forward(ctx, x, A, B, W, b, s, seg):
-        from kernels import multi_lora as ml
-        bm = ml._pick_block_m(seg)
+        bm = ml._pick_block_m(x.shape[0], A.shape[0])
         y = F.linear(x, W, b)
-        mid = ml._shrink(x, A.transpose(1, 2), s, seg, torch.empty(x.shape[0], A.shape[1], device=x.device), bm)
-        ml._expand_into(y, mid, B.transpose(1, 2), seg, bm)
+        mid = ml._shrink(x, A.transpose(1, 2), s, seg.perm, seg.tiles[bm],
+                         torch.empty(x.shape[0], A.shape[1], device=x.device), bm)
+        _expand_into(y, mid, B.transpose(1, 2), seg, bm)
         ctx.save_for_backward(x, A, B, W, s, mid)
-        ctx.seg = seg
+        ctx.seg, ctx.bm = seg, bm
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from kernels import multi_lora as ml
         x, A, B, W, s, mid = ctx.saved_tensors
-        seg, bm = ctx.seg, ml._pick_block_m(ctx.seg)
+        seg, bm = ctx.seg, ctx.bm
         dx = dy @ W
-        dyb = ml._shrink(dy, B, s, seg, torch.empty(x.shape[0], A.shape[1], device=x.device), bm)
-        ml._expand_into(dx, dyb, A, seg, bm)
-        dA = ml._segment_outer(dyb, x, seg, u_gather=False, v_gather=True, dtype=A.dtype)
-        dB = ml._segment_outer(dy, mid, seg, u_gather=True, v_gather=False, dtype=B.dtype)
+        dyb = ml._shrink(dy, B, s, seg.perm, seg.tiles[bm], torch.empty(x.shape[0], A.shape[1], device=x.device), bm)
+        _expand_into(dx, dyb, A, seg, bm)
+        dA = ml._segment_outer(dyb, x, seg.perm, seg.offsets, u_gather=False, v_gather=True, dtype=A.dtype)
+        dB = ml._segment_outer(dy, mid, seg.perm, seg.offsets, u_gather=True, v_gather=False, dtype=B.dtype)
         return dx, dA, dB, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods, timers, work counts.
+
 def _methods(x, W, b, A, B, s, ids, seg, gpu: bool):
     """name -> f(x, A, B) -> y, every one computing the same y; None where a method does not run here."""
-    from kernels import multi_lora as ml
     idx = [(a, (ids == a).nonzero()[:, 0]) for a in range(N_ADAPTERS)]
     idx = [(a, i) for a, i in idx if i.numel()]
     scale = s.tolist()                                                 # PEFT keeps scalings as Python floats
@@ -110,16 +187,18 @@ def _methods(x, W, b, A, B, s, ids, seg, gpu: bool):
 
     def gather_bmm(x, A, B):
         y = F.linear(x, W, b)
-        xa = torch.bmm(A[ids], x[:, :, None])                          # [T, R, 1]   per-token A[a]
-        return y + torch.bmm(B[ids], xa)[:, :, 0] * s[ids].to(x.dtype)[:, None]   # [T, out]
+        a = ids.clamp(min=0)
+        xa = torch.bmm(A[a], x[:, :, None])                            # [T, R, 1]   per-token A[a]
+        keep = s[a] * (ids >= 0)
+        return y + torch.bmm(B[a], xa)[:, :, 0] * keep.to(x.dtype)[:, None]   # [T, out]
 
     def ours(x, A, B):
         return ml.multi_lora(x, W, b, A, B, s, seg, backend="triton")
 
-    fuse = ml._pick_fuse(W.shape[0], ml._pick_block_m(seg))
+    fuse = ml._pick_fuse(W.shape[0], ml._pick_block_m(x.shape[0], A.shape[0]))
 
     def ours_alt(x, A, B):
-        return ml.multi_lora(x, W, b, A, B, s, seg, backend="triton", fuse_shrink=not fuse)
+        return ml.multi_lora(x, W, b, A, B, s, seg, backend="triton", fuse_shrink=not fuse, decode=False)
 
     def unfused(x, A, B):
         return _Unfused.apply(x, A, B, W, b, s, seg)
@@ -163,9 +242,33 @@ def _rel_err(got, ref):
     return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
-def _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, quick, gpu):
+def _work(pass_, T, T_lora, n_in, n_out, rank, elem):
+    """(flops, bytes) of one pass with LoRA on T_lora of T tokens; the bytes a perfect kernel moves through HBM once.
+    fwd:      2 T in out + 2 T_l R (in + out);   x, W, y (+ A, B)
+    fwd+bwd:  the forward, dX = dY W (2 T in out + 2 T_l R (in + out)), dA and dB (2 T_l R (in + out)); bytes: the
+              forward's, dY and W again, dX written, x and dY read once more for dA/dB, dA and dB written."""
+    gemm, lora = 2 * T * n_in * n_out, 2 * T_lora * rank * (n_in + n_out)
+    io, params = elem * (T * n_in + n_in * n_out + T * n_out), elem * N_ADAPTERS * rank * (n_in + n_out)
+    if pass_ == "fwd":
+        return gemm + lora, io + (params if T_lora else 0)
+    return 2 * gemm + 3 * lora, 2 * io + elem * (T * n_in + T * n_out) + (3 * params if T_lora else 0)
+
+
+def _roofline(row, flops, nbytes, ceilings):
+    row["flops"], row["bytes"] = flops, nbytes
+    for name in ("base", "ours"):
+        ms = row[f"{name}_ms"]
+        row[f"{name}_tflops"] = _sig(flops / ms / 1e9) if ms else None
+        row[f"{name}_gbs"] = _sig(nbytes / ms / 1e6) if ms else None
+    if ceilings:
+        roof = max(flops / (ceilings["gemm_tflops"] * 1e9), nbytes / (ceilings["copy_gbs"] * 1e6))
+        row["roof_ms"] = _sig(roof)
+        row["ours_of_roof"] = _sig(roof / row["ours_ms"]) if row["ours_ms"] else None
+        row["base_of_roof"] = _sig(roof / row["base_ms"]) if row["base_ms"] else None
+
+
+def _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, quick, gpu, ceilings):
     """Both passes of one (shape, T, mix): two rows."""
-    from kernels import multi_lora as ml
     g = torch.Generator().manual_seed(zlib.crc32(f"{op} {T} {mix}".encode()))
     rnd = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(device, dtype)
     x, dy = rnd(T, n_in), rnd(T, n_out)
@@ -175,10 +278,12 @@ def _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, quick, 
     ids = _adapter_ids(T, mix, g).to(device)
     seg = ml.make_segments(ids, N_ADAPTERS)
     methods, fuse = _methods(x, W, b, A, B, s, ids, seg, gpu)
+    T_lora = int((ids >= 0).sum())
     rows = []
     for pass_ in ("fwd", "fwd+bwd"):
+        decode = pass_ == "fwd" and T <= ml.DECODE_MAX_T and ml._decode_cols(N_ADAPTERS, rank) <= ml.DECODE_MAX_COLS
         row = {"op": op, "in": n_in, "out": n_out, "T": T, "mix": mix, "pass": pass_,
-               "block_m": ml._pick_block_m(seg), "fuse_shrink": fuse}
+               "block_m": ml._pick_block_m(T, N_ADAPTERS), "fuse_shrink": fuse, "decode_kernel": decode and gpu}
         outs = {}
         for name, f in methods.items():
             if f is None or (quick and name == "ours_alt"):
@@ -197,7 +302,8 @@ def _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, quick, 
                         y = f(xg, Ag, Bg)
                         if pass_ == "fwd+bwd":
                             y.backward(dy)
-                        outs[name] = [y.detach()] + [t.grad.clone() for t in grads]
+                        outs[name] = [y.detach()] + [t.grad.clone() if t.grad is not None else torch.zeros_like(t)
+                                                     for t in grads]   # unused A, B (base_only): no grad
                     row[f"{name}_ms"] = _sig(timed(fn, grads))
             except torch.cuda.OutOfMemoryError:
                 row[f"{name}_ms"] = None
@@ -207,18 +313,137 @@ def _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, quick, 
         row["peft_loop_vs_ours"] = _sig(peft / ours) if ours and peft else None
         if "ours" in outs and "peft_loop" in outs:
             row["rel_err"] = _sig(max(_rel_err(o, p) for o, p in zip(outs["ours"], outs["peft_loop"])), 3)
+        _roofline(row, *_work(pass_, T, T_lora, n_in, n_out, rank, x.element_size()), ceilings)
         rows.append(row)
     return rows
 
 
-def _goals(rows):
+def _block(rows, same_shape_as):
+    """One row per (T, mix, pass): the 7 projections of a decoder block summed (ops with a same-shaped twin count
+    twice), so ours_vs_base is the FLOP-weighted total the goals are stated for."""
+    mult = {}
+    for twin, op in same_shape_as.items():
+        mult[op] = mult.get(op, 1) + 1
+    out = {}
+    for r in rows:
+        key = (r["T"], r["mix"], r["pass"])
+        b = out.setdefault(key, {"T": r["T"], "mix": r["mix"], "pass": r["pass"], "projections": 0,
+                                 "base_ms": 0.0, "ours_ms": 0.0, "peft_loop_ms": 0.0, "flops": 0, "bytes": 0})
+        m = mult.get(r["op"], 1)
+        b["projections"] += m
+        for k in ("base_ms", "ours_ms", "peft_loop_ms", "flops", "bytes"):
+            b[k] = None if b[k] is None or r.get(k) is None else b[k] + m * r[k]
+    for b in out.values():
+        b["ours_vs_base"] = _sig(b["ours_ms"] / b["base_ms"]) if b["ours_ms"] and b["base_ms"] else None
+        b["peft_loop_vs_ours"] = _sig(b["peft_loop_ms"] / b["ours_ms"]) if b["ours_ms"] and b["peft_loop_ms"] else None
+        for k in ("base_ms", "ours_ms", "peft_loop_ms"):
+            b[k] = _sig(b[k]) if b[k] else b[k]
+    return list(out.values())
+
+
+def _goals(rows, block):
     out = []
-    for desc, pass_, T, field, bound, how in GOALS:
-        vals = [r[field] for r in rows if r["pass"] == pass_ and (T is None or r["T"] == T) and r[field] is not None]
+    for desc, table, pass_, t_ok, field, bound, how in GOALS:
+        src = block if table == "block" else rows
+        vals = [r[field] for r in src if r["pass"] == pass_ and t_ok(r["T"]) and r.get("mix") != "base_only"
+                and r.get(field) is not None]
         met = [v for v in vals if (v <= bound if how == "le" else v >= bound)]
         worst = (max(vals) if how == "le" else min(vals)) if vals else None
-        out.append({"goal": desc, "rows": len(vals), "met": len(met), "worst": worst})
+        out.append({"goal": desc, "rows": len(vals), "met": len(met), "worst": worst,
+                    "status": "unmeasured" if not vals else "met" if len(met) == len(vals) else "missed"})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ceilings and the profiler table.
+
+def ceilings(device: str) -> dict:
+    """Measured device-to-device copy bandwidth (read + write bytes) and dense GEMM throughput (bf16 on CUDA, fp32
+    8192^3 / 512^3 on CPU): the roofline the rows are compared with."""
+    gpu = device.startswith("cuda")
+    if gpu:
+        import triton.testing
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        nbytes, n, dtype = 2 ** 30, 8192, torch.bfloat16
+    else:
+        def bench(fn):
+            fn()
+            t = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                t.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(t)
+        nbytes, n, dtype = 2 ** 24, 256, torch.float32
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gemm_ms = bench(lambda: a @ b)
+    return {"device": _device_name(device), "copy_gbs": _sig(2 * nbytes / copy_ms / 1e6),
+            "gemm_tflops": _sig(2 * n ** 3 / gemm_ms / 1e9), "gemm_shape": [n, n, n], "dtype": str(dtype)[6:],
+            "copy_bytes": nbytes}
+
+
+def profile(device: str, model: str, out_dir: str | None) -> dict:
+    """torch.profiler per-kernel table for q_proj at T=8192 and T=64 (even mix): ours fwd, ours fwd+bwd, base fwd.
+    On CPU: tiny shapes, T = 64 and 16, the Triton path under the interpreter when TRITON_INTERPRET=1."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    gpu = device.startswith("cuda")
+    backend = "triton" if gpu or ml._INTERPRET else "torch"
+    dtype, rank, Ts = (torch.bfloat16, 32, (8192, 64)) if gpu else (torch.float32, 8, (64, 16))
+    _, _, n_in, n_out, has_bias = _shapes(model)[0]
+    result = {"op": "q_proj", "in": n_in, "out": n_out, "backend": backend, "tables": {}}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    for T in Ts:
+        g = torch.Generator().manual_seed(T)
+        rnd = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(device, dtype)
+        x, dy = rnd(T, n_in), rnd(T, n_out)
+        W, b = rnd(n_out, n_in, std=n_in ** -0.5), (rnd(n_out) if has_bias else None)
+        A = rnd(N_ADAPTERS, rank, n_in, std=n_in ** -0.5).requires_grad_()
+        B = rnd(N_ADAPTERS, n_out, rank, std=rank ** -0.5).requires_grad_()
+        s = torch.full((N_ADAPTERS,), 2.0, device=device)
+        seg = ml.make_segments(_adapter_ids(T, "even", g).to(device), N_ADAPTERS)
+
+        def step():
+            with torch.no_grad():
+                F.linear(x, W, b)
+                ml.multi_lora(x, W, b, A, B, s, seg, backend=backend)
+            ml.multi_lora(x.requires_grad_(), W, b, A, B, s, seg, backend=backend).backward(dy)
+            x.requires_grad_(False)
+        for _ in range(2):                                             # compile / autotune outside the profile
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        with torch_profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            if gpu:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=20)
+        print(f"== torch.profiler q_proj {n_in}->{n_out} T={T} (3 steps: base fwd, ours fwd, ours fwd+bwd) ==")
+        print(table, flush=True)
+        top = []
+        for e in events:
+            dev_us = getattr(e, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(e, "self_cuda_time_total", 0)
+            top.append({"name": e.key[:120], "count": e.count, "self_device_us": _sig(dev_us or 0.0),
+                        "self_cpu_us": _sig(e.self_cpu_time_total)})
+        top.sort(key=lambda r: r["self_device_us"] if gpu else r["self_cpu_us"], reverse=True)
+        result["tables"][str(T)] = top[:20]
+    if out_dir:
+        _write(Path(out_dir) / "profile_q_proj.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry points.
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({platform.machine()})"
 
 
 def _out_path(out: str, device_name: str) -> Path:
@@ -230,50 +455,56 @@ def _out_path(out: str, device_name: str) -> Path:
 
 
 def main(args):
-    import triton
-
     gpu_ok = torch.cuda.is_available()
     device = args.device or ("cuda" if gpu_ok else "cpu")
     gpu = device.startswith("cuda")
     if gpu and not gpu_ok:
         raise ValueError(f"mcl bench lora: --device {device} but CUDA is not available")
-    device_name = torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.machine()})"
+    device_name = _device_name(device)
     if gpu:
         model = args.model or "qwen2.5-7b-instruct"
-        dtype, rank, Ts = torch.bfloat16, 32, ((64, 8192) if args.quick else (64, 512, 8192))
+        dtype, rank, Ts = torch.bfloat16, 32, (64, 512, 8192)          # --quick: fewer repeats, no ours_alt
     else:
         model = args.model or "tiny"
         dtype, rank, Ts = torch.float32, 8, ((16,) if args.quick else (8, 64))
     timed = _timer(gpu, args.quick)
+    ceil = ceilings(device)
     result = {
         "bench": "lora", "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
         "command": " ".join(["mcl"] + sys.argv[1:]) if Path(sys.argv[0]).name == "mcl" else " ".join(sys.argv),
         "model": model, "dtype": str(dtype).removeprefix("torch."), "adapters": N_ADAPTERS, "rank": rank,
-        "mixes": {"even": "T/4 tokens per adapter", "skewed": "70/20/7/3 % of tokens"},
+        "mixes": {"even": "T/4 tokens per adapter", "skewed": "70/20/7/3 % of tokens",
+                  "base_only": "every adapter id -1: our GEMM against cuBLAS, no LoRA work"},
         "timer": "triton.testing.do_bench median, L2 flushed" if gpu else "time.perf_counter median",
+        "ceilings": ceil,
         "notes": ([] if gpu else ["CPU run: torch paths only; 'ours' is multi_lora_torch (the engine's CPU path); "
                                   "Triton kernels are not timed on CPU (the interpreter is for tests only)"]),
-        "same_shape_as": {}, "rows": [], "goals": [], "complete": False,
+        "same_shape_as": {}, "rows": [], "block": [], "goals": [], "complete": False,
     }
     path = _out_path(args.out, device_name) if args.out else None
     t_start = time.perf_counter()
     for op, same, n_in, n_out, has_bias in _shapes(model):
         result["same_shape_as"].update({o: op for o in same})
         for T in Ts:
-            for mix in ("even", "skewed"):
-                for r in _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, args.quick, gpu):
+            for mix in MIXES:
+                for r in _case(op, n_in, n_out, has_bias, T, mix, dtype, device, rank, timed, args.quick, gpu, ceil):
                     result["rows"].append(r)
-                    print(f"[{time.perf_counter() - t_start:6.1f}s] {op:9s} {n_in}->{n_out} T={T:<5d} {mix:6s} "
-                          f"{r['pass']:7s} base {r['base_ms']} ms  ours {r['ours_ms']} ms ({r['ours_vs_base']}x base)"
+                    print(f"[{time.perf_counter() - t_start:6.1f}s] {op:9s} {n_in}->{n_out} T={T:<5d} {mix:9s} "
+                          f"{r['pass']:7s} base {r['base_ms']} ms  ours {r['ours_ms']} ms ({r['ours_vs_base']}x base, "
+                          f"{r['ours_tflops']} TFLOP/s, {r['ours_gbs']} GB/s, {r.get('ours_of_roof')} of roof)"
                           f"  peft_loop {r['peft_loop_ms']}  gather_bmm {r['gather_bmm_ms']}  unfused "
                           f"{r['unfused_ms']}  ours_alt {r['ours_alt_ms']}  err {r.get('rel_err')}", flush=True)
         if path:
             _write(path, result)
+    result["block"] = _block(result["rows"], result["same_shape_as"])
+    for b in result["block"]:
+        print(f"block (7 projections) T={b['T']:<5d} {b['mix']:9s} {b['pass']:7s} base {b['base_ms']} ms  ours "
+              f"{b['ours_ms']} ms  ours/base {b['ours_vs_base']}  peft_loop/ours {b['peft_loop_vs_ours']}")
     result["complete"] = True
     if gpu:
-        result["goals"] = _goals(result["rows"])
+        result["goals"] = _goals(result["rows"], result["block"])
         for gl in result["goals"]:
-            print(f"goal: {gl['goal']}: {gl['met']}/{gl['rows']} rows, worst {gl['worst']}")
+            print(f"goal: {gl['goal']}: {gl['status']} ({gl['met']}/{gl['rows']} rows, worst {gl['worst']})")
     else:
         result["notes"].append("the GPU goals are not evaluated on CPU")
     if path:
@@ -287,3 +518,36 @@ def main(args):
 def _write(path: Path, result: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _cli(argv=None):
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--out", default=None, help="also write the JSON here (a file, or a directory)")
+    p.add_argument("--model", default=None, choices=sorted(MODELS))
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--ceilings", action="store_true", help="only the measured copy / GEMM ceilings and versions")
+    p.add_argument("--profile", action="store_true", help="only the torch.profiler table for q_proj")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ceilings:
+        result = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                  "cuda": torch.version.cuda, **ceilings(device)}
+        print(f"versions: torch {result['torch']}  triton {result['triton']}  cuda {result['cuda']}  "
+              f"device {result['device']}")
+        print(f"ceilings: copy {result['copy_gbs']} GB/s  gemm {result['gemm_tflops']} TFLOP/s ({result['dtype']})")
+    elif args.profile:
+        model = args.model or ("qwen2.5-7b-instruct" if device.startswith("cuda") else "tiny")
+        result = profile(device, model, args.out)
+    else:
+        return main(args)
+    if args.out and args.ceilings:
+        _write(Path(args.out), result)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -8,26 +8,29 @@
 
 Shapes: W [out, in]; bias [out] or None; A stacked [N, R, in]; B stacked [N, out, R]; scales [N] fp32. Adapters of
 different ranks are stored zero-padded to R = max rank (<= MAX_RANK); padded entries get exactly zero gradient.
+Any strides are accepted (bias and scales are made contiguous at the op boundary).
 
 Contents, top to bottom:
-  Segments / make_segments   per batch, once: token order grouped by adapter + row-tile tables (no host sync per layer)
+  Segments / make_segments   per batch, once: token order grouped by adapter + row-tile tables of fixed size, computed
+                             on the ids' device with no host sync (CUDA-graph capturable); host counts only on request
   multi_lora_ref             the oracle: per-token gather of A/B + bmm (tests run it in float64)
-  multi_lora_torch           the fast plain-torch path: base matmul + per adapter segment a matmul pair (one bmm pair
-                             when the tokens come grouped in equal segments; slices, no gather/scatter, when grouped)
+  multi_lora_torch           the fast plain-torch path: base matmul + per adapter segment a matmul pair
   _shrink_kernel             mid[pos] = s[a] * x[perm[pos]] A[a]^T over row tiles of one adapter each
   _gemm_expand_kernel        out[perm[pos]] = inp[perm[pos]] w + bias + mid[pos] q[a]  (shrink optionally fused in)
+  _decode_kernel             few tokens, no grad: one row tile over all tokens in their own order, W read once per
+                             column tile for every adapter; shrink against all adapters' A, per-token block kept
   _segment_outer_kernel      G[a] = U_a^T V_a summed over the tokens of adapter a  (dA, dB)
-  _MultiLoRA                 autograd.Function; the backward derivation is its docstring
+  torch.ops.mcl.*            the launchers registered as custom ops (fake impls, autograd): torch.compile traces them
   multi_lora                 validation + dispatch (backend "auto" | "triton" | "torch")
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set it before this module is imported).
     TRITON_INTERPRET=1 python -m pytest tests/kernels -q        # tests against multi_lora_ref in float64
-    mcl bench lora --json --out bench/results/                  # timings (kernels/bench.py)
+    python -m kernels.bench --json --out bench/results/         # timings (kernels/bench.py); design notes: NOTES.md
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,8 @@ import triton
 import triton.language as tl
 
 DENSE_MAX_T = 64                  # torch path: at most this many tokens -> one dense pass over all adapters
+DECODE_MAX_T = 64                 # Triton path without grad: at most this many tokens -> _decode_kernel
+DECODE_MAX_COLS = 256             # ... when next_pow2(n_adapters) * BLOCK_R fits one accumulator of this width
 MAX_RANK = 128                    # BLOCK_R <= 128 keeps the fused shrink accumulator in registers
 BLOCK_MS = (16, 32, 64, 128)      # row-tile heights with a tile table in every Segments
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # read when triton.jit is (at import), so they agree
@@ -47,74 +52,97 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # read when triton
 class Segments:
     """Token order grouped by adapter. Positions `pos` index the sorted order; tokens `perm[pos]` index x.
 
+    Device tensors (fixed shapes given T and N, no host sync to build; what the Triton path reads):
+    ids       [T] int64   adapter id per token (-1 = base only), token order (the decode kernel reads these)
     perm      [T] int64   token indices sorted stably by adapter id; base-only (-1) tokens first
     offsets   [N+1] int64 adapter a's tokens are perm[offsets[a]:offsets[a+1]]; offsets[0] = n_base
-    tiles     {BLOCK_M: [n_tiles, 3] int64}  row tiles (start, end, adapter) over positions: every position in exactly
-              one tile, no tile straddles two adapters; base tiles (adapter -1) first, so the LoRA tiles are
-              tiles[bm][n_base_tiles[bm]:]
-    counts    tokens per adapter (host ints: the torch path and the launchers size things without a device sync)
+    tiles     {BLOCK_M: [T // BLOCK_M + N + 1, 3] int64}  row tiles (start, end, adapter) over positions: every
+              position in exactly one tile, no tile straddles two adapters, base tiles (adapter -1) first; the rows
+              after the last real tile are padding (0, 0, -1), so the table's size never depends on the ids' values
+    Host values (the torch path and tests; None unless make_segments(host_counts=True), the default on CPU):
+    counts    tokens per adapter; n_base; in_order (perm is the identity: tokens come grouped, the trainer's
+              batches); onehot [T, N] fp32 (few-token torch path only)
     """
+    ids: torch.Tensor
     perm: torch.Tensor
     offsets: torch.Tensor
     tiles: dict
-    n_base_tiles: dict
-    counts: tuple
-    n_base: int
-    onehot: torch.Tensor | None = None   # [T, N] fp32, token t's adapter column = 1 (few-token torch path only)
-    in_order: bool = False               # perm is the identity: the tokens already come grouped by adapter (the
-                                         # trainer's batches, rows sorted by role), so segments are slices of x
+    n_adapters: int
+    counts: tuple | None = None
+    n_base: int | None = None
+    onehot: torch.Tensor | None = None
+    in_order: bool = False
 
     @property
     def n_tokens(self) -> int:
-        return self.perm.numel()
+        return self.ids.numel()
 
     @property
-    def n_adapters(self) -> int:
-        return len(self.counts)
+    def n_lora(self) -> int | None:
+        return None if self.counts is None else self.n_tokens - self.n_base
 
-    @property
-    def n_lora(self) -> int:
-        return self.n_tokens - self.n_base
-
-
-def _tile_table(bounds: list[int], bm: int) -> tuple[torch.Tensor, int]:
-    """Bounds [0, n_base, end_0, end_1, ...] -> ([n_tiles, 3] rows (start, end, adapter), number of base tiles)."""
-    rows = []
-    for adapter, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=-1):
-        starts = torch.arange(lo, hi, bm, dtype=torch.int64)
-        rows.append(torch.stack([starts, (starts + bm).clamp(max=hi), torch.full_like(starts, adapter)], dim=1))
-    return torch.cat(rows), -(-bounds[1] // bm)
+    def with_counts(self) -> "Segments":
+        """The same Segments with the host values filled in (one device->host copy: a sync on CUDA)."""
+        if self.counts is not None:
+            return self
+        ids = self.ids.to("cpu")
+        counts = torch.bincount(ids + 1, minlength=self.n_adapters + 1).tolist()
+        return replace(self, counts=tuple(counts[1:]), n_base=counts[0],
+                       onehot=F.one_hot(ids + 1, self.n_adapters + 1)[:, 1:].float().to(self.ids.device)
+                       if ids.numel() <= DENSE_MAX_T else None,
+                       in_order=bool((ids[1:] >= ids[:-1]).all()))
 
 
-def make_segments(adapter_ids: torch.Tensor, n_adapters: int) -> Segments:
-    """Per-token adapter ids [T] (-1 = base only) -> Segments on the ids' device. One host sync, here, per batch."""
+def _tile_table(bounds: torch.Tensor, bm: int, n_rows: int) -> torch.Tensor:
+    """Segment bounds [S+1] (device) -> [n_rows, 3] rows (start, end, adapter), tiles of <= bm positions per segment,
+    padding rows (0, 0, -1) after the last. n_rows >= sum ceil(len_s / bm), fixed by the caller from T and S."""
+    lo, hi = bounds[:-1], bounds[1:]                                    # [S] segment s = adapter s - 1
+    n_t = (hi - lo + bm - 1) // bm                                     # tiles per segment
+    last = torch.cumsum(n_t, 0)                                        # tile index one past segment s's tiles
+    i = torch.arange(n_rows, device=bounds.device)
+    s = torch.searchsorted(last, i, right=True)                        # segment of tile i (S: padding)
+    real = s < lo.numel()
+    sc = s.clamp(max=lo.numel() - 1)
+    start = lo[sc] + (i - (last[sc] - n_t[sc])) * bm
+    end = torch.minimum(start + bm, hi[sc])
+    zero = torch.zeros_like(start)
+    return torch.stack([torch.where(real, start, zero), torch.where(real, end, zero),
+                        torch.where(real, sc - 1, zero - 1)], dim=1)
+
+
+def make_segments(adapter_ids: torch.Tensor, n_adapters: int, *, host_counts: bool | None = None) -> Segments:
+    """Per-token adapter ids [T] (-1 = base only) -> Segments on the ids' device.
+
+    The device tables come from tensor ops whose output shapes depend only on T and n_adapters (no .item(), no
+    .tolist(), no nonzero): a decode step including this call can be captured in a CUDA graph; tests run it on the
+    meta device to prove it. host_counts (default: True on CPU, False on CUDA) adds the host counts the torch path
+    uses, with one sync; ids are range-checked with a ValueError then, else by a device-side assert."""
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex() \
             or adapter_ids.dtype == torch.bool:
         raise ValueError(f"make_segments: adapter_ids must be an integer tensor, got "
                          f"{getattr(adapter_ids, 'dtype', type(adapter_ids).__name__)}")
     if n_adapters < 0:
         raise ValueError(f"make_segments: n_adapters must be >= 0, got {n_adapters}")
-    ids = adapter_ids.reshape(-1).to("cpu", torch.int64)
-    bad = (ids < -1) | (ids >= n_adapters)
-    if bad.any():
-        t = int(bad.nonzero()[0, 0])
-        raise ValueError(f"make_segments: adapter_ids[{t}] = {int(ids[t])} is outside [-1, {n_adapters}) "
-                         f"(shape {tuple(adapter_ids.shape)}, -1 = base only, n_adapters = {n_adapters})")
-    perm = torch.sort(ids, stable=True).indices                    # base (-1) first, then adapter 0, 1, ...
-    counts = torch.bincount(ids + 1, minlength=n_adapters + 1).tolist()
-    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()          # [0, n_base, end_0, ..., end_{N-1}]
-    tables = {bm: _tile_table(bounds, bm) for bm in BLOCK_MS}
-    # One host->device copy for everything: perm | offsets | tile tables.
-    parts = [perm, torch.tensor(bounds[1:], dtype=torch.int64)] + [tables[bm][0].reshape(-1) for bm in BLOCK_MS]
-    packed = torch.cat(parts).to(adapter_ids.device)
-    views = packed.split([p.numel() for p in parts])
-    return Segments(perm=views[0], offsets=views[1],
-                    tiles={bm: v.view(-1, 3) for bm, v in zip(BLOCK_MS, views[2:])},
-                    n_base_tiles={bm: tables[bm][1] for bm in BLOCK_MS},
-                    counts=tuple(counts[1:]), n_base=counts[0],
-                    onehot=F.one_hot(ids + 1, n_adapters + 1)[:, 1:].float().to(adapter_ids.device)
-                    if ids.numel() <= DENSE_MAX_T else None,
-                    in_order=bool((ids[1:] >= ids[:-1]).all()))
+    if host_counts is None:
+        host_counts = adapter_ids.device.type == "cpu"
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    if host_counts:
+        host = ids.to("cpu")
+        bad = (host < -1) | (host >= n_adapters)
+        if bad.any():
+            t = int(bad.nonzero()[0, 0])
+            raise ValueError(f"make_segments: adapter_ids[{t}] = {int(host[t])} is outside [-1, {n_adapters}) "
+                             f"(shape {tuple(adapter_ids.shape)}, -1 = base only, n_adapters = {n_adapters})")
+    elif ids.device.type != "meta":
+        torch._assert_async(((ids >= -1) & (ids < n_adapters)).all(),
+                            f"make_segments: adapter_ids outside [-1, {n_adapters})")
+    T, S = ids.numel(), n_adapters + 1
+    perm = torch.sort(ids, stable=True).indices                        # base (-1) first, then adapter 0, 1, ...
+    counts = torch.zeros(S, dtype=torch.int64, device=ids.device).scatter_add_(0, ids + 1, torch.ones_like(ids))
+    bounds = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # [0, n_base, end_0, ..., end_{N-1}]
+    seg = Segments(ids=ids, perm=perm, offsets=bounds[1:],
+                   tiles={bm: _tile_table(bounds, bm, T // bm + S) for bm in BLOCK_MS}, n_adapters=n_adapters)
+    return seg.with_counts() if host_counts else seg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -138,6 +166,7 @@ def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments, *, 
     """Plain torch over the sorted segments (what the engine runs on CPU); autograd flows natively.
     base_out: x W^T + bias computed by the caller (engine/quant.py's packed weights); `weight` is then only checked."""
     _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path=False)
+    seg = seg.with_counts()                                             # host counts (a sync if made without them)
     x2 = x.reshape(-1, x.shape[-1])                                     # [T, in]
     y = F.linear(x2, weight, bias) if base_out is None else base_out.reshape(x2.shape[0], -1)   # [T, out]
     if seg.n_lora and seg.n_lora == seg.n_tokens and max(seg.counts) == seg.n_tokens:
@@ -207,27 +236,32 @@ def _shrink_kernel(
     stride_im, stride_ik, stride_pa, stride_pk, stride_pr, stride_mm,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per LoRA row tile: mid[pos, :R] = s[a] * inp[perm[pos]] @ p[a]   (p[a] is a [K, R] view)."""
+    """One program per row tile: mid[pos, :R] = s[a] * inp[perm[pos]] @ p[a]   (p[a] is a [K, R] view).
+
+    Launched over the whole tile table (its size is fixed, so no host count is needed): base tiles (adapter -1) and
+    padding rows get an empty row range and no K iterations, so they load and store nothing."""
     tile = tl.program_id(0)
     start = tl.load(tile_ptr + tile * 3)
-    end = tl.load(tile_ptr + tile * 3 + 1)
     adapter = tl.load(tile_ptr + tile * 3 + 2)
+    end = tl.where(adapter >= 0, tl.load(tile_ptr + tile * 3 + 1), start)   # base tile: no rows
+    a_idx = tl.maximum(adapter, 0)                                     # keeps the addresses in range
+    n_k = tl.where(adapter >= 0, tl.cdiv(K, BLOCK_K), 0)
     pos = start + tl.arange(0, BLOCK_M)
     row_ok = pos < end
     tok = tl.load(perm_ptr + pos, mask=row_ok, other=0)               # tok = perm[pos]
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
-    p_ptrs = p_ptr + adapter * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+    p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, n_k):
         k_ok = offs_k < K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         pt = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         acc = _mma(xt, pt, acc, PRECISION)                             # acc += x[tok, k:k+BK] @ p[a][k:k+BK, :]
         x_ptrs += BLOCK_K * stride_ik
         p_ptrs += BLOCK_K * stride_pk
-    acc = acc * tl.load(scale_ptr + adapter)                          # * s[a]
+    acc = acc * tl.load(scale_ptr + a_idx)                            # * s[a]
     tl.store(mid_ptr + pos[:, None] * stride_mm + offs_r[None, :], acc,
              mask=row_ok[:, None] & (offs_r[None, :] < R))
 
@@ -238,7 +272,7 @@ def _gemm_expand_kernel(
     n_tiles, N, K, R,
     stride_im, stride_ik, stride_wk, stride_wn, stride_pa, stride_pk, stride_pr,
     stride_qa, stride_qr, stride_qn, stride_mm, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, ADD_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[tok] = inp[tok] @ w + bias + mid[pos] @ q[a] for the rows of one tile (one adapter a) and BLOCK_N columns.
@@ -246,7 +280,7 @@ def _gemm_expand_kernel(
     w is a [K, N] view, p[a] [K, R], q[a] [R, N]. With FUSE_SHRINK, mid = s[a] * inp[tok] @ p[a] is accumulated in the
     same K loop from the already-loaded inp tiles (no second read of inp; costs BLOCK_R / BLOCK_N extra MMA work) and
     the pid_n == 0 program writes it out for the backward; otherwise mid was written by _shrink_kernel and is read here.
-    ADD_OUT (expand only, no K loop) accumulates into out instead: the unfused baseline of kernels/bench.py.
+    Padding rows of the tile table (start = end) run no K iterations and store nothing.
     """
     # Grouped launch order: GROUP_M row tiles walk the same column blocks of w together, so w stays in L2.
     pid = tl.program_id(0)
@@ -274,27 +308,25 @@ def _gemm_expand_kernel(
     out_ptrs = out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on  # out[tok, n]: scattered rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     mid = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if ADD_OUT:                                                        # expand only: start from out[tok, n]
-        acc += tl.load(out_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w[k, n]
+    x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # w[k, n]
+    if FUSE_SHRINK:
+        p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+        # A base-only tile (adapter -1) loads no p: its rank bound is 0. Folding the scalar has_lora into a
+        # block mask keeps every mask a block of i1 (triton >= 3.9's interpreter rejects block & scalar).
+        p_r_ok = offs_r < tl.where(has_lora, R, 0)
+    n_k = tl.where(end > start, tl.cdiv(K, BLOCK_K), 0)               # padding row of the table: nothing to do
+    for k in range(0, n_k):
+        k_ok = offs_k < K - k * BLOCK_K
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(xt, wt, acc, PRECISION)                             # acc += inp[tok, k:k+BK] @ w[k:k+BK, n]
         if FUSE_SHRINK:
-            p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
-            # A base-only tile (adapter -1) loads no p: its rank bound is 0. Folding the scalar has_lora into a
-            # block mask keeps every mask a block of i1 (triton >= 3.9's interpreter rejects block & scalar).
-            p_r_ok = offs_r < tl.where(has_lora, R, 0)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(xt, wt, acc, PRECISION)                         # acc += inp[tok, k:k+BK] @ w[k:k+BK, n]
-            if FUSE_SHRINK:
-                pt = tl.load(p_ptrs, mask=k_ok[:, None] & p_r_ok[None, :], other=0.0)
-                mid = _mma(xt, pt, mid, PRECISION)                     # mid += inp[tok, k:k+BK] @ p[a][k:k+BK, :]
-                p_ptrs += BLOCK_K * stride_pk
-            x_ptrs += BLOCK_K * stride_ik
-            w_ptrs += BLOCK_K * stride_wk
+            pt = tl.load(p_ptrs, mask=k_ok[:, None] & p_r_ok[None, :], other=0.0)
+            mid = _mma(xt, pt, mid, PRECISION)                         # mid += inp[tok, k:k+BK] @ p[a][k:k+BK, :]
+            p_ptrs += BLOCK_K * stride_pk
+        x_ptrs += BLOCK_K * stride_ik
+        w_ptrs += BLOCK_K * stride_wk
 
     if has_lora:                                                       # LoRA epilogue: acc += mid @ q[a]
         mid_ptrs = mid_ptr + pos[:, None] * stride_mm + offs_r[None, :]
@@ -310,6 +342,62 @@ def _gemm_expand_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _decode_kernel(
+    inp_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, scale_ptr, ids_ptr, out_ptr,
+    T, N, K, R, NA,
+    stride_im, stride_ik, stride_wk, stride_wn, stride_pa, stride_pk, stride_pr,
+    stride_qa, stride_qr, stride_qn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Few tokens, forward only: out[t] = inp[t] @ w + bias + s[a_t] * (inp[t] @ p[a_t]) @ q[a_t], tokens in their
+    own order (no perm, no tile table: only ids), one row tile of BLOCK_M >= T tokens per column block of w.
+
+    Every adapter's tokens share the row tile, so each w[:, n-block] is read once for all adapters (the sorted path
+    reads it once per adapter tile). The shrink runs against all adapters at once: p viewed as [K, C], column
+    c = a * BLOCK_R + r, so mid[t, c] = inp[t] @ p[a][:, r] for every a (NA x the shrink FLOPs, which at decode are
+    ~NA*R/N of the GEMM's); the epilogue keeps token t's own block (c // BLOCK_R == a_t), scales it by s[a_t] and
+    multiplies by q viewed as [C, n-block]: one MMA expands every adapter."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_C)
+    row_ok = offs_m < T
+    n_ok = offs_n < N
+    c_a = offs_c // BLOCK_R                                            # adapter of column c
+    c_r = offs_c % BLOCK_R                                             # rank index of column c
+    c_ok = (c_a < NA) & (c_r < R)
+    adapter = tl.load(ids_ptr + offs_m, mask=row_ok, other=-1)        # a_t (-1: base only)
+    x_ptrs = inp_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    p_ptrs = p_ptr + c_a[None, :] * stride_pa + offs_k[:, None] * stride_pk + c_r[None, :] * stride_pr
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    mid = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        pt = tl.load(p_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(xt, wt, acc, PRECISION)                             # acc += inp[t, k-block] @ w[k-block, n]
+        mid = _mma(xt, pt, mid, PRECISION)                             # mid += inp[t, k-block] @ p[:, k-block, :]
+        x_ptrs += BLOCK_K * stride_ik
+        w_ptrs += BLOCK_K * stride_wk
+        p_ptrs += BLOCK_K * stride_pk
+    scale = tl.load(scale_ptr + c_a, mask=c_ok, other=0.0)            # s[a] per column
+    own = c_a[None, :] == adapter[:, None]                             # token t keeps block a_t only (-1: none)
+    mid = tl.where(own, mid * scale[None, :], 0.0)
+    q_ptrs = q_ptr + c_a[:, None] * stride_qa + c_r[:, None] * stride_qr + offs_n[None, :] * stride_qn
+    qt = tl.load(q_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+    acc = _mma(_round(mid, qt.dtype, PRECISION), qt, acc, PRECISION)   # acc += mid[t, own block] @ q[a_t][:, n]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -351,7 +439,8 @@ def _segment_outer_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Autotuning (CUDA) / one small config (interpreter).
+# Autotuning (CUDA) / one small config (interpreter). tests/kernels/test_compile_sm90.py compiles every config below
+# for sm_90 and reports registers and spills.
 
 def _gemm_configs(shapes):
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -360,9 +449,12 @@ def _gemm_configs(shapes):
 
 if _INTERPRET:
     _GEMM_WIDE = _GEMM_DECODE = _gemm_configs([(32, 32, 4, 1)])
+    _DECODE = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 else:
     _GEMM_WIDE = _gemm_configs([(256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)])
     _GEMM_DECODE = _gemm_configs([(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 5)])
+    _DECODE = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+               for n, k, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 128, 8, 3)]]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -387,16 +479,13 @@ def _outer_configs():
 _shrink_tuned = triton.autotune(configs=_shrink_configs(), key=["K", "R", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
 _outer_tuned = triton.autotune(configs=_outer_configs(), key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
-                              key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "ADD_OUT", "HAS_BIAS"],
+                              key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
-# The expand-only use adds into out, so autotuning's repeated launches must restore it between configs.
-_expand_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
-                                key=["N", "R", "BLOCK_M"], restore_value=["out_ptr"],
-                                prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
+_decode_tuned = triton.autotune(configs=_DECODE, key=["N", "K", "BLOCK_M", "BLOCK_C", "HAS_BIAS"])(_decode_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launchers: pick block sizes from the batch shape, allocate, launch.
+# Launchers: pick block sizes from the batch shape, allocate, launch. They take the Segments' device tensors only.
 
 def _empty(shape, dtype, device):
     """Every output buffer comes from here (tests poison it with NaN to prove each element is written)."""
@@ -421,11 +510,15 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _pick_block_m(seg: Segments) -> int:
-    """Tile height from the mean non-empty segment length: decode batches (a few tokens per adapter) get 16-row tiles,
-    prefill/training batches 128. A heuristic for the bench to tune."""
-    lengths = [c for c in (seg.n_base,) + seg.counts if c]
-    mean = sum(lengths) / max(len(lengths), 1)
+def _decode_cols(n_adapters: int, r: int) -> int:
+    """Width of the decode kernel's all-adapters shrink accumulator: next_pow2(N) * BLOCK_R."""
+    return max(1, triton.next_power_of_2(max(n_adapters, 1))) * _block_r(r)
+
+
+def _pick_block_m(n_tokens: int, n_adapters: int) -> int:
+    """Tile height from the mean tokens per adapter, known on the host without looking at the ids (no sync): decode
+    batches (a few tokens per adapter) get 16-row tiles, prefill/training batches 128. A heuristic for the bench."""
+    mean = n_tokens / max(n_adapters, 1)
     return 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 256 else 128
 
 
@@ -435,69 +528,45 @@ def _pick_fuse(n: int, block_m: int) -> bool:
     return n <= 2048 or block_m <= 32
 
 
-def _lora_linear(inp, w, p, q, scales, seg: Segments, bias=None, block_m=None, fuse_shrink=None):
+def _lora_linear(inp, w, p, q, scales, perm, tiles, bias, block_m: int, fuse: bool):
     """out = inp @ w + bias + LoRA, and mid = s[a] * inp[perm] @ p[a] (sorted rows, fp32; base rows left unset).
 
     inp [T, K]; w [K, N]; p [NA, K, R]; q [NA, R, N]: any strides, so the forward passes (x, W^T, A^T, B^T) and the
-    backward (dY, W, B, A) as views without copies."""
+    backward (dY, W, B, A) as views without copies. tiles: the Segments' table for block_m."""
     T, K = inp.shape
     N, R = w.shape[1], p.shape[2]
     out = _empty((T, N), _store_dtype(inp.dtype), inp.device)
     mid = _empty((T, R), torch.float32, inp.device)
     if T == 0:
         return out.to(inp.dtype), mid
-    bm = block_m or _pick_block_m(seg)
-    fuse = _pick_fuse(N, bm) if fuse_shrink is None else fuse_shrink
     prec, br = _precision(inp.dtype), _block_r(R)
-    if seg.n_lora and not fuse:
-        _shrink(inp, p, scales, seg, mid, bm)
-    tiles = seg.tiles[bm]
+    if not fuse and p.shape[0]:
+        _shrink(inp, p, scales, perm, tiles, mid, block_m)
     grid = lambda meta: (tiles.shape[0] * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_tuned[grid](
-        inp, w, bias if bias is not None else inp, p, q, scales, seg.perm, tiles, mid, out,
+        inp, w, bias if bias is not None else inp, p, q, scales, perm, tiles, mid, out,
         tiles.shape[0], N, K, R,
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), p.stride(2),
         q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse and seg.n_lora > 0, ADD_OUT=False, PRECISION=prec, BLOCK_M=bm,
-        BLOCK_R=br)
+        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse and p.shape[0] > 0, PRECISION=prec, BLOCK_M=block_m, BLOCK_R=br)
     return out.to(inp.dtype), mid
 
 
-def _expand_into(out, mid, q, seg: Segments, block_m=64):
-    """out[perm[pos]] += mid[pos] @ q[a] in place, LoRA rows only (q [NA, R, N], any strides): the expand half of
-    the unfused baseline that kernels/bench.py times against the fused path (same kernel, ADD_OUT)."""
-    tiles = seg.tiles[block_m][seg.n_base_tiles[block_m]:]
-    if tiles.shape[0] == 0:
-        return out
-    if out.dtype != _store_dtype(out.dtype):
-        raise ValueError(f"_expand_into: out is {out.dtype}; the interpreter path needs float32")
-    N, R = out.shape[1], q.shape[1]
-    grid = lambda meta: (tiles.shape[0] * triton.cdiv(N, meta["BLOCK_N"]),)
-    _expand_tuned[grid](
-        q, q, q, q, q, mid, seg.perm, tiles, mid, out,             # inp, w, bias, p: unused with ADD_OUT
-        tiles.shape[0], N, 0, R,
-        0, 0, 0, 0, 0, 0, 0, q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=False, FUSE_SHRINK=False, ADD_OUT=True, PRECISION=_precision(out.dtype), BLOCK_M=block_m,
-        BLOCK_R=_block_r(R))
-    return out
-
-
-def _shrink(inp, p, scales, seg: Segments, mid, block_m=64):
-    """mid[pos] = s[a] * inp[perm[pos]] @ p[a] for the LoRA positions (p [NA, K, R], any strides)."""
-    tiles = seg.tiles[block_m][seg.n_base_tiles[block_m]:]             # LoRA tiles only
-    if tiles.shape[0] == 0:
+def _shrink(inp, p, scales, perm, tiles, mid, block_m: int):
+    """mid[pos] = s[a] * inp[perm[pos]] @ p[a] for the LoRA positions (p [NA, K, R], any strides); base rows unset."""
+    if tiles.shape[0] == 0 or inp.shape[0] == 0:
         return mid
     K, R = inp.shape[1], p.shape[2]
     _shrink_tuned[(tiles.shape[0],)](
-        inp, p, scales, seg.perm, tiles, mid, K, R,
+        inp, p, scales, perm, tiles, mid, K, R,
         inp.stride(0), inp.stride(1), p.stride(0), p.stride(1), p.stride(2), mid.stride(0),
         PRECISION=_precision(inp.dtype), BLOCK_M=block_m, BLOCK_R=_block_r(R))
     return mid
 
 
-def _segment_outer(u, v, seg: Segments, u_gather: bool, v_gather: bool, dtype):
+def _segment_outer(u, v, perm, offsets, u_gather: bool, v_gather: bool, dtype):
     """G[a] = U_a^T V_a -> [NA, P, Q] in `dtype`; U [T, P] and V [T, Q] indexed by token (gather) or position."""
-    P, Q, NA = u.shape[1], v.shape[1], seg.n_adapters
+    P, Q, NA = u.shape[1], v.shape[1], offsets.numel() - 1
     out = _empty((NA, P, Q), _store_dtype(dtype), u.device)
     if NA == 0:
         return out.to(dtype)
@@ -505,51 +574,113 @@ def _segment_outer(u, v, seg: Segments, u_gather: bool, v_gather: bool, dtype):
     bp = wide if u_gather else _block_r(P)                            # the x / dY side is tiled
     bq = wide if v_gather else _block_r(Q)
     _outer_tuned[(NA, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
-        u, v, seg.perm, seg.offsets, out, P, Q,
+        u, v, perm, offsets, out, P, Q,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
         U_GATHER=u_gather, V_GATHER=v_gather, DTYPE=_TL_DTYPE[dtype], PRECISION=_precision(dtype),
         BLOCK_P=bp, BLOCK_Q=bq)
     return out.to(dtype)
 
 
+def _decode(x, weight, bias, lora_a, lora_b, scales, ids):
+    """y = multi_lora(...) for T <= DECODE_MAX_T tokens in their own order (forward only): _decode_kernel."""
+    T, K = x.shape
+    N, NA, R = weight.shape[0], lora_a.shape[0], lora_a.shape[1]
+    out = _empty((T, N), _store_dtype(x.dtype), x.device)
+    if T == 0:
+        return out.to(x.dtype)
+    w, p, q = weight.t(), lora_a.transpose(1, 2), lora_b.transpose(1, 2)   # [K, N], [NA, K, R], [NA, R, N]
+    bm, br = max(16, triton.next_power_of_2(min(T, DECODE_MAX_T))), _block_r(R)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(T, bm))
+    _decode_tuned[grid](
+        x, w, bias if bias is not None else x, p, q, scales, ids, out,
+        T, N, K, R, NA,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), p.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_M=bm, BLOCK_R=br,
+        BLOCK_C=_decode_cols(NA, R))
+    return out.to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Autograd.
+# Custom ops: what torch.compile sees (opaque nodes with fake impls for tracing; autograd registered on the forward).
+#
+# y = x W^T + b + s[a] (x A[a]^T) B[a]^T per token (W, b frozen; scales s constant). Forward keeps
+# mid = s[a] x A[a]^T ([T, R], sorted order). Backward, for token t with adapter a and g_t = dL/dy_t:
+#     dL/dx_t = g_t W + s (g_t B[a]) A[a]            the same fused GEMM with (dY, W, B, A) for (x, W^T, A^T, B^T);
+#                                                    its shrink dyb = s dY B[a] ([T, R]) is kept
+#     dL/dA[a] = sum_{t in a} s (g_t B[a])^T x_t    = dyb_a^T x_a        (_segment_outer)
+#     dL/dB[a] = sum_{t in a} g_t^T (s x_t A[a]^T)  = dY_a^T mid_a       (_segment_outer)
+# Zero-padded ranks stay zero: for a padded r, A[a][r] = 0 and B[a][:, r] = 0, so mid[:, r] = 0 and dyb[:, r] = 0,
+# hence dA[a][r] = 0 and dB[a][:, r] = 0 exactly. Base-only tokens (a = -1) contribute only g_t W.
 
-class _MultiLoRA(torch.autograd.Function):
-    """y = x W^T + b + s[a] (x A[a]^T) B[a]^T per token (W, b frozen; scales s constant).
+_FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scales, Tensor perm, "
+               "Tensor offsets, Tensor tiles, int block_m, bool fuse) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor scales, Tensor mid, "
+               "Tensor perm, Tensor offsets, Tensor tiles, int block_m, bool fuse, bool need_x, bool need_a, "
+               "bool need_b) -> (Tensor, Tensor, Tensor)")
+_DECODE_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scales, "
+                  "Tensor ids) -> Tensor")
 
-    Forward keeps mid = s[a] x A[a]^T ([T, R], sorted order). Backward, for token t with adapter a and g_t = dL/dy_t:
-        dL/dx_t = g_t W + s (g_t B[a]) A[a]            the same fused GEMM with (dY, W, B, A) for (x, W^T, A^T, B^T);
-                                                       its shrink dyb = s dY B[a] ([T, R]) is kept
-        dL/dA[a] = sum_{t in a} s (g_t B[a])^T x_t    = dyb_a^T x_a        (_segment_outer)
-        dL/dB[a] = sum_{t in a} g_t^T (s x_t A[a]^T)  = dY_a^T mid_a       (_segment_outer)
-    Zero-padded ranks stay zero: for a padded r, A[a][r] = 0 and B[a][:, r] = 0, so mid[:, r] = 0 and dyb[:, r] = 0,
-    hence dA[a][r] = 0 and dB[a][:, r] = 0 exactly. Base-only tokens (a = -1) contribute only g_t W.
-    """
 
-    @staticmethod
-    def forward(ctx, x2, weight, bias, lora_a, lora_b, scales, seg, block_m, fuse_shrink):
-        y, mid = _lora_linear(x2, weight.t(), lora_a.transpose(1, 2), lora_b.transpose(1, 2), scales, seg,
-                              bias, block_m, fuse_shrink)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, scales, mid)
-        ctx.seg, ctx.block_m, ctx.fuse_shrink = seg, block_m, fuse_shrink
-        return y
+def _fwd_impl(x, weight, bias, lora_a, lora_b, scales, perm, offsets, tiles, block_m, fuse):
+    return _lora_linear(x, weight.t(), lora_a.transpose(1, 2), lora_b.transpose(1, 2), scales, perm, tiles, bias,
+                        block_m, fuse)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, scales, mid = ctx.saved_tensors
-        seg = ctx.seg
-        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx = da = db = dyb = None
-        if need_x:
-            dx, dyb = _lora_linear(dy, weight, lora_b, lora_a, scales, seg, None, ctx.block_m, ctx.fuse_shrink)
-        elif need_a:
-            dyb = _shrink(dy, lora_b, scales, seg, _empty((dy.shape[0], lora_a.shape[1]), torch.float32, dy.device))
-        if need_a:
-            da = _segment_outer(dyb, x2, seg, u_gather=False, v_gather=True, dtype=lora_a.dtype)    # [NA, R, in]
-        if need_b:
-            db = _segment_outer(dy, mid, seg, u_gather=True, v_gather=False, dtype=lora_b.dtype)    # [NA, out, R]
-        return dx, None, None, da, db, None, None, None, None
+
+def _bwd_impl(dy, x, weight, lora_a, lora_b, scales, mid, perm, offsets, tiles, block_m, fuse, need_x, need_a, need_b):
+    none = x.new_empty(0)
+    dx = da = db = dyb = None
+    if need_x:
+        dx, dyb = _lora_linear(dy, weight, lora_b, lora_a, scales, perm, tiles, None, block_m, fuse)
+    elif need_a:
+        dyb = _shrink(dy, lora_b, scales, perm, tiles, _empty((dy.shape[0], lora_a.shape[1]), torch.float32,
+                                                              dy.device), block_m)
+    if need_a:
+        da = _segment_outer(dyb, x, perm, offsets, u_gather=False, v_gather=True, dtype=lora_a.dtype)   # [NA, R, in]
+    if need_b:
+        db = _segment_outer(dy, mid, perm, offsets, u_gather=True, v_gather=False, dtype=lora_b.dtype)  # [NA, out, R]
+    return (dx if dx is not None else none, da if da is not None else none.clone(),
+            db if db is not None else none.clone())
+
+
+_lora_fwd_op = torch.library.custom_op("mcl::lora_fwd", _fwd_impl, mutates_args=(), schema=_FWD_SCHEMA)
+_lora_bwd_op = torch.library.custom_op("mcl::lora_bwd", _bwd_impl, mutates_args=(), schema=_BWD_SCHEMA)
+_lora_decode_op = torch.library.custom_op("mcl::lora_decode", _decode, mutates_args=(), schema=_DECODE_SCHEMA)
+
+
+@_lora_fwd_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scales, perm, offsets, tiles, block_m, fuse):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, scales, mid, perm, offsets, tiles, block_m, fuse, need_x, need_a, need_b):
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(lora_a) if need_a else x.new_empty(0),
+            torch.empty_like(lora_b) if need_b else x.new_empty(0))
+
+
+@_lora_decode_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scales, ids):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scales, perm, offsets, tiles, block_m, fuse = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scales, output[1], perm, offsets, tiles)
+    ctx.block_m, ctx.fuse = block_m, fuse
+
+
+def _backward(ctx, dy, _dmid):
+    x, weight, lora_a, lora_b, scales, mid, perm, offsets, tiles = ctx.saved_tensors
+    need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dx, da, db = _lora_bwd_op(dy, x, weight, lora_a, lora_b, scales, mid, perm, offsets, tiles, ctx.block_m,
+                              ctx.fuse, need_x, need_a, need_b)
+    return (dx if need_x else None, None, None, da if need_a else None, db if need_b else None,
+            None, None, None, None, None, None)
+
+
+_lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -601,11 +732,13 @@ def _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path: bool):
 
 
 def multi_lora(x, weight, bias, lora_a, lora_b, scales, seg: Segments, backend: str = "auto", *,
-               block_m: int | None = None, fuse_shrink: bool | None = None):
+               block_m: int | None = None, fuse_shrink: bool | None = None, decode: bool | None = None):
     """y = x W^T + bias + s[a] (x A[a]^T) B[a]^T per token. x [..., in] -> y [..., out]; grads to x, lora_a, lora_b.
 
     backend: "auto" (Triton on CUDA, torch on CPU), "triton" (CPU needs TRITON_INTERPRET=1), "torch".
-    block_m / fuse_shrink override the tile-height and shrink-fusion heuristics (tests and the bench)."""
+    block_m / fuse_shrink / decode override the tile-height, shrink-fusion and decode-kernel heuristics (tests and the
+    bench). decode (default: no grad needed, T <= DECODE_MAX_T, adapters x rank fit DECODE_MAX_COLS) is forward only.
+    The Triton path reads only the Segments' device tensors: no host sync, traceable by torch.compile (custom ops)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"multi_lora: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
@@ -616,6 +749,21 @@ def multi_lora(x, weight, bias, lora_a, lora_b, scales, seg: Segments, backend: 
                          "kernels.multi_lora is imported")
     if block_m is not None and block_m not in BLOCK_MS:
         raise ValueError(f"multi_lora: block_m must be one of {BLOCK_MS}, got {block_m}")
+    # The kernels read bias and scales with unit stride: a strided view would be read wrongly, so copy it here.
+    bias = bias.contiguous() if bias is not None else None
+    scales = scales.contiguous()
     x2 = x.reshape(-1, x.shape[-1])                                     # [T, in]
-    y = _MultiLoRA.apply(x2, weight, bias, lora_a, lora_b, scales, seg, block_m, fuse_shrink)
+    T, NA, R = x2.shape[0], lora_a.shape[0], lora_a.shape[1]
+    grad = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
+    if decode is None:
+        decode = not grad and 0 < T <= DECODE_MAX_T and _decode_cols(NA, R) <= DECODE_MAX_COLS
+    elif decode and (grad or T > DECODE_MAX_T):
+        raise ValueError(f"multi_lora: decode=True is forward only for T <= {DECODE_MAX_T} tokens "
+                         f"(got T={T}, grad needed: {grad})")
+    if decode:
+        y = _lora_decode_op(x2, weight, bias, lora_a, lora_b, scales, seg.ids)
+    else:
+        bm = block_m or _pick_block_m(T, NA)
+        fuse = _pick_fuse(weight.shape[0], bm) if fuse_shrink is None else fuse_shrink
+        y, _ = _lora_fwd_op(x2, weight, bias, lora_a, lora_b, scales, seg.perm, seg.offsets, seg.tiles[bm], bm, fuse)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -167,28 +167,47 @@ def test_poisoned_buffers_are_overwritten(monkeypatch):
         check_all(case, run(case, "triton", fuse_shrink=fuse), torch.float32)
 
 
-def test_segments_invariants():
+@pytest.mark.parametrize("host_counts", [True, False])
+def test_segments_invariants(host_counts):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(-1, 5, (200,), generator=g)
     ids[ids == 3] = 1                                         # adapter 3 empty
-    seg = ml.make_segments(ids, 5)
-    assert torch.equal(seg.perm, torch.sort(ids, stable=True).indices.to(seg.perm.device))
+    seg = ml.make_segments(ids.to(DEVICE), 5, host_counts=host_counts)
+    assert (seg.counts is None) == (not host_counts)
+    seg = seg.with_counts()
+    assert torch.equal(seg.perm.cpu(), torch.sort(ids, stable=True).indices)
     assert seg.n_base == int((ids == -1).sum()) and seg.counts == tuple(int((ids == a).sum()) for a in range(5))
     assert seg.offsets.tolist() == torch.tensor([seg.n_base, *seg.counts]).cumsum(0).tolist()
     sorted_ids = ids[seg.perm.cpu()]
     for bm, tiles in seg.tiles.items():
+        assert tiles.shape == (200 // bm + 6, 3), "the table's size depends on T and N only"
         covered = torch.zeros(200, dtype=torch.int64)
-        for i, (start, end, adapter) in enumerate(tiles.tolist()):
+        real = [row for row in tiles.tolist() if row[1] > row[0]]
+        assert tiles.tolist()[len(real):] == [[0, 0, -1]] * (tiles.shape[0] - len(real)), "padding rows last"
+        for i, (start, end, adapter) in enumerate(real):
             assert 0 < end - start <= bm
             assert (sorted_ids[start:end] == adapter).all(), f"BLOCK_M={bm}: tile {i} straddles adapters"
-            assert (adapter < 0) == (i < seg.n_base_tiles[bm]), "base tiles must come first"
             covered[start:end] += 1
+        adapters = [row[2] for row in real]
+        assert adapters == sorted(adapters), "base tiles first, then adapters in order"
         assert (covered == 1).all(), f"BLOCK_M={bm}: positions not covered exactly once"
+
+
+def test_make_segments_does_not_sync():
+    """The device tables are computed without reading any value back to the host: on the meta device (no data at
+    all) any .item(), .tolist(), bool(tensor) or nonzero would raise, and the tables' shapes are still known."""
+    T, N = 77, 4
+    seg = ml.make_segments(torch.empty(T, dtype=torch.int64, device="meta"), N, host_counts=False)
+    assert seg.perm.shape == (T,) and seg.offsets.shape == (N + 1,) and seg.counts is None
+    assert all(t.shape == (T // bm + N + 1, 3) and t.is_meta for bm, t in seg.tiles.items())
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the check is real: a sync on meta raises
+        seg.with_counts()
 
 
 def test_segments_empty_batch_and_no_adapters():
     seg = ml.make_segments(torch.zeros(0, dtype=torch.int64), 3)
-    assert seg.n_tokens == 0 and seg.counts == (0, 0, 0) and all(t.shape == (0, 3) for t in seg.tiles.values())
+    assert seg.n_tokens == 0 and seg.counts == (0, 0, 0)
+    assert all(t.tolist() == [[0, 0, -1]] * 4 for t in seg.tiles.values())
     seg = ml.make_segments(torch.full((4,), -1), 0)
     assert seg.n_base == 4 and seg.counts == ()
 
@@ -239,12 +258,100 @@ def test_rejects_bad_backend_and_trainable_weight():
         ml.multi_lora(c["x"], c["weight"].clone().requires_grad_(), *args[2:], backend="triton")
 
 
-def test_unfused_expand_into():
-    """The bench's unfused baseline (base GEMM, then _shrink, then the expand-only kernel adding into y) is exact."""
-    case = make_case(29, 40, 36, [8, 16], "random", torch.float32, seed=7)
+def test_strided_bias_and_scales():
+    """bias and scales given as strided views (every other element of a longer tensor) give the same result as
+    contiguous copies: the op makes them contiguous before the kernels, which read them with unit stride."""
+    case = make_case(21, 24, 20, [8, 16, 8], "random", torch.float32, seed=11)
+    bias2 = torch.stack([case["bias"], torch.full_like(case["bias"], 1e3)], dim=1)     # [out, 2]
+    scales2 = torch.stack([case["scales"], torch.full_like(case["scales"], -7.0)], dim=1)
+    strided = dict(case, bias=bias2[:, 0], scales=scales2[:, 0])
+    assert not strided["bias"].is_contiguous() and not strided["scales"].is_contiguous()
+    check_all(case, run(strided, "triton"), torch.float32)
+    with torch.no_grad():                                     # the decode kernel reads them too
+        seg = ml.make_segments(case["ids"], 3)
+        y = ml.multi_lora(case["x"], case["weight"], strided["bias"], case["lora_a"], case["lora_b"],
+                          strided["scales"], seg, backend="triton", decode=True)
+    assert_close("y (decode)", y, reference(case)[0], torch.float32)
+
+
+def test_triton_path_with_device_only_segments():
+    """Segments made without host counts (what CUDA gets by default) drive the Triton forward and backward."""
+    case = make_case(40, 32, 28, [8, 16, 8], "empty_segments", torch.float32, seed=4)
+    x, A, B = (case[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b"))
+    seg = ml.make_segments(case["ids"], 3, host_counts=False)
+    assert seg.counts is None
+    y = ml.multi_lora(x, case["weight"], case["bias"], A, B, case["scales"], seg, backend="triton")
+    y.backward(case["dy"])
+    check_all(case, (y.detach(), x.grad, A.grad, B.grad), torch.float32)
+
+
+DECODE_CASES = ["T1", "odd_5x123x77", "empty_segments", "all_base", "ranks_8_16_32_64"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_decode_kernel_matches_reference(name, dtype, monkeypatch):
+    """The few-token forward (_decode_kernel: one row tile over all tokens in their own order, every adapter's shrink
+    at once, each token keeping its own block) against the float64 oracle; output buffers poisoned with NaN."""
+    monkeypatch.setattr(ml, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                               device=device))
+    T, n_in, n_out, ranks, pattern, bias = CASES[name]
+    T = min(T, ml.DECODE_MAX_T)
+    case = make_case(T, n_in, n_out, ranks, pattern, dtype, bias, seed=2)
+    seg = ml.make_segments(case["ids"], len(ranks), host_counts=False)
+    with torch.no_grad():
+        y = ml.multi_lora(case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], case["scales"], seg,
+                          backend="triton")                   # decode is the default here: no grad, T <= 64
+    assert_close("y", y, reference(case)[0], dtype)
+
+
+def test_decode_is_forward_only():
+    case = make_case(6, 16, 12, [8, 4], "random", torch.float32, seed=1)
     seg = ml.make_segments(case["ids"], 2)
-    x, A, B = case["x"], case["lora_a"], case["lora_b"]
-    mid = ml._shrink(x, A.transpose(1, 2), case["scales"], seg, torch.full((29, 16), float("nan")), block_m=16)
-    y = torch.nn.functional.linear(x, case["weight"], case["bias"])
-    ml._expand_into(y, mid, B.transpose(1, 2), seg, block_m=32)
-    assert_close("y", y, reference(case)[0], torch.float32)
+    with pytest.raises(ValueError, match="decode"):
+        ml.multi_lora(case["x"].requires_grad_(), case["weight"], case["bias"], case["lora_a"], case["lora_b"],
+                      case["scales"], seg, backend="triton", decode=True)
+
+
+class _Block(torch.nn.Module):
+    """Two LoRA projections with an activation between, as a decoder block uses them."""
+
+    def __init__(self, case, backend):
+        super().__init__()
+        self.case, self.backend = case, backend
+        self.A = torch.nn.Parameter(case["lora_a"].clone())
+        self.B = torch.nn.Parameter(case["lora_b"].clone())
+
+    def forward(self, x, seg):
+        c = self.case
+        h = ml.multi_lora(x, c["weight"], c["bias"], self.A, self.B, c["scales"], seg, backend=self.backend)
+        h = torch.nn.functional.silu(h[:, : x.shape[1]])
+        return ml.multi_lora(h, c["weight"], c["bias"], self.A, self.B, c["scales"], seg, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_traces_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces a module using the op (the Triton path as registered custom ops with fake
+    impls and autograd; the torch path natively), forward and backward, and matches eager; dynamo counts 0 breaks."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    case = make_case(24, 32, 32, [8, 16], "random", torch.float32, seed=9)
+    seg = ml.make_segments(case["ids"], 2)
+    model = _Block(case, backend)
+    explain = torch._dynamo.explain(model)(case["x"], seg)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    outs = []
+    for f in (model, compiled):
+        x = case["x"].clone().requires_grad_()
+        y = f(x, seg)
+        y.backward(case["dy"][:, :32])
+        outs.append([y.detach(), x.grad, model.A.grad.clone(), model.B.grad.clone()])
+        model.A.grad = model.B.grad = None
+    for name, a, b in zip(("y", "dx", "dA", "dB"), *outs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+    if backend == "triton":
+        with torch.no_grad():                                 # the decode op traces too
+            y = torch.compile(model, backend="aot_eager", fullgraph=True)(case["x"][:16].contiguous(),
+                                                                          ml.make_segments(case["ids"][:16], 2))
+        assert y.shape == (16, 32)
