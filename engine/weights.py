@@ -18,13 +18,17 @@ GGUF notes (llama.cpp's conventions, undone here):
     interleaved (llama.cpp rotates adjacent pairs; HF rotates halves). `_unpermute` reverses it. qwen2 files are
     written without that permutation (llama.cpp runs qwen2 in "NEOX" rope mode), so they are left as they are.
   - no `output.weight` tensor means the LM head is tied to `token_embd.weight`.
-Errors are one line naming the file: missing file, truncated file, unknown architecture, missing tensors.
+Errors are one line naming the file: missing file, truncated file, unknown architecture, missing tensors, a
+config.json field of the wrong type or an impossible shape (by its config.json key: ModelConfig.from_hf_dict), a
+directory given as a GGUF. `mcl convert` refuses an existing, non-empty output before it reads the GGUF, and writes
+into a temp directory renamed into place, so a failed conversion leaves nothing.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +78,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str,
+                     cfg_source: str = "config") -> dict[str, torch.Tensor]:
     """Drop what the decoder does not use (a tied lm_head copy, rotary caches), then insist on exactly the
-    expected names and shapes; errors name `source` and the offending tensors."""
+    expected names and shapes; errors name `source`, the offending tensors and `cfg_source` (where the shapes
+    came from)."""
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
@@ -91,7 +97,7 @@ def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str)
         raise ValueError(f"{source}: unexpected tensors {', '.join(unexpected[:5])}{more}")
     for k, shape in shapes.items():
         if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, config says {shape}")
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, {cfg_source} says {shape}")
     return sd
 
 
@@ -110,11 +116,26 @@ def _load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
     return sd
 
 
+def read_json(path: Path):
+    """A JSON file's value, or a one-line error naming the file (and the line, for a syntax error)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
 def _rope_fields(d: dict, source) -> dict:
     """transformers >= 5 writes rope_theta inside "rope_parameters"; older files use top-level rope_theta and
     rope_scaling. Lift the theta to the top level and refuse scaled RoPE, which the decoder does not implement."""
+    if not isinstance(d, dict):
+        return d                                               # from_hf_dict names what it is instead
     rope = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
+    for key, v in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(v, dict):
+            raise ValueError(f"{source}: field {key!r} = {v!r}: expected a JSON object")
     kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise ValueError(f"{source}: rope_type={kind!r} is not supported (plain RoPE only)")
@@ -130,20 +151,16 @@ def load_hf_dir(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, di
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no such file (an HF model directory needs config.json)")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    cfg = ModelConfig.from_hf_dict(_rope_fields(d, cfg_file), source=str(cfg_file))
+    cfg = ModelConfig.from_hf_dict(_rope_fields(read_json(cfg_file), cfg_file), source=str(cfg_file))
 
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
         sd, source = _load_safetensors(single, dtype), str(single)
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: expected a JSON object with a 'weight_map' field ({e})") from None
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a JSON object with a 'weight_map' field (tensor name -> shard file)")
         sd, source = {}, str(index)
         for shard in sorted(set(weight_map.values())):   # model-00001-of-00002.safetensors, ...
             sd.update(_load_safetensors(path / shard, dtype))
@@ -152,7 +169,7 @@ def load_hf_dir(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, di
             raise ValueError(f"{index}: tensors listed in weight_map but not in their shard: {', '.join(absent[:5])}")
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return cfg, check_state_dict(cfg, sd, source)
+    return cfg, check_state_dict(cfg, sd, source, cfg_source=str(cfg_file))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,6 +211,10 @@ def open_gguf(path):
     """GGUFReader for `path`, or a one-line error naming the file (missing, not GGUF, truncated)."""
     import gguf
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a GGUF file" +
+                         (" (it holds config.json: an HF model directory is already converted)"
+                          if (path / "config.json").is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -238,22 +259,18 @@ def gguf_config(meta: dict, vocab_size: int, has_output: bool, source: str) -> M
         return default
 
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    n_kv = get("attention.head_count_kv", n_heads)
-    return ModelConfig(
-        arch=arch,
-        vocab_size=vocab_size,
-        dim=dim,
-        n_layers=int(get("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(n_kv),
-        intermediate_size=int(get("feed_forward_length")),
-        head_dim=int(get("attention.key_length", dim // n_heads)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-        max_seq_len=int(get("context_length", 2048)),
-        tie_embeddings=not has_output,
-        qkv_bias=arch == "qwen2",
-    )
+    fields = dict(arch=arch, vocab_size=vocab_size, dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+                  n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+                  intermediate_size=int(get("feed_forward_length")),
+                  head_dim=int(get("attention.key_length", dim // n_heads if n_heads > 0 else 0)),
+                  rope_theta=float(get("rope.freq_base", 10000.0)),
+                  rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+                  max_seq_len=int(get("context_length", 2048)), tie_embeddings=not has_output,
+                  qkv_bias=arch == "qwen2")
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:                            # e.g. head_count 7 for embedding_length 576
+        raise ValueError(f"{source}: metadata describes an impossible model: {e}") from None
 
 
 def load_gguf(path, dtype: torch.dtype | None = None, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
@@ -321,22 +338,33 @@ def convert_gguf(gguf_path, outdir, dtype: torch.dtype = torch.float32) -> Path:
     from safetensors.torch import save_file
 
     from engine.tokenizer import Tokenizer
+    final = Path(outdir)
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):     # checked before the conversion
+        raise ValueError(f"{final}: already exists{' and is not empty' if final.is_dir() else ' (a file)'}; "
+                         f"mcl convert writes a new directory: remove it or choose another")
     cfg, sd, meta = load_gguf(gguf_path, dtype=dtype)
     tok = Tokenizer.from_gguf(meta, source=str(gguf_path))
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    hf_cfg = cfg.to_hf_dict() | {k: v for k, v in special.items() if v is not None}
-    hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {k: v for k, v in special.items() if v is not None}
-    gen["eos_token_id"] = sorted(tok.eos_ids) if len(tok.eos_ids) > 1 else tok.eos_id
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    tok.save(out)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)                  # safetensors writes it 0600
-    return out
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.tmp_convert"             # written here, renamed into place at the end
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        hf_cfg = cfg.to_hf_dict() | {k: v for k, v in special.items() if v is not None}
+        hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {k: v for k, v in special.items() if v is not None}
+        gen["eos_token_id"] = sorted(tok.eos_ids) if len(tok.eos_ids) > 1 else tok.eos_id
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        tok.save(out)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        os.chmod(out / "model.safetensors", 0o644)                  # safetensors writes it 0600
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)                    # a failed conversion leaves nothing behind
+        raise
+    os.replace(out, final)                                       # onto nothing or an empty directory: atomic
+    return final
 
 
 def cli_convert(args) -> int:
