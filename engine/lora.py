@@ -222,8 +222,8 @@ def save_peft(model: nn.Module, name: str, out_dir: str | os.PathLike, base_mode
     return out
 
 
-def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
+    """adapter_config.json of a PEFT LoRA directory, checked field by field (errors name the file and the field)."""
     d = Path(adapter_dir)
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, w_path):
@@ -231,14 +231,35 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
             raise FileNotFoundError(f"{p}: missing (a PEFT adapter directory holds adapter_config.json "
                                     "and adapter_model.safetensors)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in cfg:
             raise ValueError(f"{cfg_path}: missing field {field!r}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
+    r, alpha, tm = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"{cfg_path}: field 'r' = {r!r}: expected a positive integer (the LoRA rank)")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{cfg_path}: field 'lora_alpha' = {alpha!r}: expected a positive number (scale = alpha / r)")
+    if not (isinstance(tm, str) or isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
+        raise ValueError(f"{cfg_path}: field 'target_modules' = {tm!r}: expected a module name or a non-empty "
+                         f"list of them")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise ValueError(f"{cfg_path}: field 'use_rslora' = {cfg['use_rslora']!r}: expected true or false")
+    return cfg
+
+
+def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+    cfg = read_peft_config(adapter_dir)
+    w_path = Path(adapter_dir) / "adapter_model.safetensors"
     try:
         tensors = load_file(str(w_path))
     except Exception as e:                                                 # safetensors raises its own types
@@ -294,7 +315,12 @@ def load_adapters(model: nn.Module, root: str | os.PathLike, names=None) -> list
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: adapter directory not found")
-    dirs = [root / n for n in names] if names else sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    # Every subdirectory is an adapter: one without adapter_config.json is refused, not skipped (skipping it would
+    # run that role on the bare base model without a word). Hidden entries (.tmp_*, .ipynb_checkpoints) are not.
+    dirs = [root / n for n in names] if names else \
+        sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise FileNotFoundError(f"{root}: no adapter subdirectories (each needs adapter_config.json)")
+    for d in dirs:                                     # every config checked before any adapter is attached
+        read_peft_config(d)
     return [load_peft(model, d) for d in dirs]
