@@ -6,8 +6,9 @@ One example per line, any mix of the four roles in one file:
                                      {"role": "user", "content": "..."},
                                      {"role": "assistant", "content": "..."}]}
 
-    from engine.data import load_sft, split_eval, RoleSampler, collate
-    data = load_sft("recipes/data/mini_sft.jsonl", tok, roles=ROLES, max_len=1024)
+    from engine.data import read_sft, load_sft, split_eval, RoleSampler, collate
+    rows = read_sft("recipes/data/mini_sft.jsonl", roles=ROLES)   # validated, no tokenizer needed
+    data = load_sft("recipes/data/mini_sft.jsonl", tok, roles=ROLES, max_len=1024, rows=rows)
     train, held_out = split_eval(data.examples, eval_fraction=0.05, seed=0)
     sampler = RoleSampler(train, n_roles=4, mode="uniform", seed=0)
     batch = collate(sampler.draw(16))          # tokens/targets/loss_mask (B, T), adapter_ids (B,)
@@ -100,33 +101,52 @@ def parse_line(line: str, where: str, roles) -> tuple[str, list[dict]]:
     return role, msgs
 
 
-def load_sft(path: str | Path, tok, roles=ROLES, max_len: int = 2048) -> SFTData:
-    """Read + validate + tokenise a role-tagged JSONL file (blank lines are skipped)."""
+def read_sft(path: str | Path, roles=ROLES) -> list[tuple[str, str, list[dict]]]:
+    """Read + validate a role-tagged JSONL file without a tokenizer (so a run can check its data before the model
+    loads): [(where "file:line", role, messages)], blank lines skipped. Errors name the file, line and field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: SFT data file not found")
     roles = tuple(roles)
-    stats = LoadStats(per_role={r: 0 for r in roles})
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"JSONL must be UTF-8 (re-encode it, e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             role, msgs = parse_line(line, where, roles)
-            ids, mask = tok.chat_ids_and_mask(msgs)
-            ids, mask = list(ids), list(mask)
-            truncated = len(ids) > max_len
-            if truncated:
-                ids, mask = ids[:max_len], mask[:max_len]
-                stats.truncated += 1
-            ex = Example(roles.index(role), ids, mask, where, truncated)
-            if ex.n_loss == 0:
-                stats.dropped += 1
-                continue
-            examples.append(ex)
-            stats.per_role[role] += 1
-            stats.tokens += len(ids)
+            rows.append((where, role, msgs))
+    if not rows:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return rows
+
+
+def load_sft(path: str | Path, tok, roles=ROLES, max_len: int = 2048, rows=None) -> SFTData:
+    """Read + validate + tokenise a role-tagged JSONL file (blank lines are skipped). `rows`: read_sft(path, roles)
+    already done (the trainer checks the data before it loads the model)."""
+    roles = tuple(roles)
+    rows = read_sft(path, roles) if rows is None else rows
+    stats = LoadStats(per_role={r: 0 for r in roles})
+    examples = []
+    for where, role, msgs in rows:
+        ids, mask = tok.chat_ids_and_mask(msgs)
+        ids, mask = list(ids), list(mask)
+        truncated = len(ids) > max_len
+        if truncated:
+            ids, mask = ids[:max_len], mask[:max_len]
+            stats.truncated += 1
+        ex = Example(roles.index(role), ids, mask, where, truncated)
+        if ex.n_loss == 0:
+            stats.dropped += 1
+            continue
+        examples.append(ex)
+        stats.per_role[role] += 1
+        stats.tokens += len(ids)
     if not examples:
         raise ValueError(f"{path}: no usable examples (dropped {stats.dropped} whose assistant turn fell past max_len)")
     return SFTData(examples, roles, stats)
