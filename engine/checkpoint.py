@@ -12,12 +12,17 @@ fsync'ed and renamed to step_000050 (rename is atomic on POSIX), then the parent
 point leaves either no step_000050 or a complete one; stale .tmp_* directories are swept at the next start.
 Old checkpoints are retired the same way in reverse: renamed to .trash_* first, then deleted.
 
-    from engine.checkpoint import latest, verify
+    from engine.checkpoint import latest, latest_good, verify
     path = latest("runs/x/checkpoints")        # newest complete checkpoint or None
     verify(path)                               # re-hash every file against the manifest
+    path = latest_good("runs/x/checkpoints", log=print)   # newest one that verifies (resume), naming the bad ones
+
+A failed write (disk full: OSError ENOSPC) inside `with writing(root, step):` removes the temp dir and raises
+CheckpointWriteError, one line naming the file and the last good checkpoint, which was never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,6 +66,106 @@ def latest(root: str | Path) -> Path | None:
     return cks[-1][1] if cks else None
 
 
+def latest_good(root: str | Path, log=None) -> Path | None:
+    """The newest checkpoint that passes `verify`, newest first; each one that fails is named through `log` (one line:
+    which file, what differs) and the previous one is tried. None when there are none; ValueError when every one
+    fails (resuming from nothing would silently restart the run)."""
+    cks = list_checkpoints(root)
+    for _, path in reversed(cks):
+        try:
+            verify(path)
+            return path
+        except (ValueError, OSError) as e:
+            if log is not None:
+                log(f"resume: {path} fails its manifest check ({e}); falling back to the previous checkpoint")
+    if cks:
+        raise ValueError(f"{root}: none of the {len(cks)} checkpoints passes its manifest check (see above); "
+                         f"nothing to resume from (start over with --overwrite)")
+    return None
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the last good checkpoint is untouched."""
+
+
+@contextlib.contextmanager
+def writing(root: Path, step: int):
+    """Wrap a checkpoint's writes (into tmp_dir(root, step)) and `finalize`: a failed write removes the half-written
+    temp dir and becomes one line naming the file, the cause, the free space and the last good checkpoint. The
+    previous checkpoints are never touched before the new one is complete, so they stay as they were.
+    A full disk surfaces as OSError(ENOSPC) from Python's own writes, SafetensorError("... No space left on device")
+    from safetensors, and RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos") from torch.save."""
+    from safetensors import SafetensorError
+    tmp = tmp_dir(root, step)
+    try:
+        yield tmp
+    except (OSError, RuntimeError, SafetensorError) as e:
+        try:
+            st = os.statvfs(root)
+            free = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on {root}"
+        except OSError:
+            free = f"free space on {root} unknown"
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest(root)
+        os_err = _os_error_in(e)                  # torch.save's "unexpected pos" hides ENOSPC in its __context__
+        cause = os_err.strerror if os_err is not None and os_err.strerror else f"{type(e).__name__}: {e}"
+        where = os_err.filename if os_err is not None and os_err.filename else tmp
+        msg = (f"{where}: writing checkpoint {step_dir_name(step)} failed: {cause} ({free}); "
+               f"last good checkpoint: {last if last else 'none'} (left intact)")
+        raise CheckpointWriteError(" ".join(msg.splitlines())) from e
+
+
+def _os_error_in(e: BaseException | None) -> OSError | None:
+    """The first OSError in an exception's chain (itself, its __cause__, its __context__, ...)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file object, then fsync: a full disk then raises (in the chain) the OSError
+    ENOSPC naming the file, where torch's own file writer says only "unexpected pos"."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            inner = _os_error_in(e)
+            if inner is not None and inner.filename is None:
+                raise OSError(inner.errno, inner.strerror, str(path)) from e
+            raise
+
+
+def clear_run(out: Path) -> list[str]:
+    """`--overwrite`: retire an earlier run's outputs in `out` (checkpoints/, adapters/, train_summary.json,
+    metrics.jsonl, wandb_run_id) so nothing of it mixes with the new run. Returns the names removed."""
+    removed = []
+    for name in ("checkpoints", "adapters", "train_summary.json", "metrics.jsonl", "wandb_run_id"):
+        p = out / name
+        if p.is_dir():
+            trash = out / f".trash_{name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(p, trash)                           # gone from view at once, then deleted
+            shutil.rmtree(trash)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def finished_adapters(out: Path) -> list[Path]:
+    """The adapter_config.json files of a finished run in `out` (its final PEFT adapters)."""
+    d = out / "adapters"
+    return sorted(d.glob("*/adapter_config.json")) if d.is_dir() else []
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -94,9 +199,7 @@ def set_rng_state(st: dict) -> None:
 
 def write_rng(tmp: Path, rank: int) -> None:
     """Each rank writes its own RNG file into the temp dir (before finalize on the main rank)."""
-    path = tmp / f"rng_rank{rank}.pt"
-    torch.save(rng_state(), path)
-    _fsync(path)
+    save_torch(rng_state(), tmp / f"rng_rank{rank}.pt")
 
 
 def finalize(root: Path, step: int, keep: int) -> Path:
@@ -132,7 +235,14 @@ def verify(path: str | Path) -> None:
     mf = path / "manifest.json"
     if not mf.is_file():
         raise ValueError(f"{path}: no manifest.json (not a complete checkpoint)")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+        ok = isinstance(manifest, dict) and all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                for v in manifest.values())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{mf}: not a manifest (a JSON object: file -> bytes, sha256)")
     on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
     if on_disk != set(manifest):
         raise ValueError(f"{path}: files {sorted(on_disk ^ set(manifest))} differ from the manifest")
