@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine import distributed as D
-from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, split_eval
+from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
 from engine.lora import ALL_TARGETS, PEFT_PREFIX, add_adapters, lora_layers, read_peft, save_peft
 
 
@@ -58,6 +58,11 @@ class ModelCfg:
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
 
+    def validate(self, source: str) -> None:
+        _need(self.name != "", source, "model.name", self.name, "a model name or path")
+        _need(self.dtype in ("auto", "float32", "bfloat16"), source, "model.dtype", self.dtype,
+              "auto, float32 or bfloat16")
+
 
 @dataclass
 class LoraCfg:
@@ -66,6 +71,17 @@ class LoraCfg:
     alpha: float = 64.0               # scale = alpha / rank
     targets: list = field(default_factory=lambda: list(ALL_TARGETS))
 
+    def validate(self, source: str) -> None:
+        _need(bool(self.roles) and all(isinstance(r, str) and r for r in self.roles), source, "lora.roles",
+              self.roles, "a non-empty list of role names")
+        dup = sorted({r for r in self.roles if self.roles.count(r) > 1})
+        _need(not dup, source, "lora.roles", self.roles, f"distinct names (repeated: {', '.join(dup)})")
+        _need(self.rank > 0, source, "lora.rank", self.rank, "a positive integer")
+        _need(math.isfinite(self.alpha) and self.alpha > 0, source, "lora.alpha", self.alpha, "a positive number")
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        _need(bool(self.targets) and not bad, source, "lora.targets", self.targets,
+              f"a non-empty list from {list(ALL_TARGETS)}")
+
 
 @dataclass
 class DataCfg:
@@ -73,6 +89,12 @@ class DataCfg:
     max_len: int = 1024               # tokens per example; longer ones are truncated (and counted)
     eval_fraction: float = 0.05       # held out per role
     sampler: str = "uniform"          # uniform (equal share per role) | proportional (to the data)
+
+    def validate(self, source: str) -> None:
+        _need(self.max_len >= 2, source, "data.max_len", self.max_len, "an integer >= 2 (tokens per example)")
+        _need(0 <= self.eval_fraction < 1, source, "data.eval_fraction", self.eval_fraction, "0 <= x < 1")
+        _need(self.sampler in ("uniform", "proportional"), source, "data.sampler", self.sampler,
+              "uniform or proportional")
 
 
 @dataclass
@@ -98,12 +120,29 @@ class TrainCfg:
     ckpt_every: int = 0               # 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
 
+    def validate(self, source: str) -> None:
+        for key in ("steps", "global_batch", "micro_batch", "log_every"):
+            _need(getattr(self, key) > 0, source, f"train.{key}", getattr(self, key), "a positive integer")
+        for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints"):
+            _need(getattr(self, key) >= 0, source, f"train.{key}", getattr(self, key), "an integer >= 0")
+        _need(self.out_dir != "", source, "train.out_dir", self.out_dir, "a directory")
+        for key, ok, want in (("lr", self.lr > 0, "> 0"), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                              ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eps", self.eps > 0, "> 0"),
+                              ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+                              ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)")):
+            v = getattr(self, key)
+            _need(ok and math.isfinite(v), source, f"train.{key}", v, f"a finite number {want}")
+
 
 @dataclass
 class WandbCfg:
     mode: str = "auto"                # auto (online with WANDB_API_KEY, else offline) | offline | online | disabled
     project: str = "mapcoder-lite"
     name: str = ""
+
+    def validate(self, source: str) -> None:
+        _need(self.mode in ("auto", "offline", "online", "disabled"), source, "wandb.mode", self.mode,
+              "auto, offline, online or disabled")
 
 
 @dataclass
@@ -113,6 +152,17 @@ class Recipe:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
+
+    def validate(self, source: str = "recipe") -> "Recipe":
+        """Check every value (types are checked as they are set); errors name `source` and the key."""
+        for t in dataclasses.fields(self):
+            getattr(self, t.name).validate(source)
+        return self
+
+
+def _need(ok: bool, source: str, key: str, value, want: str) -> None:
+    if not ok:
+        raise ValueError(f"{source}: {key} = {value!r}: expected {want}")
 
 
 def _valid_keys(recipe: Recipe) -> list[str]:
@@ -161,7 +211,8 @@ def load_recipe(path: str | Path | None, overrides=()) -> Recipe:
         except tomllib.TOMLDecodeError:
             value = raw                                                # bare word -> string
         _set(recipe, key.strip(), value, "override")
-    return recipe
+    where = str(path) if path is not None else "recipe"
+    return recipe.validate(where + (" (with overrides)" if overrides else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,11 +471,14 @@ def _peak_mem_gb(device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
-def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None) -> dict:
+def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None,
+          overwrite: bool = False) -> dict:
     """Train the role adapters as the recipe says; returns a summary dict (also OUT/train_summary.json).
-    `model` / `tokenizer` may be passed in (tests); otherwise built from recipe.model."""
-    mc, lc, dc, tc = recipe.model, recipe.lora, recipe.data, recipe.train
+    `model` / `tokenizer` may be passed in (tests); otherwise built from recipe.model. `overwrite`: replace an
+    earlier run's checkpoints and adapters in train.out_dir (refused otherwise, unless `resume`)."""
+    mc, lc, dc, tc = recipe.validate().model, recipe.lora, recipe.data, recipe.train
     roles = list(lc.roles)
+    sft_rows = read_sft(dc.path, roles)                     # the data is checked before anything loads or is written
     R = len(roles)
     d = D.init(mc.device)
     if tc.global_batch % (tc.micro_batch * d.world):
@@ -432,9 +486,14 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
                          f"({tc.micro_batch}) x ranks ({d.world})")
     out = Path(tc.out_dir)
     ck_root = out / "checkpoints"
-    if not resume and ckpt.list_checkpoints(ck_root):                    # every rank sees it: no one waits
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if not resume and not overwrite and ckpt.list_checkpoints(ck_root):  # every rank sees it: no one waits
         raise ValueError(f"{ck_root}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                         f"or choose another train.out_dir")
+                         f"--overwrite to start over, or choose another train.out_dir")
+    if not overwrite and ckpt.finished_adapters(out) and not (resume and ckpt.list_checkpoints(ck_root)):
+        raise ValueError(f"{out / 'adapters'}: holds the finished adapters of an earlier run; pass --overwrite to "
+                         f"replace them, or choose another train.out_dir")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.sweep(ck_root)
@@ -470,7 +529,7 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
     pad_id = getattr(tokenizer, "pad_id", None) or 0
 
     # --- data ------------------------------------------------------------------------------------------------
-    data = load_sft(dc.path, tokenizer, roles, dc.max_len)
+    data = load_sft(dc.path, tokenizer, roles, dc.max_len, rows=sft_rows)
     vocab = model.cfg.vocab_size
     for e in data.examples:
         if max(e.ids) >= vocab:
@@ -485,7 +544,8 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
 
     # --- resume ----------------------------------------------------------------------------------------------
     start = 0
-    last_ckpt = ckpt.latest(ck_root) if resume else None
+    last_ckpt = ckpt.latest_good(ck_root, log=lambda m: print(m, file=sys.stderr) if d.main else None) \
+        if resume else None
     if resume and last_ckpt is None and d.main:
         print(f"resume: no checkpoint under {ck_root}; starting from step 0", file=sys.stderr)
     if last_ckpt is not None:
@@ -503,25 +563,31 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
             print(f"resume: {last_ckpt} (step {start})", file=sys.stderr)
 
     def save_checkpoint(step: int) -> Path | None:
-        tmp = ckpt.tmp_dir(ck_root, step)
-        if d.main:
-            tmp.mkdir(parents=True, exist_ok=True)
-        D.barrier(d)
-        ckpt.write_rng(tmp, d.rank)
-        D.barrier(d)
         path = None
-        if d.main:
-            for role in roles:
-                save_peft(model, role, tmp / "adapters" / role, base_model=mc.name)
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            state = {"step": step, "roles": roles, "data_cursor": sampler.state_dict(),
-                     "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
-                                  "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},
-                     "recipe": asdict(recipe)}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            path = ckpt.finalize(ck_root, step, tc.keep_checkpoints)
+        with ckpt.writing(ck_root, step) as tmp:              # disk full: one line, the last good one intact
+            if d.main:
+                tmp.mkdir(parents=True, exist_ok=True)
+            D.barrier(d)
+            ckpt.write_rng(tmp, d.rank)
+            D.barrier(d)
+            if d.main:
+                for role in roles:
+                    save_peft(model, role, tmp / "adapters" / role, base_model=mc.name)
+                ckpt.save_torch(opt.state_dict(), tmp / "optimizer.pt")
+                state = {"step": step, "roles": roles, "data_cursor": sampler.state_dict(),
+                         "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
+                                      "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},
+                         "recipe": asdict(recipe)}
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                path = ckpt.finalize(ck_root, step, tc.keep_checkpoints)
         D.barrier(d)
         return path
+
+    if overwrite and d.main:                                # only now, with model and data loaded
+        removed = ckpt.clear_run(out)
+        if removed:
+            print(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+    D.barrier(d)
 
     # --- loop ------------------------------------------------------------------------------------------------
     logger = _Logger(recipe, out, wandb_mode or recipe.wandb.mode, d.main)
@@ -608,5 +674,5 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
 def cli_train(args) -> int:
     """`mcl train RECIPE.toml [key=value ...] [--resume] [--wandb MODE]`."""
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, resume=args.resume, wandb_mode=args.wandb)
+    train(recipe, resume=args.resume, wandb_mode=args.wandb, overwrite=getattr(args, "overwrite", False))
     return 0
