@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipes/*.toml file")
     p.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields (e.g. train.steps=50)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints and adapters of an earlier run in train.out_dir (refused otherwise)")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None)
     p.set_defaults(func=_call("engine.trainer:cli_train"))
 
@@ -147,10 +149,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Boundary errors are one clear line; programming errors keep their traceback.
+    except (ValueError, OSError, RuntimeError) as e:
+        # Boundary errors (bad input, a full disk) are one clear line; programming errors keep their traceback.
         if getattr(e, "mcl_user_error", True) and not isinstance(e, (KeyError, AttributeError)):
-            print(f"mcl {args.cmd}: error: {e}", file=sys.stderr)
+            msg = " ".join(str(e).splitlines())
+            print(f"mcl {args.cmd}: error: {msg}", file=sys.stderr)
             sys.exit(2)
         raise
     sys.exit(rc or 0)
