@@ -384,7 +384,7 @@ def _from_record(rec: dict, t: Test, expects: list = (), reported: list = ()) ->
 
 def _run_stdio(code: str, t: Test, per_test: float) -> TestResult:
     stdin = t.input if isinstance(t.input, str) else "" if t.input is None else str(t.input)
-    ex: Execution = execute({"driver": "program", "code": code}, stdin,
+    ex: Execution = execute({"driver": "program", "code": code, "hide_paths": _data_dirs()}, stdin,
                             Limits(wall_s=per_test, cpu_s=per_test, test_timeout_s=per_test))
     got = ex.stdout[:GOT_CHARS]
     failure = ex.failure
