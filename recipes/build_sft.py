@@ -25,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from engine.agents.prompts import ROLES
-from recipes.distill import dedup, run_record, teacher_name, write_examples
+from recipes.common import dedup, run_record, write_examples
+from recipes.distill import teacher_name
 
 ACCEPT_RULES = {
     "hidden": "examples come from trajectories whose final program passes every test of the problem "

@@ -43,9 +43,9 @@ from engine.agents import parsers, prompts
 from engine.agents.parsers import FormatFailure
 from engine.agents.prompts import ROLES
 from engine.agents.problem import TestReport
-from recipes.distill import (append_jsonl, check_resume, dedup, example, load_config, open_backend,
-                             problem_from_json, read_jsonl_resumable, run_record, set_threads, write_examples,
-                             write_meta)
+from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
+                            run_record, set_threads, write_examples, write_meta)
+from recipes.trajectory import Trajectory, call_example, example
 
 BLAMEABLE = ("planner", "coder")
 
@@ -200,8 +200,10 @@ def parse_verdict(text) -> Verdict | FormatFailure:
 
 # --- one trajectory ----------------------------------------------------------------------------------------
 
-def _first(calls, **want):
-    return next((c for c in calls if all(c.get(k) == v for k, v in want.items())), None)
+def _first(calls, role: str, step: str | None = None, plan: int | None = None):
+    """The first call of `role` (and `step`, and `plan` when given)."""
+    return next((c for c in calls if c.role == role and (step is None or c.step == step)
+                 and (plan is None or c.plan == plan)), None)
 
 
 def _report_text(problem, report, hidden: bool) -> str:
@@ -230,30 +232,30 @@ def _call_record(role, step, messages, c, status, reason="") -> dict:
             "error": c.error}
 
 
-def correct_one(rec: dict, teacher, supervisor, run_tests, rounds: int, max_new_tokens: int) -> dict:
+def correct_one(t: Trajectory, teacher, supervisor, run_tests, rounds: int, max_new_tokens: int) -> dict:
     """One failed trajectory -> its correction record: attempts (supervisor call, verdict, regenerated calls,
     test verdict), success, and the examples of the corrected trajectory."""
-    problem = problem_from_json(rec["problem"])
-    calls = rec.get("calls", [])
-    out = {"id": rec["id"], "index": rec.get("index"), "attempts": [], "success": False, "blame": None,
+    problem = t.problem
+    calls = t.calls
+    out = {"id": t.id, "index": t.index, "attempts": [], "success": False, "blame": None,
            "skipped": None, "examples": []}
-    coder_call = _first(calls, role="coder", step="code")
-    if coder_call is None or coder_call["status"] == "error":
+    coder_call = _first(calls, "coder", "code")
+    if coder_call is None or coder_call.status == "error":
         out["skipped"] = "no coder call to correct"
         return out
-    i0 = coder_call.get("plan")
-    plan_call = _first(calls, role="planner", step="plan", plan=i0)
-    verify_call = _first(calls, role="planner", step="verify", plan=i0)
-    if plan_call is not None and plan_call["status"] not in ("ok", "repaired"):
+    i0 = coder_call.plan
+    plan_call = _first(calls, "planner", "plan", i0)
+    verify_call = _first(calls, "planner", "verify", i0)
+    if plan_call is not None and plan_call.status not in ("ok", "repaired"):
         plan_call = verify_call = None
-    algorithm = rec.get("algorithm", "")
+    algorithm = t.algorithm
     parse_code = lambda text: parsers.parse_code(text, role="coder", entry_point=problem.entry_point,  # noqa: E731
                                                  starter_code=problem.starter_code)
     # The current state of the trajectory: (messages, answer) for the plan and the program.
-    plan_msgs = plan_call["messages"] if plan_call else prompts.planner(problem, None, algorithm)
-    plan_ans = plan_call["response"] if plan_call else ""
+    plan_msgs = plan_call.messages if plan_call else prompts.planner(problem, None, algorithm)
+    plan_ans = plan_call.response if plan_call else ""
     plan_text = (parsers.parse_plan(plan_ans) or parsers.Plan("")).text if plan_ans else ""
-    code_msgs, code_ans = coder_call["messages"], coder_call["response"]
+    code_msgs, code_ans = coder_call.messages, coder_call.response
     code = (parse_code(code_ans) or parsers.Code("")).code
     plan_changed = False
 
@@ -309,16 +311,14 @@ def correct_one(rec: dict, teacher, supervisor, run_tests, rounds: int, max_new_
 
     if out["success"]:
         exs = []
-        ret = _first(calls, role="retriever")
-        if ret is not None and ret["status"] in ("ok", "repaired"):
-            exs.append(example(ret, rec["id"], "correct"))
+        ret = _first(calls, "retriever")
+        if ret is not None and ret.status in ("ok", "repaired"):
+            exs.append(call_example(ret, t.id, "correct"))
         if plan_call is not None or plan_changed:
-            exs.append(example({"role": "planner", "step": "plan", "plan": i0, "messages": plan_msgs},
-                               rec["id"], "correct", plan_ans))
-        if verify_call is not None and verify_call["status"] in ("ok", "repaired") and not plan_changed:
-            exs.append(example(verify_call, rec["id"], "correct"))
-        exs.append(example({"role": "coder", "step": "code", "plan": i0, "messages": code_msgs},
-                           rec["id"], "correct", code_ans))
+            exs.append(example("planner", "plan", plan_msgs, plan_ans, t.id, "correct", plan=i0))
+        if verify_call is not None and verify_call.status in ("ok", "repaired") and not plan_changed:
+            exs.append(call_example(verify_call, t.id, "correct"))
+        exs.append(example("coder", "code", code_msgs, code_ans, t.id, "correct", plan=i0))
         out["examples"] = exs
     return out
 
@@ -353,16 +353,16 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = check_resume(out, cfg, PINNED, "correct")
-    trajs = sorted(read_jsonl_resumable(src), key=lambda r: (r.get("index", 0), r["id"]))
+    trajs = sorted((Trajectory.from_dict(r, str(src)) for r in read_jsonl_resumable(src)), key=lambda t: (t.index, t.id))
     n_sel = _distill_config(src).get("n_problems", 0)
     if n_sel:                                       # only the distill run's selection (a killed run may hold more)
-        trajs = [r for r in trajs if r.get("index", 0) < n_sel]
-    failed = [r for r in trajs if not r.get("passed") and not r.get("error") and r.get("problem")]
+        trajs = [t for t in trajs if t.index < n_sel]
+    failed = [t for t in trajs if not t.passed and not t.error and t.problem]
     if cfg.n_problems:
         failed = failed[:cfg.n_problems]
     path = out / "corrections.jsonl"
     done = {r["id"] for r in read_jsonl_resumable(path)}
-    todo = [r for r in failed if r["id"] not in done]
+    todo = [t for t in failed if t.id not in done]
     if run_tests is None:
         from eval.harness import run_tests
     set_threads(cfg.threads)
@@ -383,11 +383,11 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
             if supervisor is not teacher:
                 opened.append(supervisor)
 
-        def work(rec):
+        def work(t: Trajectory):
             try:
-                return correct_one(rec, teacher, supervisor, run_tests, cfg.rounds, cfg.max_new_tokens)
+                return correct_one(t, teacher, supervisor, run_tests, cfg.rounds, cfg.max_new_tokens)
             except Exception as e:                                  # noqa: BLE001 -- one trajectory, not the run
-                return {"id": rec["id"], "index": rec.get("index"), "attempts": [], "success": False, "blame": None,
+                return {"id": t.id, "index": t.index, "attempts": [], "success": False, "blame": None,
                         "skipped": None, "examples": [], "error": f"{type(e).__name__}: {e}",
                         "traceback": traceback.format_exc()}
         try:
@@ -407,7 +407,7 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
                     b.close()
     meta["runs"][-1].update(wall_s=round(time.perf_counter() - t0, 1))
     write_meta(out, meta, cfg)
-    order = {r["id"]: n for n, r in enumerate(failed)}
+    order = {t.id: n for n, t in enumerate(failed)}
     results = sorted((r for r in read_jsonl_resumable(path) if r["id"] in order), key=lambda r: order[r["id"]])
     examples, stats = summarize(results)
     stats["failed_trajectories"] = len(failed)

@@ -40,19 +40,11 @@ same seed gives the same examples (tests/recipes/test_distill.py checks it).
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import hashlib
 import inspect
 import json
-import os
 import random
 import re
-import shlex
-import subprocess
-import sys
 import time
-import tomllib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -60,7 +52,10 @@ from pathlib import Path
 
 from engine.agents.parsers import clean
 from engine.agents.prompts import ROLES
-from engine.agents.problem import Problem, Test
+from engine.agents.problem import Problem
+from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
+                            run_record, set_threads, write_examples, write_meta)
+from recipes.trajectory import Trajectory, call_example, winning_attempt
 
 TRAJECTORY_FIELDS = ("teacher", "teacher_url", "teacher_model", "benchmark", "split", "data", "seed", "k", "t",
                      "max_new_tokens")       # changing one of these makes old trajectories incomparable
@@ -92,102 +87,7 @@ class DistillConfig:
     out: str = "runs/distill"
 
 
-# --- configuration: a TOML table + key=value overrides -----------------------------------------------------
-
-def load_config(cls, path: str | None, table: str, overrides=()):
-    """cls() updated from [table] of the TOML at `path`, then from `key=value` overrides (TOML literals; a bare
-    word is a string; `table.key=value` is accepted too). Unknown keys and wrong types are one-line errors."""
-    cfg = cls()
-    names = {f.name: f for f in dataclasses.fields(cls)}
-
-    def put(key, value, source):
-        if key not in names:
-            raise ValueError(f"{source}: unknown key {key!r} in [{table}]; valid keys: {', '.join(names)}")
-        old = getattr(cfg, key)
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(old):
-            raise ValueError(f"{source}: {table}.{key} = {value!r}: expected {type(old).__name__} "
-                             f"(like the default {old!r})")
-        setattr(cfg, key, value)
-
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: recipe not found")
-        try:
-            doc = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: invalid TOML: {e}") from None
-        section = doc.get(table, {})
-        if not isinstance(section, dict):
-            raise ValueError(f"{p}: [{table}] is not a table")
-        for k, v in section.items():
-            put(k, v, str(p))
-    for ov in overrides:
-        key, eq, raw = ov.partition("=")
-        if not eq:
-            raise ValueError(f"override {ov!r}: expected key=value (e.g. n_problems=5)")
-        key = key.strip().removeprefix(f"{table}.")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw                                              # bare word -> string
-        put(key, value, "override")
-    return cfg
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def command_line() -> str:
-    """The command as typed: `mcl ...`, `python -m package.module ...` or `python file ...`."""
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    prog = Path(sys.argv[0])
-    if prog.name == "mcl":
-        return f"mcl {args}"
-    root = Path(__file__).resolve().parents[1]
-    if prog.suffix == ".py" and prog.resolve().is_relative_to(root):     # run as python -m recipes.x
-        return f"python -m {'.'.join(prog.resolve().relative_to(root).with_suffix('').parts)} {args}"
-    return f"python {shlex.quote(sys.argv[0])} {args}"
-
-
-def run_record(**extra) -> dict:
-    """What one invocation of a recipe stage was: the exact command, when, at which commit."""
-    return {"command": command_line(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(), **extra}
-
-
-# --- teacher backend ---------------------------------------------------------------------------------------
-
-def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: str = "", timeout_s: float = 300.0,
-                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8):
-    """An HTTPBackend when `url` is set, else our engine running `model` (call .close() when done)."""
-    from engine.agents.backends import HTTPBackend, open_local
-    if url:
-        return HTTPBackend(url, model=url_model or model, api_key=os.environ.get(api_key_env) if api_key_env else None,
-                           timeout=timeout_s, retries=retries)
-    return open_local(model, device or None, dtype or None, None, n_slots=n_slots)
-
-
-def set_threads(n: int) -> int:
-    """torch CPU threads: n > 0 exactly n; 0 = auto: 1 when the machine is busy (1-minute load average above
-    the core count), else torch's default; < 0 = torch's default. Why: with more runnable threads than cores,
-    OpenMP regions wait on descheduled peers -- measured on a loaded 2-core machine, a KV-cache gather went
-    from 0.01 ms to 8 ms with 2 threads, and the 0.5B teacher decoded 7x faster with 1 thread than with 2."""
-    import torch
-    if n == 0 and os.getloadavg()[0] > (os.cpu_count() or 1):
-        n = 1
-    if n > 0:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
-
+# --- teacher ----------------------------------------------------------------------------------------------
 
 def teacher_name(cfg) -> str:
     return f"{cfg.teacher_model or cfg.teacher} @ {cfg.teacher_url}" if cfg.teacher_url else f"{cfg.teacher} (local engine)"
@@ -229,67 +129,6 @@ def load_problems(benchmark: str, split: str = "", data: str = "", n: int = 0, s
     if seed >= 0:
         random.Random(seed).shuffle(problems)
     return problems[:n] if n else problems
-
-
-def problem_to_json(p: Problem) -> dict:
-    return dataclasses.asdict(p)
-
-
-def problem_from_json(d: dict) -> Problem:
-    d = dict(d)
-    d["sample_tests"] = [Test(**t) for t in d.get("sample_tests", [])]
-    d["hidden_tests"] = [Test(**t) for t in d.get("hidden_tests", [])]
-    return Problem(**d)
-
-
-# --- append-only JSONL keyed by problem id -----------------------------------------------------------------
-
-def read_jsonl_resumable(path: Path) -> list[dict]:
-    """Every complete record of `path`; a last line cut by a kill (no newline, or not JSON) is truncated away
-    so the next append starts on a clean line."""
-    if not path.is_file():
-        return []
-    records, good_end = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break                                                    # cut mid-line
-        line = data[pos:nl]
-        try:
-            if line.strip():
-                records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break                                                    # cut mid-line and then appended to? stop here
-        pos = good_end = nl + 1
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-        print(f"{path}: dropped {len(data) - good_end} bytes of an unfinished record", file=sys.stderr)
-    return records
-
-
-def append_jsonl(f, rec: dict) -> None:
-    f.write(json.dumps(rec, default=repr) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def check_resume(out: Path, cfg, fields, stage: str) -> dict:
-    """Load or create OUT/config.json; refuse a rerun whose trajectory-shaping fields differ."""
-    path = out / "config.json"
-    now = {k: getattr(cfg, k) for k in fields}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved["pinned"].get(k), v) for k, v in now.items() if saved["pinned"].get(k) != v}
-        if diff:
-            what = "; ".join(f"{k}: {a!r} in {path}, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"{out} holds a {stage} run with other settings ({what}); use another out= or "
-                             f"delete {out}")
-        return saved
-    return {"stage": stage, "pinned": now, "runs": []}
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -334,7 +173,7 @@ def distill(cfg: DistillConfig, backend=None, run_tests=None, problems: list[Pro
                 passed = 0
                 for fut in as_completed(futs):
                     rec = fut.result()                           # run_problem turns exceptions into rec["error"]
-                    rec["problem"] = problem_to_json(futs[fut])
+                    rec["problem"] = futs[fut].to_dict()
                     append_jsonl(f, rec)
                     n_new += 1
                     passed += rec["passed"]
@@ -348,17 +187,12 @@ def distill(cfg: DistillConfig, backend=None, run_tests=None, problems: list[Pro
     return build(out, ids, cfg.accept, cfg.format_only_roles)
 
 
-def write_meta(out: Path, meta: dict, cfg) -> None:
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps({**meta, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
-
-
 def build(out: Path, ids: list[str], accept: str, format_only_roles=()) -> dict:
     """trajectories.jsonl (restricted to `ids`, in that order) -> examples.jsonl + stats.json; returns stats."""
     order = {pid: n for n, pid in enumerate(ids)}
-    trajs = [r for r in read_jsonl_resumable(out / "trajectories.jsonl") if r["id"] in order]
-    trajs.sort(key=lambda r: order[r["id"]])
+    path = out / "trajectories.jsonl"
+    trajs = [Trajectory.from_dict(r, str(path)) for r in read_jsonl_resumable(path) if r["id"] in order]
+    trajs.sort(key=lambda t: order[t.id])
     examples, stats = build_examples(trajs, accept, format_only_roles)
     write_examples(out / "examples.jsonl", examples)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -366,15 +200,6 @@ def build(out: Path, ids: list[str], accept: str, format_only_roles=()) -> dict:
 
 
 # --- trajectories -> examples ------------------------------------------------------------------------------
-
-def example(call: dict, problem_id: str, origin: str, response: str | None = None) -> dict:
-    """One trainer-format line: the call's own messages (system, user) + the answer as the assistant turn."""
-    msgs = [{"role": m["role"], "content": m["content"]} for m in call["messages"]]
-    msgs.append({"role": "assistant", "content": clean(call["response"] if response is None else response)})
-    return {"role": call["role"], "messages": msgs,
-            "source": {"origin": origin, "problem": problem_id, "step": call["step"], "plan": call.get("plan"),
-                       "round": call.get("round")}}
-
 
 CLOSED_EDIT = "cut at the token limit inside <algorithm>: unfinished last line dropped, open tags closed"
 _RETRIEVER_TAG = re.compile(r"<(/?)(root|problem|description|code|planning|algorithm)\s*>", re.I)
@@ -402,67 +227,53 @@ def close_truncated_retrieval(text: str) -> str | None:
     return head.rstrip() + "\n</algorithm>" + ("\n</root>" if stack[0] == "root" else "")
 
 
-def winning_attempt(rec: dict) -> tuple[int, int] | None:
-    """(plan, round) of the program that passed the sample tests; for a problem without sample tests, the
-    first coder call that produced code."""
-    for a in rec.get("sample_attempts", []):
-        if a["verdict"] == "pass":
-            return a["plan"], a["round"]
-    if not rec.get("sample_attempts") and rec.get("code"):
-        for c in rec.get("calls", []):
-            if c["role"] == "coder" and c["status"] in ("ok", "repaired"):
-                return c["plan"], 0
-    return None
-
-
 FORMAT_ONLY = "format-only: the answer parsed cleanly (no repair, not cut) but its trajectory's program failed"
 _TEST_REASONS = ("final program fails the problem's tests", "no program passed the sample tests",
                  "plan not on the passing path", "program failed the sample tests (debugged later)",
                  "program still failed the sample tests")
 
 
-def trajectory_examples(rec: dict, accept: str = "hidden", format_only_roles=()) -> tuple[list[dict], Counter]:
+def trajectory_examples(t: Trajectory, accept: str = "hidden", format_only_roles=()) -> tuple[list[dict], Counter]:
     """One trajectory -> (kept examples, Counter of (role, rejection reason)). Roles in `format_only_roles`
     also keep calls rejected only for the tests' verdict when their answer parsed cleanly (status ok,
     finished by itself): a weaker, labelled tier (source.tier) for roles the teacher rarely gets right."""
     kept, rejected = [], Counter()
-    calls = rec.get("calls", [])
-    if rec.get("error"):
-        for c in calls:
-            rejected[c["role"], "problem raised"] += 1
+    if t.error:
+        for c in t.calls:
+            rejected[c.role, "problem raised"] += 1
         return kept, rejected
-    good = rec.get("passed") if accept == "hidden" else rec.get("solved_samples")
-    win = winning_attempt(rec)
-    for c in calls:
-        role, text, why = c["role"], None, None
-        if c["status"] == "error":
+    good = t.passed if accept == "hidden" else t.solved_samples
+    win = winning_attempt(t)
+    for c in t.calls:
+        role, text, why = c.role, None, None
+        if c.status == "error":
             why = "backend error"
-        elif c["status"] == "failed":
+        elif c.status == "failed":
             why = "format failure"
         elif not good or win is None:
             why = _TEST_REASONS[0] if accept == "hidden" else _TEST_REASONS[1]
         elif role == "retriever":
-            if any("problems recalled" in r for r in c.get("repairs", [])):
+            if any("problems recalled" in r for r in c.repairs):
                 why = "recalled more problems than asked"
-            elif c.get("finish_reason") == "length":
-                text = close_truncated_retrieval(c["response"])
+            elif c.finish_reason == "length":
+                text = close_truncated_retrieval(c.response)
                 why = "cut at the token limit outside <algorithm>" if text is None else None
-        elif c.get("plan") != win[0]:
+        elif c.plan != win[0]:
             why = "plan not on the passing path"
         elif role == "coder" and win[1] != 0:
             why = "program failed the sample tests (debugged later)"
-        elif role == "debugger" and c.get("round") != win[1]:
+        elif role == "debugger" and c.round != win[1]:
             why = "program still failed the sample tests"
         elif role not in ROLES:
             why = "unknown role"
         if why is None:
-            ex = example(c, rec["id"], "distill", text)
+            ex = call_example(c, t.id, "distill", text)
             if text is not None:
                 ex["source"]["edit"] = CLOSED_EDIT
             kept.append(ex)
-        elif why in _TEST_REASONS and role in format_only_roles and c["status"] == "ok" and \
-                c.get("finish_reason", "stop") == "stop":
-            ex = example(c, rec["id"], "distill")
+        elif why in _TEST_REASONS and role in format_only_roles and c.status == "ok" and \
+                c.finish_reason == "stop":
+            ex = call_example(c, t.id, "distill")
             ex["source"]["tier"] = FORMAT_ONLY
             kept.append(ex)
         else:
@@ -470,42 +281,27 @@ def trajectory_examples(rec: dict, accept: str = "hidden", format_only_roles=())
     return kept, rejected
 
 
-def example_key(ex: dict) -> str:
-    return hashlib.sha256(json.dumps([ex["role"], ex["messages"]], sort_keys=True).encode()).hexdigest()
-
-
-def dedup(examples: list[dict], rejected: Counter | None = None) -> list[dict]:
-    seen, out = set(), []
-    for ex in examples:
-        key = example_key(ex)
-        if key in seen:
-            if rejected is not None:
-                rejected[ex["role"], "duplicate"] += 1
-            continue
-        seen.add(key)
-        out.append(ex)
-    return out
-
-
-def build_examples(trajectories: list[dict], accept: str = "hidden", format_only_roles=()) -> tuple[list[dict], dict]:
+def build_examples(trajectories: list[Trajectory], accept: str = "hidden",
+                   format_only_roles=()) -> tuple[list[dict], dict]:
     """Trajectories (in problem order) -> (examples, stats). Pure: same trajectories, same output."""
     examples, rejected, calls = [], Counter(), Counter()
-    for rec in trajectories:
-        kept, rej = trajectory_examples(rec, accept, format_only_roles)
+    for t in trajectories:
+        kept, rej = trajectory_examples(t, accept, format_only_roles)
         examples += kept
         rejected.update(rej)
-        calls.update(c["role"] for c in rec.get("calls", []))
+        calls.update(c.role for c in t.calls)
     examples = dedup(examples, rejected)
     per_role = Counter(ex["role"] for ex in examples)
+    all_calls = [c for t in trajectories for c in t.calls]
     stats = {
         "accept": accept,
         "problems": len(trajectories),
-        "passed_hidden": sum(bool(r.get("passed")) for r in trajectories),
-        "solved_samples": sum(bool(r.get("solved_samples")) for r in trajectories),
-        "problem_errors": sum(bool(r.get("error")) for r in trajectories),
-        "backend_errors": sum(c["status"] == "error" for r in trajectories for c in r.get("calls", [])),
-        "teacher_tokens": {"prompt": sum(c["prompt_tokens"] for r in trajectories for c in r.get("calls", [])),
-                           "completion": sum(c["completion_tokens"] for r in trajectories for c in r.get("calls", []))},
+        "passed_hidden": sum(t.passed for t in trajectories),
+        "solved_samples": sum(t.solved_samples for t in trajectories),
+        "problem_errors": sum(bool(t.error) for t in trajectories),
+        "backend_errors": sum(c.status == "error" for c in all_calls),
+        "teacher_tokens": {"prompt": sum(c.prompt_tokens for c in all_calls),
+                           "completion": sum(c.completion_tokens for c in all_calls)},
         "calls": {r: calls[r] for r in ROLES},
         "examples": {r: per_role[r] for r in ROLES},
         "examples_total": len(examples),
@@ -516,14 +312,6 @@ def build_examples(trajectories: list[dict], accept: str = "hidden", format_only
         "rejected": {r: dict(sorted((why, n) for (role, why), n in rejected.items() if role == r)) for r in ROLES},
     }
     return examples, stats
-
-
-def write_examples(path: Path, examples: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def print_stats(stats: dict, out) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
-from recipes.distill import DistillConfig, distill, load_config, print_stats
+from recipes.common import load_config
+from recipes.distill import DistillConfig, distill, print_stats
 from recipes.main_job import MainConfig, main_job
 from recipes.mutate import MutateConfig, mutate
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.prompts import ROLES
-from recipes.distill import load_config, run_record, set_threads
+from recipes.common import load_config, run_record, set_threads
 
 
 # The main job's training, sized for <= 15 minutes in all on a 2-core CPU: SmolLM2-135M trains at ~150-190

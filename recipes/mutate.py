@@ -64,8 +64,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.agents import parsers, prompts
-from recipes.distill import (dedup, load_config, problem_from_json, read_jsonl_resumable, run_record,
-                             winning_attempt, write_examples, write_meta)
+from recipes.common import dedup, load_config, read_jsonl_resumable, run_record, write_examples, write_meta
+from recipes.trajectory import Trajectory, winning_attempt
 
 RULE = ("mutation: the teacher's passing program (every test of its problem passes) with one seeded single-line "
         "bug that fails the sample tests in the sandbox; the answer is the plan's steps and the passing program "
@@ -180,22 +180,21 @@ def _order(items: list, seed: int, key: str) -> list:
 
 # --- trajectories -> examples ------------------------------------------------------------------------------
 
-def winning_plan(rec: dict) -> str | None:
+def winning_plan(t: Trajectory) -> str | None:
     """The plan text the passing program was written (or debugged) from, as the agents saw it: the debugger's
     revised plan when a debug round won, else the planner's plan of the winning attempt."""
-    win = winning_attempt(rec)
+    win = winning_attempt(t)
     if win is None:
         return None
     plan, rnd = win
-    calls = rec.get("calls", [])
-    for c in calls:
-        if rnd and c["role"] == "debugger" and c.get("plan") == plan and c.get("round") == rnd:
-            d = parsers.parse_debugger(c["response"])
+    for c in t.calls:
+        if rnd and c.role == "debugger" and c.plan == plan and c.round == rnd:
+            d = parsers.parse_debugger(c.response)
             if d and d.plan.strip():
                 return d.plan.strip()
-    for c in calls:
-        if c["role"] == "planner" and c["step"] == "plan" and c.get("plan") == plan:
-            p = parsers.parse_plan(c["response"])
+    for c in t.calls:
+        if c.role == "planner" and c.step == "plan" and c.plan == plan:
+            p = parsers.parse_plan(c.response)
             return p.text.strip() if p else None
     return None
 
@@ -225,26 +224,21 @@ def answer(plan: str, code: str) -> str:
     return f"{plan_steps(plan)}\n\n```python\n{code.rstrip()}\n```"
 
 
-def _passed(rec: dict) -> bool:
-    """The trajectory's final program passes every test of its problem (distill's accept="hidden")."""
-    return bool(rec.get("passed")) and not rec.get("error")
-
-
-def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[dict], Counter]:
+def trajectory_mutants(t: Trajectory, cfg: MutateConfig, run_tests) -> tuple[list[dict], Counter]:
     """One trajectory -> (debugger examples, Counter of reasons: kept / rejected)."""
     why = Counter()
-    if not _passed(rec):
+    if not t.clean_pass():
         why["final program fails the problem's tests"] += 1
         return [], why
-    problem = problem_from_json(rec["problem"])
-    code, plan = rec.get("code") or "", winning_plan(rec)
+    problem = t.problem
+    code, plan = t.code or "", winning_plan(t)
     if not problem.sample_tests:
         why["no sample tests"] += 1
         return [], why
     if not plan:
         why["no plan on the passing path"] += 1
         return [], why
-    sites = _order(mutants(code), cfg.seed, rec["id"])
+    sites = _order(mutants(code), cfg.seed, t.id)
     if not sites:
         why["no mutation site"] += 1
         return [], why
@@ -263,50 +257,50 @@ def trajectory_mutants(rec: dict, cfg: MutateConfig, run_tests) -> tuple[list[di
         if any(r.verdict == "timeout" for r in report.results):
             why["mutant times out"] += 1
             continue
-        msgs = prompts.debugger(problem, plan, m.code, report, rec.get("algorithm") or "")
+        msgs = prompts.debugger(problem, plan, m.code, report, t.algorithm)
         msgs.append({"role": "assistant", "content": reply})
         kept.append({"role": "debugger", "messages": msgs,
-                     "source": {"origin": "mutation", "problem": rec["id"], "step": "debug",
+                     "source": {"origin": "mutation", "problem": t.id, "step": "debug",
                                 "operator": m.operator, "line": m.line, "verdict": report.verdict}})
         why["kept"] += 1
     return kept, why
 
 
-def student_repairs(student: dict, teacher: dict | None, cfg: MutateConfig) -> tuple[list[dict], Counter]:
+def student_repairs(student: Trajectory, teacher: Trajectory | None, cfg: MutateConfig) -> tuple[list[dict], Counter]:
     """One student trajectory -> (debugger examples: its debugger calls answered with the teacher's passing
     program for the same problem, Counter of reasons)."""
     why = Counter()
-    calls = [c for c in student.get("calls", []) if c["role"] == "debugger"]
+    calls = [c for c in student.calls if c.role == "debugger"]
     if not calls:
         why["student made no debugger call"] += 1
         return [], why
-    plan = winning_plan(teacher) if teacher and _passed(teacher) else None
+    plan = winning_plan(teacher) if teacher and teacher.clean_pass() else None
     if not plan:
         why["no passing teacher program for the problem"] += len(calls)
         return [], why
-    reply = answer(plan, teacher["code"])
+    reply = answer(plan, teacher.code)
     if len(reply) > cfg.max_answer_chars:
         why["answer longer than max_answer_chars"] += len(calls)
         return [], why
     kept = []
     for c in calls:
-        if c.get("prompt_tokens", 0) > cfg.max_prompt_tokens:
+        if c.prompt_tokens > cfg.max_prompt_tokens:
             why["prompt longer than max_prompt_tokens"] += 1
             continue
-        msgs = [{"role": m["role"], "content": m["content"]} for m in c["messages"] if m["role"] != "assistant"]
+        msgs = [{"role": m["role"], "content": m["content"]} for m in c.messages if m["role"] != "assistant"]
         msgs.append({"role": "assistant", "content": reply})
         kept.append({"role": "debugger", "messages": msgs,
-                     "source": {"origin": "student_repair", "problem": student["id"], "step": "debug",
-                                "round": c.get("round"), "student_status": c.get("status")}})
+                     "source": {"origin": "student_repair", "problem": student.id, "step": "debug",
+                                "round": c.round, "student_status": c.status}})
         why["kept"] += 1
     return kept, why
 
 
-def _selected(path: Path) -> list[dict]:
+def _selected(path: Path) -> list[Trajectory]:
     """The trajectories of a distill run, in problem order, restricted to the run's current selection."""
-    trajs = sorted(read_jsonl_resumable(path), key=lambda r: r.get("index", 0))
+    trajs = sorted((Trajectory.from_dict(r, str(path)) for r in read_jsonl_resumable(path)), key=lambda t: t.index)
     n = distill_selection(path)
-    return [r for r in trajs if r.get("index", 0) < n] if n else trajs
+    return [t for t in trajs if t.index < n] if n else trajs
 
 
 def distill_selection(trajectories: Path) -> int:
@@ -330,8 +324,8 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     examples, reasons = [], Counter()
-    for rec in trajs:
-        kept, why = trajectory_mutants(rec, cfg, run_tests)
+    for t in trajs:
+        kept, why = trajectory_mutants(t, cfg, run_tests)
         examples += kept
         reasons.update(why)
     student = None
@@ -339,9 +333,9 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
         spath = Path(cfg.student_trajectories)
         if not spath.is_file():
             raise FileNotFoundError(f"{spath}: student trajectories not found (run mcl distill teacher=<student>)")
-        by_id, repairs, sreasons = {r["id"]: r for r in trajs}, [], Counter()
-        for rec in _selected(spath):
-            kept, why = student_repairs(rec, by_id.get(rec["id"]), cfg)
+        by_id, repairs, sreasons = {t.id: t for t in trajs}, [], Counter()
+        for st in _selected(spath):
+            kept, why = student_repairs(st, by_id.get(st.id), cfg)
             repairs += kept
             sreasons.update(why)
         examples += repairs

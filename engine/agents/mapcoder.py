@@ -31,6 +31,7 @@ the messages and the answer); every sample-test run as an `Attempt`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +40,18 @@ from engine.agents.parsers import FormatFailure
 from engine.agents.problem import Problem, TestReport
 
 STRATEGIES = ("mapcoder", "direct", "cot")
+
+
+def _from_dict(cls, d: dict, where: str):
+    """cls(**d) for a record read back from JSON; an unknown or missing field is a ValueError naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ValueError(f"{where}: {cls.__name__}: {e}") from None
 
 
 @dataclass
@@ -57,6 +70,13 @@ class Call:
     messages: list[dict] = field(default_factory=list)
     response: str = ""
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "call") -> "Call":
+        return _from_dict(cls, d, where)
+
 
 @dataclass
 class Attempt:
@@ -66,6 +86,13 @@ class Attempt:
     verdict: str
     passed: int
     total: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "attempt") -> "Attempt":
+        return _from_dict(cls, d, where)
 
 
 @dataclass
@@ -79,6 +106,16 @@ class Solution:
     plans: list[dict] = field(default_factory=list)    # {"plan", "confidence", "order"} per parsed plan
     algorithm: str = ""
     wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "solution") -> "Solution":
+        d = dict(d)
+        d["calls"] = [Call.from_dict(c, where) for c in d.get("calls", [])]
+        d["attempts"] = [Attempt.from_dict(a, where) for a in d.get("attempts", [])]
+        return _from_dict(cls, d, where)
 
 
 def budgets(max_new_tokens: int, k: int) -> dict[str, int]:

@@ -7,6 +7,7 @@ see only `description`, `starter_code`, `entry_point` and `sample_tests`; `hidde
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +46,17 @@ class Problem:
     time_limit_s: float = 5.0
     reference: str | None = None          # canonical solution when the benchmark has one
     meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Problem":
+        """The inverse of to_dict (a problem stored in a JSON record)."""
+        d = dict(d)
+        d["sample_tests"] = [Test(**t) for t in d.get("sample_tests", [])]
+        d["hidden_tests"] = [Test(**t) for t in d.get("hidden_tests", [])]
+        return cls(**d)
 
 
 @dataclass

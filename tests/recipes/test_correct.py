@@ -10,7 +10,8 @@ import pytest
 
 from engine.agents.http_server import serve
 from recipes.correct import CorrectConfig, correct, parse_verdict
-from recipes.distill import DistillConfig, distill, read_jsonl_resumable
+from recipes.common import read_jsonl_resumable
+from recipes.distill import DistillConfig, distill
 from tests.recipes.fakes import PROBLEMS, FakeTeacher, misbehaving_handler, run_tests_inprocess
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from engine.data import parse_line
-from recipes.distill import (DistillConfig, build_examples, distill, load_config, load_problems,
-                             read_jsonl_resumable, trajectory_examples)
+from recipes.common import load_config, read_jsonl_resumable
+from recipes.distill import DistillConfig, build_examples, distill, load_problems, trajectory_examples
+from recipes.trajectory import Trajectory
 from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
@@ -22,6 +23,13 @@ def run(tmp_path, name="d", problems=PROBLEMS, backend=None, **kw):
                     progress=False)
     lines = (tmp_path / name / "examples.jsonl").read_text().splitlines()
     return stats, [json.loads(x) for x in lines], cfg
+
+
+def call(**kw):
+    """A recorded agent call (engine.agents.mapcoder.Call as distill writes it): kw over neutral defaults."""
+    return {"role": "coder", "step": "code", "prompt_tokens": 0, "completion_tokens": 0, "wall_s": 0.0,
+            "status": "ok", "reason": "", "repairs": [], "finish_reason": "stop", "plan": None, "round": None,
+            "messages": [], "response": "", **kw}
 
 
 def by(examples, pid):
@@ -54,20 +62,18 @@ def test_format_failures_and_backend_errors_are_rejected():
     rec = {"id": "p", "passed": True, "solved_samples": True, "error": None, "code": "x",
            "sample_attempts": [{"plan": 1, "round": 0, "verdict": "pass", "passed": 1, "total": 1}],
            "calls": [
-               {"role": "retriever", "step": "retrieve", "status": "repaired", "plan": None, "round": None,
-                "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "response": "r"},
-               {"role": "planner", "step": "plan", "status": "failed", "plan": 0, "round": None, "messages": [],
-                "response": ""},
-               {"role": "planner", "step": "plan", "status": "ok", "plan": 1, "round": None,
-                "messages": [{"role": "user", "content": "u"}], "response": "1. do it<|im_end|>"},
-               {"role": "coder", "step": "code", "status": "error", "plan": 1, "round": None, "messages": [],
-                "response": ""},
+               call(role="retriever", step="retrieve", status="repaired",
+                    messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], response="r"),
+               call(role="planner", step="plan", status="failed", plan=0),
+               call(role="planner", step="plan", status="ok", plan=1, messages=[{"role": "user", "content": "u"}],
+                    response="1. do it<|im_end|>"),
+               call(role="coder", step="code", status="error", plan=1),
            ]}
-    kept, rej = trajectory_examples(rec)
+    kept, rej = trajectory_examples(Trajectory.from_dict(rec))
     assert [(e["role"], e["messages"][-1]["content"]) for e in kept] == [("retriever", "r"), ("planner", "1. do it")]
     assert rej == {("planner", "format failure"): 1, ("coder", "backend error"): 1}
     rec["error"] = "boom"
-    kept, rej = trajectory_examples(rec)
+    kept, rej = trajectory_examples(Trajectory.from_dict(rec))
     assert kept == [] and sum(rej.values()) == 4
 
 
@@ -116,7 +122,8 @@ def test_same_seed_same_examples_real_engine_tiny_model(tmp_path):
 
 def test_build_examples_is_pure_and_deduplicates(tmp_path):
     run(tmp_path)
-    trajs = sorted(read_jsonl_resumable(tmp_path / "d" / "trajectories.jsonl"), key=lambda r: r["index"])
+    trajs = sorted(map(Trajectory.from_dict, read_jsonl_resumable(tmp_path / "d" / "trajectories.jsonl")),
+                   key=lambda t: t.index)
     a, sa = build_examples(trajs)
     b, sb = build_examples(trajs + trajs)                  # the same trajectories twice: duplicates dropped
     assert a == b and sa["examples"] == sb["examples"]
@@ -155,14 +162,13 @@ def test_truncated_retriever_answers_are_closed_or_rejected():
     assert r and r.repairs == [] and r.algorithm.startswith("Greedy")
     assert close_truncated_retrieval(head.replace("</problem>\n", "") + "<pla") is None          # cut in a problem
     assert close_truncated_retrieval(head + "<algorithm>Greed") is None                          # nothing left
-    call = {"role": "retriever", "step": "retrieve", "status": "repaired", "plan": None, "round": None,
-            "finish_reason": "length", "repairs": ["unclosed <algorithm>"],
-            "messages": [{"role": "user", "content": "u"}], "response": cut}
+    ret = call(role="retriever", step="retrieve", status="repaired", finish_reason="length",
+               repairs=["unclosed <algorithm>"], messages=[{"role": "user", "content": "u"}], response=cut)
     rec = {"id": "p", "passed": True, "solved_samples": True, "error": None, "code": "x",
            "sample_attempts": [{"plan": 0, "round": 0, "verdict": "pass", "passed": 1, "total": 1}],
-           "calls": [call, dict(call, response=head + "<pla"),
-                     dict(call, finish_reason="stop", repairs=["3 problems recalled, 1 asked"])]}
-    kept, rej = trajectory_examples(rec)
+           "calls": [ret, dict(ret, response=head + "<pla"),
+                     dict(ret, finish_reason="stop", repairs=["3 problems recalled, 1 asked"])]}
+    kept, rej = trajectory_examples(Trajectory.from_dict(rec))
     assert [e["messages"][-1]["content"] for e in kept] == [closed] and kept[0]["source"]["edit"]
     assert rej == {("retriever", "cut at the token limit outside <algorithm>"): 1,
                    ("retriever", "recalled more problems than asked"): 1}
@@ -177,7 +183,7 @@ def test_format_only_tier_is_labelled(tmp_path):
 
 
 def test_command_line_is_recorded_as_typed(monkeypatch):
-    import recipes.distill as d
+    import recipes.common as d
     root = Path(d.__file__).resolve().parents[1]
     monkeypatch.setattr("sys.argv", [str(root / "recipes" / "build_sft.py"), "--note", "a b"])
     assert d.command_line() == "python -m recipes.build_sft --note 'a b'"

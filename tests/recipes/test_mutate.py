@@ -12,8 +12,10 @@ from engine.data import parse_line
 from engine.agents import problem as P
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
-from recipes.distill import DistillConfig, distill, read_jsonl_resumable
+from recipes.common import read_jsonl_resumable
+from recipes.distill import DistillConfig, distill
 from recipes.mutate import MutateConfig, mutants, mutate, plan_steps, trajectory_mutants
+from recipes.trajectory import Trajectory
 from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
 
 ROLES = ("retriever", "planner", "coder", "debugger")
@@ -104,7 +106,7 @@ def test_deterministic_and_seeded(tmp_path):
 def _fake_rec(tmp_path, code):
     _distill(tmp_path)
     rec = next(r for r in read_jsonl_resumable(tmp_path / "d" / "trajectories.jsonl") if r["id"] == "fake/add")
-    return dict(rec, code=code)
+    return Trajectory.from_dict(dict(rec, code=code))
 
 
 def test_passing_and_timing_out_mutants_are_rejected(tmp_path):
