@@ -28,7 +28,7 @@ from engine.model import Transformer
 sys.path.insert(0, str(Path(__file__).parent / "train"))
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_tables, write_jsonl, write_recipe  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(cli.__file__).parents[1]                   # the engine under test, for subprocesses
 
 
 def snapshot(root: Path) -> dict:

@@ -24,7 +24,7 @@ from engine import checkpoint as ckpt
 from engine import cli
 from tiny_setup import byte_tokenizer, memorisation_rows, read_adapters, tiny_tables, write_jsonl, write_recipe
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(ckpt.__file__).parents[1]                 # the engine under test, for subprocesses
 
 
 @pytest.fixture(autouse=True)
@@ -145,15 +145,21 @@ def test_disk_full_during_checkpoint_write_keeps_last_good(tmp_path, capsys, mon
     run = make_recipe(tmp_path, "run", steps=6, ckpt_every=2)
     real_save = torch.save
 
+    fired = []
+
     def save(obj, f, *a, **k):                      # the disk fills up while step 4's optimizer state is written
-        name = str(getattr(f, "name", f))
+        is_path = isinstance(f, (str, os.PathLike))
+        name = str(f if is_path else f.name)
         if "step_000004" in name and name.endswith("optimizer.pt"):
-            f.write(b"\0" * 1000)                    # a partial file, as a real ENOSPC leaves one
+            fired.append(name)
+            partial = b"\0" * 1000                                          # as a real ENOSPC leaves behind
+            Path(f).write_bytes(partial) if is_path else f.write(partial)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))          # as write(2) reports it: no file name
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", save)
 
     code, err = run_mcl(capsys, run)
+    assert len(fired) == 1, fired
     line = error_line(code, err)
     root = tmp_path / "run" / "checkpoints"
     assert "No space left on device" in line and "optimizer.pt" in line, line
