@@ -22,16 +22,26 @@ no recalled example, no plan text, no confidence number, no code. What is tolera
         starter code's signature. Imports and helper functions from the starter code that the answer
         leaves out are put back, so the result is a whole program.
 
+Time: every parser is linear in the answer's length (no regular expression here backtracks
+quadratically; tests/agents/test_agents_parsers.py times adversarial 100 kB answers). Checking that a
+candidate compiles is the one costly step (CPython compiles ~1 us/char), so one parse call compiles at
+most COMPILE_BUDGET characters in all and no candidate over MAX_COMPILE characters: past either limit
+`compiles` answers False ("not checked"), and a fenced block is still taken as it is.
+
 Every public parser is wrapped by `_never_raises`: a bug here turns into a FormatFailure whose reason
 starts with "parser error", not into a crashed evaluation; tests/agents fuzz the unwrapped functions.
 """
 from __future__ import annotations
 
 import ast
+import collections
+import contextvars
 import functools
+import itertools
 import html
 import re
 import textwrap
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -100,16 +110,90 @@ def _never_raises(role: str):
     return wrap
 
 
+# --- compiling candidates, on a budget ----------------------------------------------------------
+
+MAX_COMPILE = 24_000           # characters: a longer candidate is not compiled inside a parse call
+COMPILE_BUDGET = 48_000        # characters compiled in all by one parse call (cache hits are free)
+
+
+class _Budget:
+    def __init__(self, chars: int):
+        self.chars = chars
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("parsers_compile_budget", default=None)
+
+
+def _compile_budget(fn):
+    """Give a parse call (and the parsers it calls) one COMPILE_BUDGET, unless it runs inside one."""
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        if _budget.get() is not None:
+            return fn(*args, **kw)
+        token = _budget.set(_Budget(COMPILE_BUDGET))
+        try:
+            return fn(*args, **kw)
+        finally:
+            _budget.reset(token)
+    return run
+
+
+_compiled: collections.OrderedDict[str, bool] = collections.OrderedDict()     # code -> compiles? (LRU, 1024)
+_compiled_lock = threading.Lock()
+
+
+def compiles(code: str) -> bool:
+    """Does it compile as a Python module? Cached: the same candidate is checked from several places.
+    Inside a parse call, False also means "not checked": over MAX_COMPILE or past the call's budget."""
+    if not code.strip():
+        return False
+    with _compiled_lock:
+        if code in _compiled:
+            _compiled.move_to_end(code)
+            return _compiled[code]
+    budget = _budget.get()
+    if budget is not None:
+        if len(code) > MAX_COMPILE or len(code) > budget.chars:
+            return False
+        budget.chars -= len(code)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                         # SyntaxWarning for odd escapes
+            compile(code, "<answer>", "exec", dont_inherit=True)      # unlike ast.parse, rejects a bare `return`
+        ok = True
+    except Exception:                                               # SyntaxError, ValueError (NUL), Recursion
+        ok = False
+    with _compiled_lock:
+        _compiled[code] = ok
+        if len(_compiled) > 1024:
+            _compiled.popitem(last=False)
+    return ok
+
+
 # --- text clean-up shared by all roles ---------------------------------------------------------
 
 _SPECIAL = re.compile(r"<\|(?:im_end|im_start|endoftext|eot_id|end|assistant|user)\|>|</s>|<s>|<\|fim_\w+\|>")
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_THINK_OPEN, _THINK_CLOSE = re.compile(r"<think>", re.I), re.compile(r"</think>", re.I)
+
+
+def _drop_think(text: str) -> str:
+    """What `re.sub(r"<think>.*?</think>", "", text, flags=re.S | re.I)` returns, in linear time: that
+    regex rescans to the end from every unclosed <think> (100 kB of "<think>": 7 s)."""
+    out, pos = [], 0
+    while True:
+        o = _THINK_OPEN.search(text, pos)
+        c = _THINK_CLOSE.search(text, o.end()) if o else None
+        if c is None:                                   # no (further) closed block: the rest stays
+            out.append(text[pos:])
+            return "".join(out)
+        out.append(text[pos:o.start()])
+        pos = c.end()
 
 
 def clean(text: str) -> str:
     """Drop chat special tokens and <think> blocks a teacher model may emit."""
     text = _SPECIAL.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
-    stripped = _THINK.sub("", text)
+    stripped = _drop_think(text)
     if stripped.strip():                                # (an answer that is all thinking is kept as is)
         text = stripped
     text = re.sub(r"\A(?:[ \t]*\n)+", "", text)       # leading blank lines; keep the first line's indent
@@ -168,6 +252,7 @@ def _strip_tags(s: str) -> str:
     return re.sub(r"</?[A-Za-z_][\w-]*>", "", s)
 
 
+@_compile_budget
 def _parse_retriever(text: str, k: int | None = None) -> Retrieval | FormatFailure:
     text = clean(text)
     repairs = []
@@ -229,6 +314,11 @@ def _parse_retriever(text: str, k: int | None = None) -> Retrieval | FormatFailu
     return Retrieval(examples, algorithm, repairs)
 
 
+# "## Plan:" heading. `\s*#*\s*` and `\s*:?\s*` backtracked quadratically through a run of spaces.
+_PLAN_HEADING = re.compile(r"^\s*(?:#+\s*)?(modified |revised )?plan(ning)?(?:\s*:)?\s*\n", re.I)
+
+
+@_compile_budget
 def _parse_plan(text: str) -> Plan | FormatFailure:
     text = clean(text)
     repairs = []
@@ -238,7 +328,7 @@ def _parse_plan(text: str) -> Plan | FormatFailure:
             repairs.append(f"plan inside <{tag}>" + ("" if closed else " (unclosed)"))
             text = _unwrap(val)
             break
-    text = re.sub(r"^\s*#*\s*(modified |revised )?plan(ning)?\s*:?\s*\n", "", text, flags=re.I).strip()
+    text = _PLAN_HEADING.sub("", text).strip()
     if code_blocks(text):
         repairs.append("plan contains code")
     if len(re.sub(r"\W", "", text)) < 8:
@@ -249,6 +339,7 @@ def _parse_plan(text: str) -> Plan | FormatFailure:
 _NUM = r"(\d+(?:\.\d+)?)"
 
 
+@_compile_budget
 def _parse_confidence(text: str) -> Confidence | FormatFailure:
     text = clean(text)
     repairs = []
@@ -291,61 +382,61 @@ class Block:
     start: int                 # line index of the opening fence: text before it is the "plan"
 
 
+_FENCE_OPEN = re.compile(r"(`{3,}|~{3,})\s*([\w+#.-]*)\s*(.*)$")
+_FENCE_ONLY = re.compile(r"(`{3,}|~{3,})")
+_FENCE_NEW = re.compile(r"`{3,}\s*([A-Za-z][\w+#.-]*|)")       # group 1 non-empty: a labelled fence
+
+
 def code_blocks(text: str) -> list[Block]:
     """Fenced blocks, tolerant of unclosed fences, fences glued to the last code line, and a new
-    opening fence before the previous block was closed."""
-    blocks, cur, lang, start = [], None, "", 0
-    for i, line in enumerate(text.split("\n")):
+    opening fence before the previous block was closed.
+
+    Only lines holding ``` or ~~~ change the state; the Python loop visits those alone (a block's lines
+    are a slice), so 100 kB of short lines costs one split, not a regex call per line."""
+    lines = text.split("\n")
+    blocks, cur, lang, start = [], None, "", 0        # cur: (first piece or None, index of the next line)
+    for i in [i for i, line in enumerate(lines) if "```" in line or "~~~" in line]:
+        line = lines[i]
         s = line.strip()
         if cur is None:
-            m = re.match(r"(`{3,}|~{3,})\s*([\w+#.-]*)\s*(.*)$", s)
+            m = _FENCE_OPEN.match(s)
             if m:
-                cur, lang, start = [], m.group(2).lower(), i
-                if _looks_like_code(m.group(3)) and "`" not in m.group(3):   # ```python x = 1 (one line)
-                    cur.append(m.group(3))
+                rest = m.group(3)                                             # ```python x = 1 (one line)
+                first = rest if rest and "`" not in rest and _looks_like_code(rest) else None
+                cur, lang, start = (first, i + 1), m.group(2).lower(), i
             continue
-        if re.fullmatch(r"(`{3,}|~{3,})", s):
-            blocks.append(Block(lang, "\n".join(cur), True, start))
+        body = ([cur[0]] if cur[0] is not None else []) + lines[cur[1]:i]
+        new = _FENCE_NEW.match(s)
+        if _FENCE_ONLY.fullmatch(s):
+            blocks.append(Block(lang, "\n".join(body), True, start))
             cur = None
-        elif re.match(r"`{3,}\s*[A-Za-z]", s):                      # new block opens, old one never closed
-            blocks.append(Block(lang, "\n".join(cur), False, start))
-            m = re.match(r"`{3,}\s*([\w+#.-]*)", s)
-            cur, lang, start = [], m.group(1).lower(), i
+        elif new and new.group(1):                                    # new block opens, old one never closed
+            blocks.append(Block(lang, "\n".join(body), False, start))
+            cur, lang, start = (None, i + 1), new.group(1).lower(), i
         elif s.endswith("```") and not s.startswith("```"):        # `    return x```
-            cur.append(line[: line.rstrip().rfind("```")])
-            blocks.append(Block(lang, "\n".join(cur), True, start))
+            blocks.append(Block(lang, "\n".join(body + [line[: line.rstrip().rfind("```")]]), True, start))
             cur = None
-        else:
-            cur.append(line)
     if cur is not None:
-        blocks.append(Block(lang, "\n".join(cur), False, start))
+        body = ([cur[0]] if cur[0] is not None else []) + lines[cur[1]:]
+        blocks.append(Block(lang, "\n".join(body), False, start))
     return blocks
 
 
-@functools.lru_cache(maxsize=1024)
-def compiles(code: str) -> bool:
-    """Does it compile as a Python module? (Cached: the same candidate is checked from several places.)"""
-    if not code.strip():
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                         # SyntaxWarning for odd escapes
-            compile(code, "<answer>", "exec", dont_inherit=True)      # unlike ast.parse, rejects a bare `return`
-        return True
-    except Exception:                                               # SyntaxError, ValueError (NUL), Recursion
-        return False
-
-
+# `[\w, \[\]]*\s*` would backtrack quadratically through a run of spaces (both classes take them; a 40 kB
+# line of spaces: 12 s); `(?:[^\S ]\s*)?` matches the same lines: after the greedy class, whitespace that
+# does not start with a space (a space would have been taken by the class).
 _CODE_LINE = re.compile(r"^(def |class |import |from \w|@\w|async def |if __name__|for |while |with |try:|"
-                        r"print\(|return\b|[A-Za-z_][\w, \[\]]*\s*[+\-*/]?=[^=])")
+                        r"print\(|return\b|[A-Za-z_][\w, \[\]]*(?:[^\S ]\s*)?[+\-*/]?=[^=])")
 
 
 def _looks_like_code(code: str) -> bool:
-    return any(_CODE_LINE.match(line.strip()) for line in code.split("\n"))
+    return any(map(_CODE_LINE.match, map(str.strip, code.split("\n"))))
 
 
 def _defines(code: str, name: str | None) -> bool:
-    return bool(name) and re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    # [^\S\n] (not \s) after ^: a match of \s* across blank lines is also one from the last line start, and
+    # \s* made every line start rescan a long run of blank lines (quadratic)
+    return bool(name) and re.search(rf"^[^\S\n]*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
 
 
 def _pick_block(blocks: list[Block], entry_point: str | None) -> Block | None:
@@ -360,43 +451,53 @@ def _pick_block(blocks: list[Block], entry_point: str | None) -> Block | None:
     return [b for b in top if len(b.code.strip()) * 2 >= longest][-1]
 
 
-_REGION_START = re.compile(r"(def |class |import |from [\w.]+ import|@\w|async def |"
-                           r"[A-Za-z_]\w*(\s*,\s*[A-Za-z_]\w*)*\s*=[^=])")
+# Whole-text (re.M) forms of per-line patterns: [^\S\n] for \s and [^=\n] for [^=] keep a match on its line.
+_REGION_START = re.compile(r"^(?:def |class |import |from [\w.]+ import|@\w|async def |"
+                           r"[A-Za-z_]\w*(?:[^\S\n]*,[^\S\n]*[A-Za-z_]\w*)*[^\S\n]*=[^=\n])", re.M)
+_PROSE = re.compile(r"^[A-Za-z]+:?(?: [\w'`\",.;:()/-]+){2,}[^\S\n]*$", re.M)
 
 
 def _is_prose(line: str) -> bool:
     """An unindented line of English ("This reads the input.", "Note: ..."), not a Python statement."""
     s = line.rstrip()
-    return (bool(re.match(r"[A-Za-z]+:?(?: [\w'`\",.;:()/-]+){2,}$", s)) and not s.endswith((":", ",", "(", "[", "{", "\\"))
+    return (bool(_PROSE.match(s)) and not s.endswith((":", ",", "(", "[", "{", "\\"))
             and not compiles(s))
 
 
 def _code_region(text: str) -> str | None:
     """Unfenced answer: the first region that starts at a code-looking line, runs until a line of prose,
-    and compiles (trailing lines are dropped a few at a time until it does)."""
-    lines = text.split("\n")
-    starts = [i for i, l in enumerate(lines) if _REGION_START.match(l)][:8]
-    for s in starts:
-        end = next((j for j in range(s + 1, len(lines)) if _is_prose(lines[j])), len(lines))
-        for _ in range(12):
-            while end > s and not lines[end - 1].strip():
-                end -= 1
-            if end <= s:
+    and compiles (trailing lines are dropped a few at a time until it does).
+
+    Works on character offsets with whole-text regex searches (no Python loop over every line)."""
+    for m in itertools.islice(_REGION_START.finditer(text), 8):
+        s = m.start()
+        end = len(text)
+        for p in _PROSE.finditer(text, text.find("\n", s) + 1 or len(text)):
+            if _is_prose(p.group()):
+                end = p.start()
                 break
-            chunk = "\n".join(lines[s:end])
+        for _ in range(12):
+            chunk = text[s:end].rstrip()                # trailing blank lines out
+            if not chunk:
+                break
             if compiles(chunk):
                 return chunk
-            end -= 1
+            cut = chunk.rfind("\n")                     # drop the last line
+            if cut < 0:
+                break
+            end = s + cut
     return None
+
+
+_TOP_LEVEL = re.compile(r"^[^\s#)\]}]", re.M)       # a line that starts a top-level statement
 
 
 def _drop_unfinished_tail(code: str, entry_point: str | None) -> str | None:
     """A program cut off mid-statement -> its longest prefix of whole top-level statements that compiles
     (and still defines the entry point, when there is one); None when there is no such prefix."""
-    lines = code.split("\n")
-    cuts = [i for i, l in enumerate(lines) if i and l[:1].strip() and not l.startswith(("#", ")", "]", "}"))]
-    for i in reversed(cuts[-20:]):
-        head = "\n".join(lines[:i]).rstrip()
+    cuts = collections.deque((m.start() for m in _TOP_LEVEL.finditer(code) if m.start()), maxlen=20)
+    for at in reversed(cuts):
+        head = code[:at].rstrip()
         if compiles(head) and (not entry_point or _defines(head, entry_point)):
             return head
     return None
@@ -426,8 +527,8 @@ def _quiet_parse(code: str) -> ast.Module:
 
 def _with_starter_context(code: str, entry_point: str | None, starter_code: str) -> str:
     """Put back the starter code's imports and helper definitions the answer leaves out."""
-    if not starter_code.strip() or not compiles(starter_code):
-        return code
+    if not starter_code.strip() or not compiles(starter_code) or len(code) > MAX_COMPILE:
+        return code                                     # (a candidate too long to check is taken as it is)
     try:
         tree = _quiet_parse(code)
         have = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
@@ -446,6 +547,7 @@ def _with_starter_context(code: str, entry_point: str | None, starter_code: str)
     return ("\n".join(add) + "\n\n" + code) if add else code
 
 
+@_compile_budget
 def _parse_code(text: str, role: str = "coder", entry_point: str | None = None,
                 starter_code: str = "") -> Code | FormatFailure:
     text = clean(text)
@@ -494,10 +596,11 @@ def _parse_code(text: str, role: str = "coder", entry_point: str | None = None,
     return Code(code.rstrip() + "\n", plan, repairs)
 
 
+@_compile_budget
 def _parse_debugger(text: str, entry_point: str | None = None, starter_code: str = "") -> Code | FormatFailure:
     out = _parse_code(text, "debugger", entry_point, starter_code)
     if isinstance(out, Code):
-        out.plan = _unwrap(re.sub(r"^\s*#*\s*(modified |revised |new )?plan(ning)?\s*:?\s*", "", out.plan,
+        out.plan = _unwrap(re.sub(r"^\s*(?:#+\s*)?(modified |revised |new )?plan(ning)?(?:\s*:)?\s*", "", out.plan,
                                   flags=re.I))
     return out
 

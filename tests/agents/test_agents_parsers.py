@@ -1,9 +1,12 @@
-"""Parsers: the labelled answers (agent_fixtures.py) are classified right, and property-based fuzzing over
-malformed XML / markdown never raises (the raw functions, not only the guarded ones).
+"""Parsers: the labelled answers (agent_fixtures.py) are classified right, property-based fuzzing over
+malformed XML / markdown never raises (the raw functions, not only the guarded ones), and every parser is
+linear: adversarial 100 kB answers (hypothesis-built repetitions of tricky atoms, and the red team's two
+quadratic cases) each parse within a CPU-time bound; the rewritten regexes match what the old ones did.
 
     python -m pytest tests/agents/test_agents_parsers.py -q
 """
 import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -187,3 +190,88 @@ def test_fuzz_arbitrary_unicode_never_raises(text):
     for kind in ("retriever", "plan", "confidence", "coder", "debugger"):
         out = parse(kind, text, CONTEXTS["he"], guarded=False)
         assert out is not None
+
+
+# --- linear time ------------------------------------------------------------------------------------
+# The target is <= 50 ms per parser on any 100 kB answer (measured: bench figures in the issue report).
+# The bound asserted here is 5x that, in CPU time of this process, so a loaded shared machine does not
+# flake it; the quadratic regexes it guards against took 7 s ("<think>" x 14k) and 78 s (a 100 kB line of
+# spaces with an entry point) on 100 kB.
+CPU_BOUND_S = 0.25
+SIZE = 100_000
+
+ATOMS = ["<think>", "</think>", " ", "  ", "\n", " \n", "\t", "\n\n", "```", "```python\n", "~~~", "`", "<", ">",
+         "< ", "<code ", "<problem ", "<problem", "<description>", "<algorithm>", "</", "a", "a ", "a,", " ,", "1",
+         "0.", "def f(", "def below_zero(", "async ", "x = ", "x =", "=", "(", "[", "#", "# plan", "plan ",
+         "planning:", "confidence ", "confidence: ", "%", "&lt;", "&", "<![CDATA[", "]]>", "word ", "Note: a b",
+         "return", "import ", "from a import b\n", "@", "    ", "\\", ":", "é", "\x00", "\r", "\u2028"]
+
+
+def _adversarial():
+    """prefix + unit * (100 kB / len(unit)) + suffix, the unit one to three tricky atoms (or a bit of text)."""
+    unit = st.lists(st.one_of(st.sampled_from(ATOMS), st.text(min_size=1, max_size=4)), min_size=1,
+                    max_size=3).map("".join)
+    edge = st.one_of(st.just(""), st.sampled_from(ATOMS + ["```python\ndef below_zero(operations):\n"]))
+    return st.tuples(edge, unit, edge).map(lambda t: t[0] + t[1] * (SIZE // len(t[1])) + t[2])
+
+
+def _slowest(text):
+    """(seconds, parser) of the slowest parser on `text` (process CPU time; the compile cache emptied first)."""
+    worst = (0.0, "")
+    for kind in ("retriever", "plan", "confidence", "coder", "debugger"):
+        P._compiled.clear()
+        t0 = time.process_time()
+        parse(kind, text, CONTEXTS["he"])
+        worst = max(worst, (time.process_time() - t0, kind))
+    return worst
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_adversarial())
+def test_every_parser_is_linear_on_adversarial_100kb(text):
+    took, kind = _slowest(text)
+    assert took <= CPU_BOUND_S, f"{kind}: {took * 1000:.0f} ms CPU on {len(text)} chars starting {text[:40]!r}"
+
+
+@pytest.mark.parametrize("name, text", [
+    ("unclosed <think> repeated", "<think>" * (SIZE // 7)),
+    ("a line of spaces, entry point given", "a" + " " * (SIZE - 2) + "b"),
+    ("a looping model's answer of spaces", "```python\ndef below_zero(operations):\n" + " " * SIZE),
+    ("blank lines", "x = 1" + "\n" * SIZE + "def below_zero(x):\n    return 1"),
+], ids=["think", "spaces", "looping", "blank-lines"])
+def test_red_team_quadratic_cases_are_linear(name, text):
+    took, kind = _slowest(text)
+    assert took <= CPU_BOUND_S, f"{name}: {kind} took {took * 1000:.0f} ms CPU"
+
+
+def test_a_candidate_too_long_to_compile_is_still_taken():
+    body = "".join(f"    x{i} = {i}\n" for i in range(3000))               # ~40 kB > MAX_COMPILE
+    text = f"```python\ndef below_zero(operations):\n{body}    return False\n```"
+    assert len(text) > P.MAX_COMPILE
+    out = P.parse_code(text, entry_point="below_zero", starter_code=CONTEXTS["he"].starter_code)
+    assert isinstance(out, P.Code) and "x2999 = 2999" in out.code
+    assert P.compiles(out.code)                                        # outside a parse call: no limit
+
+
+# The rewritten regexes against the old ones, on short strings where the old ones are fast.
+_OLD_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_OLD_CODE_LINE = re.compile(r"^(def |class |import |from \w|@\w|async def |if __name__|for |while |with |try:|"
+                            r"print\(|return\b|[A-Za-z_][\w, \[\]]*\s*[+\-*/]?=[^=])")
+_SMALL = st.lists(st.sampled_from(["<think>", "</THINK>", "a", " ", "\t", "\n", "=", "+=", "==", ",", "[", "]",
+                                   "x", "def", " f(", "async", "é", "\u2028", "\x0b"]), max_size=14).map("".join)
+
+
+@FUZZ
+@given(_SMALL)
+def test_linear_rewrites_match_the_old_regexes(text):
+    assert P._drop_think(text) == _OLD_THINK.sub("", text)
+    assert bool(P._CODE_LINE.match(text)) == bool(_OLD_CODE_LINE.match(text))
+    old_defines = re.search(r"^\s*(?:async\s+)?def\s+f\s*\(", text, re.M) is not None
+    assert P._defines(text, "f") == old_defines
+    for line in text.split("\n"):
+        old_start = re.match(r"(def |class |import |from [\w.]+ import|@\w|async def |"
+                             r"[A-Za-z_]\w*(\s*,\s*[A-Za-z_]\w*)*\s*=[^=])", line)
+        assert bool(P._REGION_START.match(line)) == bool(old_start), line
+    heading = text.replace("x", "plan").replace("a", "#").replace("é", ":").replace("=", "revised ")
+    old_heading = re.sub(r"^\s*#*\s*(modified |revised )?plan(ning)?\s*:?\s*\n", "", heading, flags=re.I)
+    assert P._PLAN_HEADING.sub("", heading) == old_heading
