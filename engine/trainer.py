@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
+from engine.chunked_ce import linear_cross_entropy
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
 from engine.lora import ALL_TARGETS, PEFT_PREFIX, add_adapters, lora_layers, read_peft, save_peft
@@ -221,20 +222,35 @@ def load_recipe(path: str | Path | None, overrides=()) -> Recipe:
 class AdapterAdamW:
     """AdamW over stacked adapter tensors (dim 0 = adapter id), stepping each adapter as if it were its own
     parameter trained alone: each adapter has its own step count (bias correction), and an adapter whose role
-    has no tokens in the global batch is not touched (no momentum drift, no weight decay). Same update as
-    torch.optim.AdamW otherwise. 16-bit parameters get fp32 masters and fp32 gradient accumulators."""
+    has no tokens in the global batch is not touched (no momentum drift, no weight decay).
+
+    How: one torch.optim.AdamW (fused where torch has the kernel) with one param group per adapter, whose parameters
+    are the views w[a] of the stacked fp32 tensors. An adapter's views get a gradient only when it is active, and
+    torch skips parameters without one, so inactive adapters keep weights, moments and step count. The moments are
+    stacked fp32 tensors too (m, v), handed to torch as the same per-adapter views: one buffer per tensor for
+    checkpoints. 16-bit parameters get fp32 masters (the tensors the optimizer steps) and fp32 gradient accumulators.
+    Fused over the 4 x 210 views of SmolLM2's rank-32 adapters: 124 ms a step vs 484 ms foreach / for-loop and 438 ms
+    for the hand-written torch ops over stacked tensors (1 thread, /tmp measurement in the commit message)."""
 
     def __init__(self, params: list[torch.nn.Parameter], n_adapters: int, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0):
         self.params, self.n = list(params), n_adapters
-        self.b1, self.b2, self.eps, self.wd = betas[0], betas[1], eps, weight_decay
         f32 = dict(dtype=torch.float32)
         self.t = torch.zeros(n_adapters, dtype=torch.long)                   # steps taken, per adapter
-        self.m = [torch.zeros_like(p, **f32) for p in self.params]
-        self.v = [torch.zeros_like(p, **f32) for p in self.params]
         low = [p.dtype != torch.float32 for p in self.params]
         self.master = [p.detach().float().clone() if lo else None for p, lo in zip(self.params, low)]
         self.acc = [torch.zeros_like(p, **f32) if lo else None for p, lo in zip(self.params, low)]
+        self.m = [torch.zeros_like(p, **f32) for p in self.params]
+        self.v = [torch.zeros_like(p, **f32) for p in self.params]
+        stepped = [p.detach() if w is None else w for p, w in zip(self.params, self.master)]   # fp32, stepped in place
+        self.views = [[w[a] for w in stepped] for a in range(n_adapters)]    # [adapter][tensor]
+        fused = all(w.device.type in ("cpu", "cuda") for w in stepped)
+        self.opt = torch.optim.AdamW([{"params": vs} for vs in self.views], lr=0.0, betas=betas, eps=eps,
+                                     weight_decay=weight_decay, fused=fused or None)
+        for a, vs in enumerate(self.views):                                  # torch's state = views of m, v
+            for w, m, v in zip(vs, self.m, self.v):
+                self.opt.state[w] = {"step": torch.zeros((), **f32, device=w.device), "exp_avg": m[a],
+                                     "exp_avg_sq": v[a]}
 
     def accumulate(self) -> None:
         """After each micro-batch's backward: move 16-bit grads into the fp32 accumulators."""
@@ -276,41 +292,20 @@ class AdapterAdamW:
         active = active.cpu().bool()
         if not active.any():
             return
+        grads = self.grads()
+        for a, vs in enumerate(self.views):                                  # inactive: no grad, skipped by torch
+            for w, g in zip(vs, grads):
+                w.grad = g[a] if active[a] else None
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        for vs in self.views:
+            for w in vs:
+                w.grad = None
         self.t += active.long()
-        rows = None if bool(active.all()) else active.nonzero().flatten().tolist()
-        if rows is None and bool((self.t == self.t[0]).all()):
-            # Every adapter active and at the same step (the usual case): scalar bias corrections, so torch's fused
-            # AdamW kernel does the same update in one pass per tensor (~4x fewer passes over the optimizer state).
-            ws = [p.data if w is None else w for p, w in zip(self.params, self.master)]
-            t = float(self.t[0])
-            steps = [torch.full((), t, device=w.device) for w in ws]
-            torch._fused_adamw_(ws, [g.float() for g in self.grads()], self.m, self.v, [], steps, lr=lr,
-                                beta1=self.b1, beta2=self.b2, weight_decay=self.wd, eps=self.eps, amsgrad=False,
-                                maximize=False)
-            for p, w in zip(self.params, self.master):
-                if w is not None:
-                    p.data.copy_(w)
-            return
-        t = self.t.double()
-        bc1, bc2_sqrt = 1 - self.b1 ** t, (1 - self.b2 ** t).sqrt()          # (N,) bias corrections
-        for p, g, m, v, w in zip(self.params, self.grads(), self.m, self.v, self.master):
-            w = p.data if w is None else w
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            if rows is None:                                                 # all adapters: whole tensors
-                self._update(w, g, m, v, lr, bc1.to(w).view(shape), bc2_sqrt.to(w).view(shape))
-            else:                                                            # only some: row views, in place
-                for a in rows:
-                    self._update(w[a], g[a], m[a], v[a], lr, float(bc1[a]), float(bc2_sqrt[a]))
-            if w is not p.data:
+        for p, w in zip(self.params, self.master):
+            if w is not None:
                 p.data.copy_(w)
-
-    def _update(self, w, g, m, v, lr, bc1, bc2_sqrt):
-        g = g.float()
-        w.mul_(1 - lr * self.wd)                                            # decoupled weight decay
-        m.lerp_(g, 1 - self.b1)                                             # m = b1 m + (1 - b1) g
-        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)                   # v = b2 v + (1 - b2) g^2
-        denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-        w.sub_(lr * (m / bc1) / denom)
 
     def state_dict(self) -> dict:
         return {"t": self.t.clone(), "m": self.m, "v": self.v, "master": self.master}
@@ -325,6 +320,9 @@ class AdapterAdamW:
                 if mine is not None:
                     mine.copy_(saved)
         self.t.copy_(st["t"])
+        for a, vs in enumerate(self.views):
+            for w in vs:
+                self.opt.state[w]["step"].fill_(float(self.t[a]))
 
 
 def lr_at(step: int, tc: TrainCfg) -> float:
@@ -353,16 +351,21 @@ def micro_batches(examples: list[Example], micro: int, rank: int, world: int, by
     return [ordered[i:i + micro] for i in range(0, len(ordered), micro)][rank::world]
 
 
-def token_losses(model, batch: Batch, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: Batch, autocast_dtype, ce_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (fp32) of the assistant targets only: (losses (K,), row of each (K,)), K = loss_mask.sum().
-    The model computes logits at those K positions only (logits_at): the final norm, the LM head (forward and
-    backward) and the log-softmax skip the prompt and padding positions."""
+    The model returns the final-normed hidden states at those K positions only (logits_at, return_hidden): the final
+    norm, the LM head and the log-softmax skip the prompt and padding positions; then the LM head and the CE run in
+    chunks of `ce_chunk` rows (engine/chunked_ce.py), so no (K, V) logits tensor exists beyond one chunk's.
+    A trainable output head (never the trainer's: the base is frozen) takes the plain path: (K, V) logits, then CE."""
     rows, cols = batch.loss_mask.nonzero(as_tuple=True)                         # (K,), (K,)
     at = rows * batch.tokens.shape[1] + cols                                    # (K,) flattened b * T + t
+    targets = batch.targets[rows, cols]                                         # (K,)
     with torch.autocast(batch.tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(batch.tokens, adapter_ids=batch.adapter_ids, logits_at=at)   # (K, V)
-    ce = F.cross_entropy(logits.float(), batch.targets[rows, cols], reduction="none")   # (K,)
-    return ce, rows
+        h = model(batch.tokens, adapter_ids=batch.adapter_ids, logits_at=at, return_hidden=True)   # (K, dim)
+    w = model.output_weight
+    if w.requires_grad and torch.is_grad_enabled():
+        return F.cross_entropy(F.linear(h, w).float(), targets, reduction="none"), rows
+    return linear_cross_entropy(h, w, targets, ce_chunk), rows                 # (K,) fp32
 
 
 @torch.no_grad()
