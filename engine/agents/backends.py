@@ -11,7 +11,8 @@ loaded, LocalBackend tags each request with its role's adapter (adapter name = r
 
 LocalBackend answers a prompt longer than the model's context with an error Completion (that call
 cannot run; the orchestrator moves on); other scheduler errors propagate. LocalBackend.chat(..., gone=f)
-cancels the request in the scheduler once f() is True (the HTTP server: the client hung up).
+cancels the request in the scheduler once f() is True (the HTTP server: the client hung up);
+LocalBackend.chat(..., on_text=f) streams: f(text so far) as tokens arrive.
 HTTPBackend never raises: a timeout, a dropped connection, an HTTP error or a body that is not the
 expected JSON becomes a Completion with empty text and `error` set, after `retries` further tries
 (exponential backoff; 4xx other than 408/429 is not retried). Recipes rely on this: a teacher that
@@ -58,24 +59,31 @@ class LocalBackend:
         self.scheduler.stop()
 
     def chat(self, role: str, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-             stop: list[str] | None = None, gone=None) -> Completion:
+             stop: list[str] | None = None, gone=None, on_text=None) -> Completion:
         """`gone`: optional callable polled while waiting (every 0.2 s); when it returns True the request is
         cancelled in the scheduler (its KV slot freed at the next step) -- the HTTP server passes "the client
-        hung up"."""
+        hung up". `on_text`: optional callable given the text so far whenever new tokens arrived (polled
+        every 0.05 s, decoded in the caller's thread, not the scheduler's) -- the server's streaming."""
         t0 = time.perf_counter()
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         max_len = getattr(self.scheduler, "max_len", None)
         if max_len is not None and len(ids) >= max_len:       # a long problem + history: this call cannot run
             return Completion("", len(ids), 0, time.perf_counter() - t0, "error",
                               error=f"prompt of {len(ids)} tokens does not fit the context of {max_len} tokens")
+        out: list[int] = []                                   # appended by the scheduler thread as tokens come
         fut = self.scheduler.submit(ids, adapter=self.adapter_for(role), max_new_tokens=max_new_tokens,
-                                    temperature=temperature, stop_strings=list(stop or ()))
-        if gone is not None:
+                                    temperature=temperature, stop_strings=list(stop or ()),
+                                    on_token=out.append if on_text is not None else None)
+        if gone is not None or on_text is not None:
+            shown = 0
             while not fut.done():
                 try:
-                    fut.result(timeout=0.2)
+                    fut.result(timeout=0.05 if on_text is not None else 0.2)
                 except FuturesTimeout:
-                    if gone():
+                    if on_text is not None and len(out) > shown:
+                        shown = len(out)
+                        on_text(self.tokenizer.decode(out[:shown]))
+                    if gone is not None and gone():
                         self.scheduler.cancel(fut)
         r = fut.result()
         return Completion(r.text, r.prompt_tokens, r.new_tokens, time.perf_counter() - t0, r.finish_reason,

@@ -124,7 +124,7 @@ def test_a_client_that_hangs_up_cancels_its_request():
     try:
         body = json.dumps({"model": "coder", "messages": MSGS, "max_tokens": 50}).encode()
         sock = socket.create_connection(server.server_address)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 5
         while not sched.submits and time.monotonic() < deadline:
