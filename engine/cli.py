@@ -6,6 +6,7 @@ module that owns the work (imported lazily, so `mcl --help` is instant).
     mcl convert model.gguf out_dir/
     mcl export --gguf ADAPTER_DIR OUT.gguf [--model smollm2-135m]
     mcl bench generate|lora|train|serve --json
+    mcl serve --model smollm2-135m --adapters runs/adapters --port 8000    # OpenAI-compatible, loopback
     mcl train recipes/mini_smollm2.toml key=value ...
     mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
     mcl report runs/eval_base runs/eval_adapted
@@ -88,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
         b.set_defaults(func=_call(target))
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local engine (engine/agents/http_server.py)")
+    _model_flags(p)
+    p.add_argument("--adapters", default=None, help="directory of PEFT adapters, one subdirectory per role")
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--host", default="127.0.0.1", help="bind address: loopback unless --allow-remote")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (set an API key too)")
+    p.add_argument("--allow-host", action="append", default=[], help="also accept this Host header (repeatable)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MCL_API_KEY, "
+                   "which the process list does not show)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to read a whole request")
+    p.set_defaults(func=_call("engine.agents.http_server:cli_serve"))
 
     p = sub.add_parser("train", help="train the four role adapters in one mixed-role run")
     p.add_argument("recipe", help="a recipes/*.toml file")
