@@ -454,7 +454,11 @@ else:
     _GEMM_WIDE = _gemm_configs([(256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)])
     _GEMM_DECODE = _gemm_configs([(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 5)])
     _DECODE = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-               for n, k, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 128, 8, 3)]]
+               for n, k, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 3)]]
+
+
+if os.environ.get("MCL_AUTOTUNE", "1") == "0":   # MCL_AUTOTUNE=0: the first config of each list only, for tests on a
+    _GEMM_WIDE, _GEMM_DECODE, _DECODE = _GEMM_WIDE[:1], _GEMM_DECODE[:1], _DECODE[:1]   # GPU (compile time, not speed)
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -476,8 +480,11 @@ def _outer_configs():
             for t, w, s in [(32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 3)]]
 
 
-_shrink_tuned = triton.autotune(configs=_shrink_configs(), key=["K", "R", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
-_outer_tuned = triton.autotune(configs=_outer_configs(), key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
+_ONE = os.environ.get("MCL_AUTOTUNE", "1") == "0"
+_shrink_tuned = triton.autotune(configs=_shrink_configs()[:1] if _ONE else _shrink_configs(),
+                                key=["K", "R", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
+_outer_tuned = triton.autotune(configs=_outer_configs()[:1] if _ONE else _outer_configs(),
+                               key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
                               key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
