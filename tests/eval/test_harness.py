@@ -183,6 +183,10 @@ def test_expected_values_never_reach_the_child(monkeypatch):
     assert r.verdict == "wrong_answer" and secret not in (r.results[0].got or ""), r
     call = fn_problem([P.Test("call", input=[1], expected=secret)])
     assert run_tests(call, "def f(x):\n    return 'nothing'").verdict == "wrong_answer"
+    asserts = fn_problem([P.Test("assert", code=f"assert f(1) == {secret!r}"),
+                          P.Test("check", code=f"def check(candidate):\n    assert candidate(1) == {secret!r}\n")])
+    r = run_tests(asserts, "def f(x):\n    return 'nothing'")   # expected literals of asserts too
+    assert [x.verdict for x in r.results] == ["wrong_answer"] * 2, r
     assert seen and not any(secret in s for s in seen)
 
 
@@ -193,3 +197,55 @@ def test_evaluate_runs_problems_in_parallel_and_keeps_order():
     assert [r.verdict for r in reports] == ["pass"] * 5 + ["timeout"]
     with pytest.raises(ValueError, match="2 codes"):
         evaluate(probs[:3], codes[:2])
+
+
+# -- expected values of asserts stay in the parent ----------------------------------------------------
+
+def test_offload_takes_literals_out_of_simple_asserts_only():
+    check = ("def check(candidate):\n    assert candidate(1) == [1, 2], 'msg'\n    for i in range(3):\n"
+             "        assert candidate(i) == i\n    assert not candidate(0)\n    assert 7 == candidate(7)\n"
+             "    assert candidate(2) is True\n    assert abs(candidate(3) - 0.5) < 1e-6\n    assert True\n")
+    code, expects = harness.offload_expected(check, "check")
+    assert [(op, v) for op, v, _ in expects] == [("eq", [1, 2]), ("falsy", None), ("eq", 7), ("is", True)]
+    assert "[1, 2]" not in code and "msg" not in code and "7 ==" not in code and "is True" not in code
+    assert "assert candidate(i) == i" in code and "0.5" in code       # in a loop / computed: left in the child
+    with_return = "def check(candidate):\n    assert candidate(1) == 2\n    return\n"
+    assert harness.offload_expected(with_return, "check") == (with_return, [])
+    helper = "def helper():\n    assert f(1) == 2\nhelper()\n"
+    assert harness.offload_expected(helper, "assert")[1] == []          # only top-level asserts of an assert test
+
+
+@pytest.mark.parametrize("body, verdict", [
+    ("return [1, 2]", "pass"), ("return (1, 2)", "wrong_answer"),        # Python's ==: a tuple is not a list
+    ("return [1.0, 2]", "pass"), ("return [True, 2]", "pass"),          # 1 == 1.0 == True
+    ("return [1, 2, 3]", "wrong_answer"), ("return None", "wrong_answer"),
+    ("class L(list):\n        def __eq__(self, o):\n            return True\n    return L([0])", "wrong_answer"),
+])
+def test_offloaded_asserts_compare_with_pythons_eq(body, verdict):
+    p = fn_problem([P.Test("assert", code="assert f() == [1, 2]")])
+    assert run_tests(p, f"def f():\n    {body}").verdict == verdict
+
+
+def test_offloaded_values_of_every_kind_roundtrip():
+    expected = {"a": (1, {2, 3}), 4: [b"x", 1 + 2j, None, -0.5, "\ud800", {(1, 2): "t"}]}
+    p = fn_problem([P.Test("assert", code=f"assert f() == {expected!r}"),
+                    P.Test("check", code="def check(candidate):\n    assert candidate()\n    assert not candidate() == 1\n")])
+    assert run_tests(p, f"def f():\n    return {expected!r}").passed
+    r = run_tests(p, "def f():\n    return {'a': (1, {2, 4})}")
+    assert r.results[0].verdict == "wrong_answer" and "the value was {'a': (1, frozenset({2, 4}))}" in r.results[0].stderr
+
+
+def test_a_check_runs_on_after_a_wrong_value_and_reports_the_first():
+    check = "def check(candidate):\n    assert candidate(1) == 1\n    assert candidate(2) == 5\n    assert candidate(3) == 3\n"
+    p = fn_problem([P.Test("check", code=check)], entry="f")
+    r = run_tests(p, "def f(x):\n    if x == 3:\n        raise ValueError\n    return x")
+    assert r.verdict == "wrong_answer" and r.results[0].got == "2", r
+    assert "assert candidate(2) == 5" in r.results[0].stderr
+
+
+def test_a_test_whose_values_were_not_reported_does_not_pass():
+    p = fn_problem([P.Test("assert", code="assert f(1) == 2\nassert f(2) == 3")])
+    code = ("def f(x):\n    globals()['__mcl_expect__'] = lambda k, v: None   # silence the reporter\n"
+            "    return 2\n")
+    r = run_tests(p, code)
+    assert r.verdict == "runtime_error" and "asserts [1] of the test reported no value" in r.results[0].stderr, r
