@@ -185,21 +185,25 @@ VERIFY = """
 import json, sys
 from pathlib import Path
 from engine import checkpoint as ckpt
-root = Path(sys.argv[1])
+out = Path(sys.argv[1])
 rows = {}
-for step, path in ckpt.list_checkpoints(root):
+for step, path in ckpt.list_checkpoints(out / "checkpoints"):
     try:
         ckpt.verify(path); rows[path.name] = "ok"
     except ValueError as e:
         rows[path.name] = str(e)
-print(json.dumps({"checkpoints": rows, "entries": sorted(p.name for p in root.iterdir()),
-                  "adapters": (root.parent / "adapters").exists()}))
+root = out / "checkpoints"
+print(json.dumps({"checkpoints": rows, "entries": sorted(p.name for p in root.iterdir()) if root.is_dir() else [],
+                  "temp_files": sorted(str(p.relative_to(out)) for p in out.rglob("*tmp*")),
+                  "summary": (out / "train_summary.json").exists()}))
 """
 
 
-def test_real_full_tmpfs_during_checkpoint_write(tmp_path):
-    """out_dir on a tmpfs with room for one checkpoint and a half, in a private mount namespace (nothing is mounted
-    on the host): the second checkpoint runs out of space."""
+@pytest.mark.parametrize("what", ["checkpoint", "final adapters"])
+def test_real_full_tmpfs(tmp_path, what):
+    """out_dir on a small tmpfs in a private mount namespace (nothing is mounted on the host). "checkpoint": room
+    for one checkpoint and a half, so the second one runs out of space; "final adapters": no checkpoints, room for
+    half of the adapters."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if not _can_mount_tmpfs(mnt):
@@ -208,19 +212,30 @@ def test_real_full_tmpfs_during_checkpoint_write(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     subprocess.run([sys.executable, "-m", "engine.cli", "train", str(probe)], env=env, check=True, timeout=300,
                    capture_output=True)
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints").rglob("*") if p.is_file())
-    limit_kb = int(size * 1.5) // 1024 + 64                                 # + metrics.jsonl, directory entries
-
-    run = make_recipe(tmp_path, "mnt", steps=6, ckpt_every=2, keep_checkpoints=2)   # out_dir = the mount point
+    files = [p for p in (tmp_path / "probe" / "checkpoints").rglob("*") if p.is_file()]
+    ckpt_bytes = sum(p.stat().st_size for p in files)
+    adapter_bytes = sum(p.stat().st_size for p in files if "adapters" in p.parts)
+    if what == "checkpoint":
+        limit_kb = int(ckpt_bytes * 1.5) // 1024 + 64                       # + metrics.jsonl, directory entries
+        run = make_recipe(tmp_path, "mnt", steps=6, ckpt_every=2, keep_checkpoints=2)   # out_dir = the mount point
+    else:
+        limit_kb = adapter_bytes // 2 // 1024 + 16
+        run = make_recipe(tmp_path, "mnt", steps=2)
     script = (f"mount -t tmpfs -o size={limit_kb}k tmpfs {mnt} || exit 99; "
               f"{sys.executable} -m engine.cli train {run} 2> {tmp_path / 'err.txt'}; echo $? > {tmp_path / 'rc.txt'}; "
-              f"{sys.executable} -c '{VERIFY}' {mnt / 'checkpoints'} > {tmp_path / 'report.json'}")
+              f"{sys.executable} -c '{VERIFY}' {mnt} > {tmp_path / 'report.json'}")
     p = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=600, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     err = (tmp_path / "err.txt").read_text()
     assert (tmp_path / "rc.txt").read_text().strip() == "2", err[-3000:]
     line = error_line(2, err)
-    assert "No space left on device" in line and "last good checkpoint:" in line and "step_000002" in line, line
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report == {"checkpoints": {"step_000002": "ok"}, "entries": ["step_000002"], "adapters": False}, report
+    assert "No space left on device" in line, line
+    if what == "checkpoint":
+        assert "last good checkpoint:" in line and "step_000002 (left intact)" in line, line
+        assert report == {"checkpoints": {"step_000002": "ok"}, "entries": ["step_000002"], "temp_files": [],
+                          "summary": False}, report
+    else:
+        assert "adapter_model.safetensors" in line, line
+        assert report["temp_files"] == [] and not report["summary"], report
     assert not any(mnt.iterdir()), "the tmpfs leaked out of its mount namespace"
