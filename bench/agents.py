@@ -28,6 +28,7 @@ from bench.common import device_name, write_result
 
 def main(args):
     from engine.agents.backends import LocalBackend
+    from engine.agents.prompts import ROLES
     from engine.hub import load_model
     from engine.lora import add_adapters
     from engine.serve import Scheduler
@@ -37,9 +38,9 @@ def main(args):
     device = args.device or "cpu"
     n = 4 if args.quick else 16
     max_new = 48 if args.quick else 96
-    weights = getattr(args, "weights", None)
+    weights = args.weights
     model, tok = load_model(name, device=device, **({"weights": weights} if weights else {}))
-    roles = ["retriever", "planner", "coder", "debugger"]
+    roles = list(ROLES)
     add_adapters(model, roles, rank=32, alpha=64)             # B = 0: outputs equal the base, cost is real
     problems = load_benchmark("humaneval", limit=n)
     rows, logs = [], {}
@@ -77,7 +78,7 @@ def main(args):
               "torch": torch.__version__,
               "weights": weights or "fp32",
               "command": "mcl bench agents --json" + (" --quick" if args.quick else "")
-              + (f" --threads {args.threads}" if getattr(args, "threads", None) else "")
+              + (f" --threads {args.threads}" if args.threads else "")
               + (f" --weights {weights}" if weights else "")}
     write_result(result, args.out, f"agents_{name.replace('/', '_')}_{device}.json")
     print(json.dumps(result))

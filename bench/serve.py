@@ -22,10 +22,10 @@ import time
 import torch
 
 from bench.common import device_name, write_result
+from engine.agents.prompts import ROLES
 from engine.lora import add_adapters
 from engine.serve import Scheduler
 
-ROLES = ["retriever", "planner", "coder", "debugger"]
 
 
 def make_requests(n: int, vocab: int, seed: int = 0):
@@ -66,7 +66,7 @@ def main(args):
     name = args.model or "smollm2-135m"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = _load(name, device)
-    add_adapters(model, ROLES, rank=32, alpha=64)
+    add_adapters(model, list(ROLES), rank=32, alpha=64)
     model.to(device)
     _randomise_adapters(model)
     n_req = 16 if args.quick else 64
@@ -91,7 +91,7 @@ def main(args):
               "n_slots": n_slots, "rows": out_rows,
               "continuous_vs_sequential": round(tps["continuous_mixed"] / tps["sequential"], 3),
               "continuous_vs_per_role": round(tps["continuous_mixed"] / tps["per_role_batches"], 3),
-              "command": "mcl bench serve" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if getattr(args, "threads", None) else "") + f" --model {name} --device {device}"}
+              "command": "mcl bench serve" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "") + f" --model {name} --device {device}"}
     if device.startswith("cuda"):
         result.update(_gpu_decode_checks(model))
     write_result(result, args.out, f"serve_{name}_{device}.json")

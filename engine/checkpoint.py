@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.errors import UserError
+
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -84,7 +86,7 @@ def latest_good(root: str | Path, log=None) -> Path | None:
     return None
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, I/O error); the last good checkpoint is untouched."""
 
 

@@ -19,12 +19,20 @@ import importlib
 import sys
 
 
-def _call(target: str):
-    """'module:function' -> a handler that imports the module only when the subcommand runs."""
+def _call(target: str, kwargs=None):
+    """'module:function' -> a handler that imports the module only when the subcommand runs. With `kwargs`
+    (args -> dict) the function gets explicit keyword arguments; without, the parsed args (the commands whose
+    modules still take them: generate, chat, convert, export, train, bench)."""
     def run(args):
         mod, fn = target.split(":")
-        return getattr(importlib.import_module(mod), fn)(args)
+        f = getattr(importlib.import_module(mod), fn)
+        return f(**kwargs(args)) if kwargs else f(args)
     return run
+
+
+def _overrides(rest) -> list[str]:
+    """key=value words after a subcommand (argparse.REMAINDER keeps a leading `--`)."""
+    return [a for a in rest or [] if a != "--"]
 
 
 def _model_flags(p: argparse.ArgumentParser):
@@ -127,50 +135,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_call("eval.run:cli_eval"))
+    p.set_defaults(func=_call("eval.run:cli_eval", lambda a: dict(
+        benchmark=a.benchmark, out=a.out, model=a.model, device=a.device, dtype=a.dtype, weights=a.weights,
+        strategy=a.strategy, adapters=a.adapters, backend_kind=a.backend, url=a.url, limit=a.limit, k=a.k, t=a.t,
+        data=a.data, concurrency=a.concurrency, max_new_tokens=a.max_new_tokens)))
 
     p = sub.add_parser("report", help="compare eval runs: table + PNG chart")
     p.add_argument("runs", nargs="+")
     p.add_argument("--png", default=None)
-    p.set_defaults(func=_call("eval.report:cli_report"))
+    p.set_defaults(func=_call("eval.report:cli_report", lambda a: dict(runs=a.runs, png=a.png)))
 
     p = sub.add_parser("distill", help="teacher trajectories -> role-tagged SFT JSONL")
     p.add_argument("--config", default=None, help="recipe TOML with a [distill] table")
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_call("recipes.distill:cli_distill"))
+    p.set_defaults(func=_call("recipes.distill:cli_distill", lambda a: dict(config=a.config, overrides=_overrides(a.rest))))
 
     p = sub.add_parser("correct", help="supervisor-guided correction of failed trajectories")
     p.add_argument("--config", default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_call("recipes.correct:cli_correct"))
+    p.set_defaults(func=_call("recipes.correct:cli_correct", lambda a: dict(config=a.config, overrides=_overrides(a.rest))))
 
     p = sub.add_parser("mutate", help="debugger examples: seeded bugs in the teacher's passing programs (+ the student's own failing ones)")
     p.add_argument("--config", default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_call("recipes.mutate:cli_mutate"))
+    p.set_defaults(func=_call("recipes.mutate:cli_mutate", lambda a: dict(config=a.config, overrides=_overrides(a.rest))))
 
     p = sub.add_parser("main", help="the main job: fetch model, train four adapters, evaluate base vs adapted")
     p.add_argument("--recipe", default=None, help="recipe TOML with a [main] table (default: built-in settings)")
     p.add_argument("--out", default=None, help="output directory (default runs/main)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value overrides of [main] (e.g. limit=4)")
-    p.set_defaults(func=_call("recipes.main_job:cli_main"))
+    p.set_defaults(func=_call("recipes.main_job:cli_main",
+                              lambda a: dict(recipe=a.recipe, overrides=_overrides(a.rest), out=a.out)))
     return ap
 
 
 def main(argv=None):
+    from engine.errors import UserError
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
+    if args.cmd == "bench" and args.threads:
         import torch
         torch.set_num_threads(args.threads)
     try:
         rc = args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        # Boundary errors (bad input, a full disk) are one clear line; programming errors keep their traceback.
-        if getattr(e, "mcl_user_error", True) and not isinstance(e, (KeyError, AttributeError)):
-            msg = " ".join(str(e).splitlines())
-            print(f"mcl {args.cmd}: error: {msg}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except (UserError, ValueError, OSError) as e:
+        # Boundary errors (bad input, a full disk, engine.errors.UserError) are one clear line; everything else --
+        # a RuntimeError from torch included -- is a bug and keeps its traceback.
+        msg = " ".join(str(e).splitlines())
+        print(f"mcl {args.cmd}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(rc or 0)
 
 

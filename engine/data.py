@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROLES = ("retriever", "planner", "coder", "debugger")
+from engine.agents.prompts import ROLES     # the four role names, defined once with the agents' prompts
+
 CHAT_ROLES = ("system", "user", "assistant")
 
 

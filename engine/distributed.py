@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -48,7 +50,7 @@ def init(device: str = "auto") -> DistInfo:
         raise ValueError(f"device {device!r}; expected 'auto', 'cpu' or 'cuda'")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+        raise UserError("device='cuda' but torch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")

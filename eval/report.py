@@ -2,25 +2,25 @@
 
     mcl report runs/eval_base runs/eval_adapted [--png runs/compare.png]
 
-The eval runner writes, per run directory:
+The eval runner (eval/run.py) writes, per run directory:
     problems.jsonl   one record per problem: problem_record(problem, report, code, **extra)
-    summary.json     summarize(records, ...): {"benchmark", "strategy", "model", "n", "pass_at_1",
-                     "format_failures": {role: n}, "format_failure_rate": {role: rate}, "tokens": {role: n},
-                     "wall_s", "peak_mem_bytes", "scored_on": "hidden" | "sample"}
+    summary.json     summarize(records, **meta) + the runner's timings: {"benchmark", "strategy", "model", "n",
+                     "pass_at_1", "format_failures": {role: n}, "format_failure_rate": {role: failures / calls},
+                     "calls": {role: n}, "tokens": {role: {"prompt": n, "completion": n}}, "backend_errors",
+                     "wall_s", "completion_tokens_per_s", "peak_mem_bytes", "scored_on": "hidden" | "sample"}
 "scored_on" is "sample" when the benchmark has no hidden tests (xCodeEval here): its pass@1 is on the
-statement's sample tests, and the table marks it (a summary without the field, as eval/run.py writes
-it, is taken as sample-only when its benchmark is xcodeeval). Tokens may be {role: n} or, as eval/run.py
-writes them, {role: {"prompt": n, "completion": n}}.
+statement's sample tests, and the table marks it (an older summary without the field is taken as sample-only
+when its benchmark is xcodeeval). The table also reads tokens written as {role: n}.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from typing import Any, Iterable
 
 from engine.agents.problem import Problem, TestReport
-
-ROLES = ("retriever", "planner", "coder", "debugger")
+from engine.agents.prompts import ROLES
 
 
 def problem_record(problem: Problem, report: TestReport, code: str | None, **extra: Any) -> dict:
@@ -50,22 +50,40 @@ def write_problems(path: str, records: Iterable[dict]) -> None:
             f.write(json.dumps(rec, default=repr) + "\n")
 
 
-def summarize(records: list[dict], benchmark: str, strategy: str, model: str,
-              format_failures: dict[str, int] | None = None, role_calls: dict[str, int] | None = None,
-              tokens: dict[str, int] | None = None, wall_s: float = 0.0, peak_mem_bytes: int = 0) -> dict:
-    """The summary.json dict. format_failure_rate[role] = failures / calls of that role when
-    `role_calls` is given, else failures / problems."""
+def summarize(records: list[dict], **meta) -> dict:
+    """problems.jsonl records -> summary.json fields (meta: benchmark, strategy, model, k, t, ...; the runner adds
+    wall_s, completion_tokens_per_s and peak memory). Rates per role are over that role's calls:
+    format_failure_rate[role] = calls whose answer could not be parsed / calls (backend errors are counted apart,
+    in backend_errors). tokens[role] = {"prompt": n, "completion": n}."""
     n = len(records)
-    failures = {r: int((format_failures or {}).get(r, 0)) for r in ROLES}
-    calls = role_calls or {}
-    rate = {r: (failures[r] / calls[r] if calls.get(r) else failures[r] / n if n else 0.0) for r in ROLES}
-    scored = {rec.get("scored_on", "hidden") for rec in records}
-    return {"benchmark": benchmark, "strategy": strategy, "model": model, "n": n,
-            "pass_at_1": sum(bool(rec.get("passed")) for rec in records) / n if n else 0.0,
-            "format_failures": failures, "format_failure_rate": rate,
-            "tokens": {r: int((tokens or {}).get(r, 0)) for r in ROLES}, "wall_s": float(wall_s),
-            "peak_mem_bytes": int(peak_mem_bytes),
-            "scored_on": "sample" if scored == {"sample"} else "hidden" if scored <= {"hidden"} else "mixed"}
+    passed = sum(r["passed"] for r in records)
+    calls, fails, repaired = Counter(), Counter(), Counter()
+    tokens = {r: {"prompt": 0, "completion": 0} for r in ROLES}
+    backend_errors = 0
+    scored = {rec.get("scored_on", "hidden") for rec in records}   # "sample": the benchmark has no hidden tests
+    for rec in records:
+        for c in rec.get("calls", []):
+            role = c["role"]
+            calls[role] += 1
+            fails[role] += c["status"] == "failed"
+            repaired[role] += c["status"] == "repaired"
+            backend_errors += c["status"] == "error"
+            tok = tokens.setdefault(role, {"prompt": 0, "completion": 0})
+            tok["prompt"] += c["prompt_tokens"]
+            tok["completion"] += c["completion_tokens"]
+    return {
+        **meta, "n": n, "passed": passed, "pass_at_1": passed / n if n else 0.0,
+        "format_failures": {r: fails[r] for r in ROLES},
+        "format_failure_rate": {r: (fails[r] / calls[r] if calls[r] else 0.0) for r in ROLES},
+        "format_repaired": {r: repaired[r] for r in ROLES},
+        "calls": {r: calls[r] for r in ROLES},
+        "tokens": tokens,
+        "backend_errors": backend_errors,
+        "problem_errors": sum(r.get("error") is not None for r in records),
+        "verdicts": dict(Counter(r["verdict"] for r in records)),
+        "solved_samples": sum(bool(r.get("solved_samples")) for r in records),
+        "scored_on": "sample" if scored == {"sample"} else "hidden" if scored <= {"hidden"} else "mixed",
+    }
 
 
 def write_summary(out_dir: str, summary: dict) -> str:
@@ -149,11 +167,12 @@ def plot(runs: list[tuple[str, dict]], png: str) -> str:
     return png
 
 
-def cli_report(args) -> int:
+def cli_report(runs: list[str], png: str | None = None) -> int:
     """`mcl report DIR... [--png PATH]`: print the table, write the chart (default: next to the runs)."""
-    runs = [(os.path.basename(os.path.normpath(d)) or d, read_summary(d)) for d in args.runs]
+    dirs = runs
+    runs = [(os.path.basename(os.path.normpath(d)) or d, read_summary(d)) for d in dirs]
     print(table(runs))
-    png = args.png or os.path.join(os.path.commonpath([os.path.abspath(d) for d in args.runs]) if len(args.runs) > 1
-                                   else os.path.abspath(args.runs[0]), "report.png")
+    png = png or os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]) if len(dirs) > 1
+                              else os.path.abspath(dirs[0]), "report.png")
     print(f"chart: {plot(runs, png)}")
     return 0

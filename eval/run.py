@@ -22,14 +22,13 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from engine.agents.mapcoder import solve
 from engine.agents.prompts import ROLES
 from engine.agents.problem import Problem, TestReport
-from eval.report import problem_record, write_problems, write_summary
+from eval.report import problem_record, summarize, write_problems, write_summary
 
 
 def load_benchmark(name: str, data: str | None = None, limit: int | None = None) -> list[Problem]:
@@ -72,39 +71,6 @@ def run_problem(problem: Problem, backend, strategy: str, k: int, t: int, run_te
                              error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), calls=[])
     rec["wall_s"] = time.perf_counter() - t0
     return rec
-
-
-def summarize(records: list[dict], **meta) -> dict:
-    """problems.jsonl records -> summary.json fields (meta: benchmark, strategy, model, k, t, ...)."""
-    n = len(records)
-    passed = sum(r["passed"] for r in records)
-    calls, fails, repaired = Counter(), Counter(), Counter()
-    tokens = {r: {"prompt": 0, "completion": 0} for r in ROLES}
-    backend_errors = 0
-    scored = {rec.get("scored_on", "hidden") for rec in records}   # "sample": the benchmark has no hidden tests
-    for rec in records:
-        for c in rec.get("calls", []):
-            role = c["role"]
-            calls[role] += 1
-            fails[role] += c["status"] == "failed"
-            repaired[role] += c["status"] == "repaired"
-            backend_errors += c["status"] == "error"
-            tok = tokens.setdefault(role, {"prompt": 0, "completion": 0})
-            tok["prompt"] += c["prompt_tokens"]
-            tok["completion"] += c["completion_tokens"]
-    return {
-        **meta, "n": n, "passed": passed, "pass_at_1": passed / n if n else 0.0,
-        "format_failures": {r: fails[r] for r in ROLES},
-        "format_failure_rate": {r: (fails[r] / calls[r] if calls[r] else 0.0) for r in ROLES},
-        "format_repaired": {r: repaired[r] for r in ROLES},
-        "calls": {r: calls[r] for r in ROLES},
-        "tokens": tokens,
-        "backend_errors": backend_errors,
-        "problem_errors": sum(r.get("error") is not None for r in records),
-        "verdicts": dict(Counter(r["verdict"] for r in records)),
-        "solved_samples": sum(bool(r.get("solved_samples")) for r in records),
-        "scored_on": "sample" if scored == {"sample"} else "hidden" if scored <= {"hidden"} else "mixed",
-    }
 
 
 def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: int = 2, t: int = 2,
@@ -152,30 +118,32 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     return summary
 
 
-def cli_eval(args) -> int:
+def cli_eval(benchmark: str, out: str, model: str = "smollm2-135m", device: str | None = None,
+             dtype: str | None = None, weights: str = "fp32", strategy: str = "mapcoder", adapters: str | None = None,
+             backend_kind: str = "local", url: str | None = None, limit: int | None = None, k: int = 2, t: int = 2,
+             data: str | None = None, concurrency: int = 16, max_new_tokens: int = 384) -> int:
+    """`mcl eval`: one strategy over one benchmark with a local engine or an HTTP endpoint (engine/cli.py)."""
     from engine.agents.backends import HTTPBackend, open_local
-    problems = load_benchmark(args.benchmark, args.data, args.limit)
+    problems = load_benchmark(benchmark, data, limit)
     if not problems:
-        raise ValueError(f"benchmark {args.benchmark!r} loaded no problems (data: {args.data or 'default'})")
-    if args.backend == "http":
-        if not args.url:
+        raise ValueError(f"benchmark {benchmark!r} loaded no problems (data: {data or 'default'})")
+    if backend_kind == "http":
+        if not url:
             raise ValueError("--backend http needs --url (e.g. http://127.0.0.1:8000)")
         # One hour per call: a CPU engine behind the URL (engine/agents/http_server.py) can take over five
         # minutes for the retriever's (k+1) * max_new_tokens answer in a full batch, and a timed-out call keeps
         # running on the server, so a retry only doubles its work (seen: 300 s timed out every retriever call).
-        backend = HTTPBackend(args.url, model=args.model, api_key=os.environ.get("OPENAI_API_KEY"),
-                              role_models={r: r for r in ROLES} if args.adapters else None, timeout=3600.0)
+        backend = HTTPBackend(url, model=model, api_key=os.environ.get("OPENAI_API_KEY"),
+                              role_models={r: r for r in ROLES} if adapters else None, timeout=3600.0)
     else:
-        backend = open_local(args.model, args.device, args.dtype, args.adapters, n_slots=args.concurrency,
-                             weights=getattr(args, "weights", "fp32"))
+        backend = open_local(model, device, dtype, adapters, n_slots=concurrency, weights=weights)
     try:
-        s = run_eval(problems, backend, args.strategy, args.k, args.t, args.out, args.concurrency,
-                     args.max_new_tokens, benchmark=args.benchmark,
-                     model=args.model if getattr(args, "weights", "fp32") == "fp32" else f"{args.model} ({args.weights})")
+        s = run_eval(problems, backend, strategy, k, t, out, concurrency, max_new_tokens, benchmark=benchmark,
+                     model=model if weights == "fp32" else f"{model} ({weights})")
     finally:
         if hasattr(backend, "close"):
             backend.close()
     fails = ", ".join(f"{r} {s['format_failures'][r]}/{s['calls'][r]}" for r in ROLES if s["calls"][r])
     print(f"{s['benchmark']} {s['strategy']}: pass@1 {s['pass_at_1']:.3f} ({s['passed']}/{s['n']}); "
-          f"format failures {fails or 'none'}; {s['wall_s']:.1f}s -> {args.out}")
+          f"format failures {fails or 'none'}; {s['wall_s']:.1f}s -> {out}")
     return 0

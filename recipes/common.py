@@ -19,55 +19,24 @@ import os
 import shlex
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
+
+from engine import config_file
 
 
 # --- configuration: a TOML table + key=value overrides -----------------------------------------------------
 
 def load_config(cls, path: str | None, table: str, overrides=()):
-    """cls() updated from [table] of the TOML at `path`, then from `key=value` overrides (TOML literals; a bare
-    word is a string; `table.key=value` is accepted too). Unknown keys and wrong types are one-line errors."""
-    cfg = cls()
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    """cls() updated from [table] of the recipe TOML at `path`, then from `key=value` overrides (`table.key=value`
+    is accepted too): engine/config_file.py, the one loader of every command (TOML literals, a bare word is a
+    string; an unknown key or a wrong type is an error naming the file and the key)."""
+    return config_file.load(cls, path, overrides, table=table)
 
-    def put(key, value, source):
-        if key not in names:
-            raise ValueError(f"{source}: unknown key {key!r} in [{table}]; valid keys: {', '.join(names)}")
-        old = getattr(cfg, key)
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(old):
-            raise ValueError(f"{source}: {table}.{key} = {value!r}: expected {type(old).__name__} "
-                             f"(like the default {old!r})")
-        setattr(cfg, key, value)
 
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: recipe not found")
-        try:
-            doc = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: invalid TOML: {e}") from None
-        section = doc.get(table, {})
-        if not isinstance(section, dict):
-            raise ValueError(f"{p}: [{table}] is not a table")
-        for k, v in section.items():
-            put(k, v, str(p))
-    for ov in overrides:
-        key, eq, raw = ov.partition("=")
-        if not eq:
-            raise ValueError(f"override {ov!r}: expected key=value (e.g. n_problems=5)")
-        key = key.strip().removeprefix(f"{table}.")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw                                              # bare word -> string
-        put(key, value, "override")
-    return cfg
-
+def has_table(path: str | None, table: str) -> bool:
+    """Whether the recipe TOML at `path` has a [table] (e2e: a recipe without [mutate] skips that stage)."""
+    return bool(path) and table in config_file.read_toml(path)
 
 
 # --- provenance --------------------------------------------------------------------------------------------

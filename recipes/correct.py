@@ -460,8 +460,9 @@ def summarize(results: list[dict]) -> tuple[list[dict], dict]:
     }
 
 
-def cli_correct(args) -> int:
-    cfg = load_config(CorrectConfig, args.config, "correct", [a for a in args.rest if a != "--"])
+def cli_correct(config: str | None, overrides: list[str]) -> int:
+    """`mcl correct [--config RECIPE.toml] [key=value ...]`: the [correct] table of the recipe, then the overrides."""
+    cfg = load_config(CorrectConfig, config, "correct", overrides)
     s = correct(cfg)
     print(f"correct: {s['failed_trajectories']} failed trajectories, {s['attempted']} attempted, "
           f"blame planner {s['blame']['planner']} / coder {s['blame']['coder']}, {s['successes']} corrected, "

@@ -40,7 +40,6 @@ same seed gives the same examples (tests/recipes/test_distill.py checks it).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import random
 import re
@@ -72,7 +71,8 @@ class DistillConfig:
     device: str = ""                     # local teacher: "" = cuda when available
     dtype: str = ""                      # local teacher: "" = bf16 on cuda, fp32 on cpu
     benchmark: str = "mbpp"              # an eval/benchmarks/<name>.py loader
-    split: str = "train"                 # mbpp: train (task ids 601-974) | validation | test | prompt | "" (all)
+    split: str = "train"                 # mbpp: train (task ids 601-974) | validation | test | prompt | all;
+                                         # "" = the loader's default (eval/benchmarks: splits(name) lists them)
     data: str = ""                       # benchmark data path ("" = the loader's default)
     n_problems: int = 0                  # 0 = every problem of the split
     seed: int = 0                        # shuffles the split before taking n_problems; decoding is greedy
@@ -95,34 +95,12 @@ def teacher_name(cfg) -> str:
 
 # --- problems ----------------------------------------------------------------------------------------------
 
-MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
-
-
-def _mbpp_task_id(p: Problem) -> int:
-    tid = p.meta.get("task_id")
-    if tid is None:
-        digits = "".join(ch for ch in p.id.rsplit("/", 1)[-1] if ch.isdigit())
-        tid = digits or -1
-    return int(tid)
-
-
 def load_problems(benchmark: str, split: str = "", data: str = "", n: int = 0, seed: int = 0) -> list[Problem]:
-    """The split's problems in loader order, shuffled by `seed` (seed < 0: no shuffle), first n (0 = all).
-    A larger n extends a smaller one's selection (same permutation)."""
-    import importlib
-
-    from eval.run import load_benchmark
-    problems = load_benchmark(benchmark, data or None)          # (one-line error for an unknown benchmark)
-    if split:
-        load = importlib.import_module(f"eval.benchmarks.{benchmark.replace('-', '_')}").load
-        if "split" in inspect.signature(load).parameters:
-            problems = load(path=data or None, split=split)
-        elif benchmark == "mbpp" and split in MBPP_SPLITS:
-            lo, hi = MBPP_SPLITS[split]
-            problems = [p for p in problems if lo <= _mbpp_task_id(p) <= hi]
-        else:
-            raise ValueError(f"split {split!r}: the {benchmark} loader takes no split; use split=\"\" "
-                             f"(mbpp splits: {', '.join(MBPP_SPLITS)})")
+    """The split's problems in loader order (split "" = the loader's default), shuffled by `seed` (seed < 0: no
+    shuffle), first n (0 = all). A larger n extends a smaller one's selection (same permutation). A benchmark
+    without that split (mbpp-py and humaneval-wst have only "test") is a ValueError naming its splits."""
+    from eval.benchmarks import load
+    problems = load(benchmark, data or None, split=split or None)
     if not problems:
         raise ValueError(f"benchmark {benchmark!r} split {split!r} loaded no problems (data: {data or 'default'})")
     problems = list(problems)
@@ -321,8 +299,9 @@ def print_stats(stats: dict, out) -> None:
           f"examples: {ex} -> {out}/examples.jsonl")
 
 
-def cli_distill(args) -> int:
-    cfg = load_config(DistillConfig, args.config, "distill", [a for a in args.rest if a != "--"])
+def cli_distill(config: str | None, overrides: list[str]) -> int:
+    """`mcl distill [--config RECIPE.toml] [key=value ...]`: the [distill] table of the recipe, then the overrides."""
+    cfg = load_config(DistillConfig, config, "distill", overrides)
     stats = distill(cfg)
     print_stats(stats, cfg.out)
     return 0

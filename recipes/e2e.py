@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
-from recipes.common import load_config
+from recipes.common import has_table, load_config
 from recipes.distill import DistillConfig, distill, print_stats
 from recipes.main_job import MainConfig, main_job
 from recipes.mutate import MutateConfig, mutate
+
+
+@dataclass
+class BuildConfig:
+    out: str = ""                        # the merged SFT file ("" = main.data)
 
 
 def run_e2e(recipe: str, overrides=()) -> dict:
@@ -35,13 +40,9 @@ def run_e2e(recipe: str, overrides=()) -> dict:
     dcfg = load_config(DistillConfig, recipe, "distill", ovs["distill"])
     ccfg = load_config(CorrectConfig, recipe, "correct", ovs["correct"])
     mcfg = load_config(MainConfig, recipe, "main", ovs["main"])
-    doc = tomllib.loads(Path(recipe).read_text())
-    mutcfg = load_config(MutateConfig, recipe, "mutate", ovs["mutate"]) if "mutate" in doc else None
-    build = doc.get("build", {})
-    for o in ovs["build"]:
-        k, _, v = o.removeprefix("build.").partition("=")
-        build[k.strip()] = v.strip().strip('"')
-    sft = build.get("out", mcfg.data)
+    mutcfg = load_config(MutateConfig, recipe, "mutate", ovs["mutate"]) if has_table(recipe, "mutate") else None
+    bcfg = load_config(BuildConfig, recipe, "build", ovs["build"])
+    sft = bcfg.out or mcfg.data
 
     print(f"e2e [1/5] distill: {dcfg.teacher_url or dcfg.teacher} over {dcfg.benchmark}/{dcfg.split}", flush=True)
     print_stats(distill(dcfg), dcfg.out)

@@ -75,6 +75,7 @@ def fetch(student: str) -> str:
 
 
 def train_adapters(cfg: MainConfig) -> dict:
+    from engine import config_file
     from engine.trainer import load_recipe, train
     out = Path(cfg.out) / "train"
     done = out / "train_summary.json"
@@ -84,8 +85,11 @@ def train_adapters(cfg: MainConfig) -> dict:
     if not Path(cfg.data).is_file():
         raise FileNotFoundError(f"{cfg.data}: SFT data not found (recipes/data/mini_sft.jsonl is committed; "
                                 f"or build one with mcl distill + mcl correct + python -m recipes.build_sft)")
-    overrides = [f'model.name="{cfg.student}"', f'data.path="{cfg.data}"', f'train.out_dir="{out}"', *cfg.train]
-    recipe = load_recipe(cfg.train_recipe, overrides)
+    recipe = load_recipe(cfg.train_recipe)
+    recipe.model.name, recipe.data.path, recipe.train.out_dir = cfg.student, cfg.data, str(out)
+    for ov in cfg.train:                                     # `train` overrides come last, as on mcl train's line
+        config_file.set_override(recipe, ov, what="recipe key")
+    recipe.validate(f"{cfg.train_recipe} (with main.train overrides)")
     s = train(recipe, wandb_mode=cfg.wandb)
     return {k: v for k, v in s.items() if k != "history"}
 
@@ -245,9 +249,10 @@ def main_job(cfg: MainConfig) -> dict:
     return summary
 
 
-def cli_main(args) -> int:
-    cfg = load_config(MainConfig, args.recipe, "main", [a for a in args.rest or [] if a != "--"])
-    if args.out:
-        cfg.out = args.out
+def cli_main(recipe: str | None, overrides: list[str], out: str | None = None) -> int:
+    """`mcl main [--recipe RECIPE.toml] [--out DIR] [key=value ...]`: the [main] table, the overrides, then --out."""
+    cfg = load_config(MainConfig, recipe, "main", overrides)
+    if out:
+        cfg.out = out
     main_job(cfg)
     return 0

@@ -357,8 +357,9 @@ def mutate(cfg: MutateConfig, run_tests=None) -> dict:
     return stats
 
 
-def cli_mutate(args) -> int:
-    cfg = load_config(MutateConfig, args.config, "mutate", [a for a in args.rest if a != "--"])
+def cli_mutate(config: str | None, overrides: list[str]) -> int:
+    """`mcl mutate [--config RECIPE.toml] [key=value ...]`: the [mutate] table of the recipe, then the overrides."""
+    cfg = load_config(MutateConfig, config, "mutate", overrides)
     s = mutate(cfg)
     print(f"mutate: {s['mutants']} debugger examples from {s['programs_mutated']} passing programs "
           f"({s['trajectories']} trajectories) -> {cfg.out}/examples.jsonl; {s['reasons']}")
@@ -372,7 +373,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="recipe TOML with a [mutate] table")
     ap.add_argument("rest", nargs="*", help="key=value overrides")
-    return cli_mutate(ap.parse_args(argv))
+    a = ap.parse_args(argv)
+    return cli_mutate(a.config, a.rest)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,16 @@ def data_file(path: str | None, relative: str) -> str:
     return full
 
 
+def splits(name: str) -> tuple[str, ...] | None:
+    """The splits a benchmark's loader knows (None: any name, e.g. CodeContests' one file per split)."""
+    from eval.benchmarks import mbpp
+    return {"humaneval": ("test",), "humaneval-wst": ("test",), "mbpp": tuple(mbpp.SPLITS), "mbpp-py": ("test",),
+            "apps": ("test",), "xcodeeval": ("validation",), "codecontests": None}[name]
+
+
 def load(name: str, path: str | None = None, split: str | None = None, limit: int | None = None) -> list[Problem]:
-    """Dispatch by benchmark name (the `mcl eval --benchmark` values)."""
+    """Dispatch by benchmark name (the `mcl eval --benchmark` values); split None = the loader's default.
+    ValueError for an unknown benchmark or a split the benchmark does not have."""
     from eval.benchmarks import apps, codecontests, humaneval, mbpp, xcodeeval
     loaders = {"humaneval": humaneval.load, "humaneval-wst": humaneval.load_wst, "mbpp": mbpp.load,
                "mbpp-py": mbpp.load_py, "apps": apps.load, "xcodeeval": xcodeeval.load,
@@ -44,6 +52,9 @@ def load(name: str, path: str | None = None, split: str | None = None, limit: in
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(loaders)}")
     kwargs = {"path": path, "limit": limit}
     if split is not None:
+        known = splits(name)
+        if known is not None and split not in known:
+            raise ValueError(f"benchmark {name!r} has no split {split!r}; its splits: {', '.join(known)}")
         kwargs["split"] = split
     return loaders[name](**kwargs)
 

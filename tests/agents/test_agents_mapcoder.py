@@ -13,7 +13,8 @@ import pytest
 import engine.agents.problem as ev
 from engine.agents.backends import Completion
 from engine.agents.mapcoder import solve
-from eval.run import run_eval, summarize
+from eval.report import summarize
+from eval.run import run_eval
 from agents_fakes import ScriptedBackend, code, example_of, fake_run_tests, retrieval, step_of
 
 

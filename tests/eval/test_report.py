@@ -22,21 +22,30 @@ def records(passed: list[bool], scored_on="hidden"):
     return out
 
 
+def calls(role, n, failed=0, errors=0, completion=0):
+    """n recorded calls of `role`: `failed` format failures, `errors` backend errors, the rest ok."""
+    status = ["failed"] * failed + ["error"] * errors + ["ok"] * (n - failed - errors)
+    return [{"role": role, "status": s, "prompt_tokens": 10, "completion_tokens": completion} for s in status]
+
+
 def test_records_and_summary(tmp_path):
     recs = records([True, False, True, True])
     assert recs[1]["failures"][0]["stderr"].endswith("[1500 more chars]") and recs[1]["tokens"] == 10
-    s = summarize(recs, "mbpp", "mapcoder", "smollm2-135m", format_failures={"coder": 2, "planner": 1},
-                  role_calls={"coder": 8, "planner": 4}, tokens={"coder": 900}, wall_s=3.5, peak_mem_bytes=1 << 30)
-    assert s["n"] == 4 and s["pass_at_1"] == 0.75 and s["scored_on"] == "hidden"
+    recs[0]["calls"] = calls("coder", 4, failed=2, completion=900) + calls("planner", 4, failed=1)
+    recs[1]["calls"] = calls("coder", 4, errors=1) + [dict(calls("planner", 1)[0], status="repaired")]
+    s = summarize(recs, benchmark="mbpp", strategy="mapcoder", model="smollm2-135m", k=2)
+    assert s["n"] == 4 and s["pass_at_1"] == 0.75 and s["scored_on"] == "hidden" and s["k"] == 2
     assert s["format_failures"] == {"retriever": 0, "planner": 1, "coder": 2, "debugger": 0}
-    assert s["format_failure_rate"]["coder"] == 0.25 and s["format_failure_rate"]["planner"] == 0.25
-    assert s["tokens"]["coder"] == 900 and s["tokens"]["debugger"] == 0
+    assert s["calls"] == {"retriever": 0, "planner": 5, "coder": 8, "debugger": 0}
+    assert s["format_failure_rate"] == {"retriever": 0.0, "planner": 0.2, "coder": 0.25, "debugger": 0.0}
+    assert s["format_repaired"]["planner"] == 1 and s["backend_errors"] == 1
+    assert s["tokens"]["coder"] == {"prompt": 80, "completion": 3600} and s["tokens"]["debugger"]["prompt"] == 0
     write_problems(str(tmp_path), recs)
     lines = (tmp_path / "problems.jsonl").read_text().splitlines()
     assert [json.loads(line)["passed"] for line in lines] == [True, False, True, True]
     write_summary(str(tmp_path), s)
     assert read_summary(str(tmp_path)) == json.loads((tmp_path / "summary.json").read_text())
-    assert summarize(records([True], "sample"), "xcodeeval", "direct", "m")["scored_on"] == "sample"
+    assert summarize(records([True], "sample"), benchmark="xcodeeval", strategy="direct")["scored_on"] == "sample"
 
 
 def test_mcl_report_table_and_png(tmp_path, capsys):
@@ -44,8 +53,10 @@ def test_mcl_report_table_and_png(tmp_path, capsys):
     for name, passed, scored in [("base", [False, True], "hidden"), ("adapted", [True, True], "hidden"),
                                  ("xce", [True, False], "sample")]:
         d = tmp_path / "runs" / name
-        s = summarize(records(passed, scored), "xcodeeval" if scored == "sample" else "humaneval", "mapcoder", "tiny",
-                      format_failures={"debugger": 1}, tokens={"coder": 1234, "planner": 10}, wall_s=2)
+        recs = records(passed, scored)
+        recs[0]["calls"] = calls("coder", 1, completion=1224) + calls("debugger", 1, failed=1)
+        s = summarize(recs, benchmark="xcodeeval" if scored == "sample" else "humaneval", strategy="mapcoder",
+                      model="tiny", wall_s=2)
         write_summary(str(d), s)
         runs.append(str(d))
     with pytest.raises(SystemExit) as e:

@@ -151,6 +151,20 @@ def test_mbpp_train_split_selection_is_seeded():
     assert len(load_problems("mbpp", "train", "", seed=-1)) == 374
 
 
+@pytest.mark.parametrize("name", ["mbpp-py", "humaneval-wst", "humaneval"])
+def test_a_split_the_benchmark_lacks_is_a_clear_error(name):
+    """distill's default split is "train": for a benchmark with only a test split that is a ValueError naming the
+    splits (it was a ModuleNotFoundError for the hyphenated names), before any data is read."""
+    with pytest.raises(ValueError, match=rf"benchmark '{name}' has no split 'train'; its splits: test"):
+        load_problems(name, "train")
+
+
+@pytest.mark.skipif(not (DATA / "humaneval").is_dir(), reason="needs ../shared/data")
+def test_hyphenated_benchmarks_load_with_their_own_split():
+    assert len(load_problems("humaneval-wst", "test", n=3)) == 3
+    assert len(load_problems("mbpp-py", "", n=3)) == 3
+
+
 def test_truncated_retriever_answers_are_closed_or_rejected():
     from engine.agents.parsers import parse_retriever
     from recipes.distill import close_truncated_retrieval
