@@ -86,14 +86,16 @@ class LoRALinear(nn.Module):
             y = y + self.bias
         if lora is not None and self.lora_A is not None and lora.seg.n_lora:
             from kernels.multi_lora import multi_lora_torch
-            y = multi_lora_torch(x, self.weight, None, self.lora_A, self.lora_B, self.lora_scale, lora.seg, base_out=y)
+            shape_only = x.new_empty(()).expand(self.out_features, self.in_features)   # weight may be meta (q4)
+            y = multi_lora_torch(x, shape_only, None, self.lora_A, self.lora_B, self.lora_scale, lora.seg, base_out=y)
         return y
 
     # --- adapter slots -------------------------------------------------------------------
     def set_adapters(self, ranks: list[int], scales: list[float], seed: int = 0):
         """(Re)build the stacks for len(ranks) adapters, keeping the weights of existing ones."""
         n, R = len(ranks), max(ranks)
-        dev, dt = self.weight.device, self.weight.dtype
+        # weights='q4' models keep their weight on the meta device (packed copy only): adapters go beside the buffers
+        dev, dt = (self.lora_scale.device if self.weight.is_meta else self.weight.device), self.weight.dtype
         A = torch.zeros(n, R, self.in_features, device=dev, dtype=dt)
         B = torch.zeros(n, self.out_features, R, device=dev, dtype=dt)
         g = torch.Generator().manual_seed(seed)
@@ -276,12 +278,10 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
     return cfg, tensors
 
 
-def load_peft(model: nn.Module, adapter_dir: str | os.PathLike, name: str | None = None) -> str:
-    """Add one PEFT LoRA adapter from a directory under `name` (default: the directory's name).
-
-    Every tensor is checked against the model before anything is attached, so a bad file changes nothing."""
+def read_peft_checked(model: nn.Module, adapter_dir: str | os.PathLike):
+    """(config, targets, rank, {module path: (A (r, in), B (out, r))}) of a PEFT LoRA directory, every tensor
+    checked against this model's projections (errors name the file, the tensor and the shapes)."""
     cfg, tensors = read_peft(adapter_dir)
-    name = name or Path(adapter_dir).name
     w_path = Path(adapter_dir) / "adapter_model.safetensors"
     tm = cfg["target_modules"]
     targets = tuple(t for t in ALL_TARGETS if (t in tm if isinstance(tm, list) else t in str(tm)))
@@ -302,20 +302,34 @@ def load_peft(model: nn.Module, adapter_dir: str | os.PathLike, name: str | None
     missing = [k for k in expected if k not in found]
     if missing:
         raise ValueError(f"{w_path}: missing tensors, e.g. {missing[0]!r} ({len(missing)} in all)")
+    pairs: dict[str, dict] = {}
+    for key_n, t in found.items():
+        path, which, _ = expected[key_n]
+        pairs.setdefault(path, {})[which] = t
+    return cfg, targets, rank, {path: (ab["A"], ab["B"]) for path, ab in pairs.items()}
 
+
+def copy_peft_(model: nn.Module, idx: int, pairs: dict) -> None:
+    """Write checked PEFT tensors {module path: (A, B)} into adapter slot idx (rows past their rank stay as they are)."""
+    with torch.no_grad():
+        for path, (a, b) in pairs.items():
+            layer = model.get_submodule(path)
+            layer.lora_A[idx, :a.shape[0]] = a.to(layer.lora_A.dtype)
+            layer.lora_B[idx, :, :b.shape[1]] = b.to(layer.lora_B.dtype)
+
+
+def load_peft(model: nn.Module, adapter_dir: str | os.PathLike, name: str | None = None) -> str:
+    """Add one PEFT LoRA adapter from a directory under `name` (default: the directory's name).
+
+    Every tensor is checked against the model before anything is attached, so a bad file changes nothing."""
+    cfg, targets, rank, pairs = read_peft_checked(model, adapter_dir)
+    name = name or Path(adapter_dir).name
     add_adapters(model, [name], rank=rank, alpha=float(cfg["lora_alpha"]), targets=targets)
     idx = adapter_id(model, name)
     if cfg.get("use_rslora", False):
         model.adapter_specs[idx].use_rslora = True
         _install(model, model.adapter_specs, seed=0)                      # recompute scales, keep weights
-    with torch.no_grad():
-        for key_n, t in found.items():
-            path, which, _ = expected[key_n]
-            layer = model.get_submodule(path)
-            if which == "A":
-                layer.lora_A[idx, :rank] = t.to(layer.lora_A.dtype)
-            else:
-                layer.lora_B[idx, :, :rank] = t.to(layer.lora_B.dtype)
+    copy_peft_(model, idx, pairs)
     return name
 
 

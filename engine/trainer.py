@@ -35,7 +35,6 @@ import os
 import resource
 import sys
 import time
-import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.chunked_ce import linear_cross_entropy
+from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
 from engine.lora import ALL_TARGETS, PEFT_PREFIX, add_adapters, lora_layers, read_peft, save_peft
@@ -167,52 +167,12 @@ def _need(ok: bool, source: str, key: str, value, want: str) -> None:
         raise ValueError(f"{source}: {key} = {value!r}: expected {want}")
 
 
-def _valid_keys(recipe: Recipe) -> list[str]:
-    return [f"{t.name}.{f.name}" for t in dataclasses.fields(recipe) for f in dataclasses.fields(getattr(recipe, t.name))]
-
-
-def _set(recipe: Recipe, key: str, value, source: str) -> None:
-    """Set table.key = value with a type check against the field's default; errors name the key and list the valid ones."""
-    table, _, name = key.partition(".")
-    section = getattr(recipe, table, None) if table in {f.name for f in dataclasses.fields(recipe)} else None
-    if section is None or name not in {f.name for f in dataclasses.fields(section)}:
-        raise ValueError(f"{source}: unknown recipe key {key!r}; valid keys: {', '.join(_valid_keys(recipe))}")
-    old = getattr(section, name)
-    ok = (isinstance(value, bool) if isinstance(old, bool) else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(old, float) else
-          isinstance(value, int) and not isinstance(value, bool) if isinstance(old, int) else
-          isinstance(value, type(old)))
-    if not ok:
-        raise ValueError(f"{source}: {key} = {value!r}: expected {type(old).__name__} (like the default {old!r})")
-    setattr(section, name, float(value) if isinstance(old, float) else value)
-
-
 def load_recipe(path: str | Path | None, overrides=()) -> Recipe:
     """Recipe TOML (tables [model] [lora] [data] [train] [wandb]) + `table.key=value` overrides (TOML literals;
-    a bare word is a string). Relative data/tokenizer paths resolve against the working directory."""
-    recipe = Recipe()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: recipe not found")
-        try:
-            doc = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML: {e}") from None
-        for table, values in doc.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: top-level key {table!r} is not a table; valid keys: {', '.join(_valid_keys(recipe))}")
-            for k, v in values.items():
-                _set(recipe, f"{table}.{k}", v, str(path))
-    for ov in overrides:
-        key, eq, raw = ov.partition("=")
-        if not eq:
-            raise ValueError(f"override {ov!r}: expected table.key=value (e.g. train.steps=50)")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw                                                # bare word -> string
-        _set(recipe, key.strip(), value, "override")
+    a bare word is a string), read by engine/config_file.py (the loader every command uses): an unknown key or a
+    wrong type is an error naming the file and the key. Relative data/tokenizer paths resolve against the
+    working directory."""
+    recipe = config_file.load(Recipe, path, overrides, what="recipe key")
     where = str(path) if path is not None else "recipe"
     return recipe.validate(where + (" (with overrides)" if overrides else ""))
 
