@@ -242,6 +242,7 @@ def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body
                 self.connection.shutdown(socket.SHUT_WR)
                 deadline, got = time.monotonic() + seconds, 0
                 while time.monotonic() < deadline and got < limit:
+                    self.connection.settimeout(max(0.01, deadline - time.monotonic()))
                     chunk = self.connection.recv(1 << 16)
                     if not chunk:
                         break
@@ -431,6 +432,10 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
 def check_host(host: str, allow_remote: bool = False):
     """Refuse a non-loopback bind address unless explicitly allowed (before any model is loaded)."""
     if not allow_remote and not is_loopback(host):
@@ -447,7 +452,8 @@ def serve(backend, host: str = "127.0.0.1", port: int = 0, handler=None, api_key
     check_host(host, allow_remote)
     if not is_loopback(host):
         allowed_hosts = (*allowed_hosts, host)
-    server = Server((host, port), handler or make_handler(backend, api_key, allowed_hosts, max_body, read_timeout))
+    cls = Server6 if ":" in host else Server
+    server = cls((host, port), handler or make_handler(backend, api_key, allowed_hosts, max_body, read_timeout))
     server.url = f"http://{host}:{server.server_address[1]}" if ":" not in host else \
         f"http://[{host}]:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="mcl-http",

@@ -193,12 +193,18 @@ def test_stalled_and_dribbling_clients_are_dropped():
     backend = EchoBackend()
     server = serve(backend, read_timeout=0.5)
     try:
+        threads_before = threading.active_count()
         stalled = []
-        for _ in range(20):                                    # body promised, never sent
+        for i in range(100):                                   # headers cut short, or a body promised, never sent
             s = socket.create_connection(server.server_address[:2])
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                      (b"Content-Length: 100\r\n\r\n{" if i % 2 else b"Content-Le"))
             stalled.append(s)
         assert all(_closed_within(s, 5) for s in stalled)
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads_before + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= threads_before + 5, "stalled connections still hold their threads"
         d = socket.create_connection(server.server_address[:2])  # a byte every 0.2 s: under the per-read timeout
         t0, closed = time.monotonic(), False
         try:
@@ -351,6 +357,19 @@ def test_non_loopback_host_is_refused_before_the_model_loads(monkeypatch):
     server.server_close()
 
 
+def test_ipv6_loopback():
+    try:
+        server = serve(EchoBackend(), host="::1")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        c = HTTPBackend(server.url, model="coder", retries=0).chat("coder", MSGS, 5)
+        assert server.url.startswith("http://[::1]:") and c.error is None and c.text == "[coder] hello there"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --- streaming ------------------------------------------------------------------------------------------------
 
 def _sse(server, body):
@@ -400,9 +419,9 @@ def test_streaming_through_the_real_scheduler():
 # --- load -------------------------------------------------------------------------------------------------------
 
 def test_load_64_concurrent_clients_no_resets_invalid_ones_isolated():
-    """64 clients connect at once (a barrier), each sends 4 requests on its own connection: 3 valid, 1 invalid
-    (NaN temperature, stop [5], max_tokens 'many' or an unknown role, in turn). Within 120 s: no reset, every
-    valid answer is its own echo, every invalid one a 400."""
+    """64 clients connect at once (a barrier), each sends 4 requests on its own connection: 3 valid (one of them
+    streamed for half the clients), 1 invalid (NaN temperature, stop [5], max_tokens 'many' or an unknown role,
+    in turn). Within 120 s: no reset, every valid answer is its own echo, every invalid one a 400."""
     backend = EchoBackend(delay=0.02)
     server = serve(backend)
     n_clients, per_client = 64, 4
@@ -410,7 +429,7 @@ def test_load_64_concurrent_clients_no_resets_invalid_ones_isolated():
            json.dumps(ok_body(stop=[5])).encode(), json.dumps(ok_body(max_tokens="many")).encode(),
            json.dumps(ok_body(messages=[{"role": "robot", "content": "x"}])).encode()]
     barrier = threading.Barrier(n_clients)
-    results, errors = [], []
+    results, errors, stream_count = [], [], []
 
     def client(i):
         try:
@@ -418,11 +437,23 @@ def test_load_64_concurrent_clients_no_resets_invalid_ones_isolated():
             conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
             for j in range(per_client):
                 invalid = j == i % per_client
+                stream = not invalid and i % 2 == 0 and j == (i + 1) % per_client
                 body = bad[i % len(bad)] if invalid else json.dumps(
-                    {"model": "planner", "messages": [{"role": "user", "content": f"c{i} r{j}"}]}).encode()
+                    {"model": "planner", "messages": [{"role": "user", "content": f"c{i} r{j}"}],
+                     "stream": stream}).encode()
                 conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
                 r = conn.getresponse()
-                out = json.loads(r.read())
+                raw = r.read()
+                if stream:                                            # SSE -> the same shape as a plain answer
+                    events = [e[6:] for e in raw.decode().split("\n\n") if e.startswith("data: ")]
+                    assert events[-1] == "[DONE]", events
+                    chunks = [json.loads(e) for e in events[:-1]]
+                    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+                    out = {"object": "chat.completion", "usage": {"total_tokens": 15},
+                           "choices": [{"message": {"content": text}}]}
+                    stream_count.append(1)
+                else:
+                    out = json.loads(raw)
                 results.append((invalid, r.status, out, f"c{i} r{j}"))
             conn.close()
         except Exception as e:                                     # noqa: BLE001 -- counted and reported
@@ -446,7 +477,9 @@ def test_load_64_concurrent_clients_no_resets_invalid_ones_isolated():
                 assert status == 200 and out["choices"][0]["message"]["content"] == f"[planner] {tag}", out
                 assert out["object"] == "chat.completion" and out["usage"]["total_tokens"] == 15
         assert len(backend.calls) == n_clients * (per_client - 1)     # nothing invalid reached the backend
-        print(f"load: {n_clients} clients x {per_client} requests in {took:.1f} s, 0 errors")
+        assert len(stream_count) == n_clients // 2
+        print(f"load: {n_clients} clients x {per_client} requests ({n_clients} invalid, {len(stream_count)} "
+              f"streamed) in {took:.1f} s, 0 errors")
     finally:
         server.shutdown()
         server.server_close()
