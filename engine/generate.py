@@ -112,7 +112,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 
 
     on_token(row, token_id) is called as tokens are produced (streaming). Stops per row on an EOS id,
     on a stop string (needs `tokenizer`) or after its max_new_tokens."""
-    dev = next(model.parameters()).device
+    dev = model.device
     B = len(prompts)
     ctx = model.cfg.max_seq_len if cache is None else cache.max_len
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)

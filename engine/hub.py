@@ -181,16 +181,21 @@ def resolve(name_or_path) -> Path:
                      f"or a .gguf file")
 
 
-def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
+def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", dense_fallback: bool = False):
     """(engine.model.Transformer in eval mode, engine.tokenizer.Tokenizer) for an embedded name, an HF directory
     (config.json + safetensors + tokenizer.json) or a .gguf file. device: default cuda when available;
     dtype: torch dtype or its name, default bfloat16 on cuda, float32 on cpu.
-    weights: "fp32" (exact), or on the CPU "bf16" / "q4": packed inference copies (engine/quant.py); "q4" keeps a
-    GGUF's Q4_0/Q4_1 tensors 4-bit. The model's `pack_stats` says what was packed."""
+    weights: "fp32" (exact; what training needs), or on the CPU "bf16" (dense bf16 copies beside the fp32 weights)
+    or "q4": inference only, every GGUF block type kept packed (engine/quant.py), read straight from the file with
+    no fp32 copy; a type we do not pack is an error naming the tensor unless dense_fallback. An HF directory under
+    "q4" is re-quantised to Q8_0's layout. The model's `pack_stats` says what was packed."""
     from engine.model import Transformer
+    from engine.quant import MODES, load_gguf_packed, pack_dense_model, pack_model_bf16
     from engine.tokenizer import Tokenizer
     from engine.weights import load_gguf, load_hf_dir, open_gguf
 
+    if weights not in MODES:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(MODES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -198,15 +203,20 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
+    if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"weights={weights!r} packs for the CPU with float32 activations; on {device.type} load "
+                         f"with weights='fp32' (and dtype=bfloat16)")
 
     path = resolve(name_or_path)
+    if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout
+        reader = open_gguf(path)
+        model, meta = load_gguf_packed(path, reader, dense_fallback=dense_fallback)
+        return model, Tokenizer.from_gguf(meta, source=str(path))
     if path.is_dir():
         cfg, sd = load_hf_dir(path, dtype=dtype)
-        reader = None
         tok = Tokenizer.from_file(path / "tokenizer.json")
     else:
-        reader = open_gguf(path)                   # once: the q4 path below reads the same file's blocks
-        cfg, sd, meta = load_gguf(path, dtype=dtype, reader=reader)
+        cfg, sd, meta = load_gguf(path, dtype=dtype)
         tok = Tokenizer.from_gguf(meta, source=str(path))
 
     with torch.device("meta"):                     # no random init: every parameter comes from the checkpoint
@@ -220,13 +230,11 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32"):
                                        f"checkpoint and has no value; hub.load_model cannot build it")
                 mod.register_buffer(b_name, torch.empty(b.shape, dtype=b.dtype), persistent=False)
     model = model.to(device).eval()
-    if weights != "fp32":
-        from engine.quant import pack_model
-        from engine.weights import load_gguf_q4
-        q4 = load_gguf_q4(path, cfg, reader=reader) if weights == "q4" and not path.is_dir() else None
-        model.pack_stats = pack_model(model, weights, q4)
+    if weights == "bf16":
+        model.pack_stats = pack_model_bf16(model)
+    elif weights == "q4":
+        model = pack_dense_model(model)
     return model, tok
-
 
 if __name__ == "__main__":
     for n in sys.argv[1:] or ["smollm2-135m"]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.lora import LoRABatch, LoRALinear
+from engine.quant import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -63,13 +64,23 @@ class Attention(nn.Module):
         self.k_proj = LoRALinear(cfg.dim, nkv * hd, bias=cfg.qkv_bias)
         self.v_proj = LoRALinear(cfg.dim, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = LoRALinear(nh * hd, cfg.dim, bias=False)
+        self.qkv_packed = None      # engine.quant.PackedLinear of q|k|v stacked (CPU inference): one call, see fuse()
+
+    def fuse(self) -> None:
+        """Stack the packed q, k, v projections into one (when their layouts allow; see PackedLinear.cat)."""
+        self.qkv_packed = PackedLinear.cat([p.packed for p in (self.q_proj, self.k_proj, self.v_proj)])
 
     def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q = self.q_proj(x, lora).view(B, T, nh, hd).transpose(1, 2)      # (B, nh, T, hd)
-        k = self.k_proj(x, lora).view(B, T, nkv, hd).transpose(1, 2)     # (B, nkv, T, hd)
-        v = self.v_proj(x, lora).view(B, T, nkv, hd).transpose(1, 2)     # (B, nkv, T, hd)
+        if self.qkv_packed is not None and not torch.is_grad_enabled():
+            q, k, v = self.qkv_packed(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = (_finish(p, x, y, lora) for p, y in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        else:
+            q, k, v = self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
+        q = q.view(B, T, nh, hd).transpose(1, 2)                          # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)                         # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)                         # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             # Whole sequences from position 0: plain causal attention (right padding never leaks left).
@@ -108,9 +119,29 @@ class MLP(nn.Module):
         self.gate_proj = LoRALinear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = LoRALinear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_up_packed = None  # engine.quant.PackedLinear of gate|up stacked (CPU inference), see fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_packed = PackedLinear.cat([self.gate_proj.packed, self.up_proj.packed])
 
     def forward(self, x, lora):
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        if self.gate_up_packed is not None and not torch.is_grad_enabled():
+            g, u = self.gate_up_packed(x).chunk(2, dim=-1)
+            g, u = _finish(self.gate_proj, x, g, lora), _finish(self.up_proj, x, u, lora)
+        else:
+            g, u = self.gate_proj(x, lora), self.up_proj(x, lora)
+        return self.down_proj(F.silu(g) * u, lora)
+
+
+def _finish(proj: LoRALinear, x, y, lora):
+    """A fused call's slice y = x W^T of projection `proj` -> + bias + the adapters' delta (as LoRALinear does)."""
+    if proj.bias is not None:
+        y = y + proj.bias
+    if lora is not None and proj.lora_A is not None and lora.seg.n_lora:
+        from kernels.multi_lora import multi_lora_torch
+        shape_only = x.new_empty(()).expand(proj.out_features, proj.in_features)    # the weight may be meta (q4)
+        y = multi_lora_torch(x, shape_only, None, proj.lora_A, proj.lora_B, proj.lora_scale, lora.seg, base_out=y)
+    return y
 
 
 class Block(nn.Module):
@@ -145,7 +176,22 @@ class Transformer(nn.Module):
         self.adapter_names: list[str] = []      # adapter id i <-> adapter_names[i]; see engine.lora.add_adapters
         self.lora_backend = "auto"              # "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"
         self.gradient_checkpointing = False
-        self.output_packed = None               # engine.quant.PackedLinear copy of the LM head (CPU inference)
+        self.adapter_specs: list = []           # engine.lora.AdapterSpec per adapter, same order as adapter_names
+        # CPU inference (engine/quant.py, engine.hub.load_model's `weights`):
+        self.output_packed: PackedLinear | None = None   # the LM head, packed
+        self.embed_packed: PackedLinear | None = None    # the embedding table, packed (weights="q4"; rows looked up)
+        self.inference_only = False             # weights="q4": projection weights live only in packed form (meta)
+        self.pack_stats: dict = {}              # what was packed: counts per layout, bytes one decode step reads
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def fuse_packed(self) -> None:
+        """Fused QKV and gate/up calls from the projections' packed copies (CPU inference)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -182,6 +228,9 @@ class Transformer(nn.Module):
                      head itself (engine/chunked_ce.py: the head and the loss in chunks, in training).
         """
         B, T = tokens.shape
+        if self.inference_only and torch.is_grad_enabled():
+            raise RuntimeError("this model was loaded for inference (weights='q4': packed weights, no fp32 copy); "
+                               "call it under torch.inference_mode() or load with weights='fp32' to train")
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         if kv_cache is not None and kv_len is None:
@@ -191,7 +240,10 @@ class Transformer(nn.Module):
         if lora is None and adapter_ids is not None and self.adapter_names:
             lora = LoRABatch.from_ids(adapter_ids, B, T, len(self.adapter_names), self.lora_backend)
 
-        x = self.model.embed_tokens(tokens)                                   # (B, T, dim)
+        if self.embed_packed is not None:
+            x = self.embed_packed.embed(tokens)                               # (B, T, dim)
+        else:
+            x = self.model.embed_tokens(tokens)                               # (B, T, dim)
         cos, sin = rope_cos_sin(self.cfg, input_pos, x.dtype)                 # (B, T, hd)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
@@ -207,7 +259,7 @@ class Transformer(nn.Module):
         if return_hidden:
             return x                                                          # (B, T|1, dim) or (K, dim)
         if self.output_packed is not None and not torch.is_grad_enabled():
-            return self.output_packed(x)                                      # (B, T|1, V), see engine/quant.py
+            return self.output_packed(x).to(x.dtype)                          # (B, T|1, V), see engine/quant.py
         return F.linear(x, self.output_weight)                                # (B, T|1, V)
 
     def num_params(self, trainable_only: bool = False) -> int:

@@ -1,29 +1,33 @@
-"""Packed weights for fast CPU inference: GGUF 4-bit blocks kept 4-bit, everything else in bf16.
+"""Packed weights for fast CPU inference: a GGUF's quantised blocks kept in (nearly) their own size, no fp32 copy.
 
-A decode step of a small model on the CPU streams every weight once (SmolLM2-135M in fp32: 540 MB per step),
-so its speed is bytes per step. `pack_model` attaches to every projection (and the LM head) a `PackedLinear`
-that reads fewer bytes; the fp32 parameters stay the source of truth (training, LoRA merge, state dicts).
+A batch-1 decode step streams every weight once, so its speed is bytes per step and the work done per byte.
+`PackedLinear` holds one projection in the layout of engine/qmatmul.c (integer values + fp32 per-group scales and
+optional mins) and multiplies through that kernel: activations quantised to int8 per 32 inputs, exact integer
+block dot products, as llama.cpp does on the CPU.
 
-    model, tok = engine.hub.load_model("smollm2-135m", weights="q4")   # or weights="bf16"; default "fp32"
+    model, tok = engine.hub.load_model("qwen2.5-coder-0.5b", weights="q4")   # GGUF read straight into this layout
+    pk = PackedLinear.from_gguf(raw_bytes, "Q6_K", n_rows, n_cols)          # one tensor
+    y = pk(x)                                                                # x (..., in) -> (..., out), fp32
 
-Modes:
-  fp32  nothing packed: the exact reference (parity with transformers).
-  bf16  every projection and the LM head as a dense bf16 copy; activations are rounded to bf16 at the matmul
-        input, accumulate in fp32 inside oneDNN, and come back in the model dtype (the residual stream, norms,
-        attention and softmax stay fp32).
-  q4    as bf16, and the GGUF tensors stored as Q4_0 / Q4_1 are multiplied in their 4-bit form by torch's CPU
-        int4 kernel (aten._weight_int4pack_mm_for_cpu, the kernel behind torchao's int4 weight-only CPU path)
-        for calls of at most Q4_MAX_ROWS rows (decode); longer calls (prefill chunks) use the dense bf16 copy,
-        where a GEMM beats unpacking.
+Modes (engine.hub.load_model's `weights`):
+  fp32  nothing packed: the exact reference (parity with transformers), and what training loads.
+  bf16  every projection and the LM head as a dense bf16 copy beside the fp32 weights (as before).
+  q4    inference only: every GGUF tensor of a packed block type goes into its layout below, the model holds no fp32
+        projection weights (they stay on the meta device); embeddings are looked up from the packed rows. An HF
+        directory is re-quantised to Q8_0's layout. The name is kept from when only Q4_0/Q4_1 stayed 4-bit.
 
-The 4-bit form is the file's own, not a re-quantisation. GGUF blocks hold 32 weights of one row:
-  Q4_1: w = d * q + m          (q in 0..15, d and m fp16)
-  Q4_0: w = d * (q - 8)
-and the int4 kernel computes w = (q - 8) * scale + zero per group of 32 along the input dimension, so
-Q4_1 -> scale = d, zero = m + 8 d and Q4_0 -> scale = d, zero = 0. The kernel takes scale and zero in bf16 (8-bit
-mantissa), so weights differ from the file's by at most one bf16 rounding of d and of the zero, the same
-order as the bf16 rounding of the activations. tests/test_quant.py checks the packed layers against the
-dequantised weights and greedy decoding against the fp32 model.
+Layouts (w = scale * q + min per group of G inputs along a row; all exact: the integers and fp32 scales the file
+encodes, tests/test_quant.py checks each against the gguf package's dequantisation):
+  type  bits/w in file  stored as                                        bits/w here
+  Q4_0  4.5             kind 4 nibbles, scale d, min -8d, G 32            4 + 64/32 = 6
+  Q4_1  5               kind 4 nibbles, scale d, min m, G 32              6
+  Q4_K  4.5             kind 4 nibbles, scale d*sc, min -dmin*m, G 32     6    (6-bit sub-block scales and mins)
+  Q5_0  5.5             kind 8 int8 q-16, scale d, G 32                   9
+  Q8_0  8.5             kind 8 int8 q, scale d, G 32                      9
+  Q6_K  6.56            kind 8 int8 q-32, scale d*sc, G 16                10   (16-input sub-blocks)
+Scales and mins are fp32 because d*sc (fp16 x 6 or 8 bits) does not fit fp16/bf16 exactly. Types we do not pack
+(Q5_1, Q2_K, Q3_K, Q5_K, IQ*, and dense F32/F16 projections) raise an error naming the tensor, or with
+`dense_fallback=True` are dequantised to a dense fp32 weight.
 """
 from __future__ import annotations
 
@@ -32,97 +36,283 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("fp32", "bf16", "q4")
-GROUP = 32                     # GGUF Q4 block size = int4 kernel group size
-Q4_MAX_ROWS = 32               # above this many rows per call the dense bf16 GEMM is faster on this CPU
+BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_0": (32, 22), "Q8_0": (32, 34),
+               "Q6_K": (256, 210)}                       # type -> (weights per block, bytes per block)
+PACKED_TYPES = tuple(BLOCK_BYTES)
 
 
 class PackedLinear:
-    """y = x W^T in reduced precision. dense: (out, in) bf16; q4 / q4_scale_zero: the int4 kernel's operands."""
+    """y = x W^T with W (out, in) in engine/qmatmul.c's layout (kind 8 or 4) or, for kind 0, a dense tensor.
 
-    def __init__(self, dense: torch.Tensor, q4: torch.Tensor | None = None, q4_scale_zero: torch.Tensor | None = None):
-        self.dense, self.q4, self.q4_scale_zero = dense, q4, q4_scale_zero
+    w: int8 (out, in) for kind 8, uint8 (out, in/2) for kind 4, the dense weight for kind 0; scale / wmin: fp32
+    (out, in/group), wmin None when every min is zero."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) of any float dtype -> (..., out) in x's dtype."""
-        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.q4 is not None and xb.shape[0] <= Q4_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.q4, GROUP, self.q4_scale_zero)
+    def __init__(self, kind: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
+                 wmin: torch.Tensor | None = None, source: str = ""):
+        if kind not in (0, 4, 8) or (kind and group not in (16, 32)) or (kind == 4 and group != 32):
+            raise ValueError(f"PackedLinear: kind {kind} with group {group} is not a layout of engine/qmatmul.c")
+        self.kind, self.group, self.w, self.scale, self.wmin, self.source = kind, group, w, scale, wmin, source
+        self.out_features = w.shape[0]
+        self.in_features = w.shape[1] * (2 if kind == 4 else 1)
+
+    # --- use --------------------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) of any float dtype -> (..., out) fp32."""
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind == 0:
+            y = F.linear(x2.to(self.w.dtype), self.w).float()
         else:
-            y = F.linear(xb, self.dense)
-        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+            from engine.cpu_kernels import qmatmul
+            y = qmatmul(x2, self.w, self.scale, self.wmin, self.kind, self.group, out=out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights the kernel multiplies by, fp32 (out, in), or just `rows` (an embedding lookup)."""
+        from engine.cpu_kernels import dequantize
+        if self.kind == 0:
+            return (self.w if rows is None else self.w[rows]).float()
+        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
+        return dequantize(pick(self.w), pick(self.scale), pick(self.wmin), self.kind, self.group)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> rows (B, T, in) fp32: the embedding table kept in its packed form."""
+        return self.dequantize(tokens.reshape(-1)).view(*tokens.shape, self.in_features)
 
     def nbytes(self) -> int:
-        """Bytes a small-batch call reads: the 4-bit form when there is one, else the dense copy."""
-        if self.q4 is not None:
-            return self.q4.numel() * self.q4.element_size() + self.q4_scale_zero.numel() * 2
-        return self.dense.numel() * self.dense.element_size()
+        """Bytes one call reads."""
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.wmin) if t is not None)
+
+    def permute_rows(self, perm: torch.Tensor) -> "PackedLinear":
+        pick = lambda t: None if t is None else t[perm].contiguous()
+        return PackedLinear(self.kind, self.group, pick(self.w), pick(self.scale), pick(self.wmin), self.source)
+
+    @staticmethod
+    def cat(parts: list["PackedLinear"]) -> "PackedLinear | None":
+        """Stack projections along the output (fused QKV, gate/up): one call instead of several. Kind 8 parts of
+        group 32 and 16 meet at group 16 (each scale repeated: exact). None when the kinds differ."""
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1 or 0 in kinds:
+            return None
+        group = min(p.group for p in parts)
+
+        def scales(p, t):
+            if t is None:
+                return torch.zeros(p.out_features, p.in_features // group) if any(q.wmin is not None for q in parts) else None
+            return t.repeat_interleave(p.group // group, dim=1)
+        w = torch.cat([p.w for p in parts])
+        sc = torch.cat([scales(p, p.scale) for p in parts])
+        mins = [scales(p, p.wmin) for p in parts]
+        mn = None if mins[0] is None else torch.cat(mins)
+        return PackedLinear(parts[0].kind, group, w, sc, mn, "+".join(p.source for p in parts))
+
+    # --- building ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, data: np.ndarray, type_name: str, n_rows: int, n_cols: int, name: str = "tensor") -> "PackedLinear":
+        """Raw GGUF bytes of one (n_rows, n_cols) tensor -> its packed layout (see the table above)."""
+        if type_name not in BLOCK_BYTES:
+            raise ValueError(f"{name}: GGUF block type {type_name} is not packed (packed: {', '.join(PACKED_TYPES)}); "
+                             f"load with dense_fallback=True to dequantise it to fp32")
+        per, nbytes = BLOCK_BYTES[type_name]
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if n_cols % per or raw.size != n_rows * n_cols // per * nbytes:
+            raise ValueError(f"{name}: {type_name} data of {raw.size} bytes does not hold {n_rows}x{n_cols} weights")
+        raw = raw.reshape(-1, nbytes)                                              # (blocks, bytes)
+        kind, group, w, scale, wmin = _DECODERS[type_name](raw)
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(n_rows, -1)
+        return cls(kind, group, t(w), t(scale), t(wmin), type_name)
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> "PackedLinear":
+        """A dense (out, in) weight re-quantised to Q8_0's layout (int8 per 32 inputs, scale amax / 127): for HF
+        directories and tests. in % 32 != 0 keeps the weight dense (kind 0)."""
+        n, k = w.shape
+        if k % 32:
+            return cls(0, 32, w.detach().float().contiguous(), source="dense")
+        wb = w.detach().float().reshape(n, k // 32, 32)
+        d = wb.abs().amax(-1) / 127
+        q = (wb / torch.where(d > 0, d, 1)[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(8, 32, q.reshape(n, k).contiguous(), d.contiguous(), None, "requant_q8_0")
 
 
-# --- GGUF 4-bit blocks ------------------------------------------------------------------------------------------
-
-def gguf_q4_rows(data: np.ndarray, type_name: str, n_rows: int, n_cols: int):
-    """Raw GGUF Q4_0/Q4_1 bytes -> (q uint8 (rows, cols) in 0..15, scale fp32 (rows, cols/32), zero fp32 (rows, cols/32))
-    in the int4 kernel's convention w = (q - 8) * scale + zero. In a block, byte j holds element j in its low
-    nibble and element j + 16 in its high nibble."""
-    block = {"Q4_0": 18, "Q4_1": 20}[type_name]
-    raw = np.ascontiguousarray(data).reshape(-1, block)
-    if raw.shape[0] != n_rows * n_cols // GROUP:
-        raise ValueError(f"{type_name} tensor of {raw.shape[0]} blocks does not hold {n_rows}x{n_cols} weights")
-    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    qs = raw[:, block - 16:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=1)                                 # (blocks, 32)
-    if type_name == "Q4_1":
-        m = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
-        zero = m + 8 * d
-    else:
-        zero = np.zeros_like(d)
-    rows = lambda a: torch.from_numpy(np.ascontiguousarray(a)).reshape(n_rows, -1)
-    return rows(q), rows(d), rows(zero)
+def _f16(raw: np.ndarray, off: int) -> np.ndarray:
+    return raw[:, off:off + 2].copy().view(np.float16).astype(np.float32)[:, 0]
 
 
-def pack_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-    """q uint8 (out, in), scale/zero (out, in/32) -> the int4 kernel's (packed weight, scale_and_zero (in/32, out, 2) bf16)."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return packed, sz
+def _nibbles_to_blocks(q: np.ndarray) -> np.ndarray:
+    """q (blocks32, 32) in 0..15 -> (blocks32, 16) bytes, element j low nibble, element j + 16 high nibble."""
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
 
 
-def dequant_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The torch reference of what the kernel multiplies by: (q - 8) * scale + zero, fp32 (out, in)."""
-    s = scale.repeat_interleave(GROUP, dim=1)
-    z = zero.repeat_interleave(GROUP, dim=1)
-    return (q.float() - 8) * s + z
+def _q4_0(raw):
+    d = _f16(raw, 0)
+    return 4, 32, raw[:, 2:18], d, -8 * d
 
 
-# --- whole models -----------------------------------------------------------------------------------------------
+def _q4_1(raw):
+    return 4, 32, raw[:, 4:20], _f16(raw, 0), _f16(raw, 2)
 
-def pack_model(model, mode: str, q4_tensors: dict | None = None) -> dict:
-    """Attach PackedLinear copies to `model`'s projections and LM head (CPU, after the model is on its device).
 
-    q4_tensors: HF weight name -> (q, scale, zero) from `gguf_q4_rows` (engine.weights.load_gguf_q4).
-    Returns counts and bytes per step (what a small-batch decode reads) for logs."""
+def _q8_0(raw):
+    return 8, 32, raw[:, 2:34].view(np.int8), _f16(raw, 0), None
+
+
+def _q5_0(raw):
+    d = _f16(raw, 0)
+    qh = raw[:, 2:6].copy().view("<u4")[:, 0]                                      # bit j = high bit of element j
+    qs = raw[:, 6:22]
+    lo = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int16)             # (blocks, 32)
+    hi = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
+    return 8, 32, ((lo | (hi << 4)) - 16).astype(np.int8), d, None
+
+
+def _q4_k(raw):
+    """ggml's block_q4_K: d, dmin (fp16), 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles; in each
+    64-input chunk j the 32 bytes hold sub-block 2j in their low and 2j+1 in their high nibbles."""
+    d, dmin = _f16(raw, 0), _f16(raw, 2)
+    s = raw[:, 4:16].astype(np.int32)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)    # (blocks, 8)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    qs = raw[:, 16:144].reshape(-1, 4, 32)
+    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 32)                       # (blocks * 8, 32) sub-blocks
+    scale = (d[:, None] * sc).astype(np.float32)
+    wmin = (-(dmin[:, None] * mn)).astype(np.float32)
+    return 4, 32, _nibbles_to_blocks(q), scale, wmin
+
+
+def _q6_k(raw):
+    """ggml's block_q6_K: 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, d (fp16)."""
+    ql, qh = raw[:, 0:128].reshape(-1, 2, 64), raw[:, 128:192].reshape(-1, 2, 32)
+    sc = raw[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16(raw, 208)
+    a, b = ql[:, :, :32], ql[:, :, 32:]
+    q = np.stack([(a & 15) | ((qh & 3) << 4), (b & 15) | (((qh >> 2) & 3) << 4),
+                  (a >> 4) | (((qh >> 4) & 3) << 4), (b >> 4) | (((qh >> 6) & 3) << 4)], axis=2)  # (blocks, 2, 4, 32)
+    q = (q.reshape(-1, 256).astype(np.int16) - 32).astype(np.int8)
+    return 8, 16, q, (d[:, None] * sc).astype(np.float32), None
+
+
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q6_K": _q6_k}
+
+
+# --- the bf16 mode: dense copies beside the fp32 model -------------------------------------------------------------
+
+def pack_model_bf16(model) -> dict:
+    """Attach dense bf16 PackedLinear copies to every projection and the LM head of an fp32 CPU model."""
     from engine.lora import LoRALinear
-    if mode not in MODES:
-        raise ValueError(f"weights={mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "fp32":
-        return {"weights": "fp32", "packed_q4": 0, "dense_bf16": 0}
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError(f"weights={mode!r} packs for the CPU kernels; on CUDA load with dtype=bfloat16 instead")
-    q4_tensors = q4_tensors or {}
-    n_q4 = n_dense = step_bytes = 0
+    if model.device.type != "cpu":
+        raise ValueError("weights='bf16' packs for the CPU; on CUDA load with dtype=bfloat16 instead")
+    n = step_bytes = 0
     with torch.no_grad():
-        for name, mod in model.named_modules():
-            if not isinstance(mod, LoRALinear):
-                continue
-            pk = PackedLinear(mod.weight.to(torch.bfloat16))
-            entry = q4_tensors.get(f"{name}.weight") if mode == "q4" else None
-            if entry is not None:
-                pk.q4, pk.q4_scale_zero = pack_q4(*entry)
-                n_q4 += 1
-            else:
-                n_dense += 1
-            mod.packed = pk
-            step_bytes += pk.nbytes()
-        model.output_packed = PackedLinear(model.output_weight.to(torch.bfloat16))
+        for mod in model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.packed = PackedLinear(0, 32, mod.weight.to(torch.bfloat16), source="bf16")
+                step_bytes += mod.packed.nbytes()
+                n += 1
+        model.output_packed = PackedLinear(0, 32, model.output_weight.to(torch.bfloat16), source="bf16")
         step_bytes += model.output_packed.nbytes()
-    return {"weights": mode, "packed_q4": n_q4, "dense_bf16": n_dense + 1, "step_bytes": step_bytes}
+    return {"weights": "bf16", "packed": {"bf16": n + 1}, "step_bytes": step_bytes}
+
+
+# --- the q4 mode: a model that holds only packed weights -----------------------------------------------------------
+
+def _finish_inference_model(model, stats: dict):
+    """Shared tail of both q4 loaders: meta buffers made real, tied head, fused calls, flags."""
+    from engine.lora import LoRALinear
+    for mod_name, mod in model.named_modules():                   # non-persistent buffers (empty LoRA scales)
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b.is_meta:
+                mod.register_buffer(b_name, torch.empty(b.shape, dtype=b.dtype), persistent=False)
+    missing = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.packed is None]
+    if missing or model.embed_packed is None:
+        raise ValueError(f"no packed weight for {(missing or ['model.embed_tokens'])[0]} ({len(missing)} projections missing)")
+    if model.output_packed is None:
+        model.output_packed = model.embed_packed                  # tied LM head: one copy serves both
+    model.inference_only = True
+    model.fuse_packed()
+    stats["step_bytes"] = sum(m.packed.nbytes() for m in model.modules() if isinstance(m, LoRALinear)) + \
+        model.output_packed.nbytes()
+    stats["fused"] = sum(layer.self_attn.qkv_packed is not None for layer in model.model.layers) + \
+        sum(layer.mlp.gate_up_packed is not None for layer in model.model.layers)
+    model.pack_stats = stats
+    return model.eval()
+
+
+def load_gguf_packed(path, reader, dense_fallback: bool = False):
+    """A GGUF file -> (Transformer for CPU inference, metadata): every 2-D tensor read from its blocks straight into
+    a PackedLinear (a few MB of scratch at a time, never the fp32 model); norms and biases fp32.
+
+    A tensor whose block type is not packed raises ValueError naming it, unless dense_fallback (then fp32 dense)."""
+    from gguf.quants import dequantize
+
+    from engine.model import Transformer
+    from engine.weights import _unpermute, gguf_config, gguf_metadata, gguf_to_hf_name
+    source = str(path)
+    meta = gguf_metadata(reader)
+    shapes = {t.name: t.shape for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{source}: no tensor token_embd.weight")
+    cfg = gguf_config(meta, vocab_size=int(shapes["token_embd.weight"][1]), has_output="output.weight" in shapes,
+                      source=source)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    small, stats = {}, {"weights": "q4", "packed": {}}
+    for t in reader.tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            raise ValueError(f"{source}: unexpected tensor {t.name!r} (type {t.tensor_type.name})")
+        if t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{source}: truncated GGUF file: tensor {t.name} has {t.data.nbytes} of {t.n_bytes} bytes")
+        kind = t.tensor_type.name
+        heads = cfg.n_heads if "q_proj" in hf else cfg.n_kv_heads if "k_proj" in hf else 0
+        if len(t.shape) == 2 and hf.endswith(".weight"):
+            n_cols, n_rows = (int(d) for d in t.shape)
+            if kind in PACKED_TYPES:
+                pk = PackedLinear.from_gguf(t.data, kind, n_rows, n_cols, name=f"{source}: tensor {t.name}")
+            elif dense_fallback:
+                w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(n_rows, n_cols)
+                pk = PackedLinear(0, 32, torch.from_numpy(w.copy()), source=f"dense({kind})")
+            else:
+                raise ValueError(f"{source}: tensor {t.name} has GGUF type {kind}, which weights='q4' does not pack "
+                                 f"(packed: {', '.join(PACKED_TYPES)}); pass dense_fallback=True to load it as "
+                                 f"dense fp32, or load with weights='fp32'")
+            if cfg.arch == "llama" and heads:
+                pk = pk.permute_rows(_unpermute(torch.arange(n_rows), heads))
+            stats["packed"][pk.source] = stats["packed"].get(pk.source, 0) + 1
+            if hf == "model.embed_tokens.weight":
+                model.embed_packed = pk
+            elif hf == "lm_head.weight":
+                model.output_packed = pk
+            else:
+                model.get_submodule(hf.removesuffix(".weight")).packed = pk
+        else:
+            arr = dequantize(t.data, t.tensor_type)
+            w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape))))
+            small[hf] = _unpermute(w, heads) if cfg.arch == "llama" and heads else w
+    missing, unexpected = model.load_state_dict(small, strict=False, assign=True)
+    absent = [k for k in missing if not k.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))]
+    if absent or unexpected:
+        raise ValueError(f"{source}: missing tensors {absent[:5]}, unexpected {list(unexpected)[:5]}")
+    return _finish_inference_model(model, stats), meta
+
+
+def pack_dense_model(model):
+    """An fp32 CPU model (HF directory, tests) -> the same model holding only packed weights: every projection, the
+    embeddings and the LM head re-quantised to Q8_0's layout (PackedLinear.from_dense); fp32 weights dropped."""
+    from engine.lora import LoRALinear
+    if model.device.type != "cpu":
+        raise ValueError("weights='q4' packs for the CPU kernels; on CUDA load with dtype=bfloat16 instead")
+    stats = {"weights": "q4", "packed": {}}
+    meta = lambda p: torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.packed = PackedLinear.from_dense(mod.weight)
+                mod.weight = meta(mod.weight)
+                stats["packed"][mod.packed.source] = stats["packed"].get(mod.packed.source, 0) + 1
+        emb = model.model.embed_tokens
+        model.embed_packed = PackedLinear.from_dense(emb.weight)
+        if model.lm_head is not None:
+            model.output_packed = PackedLinear.from_dense(model.lm_head.weight)
+            model.lm_head.weight = meta(model.lm_head.weight)
+        emb.weight = meta(emb.weight)
+    return _finish_inference_model(model, stats)

@@ -77,7 +77,7 @@ class Scheduler:
                  max_prefill_rows: int = 8, log_batches: bool = False, ignore_eos: bool = False,
                  prefix_cache: bool = True, prefix_min: int = 16):
         self.model, self.tok = model, tokenizer
-        dev = next(model.parameters()).device
+        dev = model.device
         self.device = dev
         self.cache = KVCache(model.cfg, n_slots, max_len, dtype=model.output_weight.dtype, device=dev)
         self.max_len = self.cache.max_len
