@@ -26,7 +26,10 @@ Time: every parser is linear in the answer's length (no regular expression here 
 quadratically; tests/agents/test_agents_parsers.py times adversarial 100 kB answers). Checking that a
 candidate compiles is the one costly step (CPython compiles ~1 us/char), so one parse call compiles at
 most COMPILE_BUDGET characters in all and no candidate over MAX_COMPILE characters: past either limit
-`compiles` answers False ("not checked"), and a fenced block is still taken as it is.
+`compiles` answers False ("not checked"), and a fenced block is still taken as it is. Loops that run
+once per element are capped where a looping model could make them long: the first MAX_PROBLEMS <problem>
+elements are read (a repair says so), an unfenced region's end is looked for among the first
+PROSE_CANDIDATES prose-looking lines.
 
 Every public parser is wrapped by `_never_raises`: a bug here turns into a FormatFailure whose reason
 starts with "parser error", not into a crashed evaluation; tests/agents fuzz the unwrapped functions.
@@ -34,6 +37,7 @@ starts with "parser error", not into a crashed evaluation; tests/agents fuzz the
 from __future__ import annotations
 
 import ast
+import bisect
 import collections
 import contextvars
 import functools
@@ -138,8 +142,9 @@ def _compile_budget(fn):
     return run
 
 
-_compiled: collections.OrderedDict[str, bool] = collections.OrderedDict()     # code -> compiles? (LRU, 1024)
+_compiled: dict[str, bool] = {}            # code -> compiles? (the 1024 newest; read without the lock)
 _compiled_lock = threading.Lock()
+COMPILE_CALL_CHARS = 64                    # what one compile() call costs on top of its text, in characters
 
 
 def compiles(code: str) -> bool:
@@ -147,15 +152,15 @@ def compiles(code: str) -> bool:
     Inside a parse call, False also means "not checked": over MAX_COMPILE or past the call's budget."""
     if not code.strip():
         return False
-    with _compiled_lock:
-        if code in _compiled:
-            _compiled.move_to_end(code)
-            return _compiled[code]
+    known = _compiled.get(code)
+    if known is not None:
+        return known
     budget = _budget.get()
     if budget is not None:
-        if len(code) > MAX_COMPILE or len(code) > budget.chars:
+        cost = len(code) + COMPILE_CALL_CHARS
+        if len(code) > MAX_COMPILE or cost > budget.chars:
             return False
-        budget.chars -= len(code)
+        budget.chars -= cost
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                         # SyntaxWarning for odd escapes
@@ -166,7 +171,7 @@ def compiles(code: str) -> bool:
     with _compiled_lock:
         _compiled[code] = ok
         if len(_compiled) > 1024:
-            _compiled.popitem(last=False)
+            del _compiled[next(iter(_compiled))]           # the oldest
     return ok
 
 
@@ -200,23 +205,28 @@ def clean(text: str) -> str:
     return text.rstrip()
 
 
+_ENTITY = re.compile(r"&(lt|gt|amp|quot|#\d+);")
+
+
 def _unwrap(s: str) -> str:
     """Field text -> plain text: strip CDATA markers and XML escapes."""
     s = s.strip()
-    s = re.sub(r"^<!\[CDATA\[", "", s)
-    s = re.sub(r"\]\]>$", "", s.rstrip()).strip()
+    s = s.removeprefix("<![CDATA[")
+    s = s.rstrip().removesuffix("]]>").strip()
     s = s.replace("<![CDATA[", "").replace("]]>", "")
-    if re.search(r"&(lt|gt|amp|quot|#\d+);", s):
+    if _ENTITY.search(s):
         s = html.unescape(s)
     return s.strip()
 
 
 # --- XML-ish fields ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _open_re(tag: str) -> re.Pattern:
     return re.compile(rf"<\s*{tag}(?:\s[^<>]*)?>", re.I)
 
 
+@functools.lru_cache(maxsize=None)
 def _close_re(tag: str) -> re.Pattern:
     return re.compile(rf"<\s*/\s*{tag}\s*>", re.I)
 
@@ -252,6 +262,9 @@ def _strip_tags(s: str) -> str:
     return re.sub(r"</?[A-Za-z_][\w-]*>", "", s)
 
 
+MAX_PROBLEMS = 64
+
+
 @_compile_budget
 def _parse_retriever(text: str, k: int | None = None) -> Retrieval | FormatFailure:
     text = clean(text)
@@ -268,20 +281,26 @@ def _parse_retriever(text: str, k: int | None = None) -> Retrieval | FormatFailu
         if nxt and nxt.start() < end:
             end = nxt.start()
         body = text[: alg_at.start()] + "\n" + text[end:]
-    starts = [m for m in _PROBLEM_OPEN.finditer(body)]
+    # At most MAX_PROBLEMS elements are read (one more is found, to end the last one): a model that loops on
+    # <problem> costs time per element, and only the first k are used.
+    starts = list(itertools.islice(_PROBLEM_OPEN.finditer(body), MAX_PROBLEMS + 1))
     chunks = []
     if starts:
-        for i, m in enumerate(starts):
+        if len(starts) > MAX_PROBLEMS:
+            repairs.append(f"more than {MAX_PROBLEMS} <problem> elements: the rest not read")
+        for i, m in enumerate(starts[:MAX_PROBLEMS]):
             end = starts[i + 1].start() if i + 1 < len(starts) else len(body)
             c = _PROBLEM_CLOSE.search(body, m.end(), end)
             if not c:
                 repairs.append(f"unclosed <problem> {i + 1}")
             chunks.append(body[m.end(): c.start() if c else end])
     else:
-        descs = list(_open_re("description").finditer(body))
+        descs = list(itertools.islice(_open_re("description").finditer(body), MAX_PROBLEMS + 1))
         if descs:
             repairs.append("no <problem> elements: split on <description>")
-            for i, m in enumerate(descs):
+            if len(descs) > MAX_PROBLEMS:
+                repairs.append(f"more than {MAX_PROBLEMS} <description> elements: the rest not read")
+            for i, m in enumerate(descs[:MAX_PROBLEMS]):
                 end = descs[i + 1].start() if i + 1 < len(descs) else len(body)
                 chunks.append(body[m.start(): end])
     examples = []
@@ -464,18 +483,33 @@ def _is_prose(line: str) -> bool:
             and not compiles(s))
 
 
+PROSE_CANDIDATES = 2000
+
+
 def _code_region(text: str) -> str | None:
     """Unfenced answer: the first region that starts at a code-looking line, runs until a line of prose,
     and compiles (trailing lines are dropped a few at a time until it does).
 
-    Works on character offsets with whole-text regex searches (no Python loop over every line)."""
+    Works on character offsets with whole-text regex searches; prose lines are found by one scan shared by
+    all starts, which looks at no more than PROSE_CANDIDATES prose-looking lines (a region that long is far
+    past anything compiled: see MAX_COMPILE)."""
+    candidates = itertools.islice(_PROSE.finditer(text), PROSE_CANDIDATES)
+    prose: list[int] = []                               # offsets of prose lines found so far, in order
+
+    def first_prose_from(pos: int) -> int:
+        i = bisect.bisect_left(prose, pos)
+        if i < len(prose):
+            return prose[i]
+        for p in candidates:
+            if _is_prose(p.group()):
+                prose.append(p.start())
+                if p.start() >= pos:
+                    return p.start()
+        return len(text)
+
     for m in itertools.islice(_REGION_START.finditer(text), 8):
         s = m.start()
-        end = len(text)
-        for p in _PROSE.finditer(text, text.find("\n", s) + 1 or len(text)):
-            if _is_prose(p.group()):
-                end = p.start()
-                break
+        end = first_prose_from(text.find("\n", s) + 1 or len(text))
         for _ in range(12):
             chunk = text[s:end].rstrip()                # trailing blank lines out
             if not chunk:

@@ -253,6 +253,15 @@ def test_a_candidate_too_long_to_compile_is_still_taken():
     assert P.compiles(out.code)                                        # outside a parse call: no limit
 
 
+def test_a_retriever_looping_on_problems_is_read_up_to_the_cap():
+    one = "<problem><description>D{i}</description><code>x = {i}</code></problem>\n"
+    text = "".join(one.format(i=i) for i in range(P.MAX_PROBLEMS + 30)) + "<algorithm>Greedy</algorithm>"
+    out = P.parse_retriever(text, k=2)
+    assert [e.description for e in out.examples] == ["D0", "D1"] and out.algorithm == "Greedy"
+    assert f"more than {P.MAX_PROBLEMS} <problem> elements: the rest not read" in out.repairs
+    assert f"{P.MAX_PROBLEMS} problems recalled, 2 asked" in out.repairs
+
+
 # The rewritten regexes against the old ones, on short strings where the old ones are fast.
 _OLD_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _OLD_CODE_LINE = re.compile(r"^(def |class |import |from \w|@\w|async def |if __name__|for |while |with |try:|"
