@@ -44,7 +44,9 @@ from __future__ import annotations
 import ast
 import math
 import os
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
@@ -189,6 +191,9 @@ def _straight_line(fn: ast.FunctionDef) -> bool:
     return not any(isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom, ast.Await)) for n in ast.walk(fn))
 
 
+_parse_lock = threading.Lock()
+
+
 def offload_expected(code: str, kind: str) -> tuple[str, list]:
     """Rewrite a test so that the expected values of its simple asserts stay in the parent: the asserts
     at the top level of the test (and, for "check" tests, directly in the body of `def check`) become
@@ -197,7 +202,9 @@ def offload_expected(code: str, kind: str) -> tuple[str, list]:
     program could interfere; see eval/sandbox.py). Returns (code for the child,
     [(op, expected, the assert's source)])."""
     try:
-        tree = ast.parse(code)
+        with _parse_lock, warnings.catch_warnings():   # (catch_warnings is process-wide: one thread at a time)
+            warnings.simplefilter("ignore")            # invalid escapes in benchmark tests: the child's business
+            tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return code, []
     expects: list = []

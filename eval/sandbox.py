@@ -422,7 +422,7 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
             os.chown(work, uid, uid)
         full = dict(job, setup_code=job.get("setup_code", ""), entry_point=job.get("entry_point"),
                     tests=job.get("tests", []), uid=uid, isolate_fs=m != "plain", drop_caps=m == "userns",
-                    count_user_procs=m == "plain" and not root, read_paths=_read_paths(),
+                    count_user_procs=m == "plain" and not root,
                     site_paths=_site_paths(), jail_root=jail_root, jail_paths=_jail_paths(),
                     hide_paths=[p for p in job.get("hide_paths", ()) if os.path.isdir(p)],
                     seccomp_bpf=_seccomp_bpf() or b"",

@@ -32,7 +32,6 @@ import marshal
 import os
 import resource
 import signal
-import stat
 import sys
 import time
 
@@ -124,9 +123,12 @@ def isolate_filesystem(job):
     null, zero, full, random, urandom (+ a private /dev/shm); a fresh /proc; a private /tmp as cwd.
     Everything else on the host (the repository, benchmark data, /run, /var, /home, /root, host
     sockets) is simply not there; job["hide_paths"] inside the allowed ones are covered by empty
-    read-only tmpfs."""
+    read-only tmpfs. /tmp and /dev/shm are the only writable places, each a tmpfs of job["tmpfs_size"]."""
     root = job["jail_root"]
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    owner = f",uid={job['uid']},gid={job['uid']}" if job["uid"] is not None else ""
+    os.mkdir(root + "/tmp", 0o755)               # first: an interpreter living under /tmp is bound into it
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['tmpfs_size']},mode=700{owner}")
     for path in job["jail_paths"]:               # sorted: parents first
         dst = root + path
         if os.path.islink(path):                 # /bin -> usr/bin on merged-/usr systems
@@ -139,7 +141,7 @@ def isolate_filesystem(job):
         if os.path.isdir(root + path):
             _mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=555")
     for point in _mount_points():                # submounts that came with the recursive binds
-        if point.startswith(root + "/"):
+        if point.startswith(root + "/") and point != root + "/tmp":
             try:
                 _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
             except OSError:
@@ -155,12 +157,8 @@ def isolate_filesystem(job):
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(dev + "/shm", 0o755)
-    os.mkdir(root + "/tmp", 0o755)
     _mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
-    owner = f",uid={job['uid']},gid={job['uid']}" if job["uid"] is not None else ""
-    for point in (dev + "/shm", root + "/tmp"):  # writable, private, sized: the run's only disk
-        _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={job['tmpfs_size']},mode={0o1777 if point.endswith('shm') else 0o700:o}{owner}")
+    _mount("tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['tmpfs_size']},mode=1777{owner}")
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
     os.chroot(".")
