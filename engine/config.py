@@ -9,6 +9,7 @@ The presets carry shapes only; weights come from engine.weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ class ModelConfig:
                   isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
             if not ok:
                 want = {"int": "a positive integer", "bool": "true or false"}.get(kind, "a positive finite number")
-                raise ValueError(f"{source}: field {key!r} = {v!r}: expected {want}")
+                raise ValueError(f"{source}: field {key!r} = {json.dumps(v)}: expected {want}")
             return v
 
         dim, n_heads = get("hidden_size", "int"), get("num_attention_heads", "int")
@@ -111,7 +112,7 @@ class ModelConfig:
         if theta is None and isinstance(rope, dict) and rope.get("rope_theta") is not None:
             theta = rope["rope_theta"]
             if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-                raise ValueError(f"{source}: field 'rope_parameters.rope_theta' = {theta!r}: "
+                raise ValueError(f"{source}: field 'rope_parameters.rope_theta' = {json.dumps(theta)}: "
                                  f"expected a positive finite number")
         try:
             return cls(

@@ -256,14 +256,16 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
     r, alpha, tm = cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"{cfg_path}: field 'r' = {r!r}: expected a positive integer (the LoRA rank)")
+        raise ValueError(f"{cfg_path}: field 'r' = {json.dumps(r)}: expected a positive integer (the LoRA rank)")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{cfg_path}: field 'lora_alpha' = {alpha!r}: expected a positive number (scale = alpha / r)")
+        raise ValueError(f"{cfg_path}: field 'lora_alpha' = {json.dumps(alpha)}: expected a positive number "
+                         f"(scale = alpha / r)")
     if not (isinstance(tm, str) or isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
-        raise ValueError(f"{cfg_path}: field 'target_modules' = {tm!r}: expected a module name or a non-empty "
-                         f"list of them")
+        raise ValueError(f"{cfg_path}: field 'target_modules' = {json.dumps(tm)}: expected a module name or a "
+                         f"non-empty list of them")
     if not isinstance(cfg.get("use_rslora", False), bool):
-        raise ValueError(f"{cfg_path}: field 'use_rslora' = {cfg['use_rslora']!r}: expected true or false")
+        raise ValueError(f"{cfg_path}: field 'use_rslora' = {json.dumps(cfg['use_rslora'])}: "
+                         f"expected true or false")
     return cfg
 
 

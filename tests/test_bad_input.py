@@ -92,7 +92,7 @@ def test_good_model_dir_generates(capsys, hf_dir):
      ["config.json", "num_attention_heads", "3", "hidden_size", "64"]),
     ("heads do not divide, head_dim given", lambda d: d | {"num_attention_heads": 3, "num_key_value_heads": 1},
      ["config.json", "num_attention_heads", "hidden_size"]),
-    ("hidden_size a string", lambda d: d | {"hidden_size": "64"}, ["config.json", "'hidden_size'", "'64'", "integer"]),
+    ("hidden_size a string", lambda d: d | {"hidden_size": "64"}, ["config.json", "'hidden_size'", '"64"', "integer"]),
     ("vocab_size negative", lambda d: d | {"vocab_size": -1}, ["config.json", "'vocab_size'", "-1"]),
     ("rms_norm_eps a string", lambda d: d | {"rms_norm_eps": "1e-5"}, ["config.json", "'rms_norm_eps'"]),
     ("tie_word_embeddings a string", lambda d: d | {"tie_word_embeddings": "false"},
@@ -194,7 +194,7 @@ def test_bad_adapter_config(capsys, tmp_path, hf_dir, adapters, field, value, ne
     f.write_text(json.dumps(json.loads(f.read_text()) | {field: value}))
     before = snapshot(tmp_path)
     code, err = run_mcl(capsys, _generate_with(hf_dir, adapters))
-    assert_one_line_error(code, err, f, f"'{field}'", repr(value), needle)
+    assert_one_line_error(code, err, f, f"'{field}' = {json.dumps(value)}", needle)       # the value as in the file
     assert snapshot(tmp_path) == before
 
 
