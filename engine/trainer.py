@@ -58,7 +58,8 @@ class ModelCfg:
     name: str = "smollm2-135m"        # embedded name, HF directory, .gguf file, or "random:<preset>" (random weights)
     tokenizer: str = ""               # tokenizer.json path; "" = the model's own
     device: str = "auto"              # auto | cpu | cuda
-    dtype: str = "auto"               # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
+    dtype: str = "auto"               # auto (bf16 on cuda and on CPUs with native bf16 matmul, else fp32; a passed-in
+                                      # model keeps its own) | float32 | bfloat16 (see trainer.base_dtype)
 
     def validate(self, source: str) -> None:
         _need(self.name != "", source, "model.name", self.name, "a model name or path")
@@ -115,6 +116,7 @@ class TrainCfg:
     eps: float = 1e-8
     grad_clip: float = 1.0            # per-adapter gradient-norm clip; 0 = off
     grad_checkpointing: bool = False  # recompute block activations in backward
+    ce_chunk: int = 256               # rows per chunk of the LM head + cross-entropy (engine/chunked_ce.py)
     fsdp: bool = False                # FSDP2-shard the frozen base across ranks (bases that do not fit one GPU)
     seed: int = 0
     log_every: int = 1
@@ -123,7 +125,7 @@ class TrainCfg:
     keep_checkpoints: int = 2
 
     def validate(self, source: str) -> None:
-        for key in ("steps", "global_batch", "micro_batch", "log_every"):
+        for key in ("steps", "global_batch", "micro_batch", "log_every", "ce_chunk"):
             _need(getattr(self, key) > 0, source, f"train.{key}", getattr(self, key), "a positive integer")
         for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints"):
             _need(getattr(self, key) >= 0, source, f"train.{key}", getattr(self, key), "an integer >= 0")
