@@ -199,8 +199,22 @@ print(json.dumps({"checkpoints": rows, "entries": sorted(p.name for p in root.it
 """
 
 
+@pytest.fixture(scope="module")
+def ckpt_sizes(tmp_path_factory) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of its adapters) of the tiny recipe, measured by a one-step run."""
+    tmp_path = tmp_path_factory.mktemp("probe")
+    if not _can_mount_tmpfs(tmp_path):
+        pytest.skip("no unprivileged tmpfs mount here (unshare -rm + mount -t tmpfs)")
+    probe = make_recipe(tmp_path, "probe", steps=1, ckpt_every=1)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    subprocess.run([sys.executable, "-m", "engine.cli", "train", str(probe)], env=env, check=True, timeout=300,
+                   capture_output=True)
+    files = [p for p in (tmp_path / "probe" / "checkpoints").rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), sum(p.stat().st_size for p in files if "adapters" in p.parts)
+
+
 @pytest.mark.parametrize("what", ["checkpoint", "final adapters"])
-def test_real_full_tmpfs(tmp_path, what):
+def test_real_full_tmpfs(tmp_path, what, ckpt_sizes):
     """out_dir on a small tmpfs in a private mount namespace (nothing is mounted on the host). "checkpoint": room
     for one checkpoint and a half, so the second one runs out of space; "final adapters": no checkpoints, room for
     half of the adapters."""
@@ -208,13 +222,8 @@ def test_real_full_tmpfs(tmp_path, what):
     mnt.mkdir()
     if not _can_mount_tmpfs(mnt):
         pytest.skip("no unprivileged tmpfs mount here (unshare -rm + mount -t tmpfs)")
-    probe = make_recipe(tmp_path, "probe", steps=1, ckpt_every=1)          # one checkpoint's size, measured
+    ckpt_bytes, adapter_bytes = ckpt_sizes
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    subprocess.run([sys.executable, "-m", "engine.cli", "train", str(probe)], env=env, check=True, timeout=300,
-                   capture_output=True)
-    files = [p for p in (tmp_path / "probe" / "checkpoints").rglob("*") if p.is_file()]
-    ckpt_bytes = sum(p.stat().st_size for p in files)
-    adapter_bytes = sum(p.stat().st_size for p in files if "adapters" in p.parts)
     if what == "checkpoint":
         limit_kb = int(ckpt_bytes * 1.5) // 1024 + 64                       # + metrics.jsonl, directory entries
         run = make_recipe(tmp_path, "mnt", steps=6, ckpt_every=2, keep_checkpoints=2)   # out_dir = the mount point
