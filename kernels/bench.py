@@ -423,7 +423,7 @@ def profile(device: str, model: str, out_dir: str | None) -> dict:
             if gpu:
                 torch.cuda.synchronize()
         events = prof.key_averages()
-        sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        sort = "self_device_time_total" if gpu else "self_cpu_time_total"
         table = events.table(sort_by=sort, row_limit=20)
         print(f"== torch.profiler q_proj {n_in}->{n_out} T={T} ({n} steps of: base fwd, ours fwd, ours fwd+bwd) ==")
         print(table, flush=True)
