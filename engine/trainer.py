@@ -9,11 +9,12 @@
     from engine.trainer import load_recipe, train
     result = train(load_recipe("recipes/mini_smollm2.toml", ["train.steps=20"]))
 
-A step, top to bottom (see `train`):
+A step, top to bottom (`train` is the loop, `train_step` one step; `setup` builds what they use):
   1. the sampler draws the global batch (same on every rank); N = its assistant-token count
   2. this rank's micro-batches (micro_batches: by default grouped by length, so little padding), each sorted by
      adapter id (contiguous kernel segments)
-  3. per micro-batch: logits = model(tokens, adapter_ids, logits_at=the assistant positions) (K, V);
+  3. per micro-batch: h = model(tokens, adapter_ids, logits_at=the assistant positions, return_hidden=True) (K, dim);
+     CE of the LM head's logits in chunks of rows (engine/chunked_ce.py: never a (K, V) tensor beyond one chunk);
      loss = (sum of CE over assistant tokens) / N; backward
      -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
         mixed batch's gradient equals the sum of its single-role parts (adapters share no parameters)
@@ -22,9 +23,11 @@ A step, top to bottom (see `train`):
   6. log (tqdm, OUT/metrics.jsonl, W&B), eval on the held-out split per role, checkpoint (engine/checkpoint.py)
 The learning rate is a pure function of the step (lr_at), so the schedule's state is the step in the checkpoint.
 
-Precision: CPU runs fp32 throughout. On CUDA the base and adapters are bf16 (the fused kernel takes one dtype),
-forward runs under bf16 autocast, the loss is fp32, and the optimizer keeps fp32 master adapters, fp32
-gradient accumulators and fp32 moments.
+Precision (model.dtype, see base_dtype): fp32 throughout, or a bf16 base: base and adapters bf16 in the forward
+(bf16 autocast; the kernel takes one dtype), the loss fp32, and the optimizer keeps fp32 master adapters, fp32
+gradient accumulators and fp32 moments. auto = bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 /
+AMX), fp32 on others (an AVX2 CPU emulates bf16 matmul ~25x slower than fp32).
+Memory: train.grad_checkpointing keeps only each block's input and recomputes the block in backward.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from engine.chunked_ce import linear_cross_entropy
 from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
-from engine.lora import ALL_TARGETS, PEFT_PREFIX, add_adapters, lora_layers, read_peft, save_peft
+from engine.lora import ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,7 +336,7 @@ def token_losses(model, batch: Batch, autocast_dtype, ce_chunk: int = 256) -> tu
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], n_roles: int, micro_batch: int, pad_id: int, d: D.DistInfo,
-             autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             autocast_dtype, ce_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out loss per role: (sum of token CE, token count), each (n_roles,), summed over ranks.
     Every rank runs the same number of forwards (FSDP's all-gathers are collective): a rank whose share ran out
     evaluates a stand-in batch and discards it."""
@@ -344,7 +347,7 @@ def evaluate(model, examples: list[Example], n_roles: int, micro_batch: int, pad
     for i in range(0, per, micro_batch):
         chunk = mine[i:i + micro_batch]
         b = collate(chunk or examples[:1], pad_id).to(d.device)
-        ce, rows = token_losses(model, b, autocast_dtype)
+        ce, rows = token_losses(model, b, autocast_dtype, ce_chunk)
         if not chunk:
             continue
         role = b.adapter_ids[rows].cpu()                                          # (K,) adapter of each loss token
@@ -374,20 +377,39 @@ def build_model(mc: ModelCfg, d: D.DistInfo, dtype: torch.dtype, seed: int):
     return model, tok
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls run ~2x fp32; without
+    them (AVX2 machines) oneDNN emulates bf16 and a matmul is ~25x *slower* than fp32 (measured here: 0.34 vs
+    8.8 GFLOP/s for 512x576x1536 on 2 shared cores)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def base_dtype(mc: ModelCfg, device: torch.device, model=None) -> torch.dtype:
+    """The frozen base's dtype. model.dtype = float32 | bfloat16 as given; auto = a passed-in model's own dtype,
+    else bf16 on CUDA and on CPUs with native bf16 matmul, fp32 elsewhere. With a bf16 base the adapters are bf16 in
+    the forward (fp32 masters, accumulators and moments in AdapterAdamW) and the forward runs under bf16 autocast."""
+    if mc.dtype == "float32":
+        return torch.float32
+    if mc.dtype == "bfloat16":
+        return torch.bfloat16
+    if model is not None:
+        return next(model.parameters()).dtype
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
+
+
 def restore_adapters(model, ckpt_dir: Path, roles: list[str]) -> None:
-    """Copy checkpointed PEFT adapters into the model's stacked tensors (exact; rows past each rank stay zero)."""
-    layers = dict(lora_layers(model))
+    """Copy checkpointed PEFT adapters into the model's stacked tensors with the PEFT loader's own check and copy
+    (engine.lora.read_peft_checked / copy_peft_; exact, rows past each rank stay zero)."""
     for idx, role in enumerate(roles):
-        _, tensors = read_peft(ckpt_dir / "adapters" / role)
-        for key, t in tensors.items():
-            path, which = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)
-            layer = layers[path]
-            r = t.shape[0] if which.startswith("A") else t.shape[1]
-            with torch.no_grad():
-                if which.startswith("A"):
-                    layer.lora_A[idx, :r] = t.to(layer.lora_A.dtype)
-                else:
-                    layer.lora_B[idx, :, :r] = t.to(layer.lora_B.dtype)
+        cfg, _, rank, pairs = read_peft_checked(model, ckpt_dir / "adapters" / role)
+        if rank != model.adapter_specs[idx].rank:
+            raise ValueError(f"{ckpt_dir / 'adapters' / role}: rank {rank}, but the recipe's {role} adapter has rank "
+                             f"{model.adapter_specs[idx].rank}")
+        copy_peft_(model, idx, pairs)
 
 
 class _Logger:
@@ -435,17 +457,49 @@ def _peak_mem_gb(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop.
+# Setup: everything the loop needs, built once.
 
-def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None,
-          overwrite: bool = False) -> dict:
-    """Train the role adapters as the recipe says; returns a summary dict (also OUT/train_summary.json).
-    `model` / `tokenizer` may be passed in (tests); otherwise built from recipe.model. `overwrite`: replace an
-    earlier run's checkpoints and adapters in train.out_dir (refused otherwise, unless `resume`)."""
+@dataclass
+class Run:
+    """What `setup` builds and the loop uses."""
+    recipe: Recipe
+    d: D.DistInfo
+    roles: list[str]
+    model: torch.nn.Module
+    opt: AdapterAdamW
+    sampler: RoleSampler
+    eval_ex: list[Example]
+    data_stats: object                # engine.data load statistics (summary)
+    pad_id: int
+    autocast_dtype: torch.dtype | None
+    out: Path
+    ck_root: Path
+    start: int                        # first step: 0, or the resumed checkpoint's
+    logger: _Logger | None = None
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's numbers, for the log."""
+    loss: float
+    lr: float
+    seconds: float
+    role_loss: torch.Tensor           # (R,) sum of token CE per role
+    role_tok: torch.Tensor            # (R,) assistant tokens per role
+    norms: torch.Tensor               # (R,) per-adapter gradient norm before clipping
+    n_real: torch.Tensor              # (2,) non-pad tokens, tokens computed
+
+    @property
+    def tok_s(self) -> float:
+        return float(self.n_real[0]) / self.seconds
+
+
+def setup(recipe: Recipe, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None,
+          overwrite: bool = False) -> Run:
+    """Check the recipe and the output directory, build the model and adapters, load the data, resume."""
     mc, lc, dc, tc = recipe.validate().model, recipe.lora, recipe.data, recipe.train
     roles = list(lc.roles)
     sft_rows = read_sft(dc.path, roles)                     # the data is checked before anything loads or is written
-    R = len(roles)
     d = D.init(mc.device)
     if tc.global_batch % (tc.micro_batch * d.world):
         raise ValueError(f"train.global_batch={tc.global_batch} must be a multiple of train.micro_batch "
@@ -466,20 +520,46 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
     D.barrier(d)
     torch.manual_seed(tc.seed)
 
-    # --- model + adapters ------------------------------------------------------------------------------------
-    dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}.get(mc.dtype)
-    if dtype is None:
-        raise ValueError(f"model.dtype={mc.dtype!r}; expected auto, float32 or bfloat16")
-    autocast_dtype = torch.bfloat16 if d.device.type == "cuda" and dtype == torch.bfloat16 else None
+    model, tokenizer, opt = _model_and_optimizer(recipe, d, model, tokenizer)
+    data = load_sft(dc.path, tokenizer, roles, dc.max_len, rows=sft_rows)
+    vocab = model.cfg.vocab_size
+    for e in data.examples:
+        if max(e.ids) >= vocab:
+            raise ValueError(f"{e.where}: token id {max(e.ids)} >= the model's vocab_size {vocab} (tokenizer/model mismatch)")
+    train_ex, eval_ex = split_eval(data.examples, dc.eval_fraction, tc.seed)
+    if d.main:
+        s = data.stats
+        print(f"data: {len(data.examples)} examples {s.per_role} from {dc.path}; {s.truncated} truncated to "
+              f"{dc.max_len} tokens, {s.dropped} dropped (no assistant token left); {len(eval_ex)} held out",
+              file=sys.stderr)
+    dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
+    run = Run(recipe, d, roles, model, opt, RoleSampler(train_ex, len(roles), dc.sampler, tc.seed), eval_ex,
+              data.stats, getattr(tokenizer, "pad_id", None) or 0,
+              torch.bfloat16 if dtype == torch.bfloat16 else None, out, ck_root, 0)
+    if resume:
+        run.start = _resume(run)
+    if overwrite and d.main:                                # only now, with model and data loaded
+        removed = ckpt.clear_run(out)
+        if removed:
+            print(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+    D.barrier(d)
+    run.logger = _Logger(recipe, out, wandb_mode or recipe.wandb.mode, d.main)
+    return run
+
+
+def _model_and_optimizer(recipe: Recipe, d: D.DistInfo, model, tokenizer):
+    """(model with the role adapters attached, tokenizer, AdapterAdamW): built from recipe.model, or the model passed
+    in, in base_dtype(); activation checkpointing as the recipe says; FSDP-sharded base if asked."""
+    mc, lc, tc = recipe.model, recipe.lora, recipe.train
+    dtype = base_dtype(mc, d.device, model)
     if model is None:
         model, tok = build_model(mc, d, dtype, tc.seed)
         tokenizer = tokenizer or tok
     else:
-        model = model.to(d.device)
+        model = model.to(d.device, dtype)
     if tokenizer is None:
         raise ValueError(f"model.name={mc.name!r} comes without a tokenizer; set model.tokenizer to a tokenizer.json")
-    add_adapters(model, roles, rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), seed=tc.seed)
+    add_adapters(model, lc.roles, rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), seed=tc.seed)
     model.gradient_checkpointing = tc.grad_checkpointing
     model.train()
     params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -491,150 +571,161 @@ def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, w
         if d.main:
             print(f"fsdp: {n_sharded} base tensors sharded over {d.world} ranks; {len(params)} adapter tensors replicated",
                   file=sys.stderr)
-    opt = AdapterAdamW(params, R, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
-    pad_id = getattr(tokenizer, "pad_id", None) or 0
+    return model, tokenizer, AdapterAdamW(params, len(lc.roles), (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
 
-    # --- data ------------------------------------------------------------------------------------------------
-    data = load_sft(dc.path, tokenizer, roles, dc.max_len, rows=sft_rows)
-    vocab = model.cfg.vocab_size
-    for e in data.examples:
-        if max(e.ids) >= vocab:
-            raise ValueError(f"{e.where}: token id {max(e.ids)} >= the model's vocab_size {vocab} (tokenizer/model mismatch)")
-    train_ex, eval_ex = split_eval(data.examples, dc.eval_fraction, tc.seed)
-    sampler = RoleSampler(train_ex, R, dc.sampler, tc.seed)
-    if d.main:
-        s = data.stats
-        print(f"data: {len(data.examples)} examples {s.per_role} from {dc.path}; {s.truncated} truncated to "
-              f"{dc.max_len} tokens, {s.dropped} dropped (no assistant token left); {len(eval_ex)} held out",
-              file=sys.stderr)
 
-    # --- resume ----------------------------------------------------------------------------------------------
-    start = 0
-    last_ckpt = ckpt.latest_good(ck_root, log=lambda m: print(m, file=sys.stderr) if d.main else None) \
-        if resume else None
-    if resume and last_ckpt is None and d.main:
-        print(f"resume: no checkpoint under {ck_root}; starting from step 0", file=sys.stderr)
-    if last_ckpt is not None:
-        state = json.loads((last_ckpt / "trainer_state.json").read_text())
-        if state["roles"] != roles:
-            raise ValueError(f"{last_ckpt}: checkpoint roles {state['roles']} differ from the recipe's {roles}")
-        restore_adapters(model, last_ckpt, roles)
-        opt.load_state_dict(torch.load(last_ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        rng_file = last_ckpt / f"rng_rank{d.rank}.pt"
-        ckpt.set_rng_state(torch.load(rng_file if rng_file.exists() else last_ckpt / "rng_rank0.pt",
-                                      weights_only=False))
-        sampler.load_state_dict(state["data_cursor"])
-        start = state["step"]
+def _resume(run: Run) -> int:
+    """Restore adapters, optimizer, RNG and data cursor from the newest good checkpoint; returns its step (0: none)."""
+    d = run.d
+    last = ckpt.latest_good(run.ck_root, log=lambda m: print(m, file=sys.stderr) if d.main else None)
+    if last is None:
         if d.main:
-            print(f"resume: {last_ckpt} (step {start})", file=sys.stderr)
+            print(f"resume: no checkpoint under {run.ck_root}; starting from step 0", file=sys.stderr)
+        return 0
+    state = json.loads((last / "trainer_state.json").read_text())
+    if state["roles"] != run.roles:
+        raise ValueError(f"{last}: checkpoint roles {state['roles']} differ from the recipe's {run.roles}")
+    restore_adapters(run.model, last, run.roles)
+    run.opt.load_state_dict(torch.load(last / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng_file = last / f"rng_rank{d.rank}.pt"
+    ckpt.set_rng_state(torch.load(rng_file if rng_file.exists() else last / "rng_rank0.pt", weights_only=False))
+    run.sampler.load_state_dict(state["data_cursor"])
+    if d.main:
+        print(f"resume: {last} (step {state['step']})", file=sys.stderr)
+    return state["step"]
 
-    def save_checkpoint(step: int) -> Path | None:
-        path = None
-        with ckpt.writing(ck_root, step) as tmp:              # disk full: one line, the last good one intact
-            if d.main:
-                tmp.mkdir(parents=True, exist_ok=True)
-            D.barrier(d)
-            ckpt.write_rng(tmp, d.rank)
-            D.barrier(d)
-            if d.main:
-                for role in roles:
-                    save_peft(model, role, tmp / "adapters" / role, base_model=mc.name)
-                ckpt.save_torch(opt.state_dict(), tmp / "optimizer.pt")
-                state = {"step": step, "roles": roles, "data_cursor": sampler.state_dict(),
-                         "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
-                                      "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},
-                         "recipe": asdict(recipe)}
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-                path = ckpt.finalize(ck_root, step, tc.keep_checkpoints)
+
+def save_checkpoint(run: Run, step: int) -> Path | None:
+    """OUT/checkpoints/step_N (engine/checkpoint.py: atomic; a full disk leaves the last good one intact)."""
+    d, tc = run.d, run.recipe.train
+    path = None
+    with ckpt.writing(run.ck_root, step) as tmp:
+        if d.main:
+            tmp.mkdir(parents=True, exist_ok=True)
         D.barrier(d)
-        return path
-
-    if overwrite and d.main:                                # only now, with model and data loaded
-        removed = ckpt.clear_run(out)
-        if removed:
-            print(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+        ckpt.write_rng(tmp, d.rank)
+        D.barrier(d)
+        if d.main:
+            for role in run.roles:
+                save_peft(run.model, role, tmp / "adapters" / role, base_model=run.recipe.model.name)
+            ckpt.save_torch(run.opt.state_dict(), tmp / "optimizer.pt")
+            state = {"step": step, "roles": run.roles, "data_cursor": run.sampler.state_dict(),
+                     "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
+                                  "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},
+                     "recipe": asdict(run.recipe)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            path = ckpt.finalize(run.ck_root, step, tc.keep_checkpoints)
     D.barrier(d)
+    return path
 
-    # --- loop ------------------------------------------------------------------------------------------------
-    logger = _Logger(recipe, out, wandb_mode or recipe.wandb.mode, d.main)
-    history, tok_s, eval_loss = [], 0.0, {}
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+def train(recipe: Recipe, *, model=None, tokenizer=None, resume: bool = False, wandb_mode: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Train the role adapters as the recipe says; returns a summary dict (also OUT/train_summary.json).
+    `model` / `tokenizer` may be passed in (tests); otherwise built from recipe.model. `overwrite`: replace an
+    earlier run's checkpoints and adapters in train.out_dir (refused otherwise, unless `resume`)."""
+    run = setup(recipe, model, tokenizer, resume, wandb_mode, overwrite)
+    tc, history, eval_loss, tok_s = recipe.train, [], {}, 0.0
     from tqdm import tqdm
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not d.main, desc="train",
+    bar = tqdm(range(run.start, tc.steps), initial=run.start, total=tc.steps, disable=not run.d.main, desc="train",
                dynamic_ncols=True)
     try:
         for step in bar:
-            t0 = time.perf_counter()
-            examples = sampler.draw(tc.global_batch)                    # identical on every rank
-            n_loss = sum(e.n_loss for e in examples)                    # normaliser: the global batch's assistant tokens
-            role_loss = torch.zeros(R, dtype=torch.float64)             # sum of token CE per role
-            role_tok = torch.zeros(R, dtype=torch.float64)              # assistant tokens per role
-            n_real = torch.zeros(2, dtype=torch.float64)                # non-pad tokens (throughput), tokens computed
-            for mb in micro_batches(examples, tc.micro_batch, d.rank, d.world, tc.group_by_length):
-                b = collate(mb, pad_id).to(d.device)
-                ce, rows = token_losses(model, b, autocast_dtype)            # (K,) CE of assistant tokens
-                (ce.sum() / n_loss).backward()                              # this micro-batch's share of the mean
-                opt.accumulate()
-                role = b.adapter_ids[rows].cpu()                            # (K,) adapter of each loss token
-                role_loss.index_add_(0, role, ce.detach().double().cpu())
-                role_tok.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())
-                n_real += torch.tensor([b.n_real, b.tokens.numel()], dtype=torch.float64)
-            grads = opt.grads()
-            D.all_reduce_sum_(grads + [role_loss, role_tok, n_real], d)
-            mean_loss = float(role_loss.sum() / n_loss)
-            norms = opt.clip_(tc.grad_clip)                             # per-adapter norms, before clipping
-            if not math.isfinite(mean_loss) or not bool(torch.isfinite(norms).all()):
-                what = "loss" if not math.isfinite(mean_loss) else "gradient"
-                per_role = {r: (round(float(role_loss[i] / role_tok[i]), 4), round(float(norms[i]), 4))
-                            for i, r in enumerate(roles) if role_tok[i] > 0}
-                last = ckpt.latest(ck_root)
-                raise RuntimeError(f"non-finite {what} at step {step + 1} (loss={mean_loss}; per role (loss, grad "
-                                   f"norm): {per_role}); stopped before updating the adapters. Last good checkpoint: "
-                                   f"{last if last else 'none (no checkpoint was written yet)'}")
-            lr = lr_at(step, tc)
-            opt.step(lr, active=role_tok > 0)
-            opt.zero_grad()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            dt = time.perf_counter() - t0
-            tok_s = float(n_real[0]) / dt
-            done = step + 1
-
-            if d.main and (done % tc.log_every == 0 or done == tc.steps):
-                m = {"train/loss": mean_loss, "train/lr": lr, "perf/tok_s": tok_s,
-                     "perf/peak_mem_gb": _peak_mem_gb(d.device), "perf/step_s": dt,
-                     "perf/padding": float(1 - n_real[0] / n_real[1])}      # share of computed tokens that are pad
-                for i, r in enumerate(roles):
-                    if role_tok[i] > 0:
-                        m[f"train/loss/{r}"] = float(role_loss[i] / role_tok[i])
-                    m[f"train/tokens/{r}"] = int(role_tok[i])
-                    m[f"train/grad_norm/{r}"] = float(norms[i])
-                logger.log(m, done)
-                history.append(m)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:.0f}")
-            if eval_ex and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps):
-                sums, toks = evaluate(model, eval_ex, R, tc.micro_batch, pad_id, d, autocast_dtype)
-                eval_loss = {r: float(sums[i] / toks[i]) for i, r in enumerate(roles) if toks[i] > 0}
-                logger.log({f"eval/loss/{r}": v for r, v in eval_loss.items()}, done)
+            s = train_step(run, step)                      # micro-batches -> all-reduce -> clip -> AdamW
+            done, tok_s = step + 1, s.tok_s
+            if run.d.main and (done % tc.log_every == 0 or done == tc.steps):
+                history.append(log_step(run, s, done))
+                bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{tok_s:.0f}")
+            if run.eval_ex and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps):
+                eval_loss = eval_step(run, done)
             if tc.ckpt_every and done % tc.ckpt_every == 0:
-                save_checkpoint(done)
-
-        # --- final adapters --------------------------------------------------------------------------------------
-        summary = {"steps": tc.steps, "roles": roles, "final_loss": history[-1]["train/loss"] if history else None,
-                   "eval_loss": eval_loss, "tok_s": tok_s, "data": asdict(data.stats),
-                   "adapters": str(out / "adapters")}
-        if d.main:
-            for role in roles:
-                save_peft(model, role, out / "adapters" / role, base_model=mc.name)
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        D.barrier(d)
-        logger.close({k: v for k, v in summary.items() if k in ("final_loss", "tok_s")})
-        return {**summary, "history": history}
+                save_checkpoint(run, done)
+        return finish(run, history, eval_loss, tok_s)
     except BaseException:
-        logger.close()
+        run.logger.close()
         raise
     finally:
         bar.close()
-        D.close(d)
+        D.close(run.d)
+
+
+def train_step(run: Run, step: int) -> StepStats:
+    """One optimizer step on the global batch; raises before touching the adapters if the loss or a gradient is
+    not finite (the last good checkpoint is left as it is)."""
+    tc, d, R = run.recipe.train, run.d, len(run.roles)
+    t0 = time.perf_counter()
+    examples = run.sampler.draw(tc.global_batch)                    # identical on every rank
+    n_loss = sum(e.n_loss for e in examples)                        # normaliser: the global batch's assistant tokens
+    role_loss = torch.zeros(R, dtype=torch.float64)                 # sum of token CE per role
+    role_tok = torch.zeros(R, dtype=torch.float64)                  # assistant tokens per role
+    n_real = torch.zeros(2, dtype=torch.float64)                    # non-pad tokens (throughput), tokens computed
+    for mb in micro_batches(examples, tc.micro_batch, d.rank, d.world, tc.group_by_length):
+        b = collate(mb, run.pad_id).to(d.device)
+        ce, rows = token_losses(run.model, b, run.autocast_dtype, tc.ce_chunk)   # (K,) CE of assistant tokens
+        (ce.sum() / n_loss).backward()                              # this micro-batch's share of the mean
+        run.opt.accumulate()
+        role = b.adapter_ids[rows].cpu()                            # (K,) adapter of each loss token
+        role_loss.index_add_(0, role, ce.detach().double().cpu())
+        role_tok.index_add_(0, role, torch.ones_like(ce, dtype=torch.float64).cpu())
+        n_real += torch.tensor([b.n_real, b.tokens.numel()], dtype=torch.float64)
+    D.all_reduce_sum_(run.opt.grads() + [role_loss, role_tok, n_real], d)
+    loss = float(role_loss.sum() / n_loss)
+    norms = run.opt.clip_(tc.grad_clip)                             # per-adapter norms, before clipping
+    if not math.isfinite(loss) or not bool(torch.isfinite(norms).all()):
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        per_role = {r: (round(float(role_loss[i] / role_tok[i]), 4), round(float(norms[i]), 4))
+                    for i, r in enumerate(run.roles) if role_tok[i] > 0}
+        last = ckpt.latest(run.ck_root)
+        raise RuntimeError(f"non-finite {what} at step {step + 1} (loss={loss}; per role (loss, grad norm): "
+                           f"{per_role}); stopped before updating the adapters. Last good checkpoint: "
+                           f"{last if last else 'none (no checkpoint was written yet)'}")
+    lr = lr_at(step, tc)
+    run.opt.step(lr, active=role_tok > 0)
+    run.opt.zero_grad()
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    return StepStats(loss, lr, time.perf_counter() - t0, role_loss, role_tok, norms, n_real)
+
+
+def log_step(run: Run, s: StepStats, done: int) -> dict:
+    """metrics.jsonl / W&B record of one step (main rank)."""
+    m = {"train/loss": s.loss, "train/lr": s.lr, "perf/tok_s": s.tok_s, "perf/peak_mem_gb": _peak_mem_gb(run.d.device),
+         "perf/step_s": s.seconds, "perf/padding": float(1 - s.n_real[0] / s.n_real[1])}   # share of pad tokens
+    for i, r in enumerate(run.roles):
+        if s.role_tok[i] > 0:
+            m[f"train/loss/{r}"] = float(s.role_loss[i] / s.role_tok[i])
+        m[f"train/tokens/{r}"] = int(s.role_tok[i])
+        m[f"train/grad_norm/{r}"] = float(s.norms[i])
+    run.logger.log(m, done)
+    return m
+
+
+def eval_step(run: Run, done: int) -> dict:
+    """Held-out loss per role, logged; {role: loss}."""
+    tc = run.recipe.train
+    sums, toks = evaluate(run.model, run.eval_ex, len(run.roles), tc.micro_batch, run.pad_id, run.d,
+                          run.autocast_dtype, tc.ce_chunk)
+    eval_loss = {r: float(sums[i] / toks[i]) for i, r in enumerate(run.roles) if toks[i] > 0}
+    run.logger.log({f"eval/loss/{r}": v for r, v in eval_loss.items()}, done)
+    return eval_loss
+
+
+def finish(run: Run, history: list[dict], eval_loss: dict, tok_s: float) -> dict:
+    """Final adapters (PEFT format) and OUT/train_summary.json; the summary (+ history) is returned."""
+    tc, out = run.recipe.train, run.out
+    summary = {"steps": tc.steps, "roles": run.roles, "final_loss": history[-1]["train/loss"] if history else None,
+               "eval_loss": eval_loss, "tok_s": tok_s, "data": asdict(run.data_stats),
+               "adapters": str(out / "adapters")}
+    if run.d.main:
+        for role in run.roles:
+            save_peft(run.model, role, out / "adapters" / role, base_model=run.recipe.model.name)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    D.barrier(run.d)
+    run.logger.close({k: v for k, v in summary.items() if k in ("final_loss", "tok_s")})
+    return {**summary, "history": history}
 
 
 def cli_train(args) -> int:
