@@ -1,29 +1,39 @@
-"""`mcl bench train`: training throughput side by side in one run, same base weights, same data, same steps.
+"""`mcl bench train`: training throughput and peak memory side by side, same base weights, same batch, same steps.
 
-    mcl bench train --json                              # CPU: the tiny config (random weights)
-    mcl bench train --json --model smollm2-135m         # CPU: SmolLM2-135M (the embedded GGUF)
-    mcl bench train --json --out bench/results/         # CUDA: Qwen2.5-7B shapes, random bf16 weights
+    mcl bench train --json --threads 1                                  # CPU: the tiny config (random weights)
+    mcl bench train --json --threads 1 --model smollm2-135m --out bench/results/
+    python -m bench.train --model smollm2-135m --seq-len 1280 --modes ours_fp32,ours_fp32_ckpt,peft_fp32 --rounds 1
+    python -m bench.train --model qwen2.5-coder-0.5b --seq-len 1280 --modes ours_fp32_ckpt --rounds 1 --rank 32
+    mcl bench train --json --out bench/results/                         # CUDA: Qwen2.5-7B shapes, random bf16 weights
 
-Three modes, each timed over the same number of optimizer steps after one warm-up step. The modes take turns in
-rounds (mixed4, single, hf, mixed4, ...) and each reports its median round, so a busy spell on a shared machine hits all
-three alike; on CPU the process CPU time is recorded beside the wall clock (1 thread: CPU time = work done):
-  mixed4              our engine, four adapters, every batch holds all four roles (B/4 rows each, sorted by adapter)
-  single              our engine, one adapter, the same batch with every row on that adapter
-  hf_peft_sequential  transformers' model + peft get_peft_model with the same four adapters, trained one after another
-                      (set_adapter(role), torch AdamW on that adapter, a plain torch loop, not HF Trainer): each role
-                      gets the same steps on its own B/4 rows as in mixed4, so all three see the same tokens
-Loss everywhere: token-mean cross-entropy over the second half of each row (the "assistant" part); our engine asks
-the model for logits at those positions only (Transformer.forward(logits_at=...), as engine/trainer.py does), the
-transformers loop computes them at every position and indexes (the model's default, as a user writes it).
-Last line: {"device", "model", "rows": [{"mode", "tok_s", "step_ms", "round_tok_s", "cpu_tok_s"}], "mixed_vs_single",
-"mixed_vs_hf_peft", "cpu_time": {same ratios from CPU time}, ...}.
-tok_s counts input tokens (B x T per step). Goals: mixed >= 0.95x single per token, >= 2x transformers+peft.
+Every (mode, round) runs in its own subprocess (`python -m bench.train --worker MODE ...`), so each mode's peak
+memory is its own: the process's peak RSS (ru_maxrss; on CUDA torch.cuda.max_memory_allocated), reported beside
+the peak right after the model was built (the weights, the library imports). Rounds interleave the modes
+(A, B, C, A, B, C, ...) so a busy spell on the shared machine hits all alike; each mode reports its median round.
+A round = one warm-up step + `steps` timed optimizer steps of B x T tokens.
+
+Modes (one optimizer step = all four adapters trained on the same B x T tokens, B/4 rows per role):
+  ours_fp32 / ours_fp32_ckpt     our engine, one mixed-role step (engine.trainer.token_losses: hidden states at the
+                                 loss positions, LM head + CE in chunks; AdapterAdamW), fp32; _ckpt = activation
+                                 checkpointing of every block
+  ours_bf16 / ours_bf16_ckpt     the same with a bf16 base, bf16 autocast, fp32 master adapters and moments
+  single                         our engine, one adapter, every row on it (the cost of mixing roles)
+  peft_fp32 / peft_bf16          transformers + peft (get_peft_model, the four adapters trained one after another:
+                                 set_adapter(role), forward, CE over the loss positions, backward, clip, torch AdamW),
+                                 fp32 weights; _bf16 = under torch.autocast(bfloat16), the setting HF suggests for CPU
+Loss everywhere: token-mean CE over the second half of each row. Last line: {"rows": [{"mode", "tok_s", "step_s",
+"round_tok_s", "peak_gb", "load_peak_gb"}], "ratios": {...}, ...}; tok_s counts input tokens (B x T per step).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -34,14 +44,19 @@ from engine.data import ROLES, Batch
 from engine.lora import ALL_TARGETS, add_adapters
 from engine.trainer import AdapterAdamW, token_losses
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: `-m bench.train` from here
+MODES = ("ours_fp32", "ours_fp32_ckpt", "ours_bf16", "ours_bf16_ckpt", "single", "peft_fp32", "peft_bf16")
 
-def _shapes(name: str, device: str, quick: bool) -> dict:
-    """Batch rows, sequence length, steps per round, LoRA rank and rounds per setting (kept small on CPU)."""
+
+def _defaults(name: str, device: str, quick: bool) -> dict:
+    """Batch rows, sequence length, timed steps per round, LoRA rank, rounds, modes (kept small on CPU)."""
     if device.startswith("cuda"):
-        return dict(B=8, T=256 if quick else 512, steps=3 if quick else 4, rank=32, rounds=1 if quick else 3)
+        return dict(B=8, T=256 if quick else 512, steps=3 if quick else 4, rank=32, rounds=1 if quick else 3,
+                    modes="ours_bf16,single,peft_bf16")
     if name == "tiny":
-        return dict(B=8, T=128, steps=5 if quick else 4, rank=8, rounds=1 if quick else 15)
-    return dict(B=4, T=64, steps=1, rank=16, rounds=1 if quick else 7)
+        return dict(B=8, T=128, steps=2 if quick else 4, rank=8, rounds=1 if quick else 5,
+                    modes="ours_fp32,single,peft_fp32")
+    return dict(B=4, T=256, steps=1, rank=32, rounds=1 if quick else 3, modes="ours_fp32,ours_fp32_ckpt,peft_fp32")
 
 
 def _base(name: str, device: str, dtype: torch.dtype):
@@ -69,17 +84,6 @@ def _base(name: str, device: str, dtype: torch.dtype):
     return model, model.cfg
 
 
-def _twin(model, n_adapters: int, rank: int, names):
-    """A second engine model sharing the base tensors of `model` (no copy), with its own adapters."""
-    from engine.model import Transformer
-    base = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-    with torch.device("meta"):
-        twin = Transformer(model.cfg)
-    twin.load_state_dict(base, strict=False, assign=True)
-    add_adapters(twin, names[:n_adapters], rank=rank, alpha=2 * rank)
-    return twin.to(next(iter(base.values())).device)
-
-
 def _batch(cfg, B, T, adapter_ids, device, seed=0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
@@ -93,14 +97,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _engine_step(model, batch: Batch, n_adapters: int, autocast_dtype):
-    """One call = one optimizer step of the trainer's own step: token_losses (logits at the loss positions only),
-    backward, AdapterAdamW with per-adapter clipping."""
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    opt = AdapterAdamW(params, n_adapters)
-    active = torch.ones(n_adapters, dtype=torch.bool)
-    n_loss = batch.loss_mask.sum()
+def _engine_step(model, batch: Batch, roles, rank: int, ckpt: bool, autocast_dtype):
+    """One call = one optimizer step of the trainer's own step: token_losses, backward, per-adapter clipping,
+    AdapterAdamW."""
+    add_adapters(model, roles, rank=rank, alpha=2 * rank)
+    model.gradient_checkpointing = ckpt
     model.train()
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = AdapterAdamW(params, len(roles))
+    active = torch.ones(len(roles), dtype=torch.bool)
+    n_loss = batch.loss_mask.sum()
 
     def step():
         loss = token_losses(model, batch, autocast_dtype)[0].sum() / n_loss
@@ -156,14 +162,44 @@ def _hf_peft_step(model, cfg, batch: Batch, rank: int, roles, autocast_dtype):
     return step
 
 
-def _time(step, steps: int, device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) for `steps` calls of step()."""
-    _sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
+def _peak_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB
+
+
+def worker(a) -> dict:
+    """One mode, one round, in this process: build, warm up, time `steps` steps; peak memory of this process."""
+    cuda = a.device.startswith("cuda")
+    bf16 = "bf16" in a.worker or cuda
+    model, cfg = _base(a.model, a.device, torch.bfloat16 if bf16 and not a.worker.startswith("peft") else torch.float32)
+    model.requires_grad_(False)
+    load_peak = _peak_gb(a.device)
+    roles = list(ROLES)
+    per = a.batch // len(roles)
+    mixed_ids = [r for r in range(len(roles)) for _ in range(per)]
+    autocast_dtype = torch.bfloat16 if bf16 else None
+    if a.worker == "single":
+        step = _engine_step(model, _batch(cfg, a.batch, a.seq_len, [0] * a.batch, a.device), roles[:1], a.rank,
+                            False, autocast_dtype)
+    elif a.worker.startswith("ours"):
+        step = _engine_step(model, _batch(cfg, a.batch, a.seq_len, mixed_ids, a.device), roles, a.rank,
+                            a.worker.endswith("_ckpt"), autocast_dtype)
+    else:
+        step = _hf_peft_step(model, cfg, _batch(cfg, a.batch, a.seq_len, mixed_ids, a.device), a.rank, roles,
+                             autocast_dtype)
+    t0 = time.perf_counter()
+    step()                                                                   # warm-up (and the first step's peak)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(a.steps):
+        _sync(a.device)
+        t0 = time.perf_counter()
         step()
-    _sync(device)
-    return time.perf_counter() - t0, time.process_time() - c0
+        _sync(a.device)
+        times.append(time.perf_counter() - t0)
+    return {"mode": a.worker, "step_s": statistics.median(times) if times else warm, "warmup_s": round(warm, 2),
+            "peak_gb": round(_peak_gb(a.device), 3), "load_peak_gb": round(load_peak, 3)}
 
 
 def main(args):
@@ -172,57 +208,82 @@ def main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     name = args.model or ("qwen2.5-7b-instruct" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    autocast_dtype = torch.bfloat16 if cuda else None
-    s = _shapes(name, device, args.quick)
-    B, T, steps, rank, rounds = s["B"], s["T"], s["steps"], s["rank"], s["rounds"]
-    roles = list(ROLES)
-    model, cfg = _base(name, device, dtype)
-    model.requires_grad_(False)
-    tokens = B * T * steps
-
-    per = B // 4
-    mixed_ids = [a for a in range(4) for _ in range(per)]
-    modes = {                                                                # one call = one step of B x T tokens
-        "mixed4": _engine_step(_twin(model, 4, rank, roles), _batch(cfg, B, T, mixed_ids, device), 4, autocast_dtype),
-        "single": _engine_step(_twin(model, 1, rank, roles), _batch(cfg, B, T, [0] * B, device), 1, autocast_dtype),
-        "hf_peft_sequential": _hf_peft_step(model, cfg, _batch(cfg, B, T, mixed_ids, device), rank, roles,
-                                            autocast_dtype),
-    }
-    for step in modes.values():                                              # warm-up
-        step()
-    # Rounds interleave the modes, so a slow spell of a shared machine hits all three alike; the median round counts.
-    times = {mode: [] for mode in modes}
-    for _ in range(rounds):
-        for mode, step in modes.items():
-            times[mode].append(_time(step, steps, device))
+    s = _defaults(name, device, args.quick)
+    B = getattr(args, "batch", None) or s["B"]
+    T = getattr(args, "seq_len", None) or s["T"]
+    steps = getattr(args, "steps", None) or s["steps"]
+    rank = getattr(args, "rank", None) or s["rank"]
+    rounds = getattr(args, "rounds", None) or s["rounds"]
+    modes = (getattr(args, "modes", None) or s["modes"]).split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    threads = getattr(args, "threads", None) or torch.get_num_threads()
+    cmd = [sys.executable, "-m", "bench.train", "--model", name, "--device", device, "--batch", str(B),
+           "--seq-len", str(T), "--steps", str(steps), "--rank", str(rank), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    runs = {m: [] for m in modes}
+    for r in range(rounds):                                                  # interleaved: A B C A B C ...
+        for m in modes:
+            p = subprocess.run(cmd + ["--worker", m], capture_output=True, text=True, env=env, cwd=_ROOT)
+            if p.returncode:
+                raise RuntimeError(f"bench train worker {m} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+            runs[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{rounds} {m:>15}: {B * T / runs[m][-1]['step_s']:8.1f} tok/s, "
+                  f"peak {runs[m][-1]['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
     rows = []
-    for mode, ts in times.items():
-        wall = statistics.median(t[0] for t in ts)
-        row = {"mode": mode, "tok_s": round(tokens / wall, 2), "step_ms": round(1000 * wall / steps, 2),
-               "round_tok_s": [round(tokens / t[0], 2) for t in ts]}
-        if not cuda:                                                         # 1 thread: CPU time = work done
-            row["cpu_tok_s"] = round(tokens / statistics.median(t[1] for t in ts), 2)
-        rows.append(row)
+    for m, rs in runs.items():
+        step_s = statistics.median(x["step_s"] for x in rs)
+        rows.append({"mode": m, "tok_s": round(B * T / step_s, 2), "step_s": round(step_s, 3),
+                     "round_tok_s": [round(B * T / x["step_s"], 2) for x in rs],
+                     "peak_gb": max(x["peak_gb"] for x in rs), "load_peak_gb": max(x["load_peak_gb"] for x in rs)})
     for r in rows:
-        print(f"{r['mode']:>20}: {r['tok_s']:10.1f} tok/s  ({r['step_ms']:.1f} ms per optimizer step of {B}x{T}; "
-              f"median of {rounds} rounds of {steps} steps)", flush=True)
-
+        print(f"{r['mode']:>15}: {r['tok_s']:9.1f} tok/s  {r['step_s']:8.2f} s/step of {B}x{T}  peak {r['peak_gb']:.2f} GB "
+              f"(after load {r['load_peak_gb']:.2f})", flush=True)
     tok_s = {r["mode"]: r["tok_s"] for r in rows}
-    cpu = {r["mode"]: r.get("cpu_tok_s") for r in rows}
-    result = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
-              "batch": B, "seq_len": T, "steps": steps, "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS),
-              "rows": rows, "mixed_vs_single": round(tok_s["mixed4"] / tok_s["single"], 3),
-              "mixed_vs_hf_peft": round(tok_s["mixed4"] / tok_s["hf_peft_sequential"], 3),
-              **({} if cuda else {"cpu_time": {
-                  "mixed_vs_single": round(cpu["mixed4"] / cpu["single"], 3),
-                  "mixed_vs_hf_peft": round(cpu["mixed4"] / cpu["hf_peft_sequential"], 3)}}),
+    # Ratios from the same rounds: per round, then the median (a busy spell cancels within a round).
+    ratios = {}
+    for a_, b_ in [(x, y) for x in modes if not x.startswith("peft") for y in modes if y != x]:
+        per_round = [runs[b_][i]["step_s"] / runs[a_][i]["step_s"] for i in range(rounds)]
+        ratios[f"{a_}_vs_{b_}"] = round(statistics.median(per_round), 3)
+    result = {"device": device_name(device), "model": name, "batch": B, "seq_len": T, "steps": steps,
+              "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS), "rows": rows, "ratios": ratios,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-              "threads": torch.get_num_threads(), "host": platform.node(),
-              "command": "mcl bench train" + (f" --model {args.model}" if args.model else "") +
-                         (f" --threads {args.threads}" if getattr(args, "threads", None) else "") +
-                         (" --quick" if args.quick else "")}
-    write_result(result, args.out, f"train_{name}_{'cuda' if cuda else 'cpu'}.json")
+              "threads": threads, "host": platform.node(),
+              "command": "python -m bench.train " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in [("model", name), ("batch", B), ("seq_len", T),
+                                                             ("steps", steps), ("rank", rank), ("rounds", rounds),
+                                                             ("modes", ",".join(modes)), ("threads", threads)])}
+    write_result(result, args.out, f"train_{name}_{'cuda' if cuda else 'cpu'}" +
+                 (f"_{T}" if T != s["T"] else "") + ".json")
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=None, help="rows per step (a multiple of 4)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (after one warm-up step)")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":
+    a = _parser().parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        print(json.dumps(worker(a)))
+    else:
+        sys.exit(main(a))
