@@ -209,12 +209,9 @@ def main(args):
     cuda = device.startswith("cuda")
     name = args.model or ("qwen2.5-7b-instruct" if cuda else "tiny")
     s = _defaults(name, device, args.quick)
-    B = getattr(args, "batch", None) or s["B"]
-    T = getattr(args, "seq_len", None) or s["T"]
-    steps = getattr(args, "steps", None) or s["steps"]
-    rank = getattr(args, "rank", None) or s["rank"]
-    rounds = getattr(args, "rounds", None) or s["rounds"]
-    modes = (getattr(args, "modes", None) or s["modes"]).split(",")
+    given = lambda key, default: default if getattr(args, key, None) is None else getattr(args, key)
+    B, T, steps, rank = given("batch", s["B"]), given("seq_len", s["T"]), given("steps", s["steps"]), given("rank", s["rank"])
+    rounds, modes = given("rounds", s["rounds"]), given("modes", s["modes"]).split(",")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
@@ -267,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=None, help="rows per step (a multiple of 4)")
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round after one warm-up step (0: the "
+                                                             "warm-up step is the timed one)")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
