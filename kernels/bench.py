@@ -25,7 +25,7 @@ Qwen2.5-7B decoder block's 7 projections (q, k, v, o, gate, up, down), so their 
 GPU: CUDA-event timings by triton.testing.do_bench (L2 flushed between reps), medians after warm-up; random inputs,
 never zero. CPU: tiny fp32 shapes and the torch paths only ("ours" = multi_lora_torch; the Triton interpreter is far
 too slow to time). With --json the last stdout line is one JSON object {"device", "torch", "triton", "ceilings",
-"rows", "block", "goals", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json, rewritten after every
+"rows", "block", "goals", "autotune", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json, rewritten after every
 shape so a timeout keeps the rows done).
 """
 from __future__ import annotations
@@ -499,6 +499,10 @@ def main(args):
         if path:
             _write(path, result)
     result["block"] = _block(result["rows"], result["same_shape_as"])
+    # The configs autotuning chose on this GPU, per kernel and key (a later run or a pinned table can reuse them).
+    result["autotune"] = {name: {str(k): str(c) for k, c in getattr(fn, "cache", {}).items()}
+                          for name, fn in (("gemm", ml._gemm_tuned), ("decode", ml._decode_tuned),
+                                           ("shrink", ml._shrink_tuned), ("outer", ml._outer_tuned))}
     for b in result["block"]:
         print(f"block (7 projections) T={b['T']:<5d} {b['mix']:9s} {b['pass']:7s} base {b['base_ms']} ms  ours "
               f"{b['ours_ms']} ms  ours/base {b['ours_vs_base']}  peft_loop/ours {b['peft_loop_vs_ours']}")

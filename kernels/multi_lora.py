@@ -232,29 +232,35 @@ def _round(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _shrink_kernel(
     inp_ptr, p_ptr, scale_ptr, perm_ptr, tile_ptr, mid_ptr,
-    K, R,
-    stride_im, stride_ik, stride_pa, stride_pk, stride_pr, stride_mm,
+    K, R, n_split,
+    stride_im, stride_ik, stride_pa, stride_pk, stride_pr, stride_ms, stride_mm,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program per row tile: mid[pos, :R] = s[a] * inp[perm[pos]] @ p[a]   (p[a] is a [K, R] view).
 
     Launched over the whole tile table (its size is fixed, so no host count is needed): base tiles (adapter -1) and
-    padding rows get an empty row range and no K iterations, so they load and store nothing."""
+    padding rows get an empty row range and no K iterations, so they load and store nothing.
+    Split-K: grid axis 1 cuts the K loop into n_split parts; part s writes its partial sum to mid[s] (stride_ms), and
+    the GEMM's epilogue adds the parts (deterministic, no atomics). Few LoRA tiles (T <= ~1k) then fill the GPU."""
     tile = tl.program_id(0)
+    split = tl.program_id(1)
     start = tl.load(tile_ptr + tile * 3)
     adapter = tl.load(tile_ptr + tile * 3 + 2)
     end = tl.where(adapter >= 0, tl.load(tile_ptr + tile * 3 + 1), start)   # base tile: no rows
     a_idx = tl.maximum(adapter, 0)                                     # keeps the addresses in range
-    n_k = tl.where(adapter >= 0, tl.cdiv(K, BLOCK_K), 0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_tiles, n_split)
+    k_lo = split * per                                                 # this part's K tiles: [k_lo, k_hi)
+    k_hi = tl.where(adapter >= 0, tl.minimum(k_lo + per, k_tiles), k_lo)
     pos = start + tl.arange(0, BLOCK_M)
     row_ok = pos < end
     tok = tl.load(perm_ptr + pos, mask=row_ok, other=0)               # tok = perm[pos]
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    x_ptrs = inp_ptr + tok[:, None] * stride_im + offs_k[None, :] * stride_ik   # inp[tok, k]: gathered rows
-    p_ptrs = p_ptr + a_idx * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+    x_ptrs = inp_ptr + tok[:, None] * stride_im + (k_lo * BLOCK_K + offs_k[None, :]) * stride_ik   # inp[tok, k]
+    p_ptrs = p_ptr + a_idx * stride_pa + (k_lo * BLOCK_K + offs_k[:, None]) * stride_pk + offs_r[None, :] * stride_pr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, n_k):
+    for k in range(k_lo, k_hi):
         k_ok = offs_k < K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         pt = tl.load(p_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
@@ -262,17 +268,17 @@ def _shrink_kernel(
         x_ptrs += BLOCK_K * stride_ik
         p_ptrs += BLOCK_K * stride_pk
     acc = acc * tl.load(scale_ptr + a_idx)                            # * s[a]
-    tl.store(mid_ptr + pos[:, None] * stride_mm + offs_r[None, :], acc,
+    tl.store(mid_ptr + split * stride_ms + pos[:, None] * stride_mm + offs_r[None, :], acc,
              mask=row_ok[:, None] & (offs_r[None, :] < R))
 
 
 @triton.jit
 def _gemm_expand_kernel(
-    inp_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, scale_ptr, perm_ptr, tile_ptr, mid_ptr, out_ptr,
+    inp_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, scale_ptr, perm_ptr, tile_ptr, mid_ptr, mid_out_ptr, out_ptr,
     n_tiles, N, K, R,
     stride_im, stride_ik, stride_wk, stride_wn, stride_pa, stride_pk, stride_pr,
-    stride_qa, stride_qr, stride_qn, stride_mm, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qa, stride_qr, stride_qn, stride_ms, stride_mm, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[tok] = inp[tok] @ w + bias + mid[pos] @ q[a] for the rows of one tile (one adapter a) and BLOCK_N columns.
@@ -280,7 +286,9 @@ def _gemm_expand_kernel(
     w is a [K, N] view, p[a] [K, R], q[a] [R, N]. With FUSE_SHRINK, mid = s[a] * inp[tok] @ p[a] is accumulated in the
     same K loop from the already-loaded inp tiles (no second read of inp; costs BLOCK_R / BLOCK_N extra MMA work) and
     the pid_n == 0 program writes it out for the backward; otherwise mid was written by _shrink_kernel and is read here.
-    Padding rows of the tile table (start = end) run no K iterations and store nothing.
+    Padding rows of the tile table (start = end) run no K iterations and store nothing. SPLIT_K > 1 (separate shrink
+    only): mid holds SPLIT_K partial sums [SPLIT_K, T, R]; they are added here and the pid_n == 0 program writes the
+    sum to mid_out for the backward.
     """
     # Grouped launch order: GROUP_M row tiles walk the same column blocks of w together, so w stays in L2.
     pid = tl.program_id(0)
@@ -336,6 +344,12 @@ def _gemm_expand_kernel(
                 tl.store(mid_ptrs, mid, mask=row_ok[:, None] & r_ok[None, :])
         else:
             mid = tl.load(mid_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            for s in tl.static_range(1, SPLIT_K):                      # split-K shrink: add the other parts
+                mid += tl.load(mid_ptrs + s * stride_ms, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            if SPLIT_K > 1:
+                if pid_n == 0:
+                    tl.store(mid_out_ptr + pos[:, None] * stride_mm + offs_r[None, :], mid,
+                             mask=row_ok[:, None] & r_ok[None, :])
         q_ptrs = q_ptr + adapter * stride_qa + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn
         qt = tl.load(q_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mma(_round(mid, qt.dtype, PRECISION), qt, acc, PRECISION)   # acc += mid[pos] @ q[a][:, n]
@@ -482,11 +496,11 @@ def _outer_configs():
 
 _ONE = os.environ.get("MCL_AUTOTUNE", "1") == "0"
 _shrink_tuned = triton.autotune(configs=_shrink_configs()[:1] if _ONE else _shrink_configs(),
-                                key=["K", "R", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
+                                key=["K", "R", "n_split", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
 _outer_tuned = triton.autotune(configs=_outer_configs()[:1] if _ONE else _outer_configs(),
                                key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
-                              key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "HAS_BIAS"],
+                              key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "SPLIT_K", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
 _decode_tuned = triton.autotune(configs=_DECODE, key=["N", "K", "BLOCK_M", "BLOCK_C", "HAS_BIAS"])(_decode_kernel)
 
@@ -535,6 +549,19 @@ def _pick_fuse(n: int, block_m: int) -> bool:
     return n <= 2048 or block_m <= 32
 
 
+def _n_sm(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _pick_split(n_tiles: int, k: int, device) -> int:
+    """Parts of the separate shrink's K loop: enough that tiles x parts fills the SMs, a power of two <= 8, and
+    parts of >= 256 columns. 1 once the tile table alone has half an SM count of rows (T >~ 4k at BLOCK_M=64)."""
+    split = 1
+    while split < 8 and n_tiles * split * 2 <= _n_sm(device) and k >= 512 * split:
+        split *= 2
+    return split
+
+
 def _lora_linear(inp, w, p, q, scales, perm, tiles, bias, block_m: int, fuse: bool):
     """out = inp @ w + bias + LoRA, and mid = s[a] * inp[perm] @ p[a] (sorted rows, fp32; base rows left unset).
 
@@ -547,27 +574,31 @@ def _lora_linear(inp, w, p, q, scales, perm, tiles, bias, block_m: int, fuse: bo
     if T == 0:
         return out.to(inp.dtype), mid
     prec, br = _precision(inp.dtype), _block_r(R)
+    fuse = fuse and p.shape[0] > 0
+    split = 1 if fuse or p.shape[0] == 0 else _pick_split(tiles.shape[0], K, inp.device)
+    parts = mid if split == 1 else _empty((split, T, R), torch.float32, inp.device)   # split-K partial sums
     if not fuse and p.shape[0]:
-        _shrink(inp, p, scales, perm, tiles, mid, block_m)
+        _shrink(inp, p, scales, perm, tiles, parts, block_m, split)
     grid = lambda meta: (tiles.shape[0] * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_tuned[grid](
-        inp, w, bias if bias is not None else inp, p, q, scales, perm, tiles, mid, out,
+        inp, w, bias if bias is not None else inp, p, q, scales, perm, tiles, parts, mid, out,
         tiles.shape[0], N, K, R,
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), p.stride(2),
-        q.stride(0), q.stride(1), q.stride(2), mid.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse and p.shape[0] > 0, PRECISION=prec, BLOCK_M=block_m, BLOCK_R=br)
+        q.stride(0), q.stride(1), q.stride(2), T * R if split > 1 else 0, mid.stride(0), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, FUSE_SHRINK=fuse, SPLIT_K=split, PRECISION=prec, BLOCK_M=block_m, BLOCK_R=br)
     return out.to(inp.dtype), mid
 
 
-def _shrink(inp, p, scales, perm, tiles, mid, block_m: int):
-    """mid[pos] = s[a] * inp[perm[pos]] @ p[a] for the LoRA positions (p [NA, K, R], any strides); base rows unset."""
+def _shrink(inp, p, scales, perm, tiles, mid, block_m: int, split: int = 1):
+    """mid[pos] = s[a] * inp[perm[pos]] @ p[a] for the LoRA positions (p [NA, K, R], any strides); base rows unset.
+    split > 1: mid is [split, T, R] (contiguous) and part s holds the sum over the s-th share of K."""
     if tiles.shape[0] == 0 or inp.shape[0] == 0:
         return mid
     K, R = inp.shape[1], p.shape[2]
-    _shrink_tuned[(tiles.shape[0],)](
-        inp, p, scales, perm, tiles, mid, K, R,
-        inp.stride(0), inp.stride(1), p.stride(0), p.stride(1), p.stride(2), mid.stride(0),
-        PRECISION=_precision(inp.dtype), BLOCK_M=block_m, BLOCK_R=_block_r(R))
+    _shrink_tuned[(tiles.shape[0], split)](
+        inp, p, scales, perm, tiles, mid, K, R, split,
+        inp.stride(0), inp.stride(1), p.stride(0), p.stride(1), p.stride(2), mid.stride(0) if split > 1 else 0,
+        mid.stride(-2), PRECISION=_precision(inp.dtype), BLOCK_M=block_m, BLOCK_R=_block_r(R))
     return mid
 
 

@@ -27,7 +27,8 @@ def test_cpu_quick_bench_json(tmp_path, capsys):
     args = argparse.Namespace(json=True, out=str(tmp_path), device="cpu", quick=True, model=None)
     assert bench.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"device", "torch", "triton", "rows", "block", "goals", "command", "notes", "complete", "ceilings"} <= set(result)
+    assert {"device", "torch", "triton", "rows", "block", "goals", "command", "notes", "complete", "ceilings",
+            "autotune"} <= set(result)
     assert result["ceilings"]["copy_gbs"] > 0 and result["ceilings"]["gemm_tflops"] > 0
     assert result["device"].startswith("cpu") and result["complete"] and result["goals"] == []
     assert any("not timed on CPU" in n for n in result["notes"])

@@ -84,7 +84,8 @@ def compile_all():
     I = O = 3584
     R, p, f32, i64 = 32, "*bf16", "*fp32", "*i64"
     shared = dict(bias_ptr=(p, None), scale_ptr=(f32, None), perm_ptr=(i64, None), tile_ptr=(i64, None),
-                  mid_ptr=(f32, None), out_ptr=(p, None), n_tiles=("i32", 67), N=("i32", O), K=("i32", I), R=("i32", R))
+                  mid_ptr=(f32, None), mid_out_ptr=(f32, None), out_ptr=(p, None), n_tiles=("i32", 67), N=("i32", O),
+                  K=("i32", I), R=("i32", R), stride_ms=("i32", 512 * R))
     ptrs = dict(inp_ptr=(p, None), w_ptr=(p, None), p_ptr=(p, None), q_ptr=(p, None))
     # forward: (x, W^T, A^T, B^T) views; backward dX: (dY, W, B, A) -- see the custom ops in multi_lora.py
     fwd = dict(shared, **ptrs, stride_im=("i32", I), stride_ik=("i32", 1), stride_wk=("i32", 1), stride_wn=("i32", I),
@@ -93,7 +94,8 @@ def compile_all():
                stride_on=("i32", 1))
     bwd = dict(fwd, stride_im=("i32", O), stride_wk=("i32", I), stride_wn=("i32", 1), stride_pk=("i32", R),
                stride_pr=("i32", 1), stride_qr=("i32", I), stride_qn=("i32", 1), stride_om=("i32", I))
-    gemm = lambda fuse, bm: dict(HAS_BIAS=True, FUSE_SHRINK=fuse, PRECISION="tf32", BLOCK_M=bm, BLOCK_R=R)
+    gemm = lambda fuse, bm, split=1: dict(HAS_BIAS=True, FUSE_SHRINK=fuse, SPLIT_K=split, PRECISION="tf32",
+                                          BLOCK_M=bm, BLOCK_R=R)
     # Every autotune config at the row-tile heights _prune_gemm gives it, both shrink placements (fused = the
     # register-heavy variant: a second accumulator); the backward layout once per config family.
     for c in ml._GEMM_WIDE:
@@ -103,11 +105,14 @@ def compile_all():
     for c in ml._GEMM_DECODE:
         kw, w, s = cfg(c)
         compile_one(ml._gemm_expand_kernel, fwd, dict(gemm(True, 16), **kw), w, s, False, label="gemm decode fwd")
+    kw, w, s = cfg(ml._GEMM_WIDE[1])                          # the split-K shrink's epilogue (T ~ 512: 64-row tiles)
+    compile_one(ml._gemm_expand_kernel, fwd, dict(gemm(False, 64, 8), **kw), w, s, True, label="gemm split-K 8")
     for c, bm in ((ml._GEMM_WIDE[0], 128), (ml._GEMM_DECODE[0], 16)):
         kw, w, s = cfg(c)
         compile_one(ml._gemm_expand_kernel, bwd, dict(gemm(bm <= 32, bm), **kw), w, s, bm >= 64, label="gemm bwd dX")
     fp32 = {k_: ("*fp32", v) if t == p else (t, v) for k_, (t, v) in fwd.items()}
-    compile_one(ml._gemm_expand_kernel, fp32, dict(HAS_BIAS=False, FUSE_SHRINK=True, PRECISION="ieee", BLOCK_M=64,
+    compile_one(ml._gemm_expand_kernel, fp32, dict(HAS_BIAS=False, FUSE_SHRINK=True, SPLIT_K=1, PRECISION="ieee",
+                                                   BLOCK_M=64,
                                                    BLOCK_N=64, BLOCK_K=32, BLOCK_R=R, GROUP_M=8),
                 4, 3, want_wgmma=False, label="gemm fp32")
     dec = dict(inp_ptr=(p, None), w_ptr=(p, None), bias_ptr=(p, None), p_ptr=(p, None), q_ptr=(p, None),
@@ -121,9 +126,9 @@ def compile_all():
         compile_one(ml._decode_kernel, dec, dict(HAS_BIAS=True, PRECISION="tf32", BLOCK_M=64, BLOCK_R=R,
                                                  BLOCK_C=ml._decode_cols(4, R), **kw), w, s, True, label="decode")
     shrink = dict(inp_ptr=(p, None), p_ptr=(p, None), scale_ptr=(f32, None), perm_ptr=(i64, None),
-                  tile_ptr=(i64, None), mid_ptr=(f32, None), K=("i32", I), R=("i32", R), stride_im=("i32", I),
-                  stride_ik=("i32", 1), stride_pa=("i32", R * I), stride_pk=("i32", 1), stride_pr=("i32", I),
-                  stride_mm=("i32", R))
+                  tile_ptr=(i64, None), mid_ptr=(f32, None), K=("i32", I), R=("i32", R), n_split=("i32", 8),
+                  stride_im=("i32", I), stride_ik=("i32", 1), stride_pa=("i32", R * I), stride_pk=("i32", 1),
+                  stride_pr=("i32", I), stride_ms=("i32", 512 * R), stride_mm=("i32", R))
     for c in ml._shrink_configs():
         kw, w, s = cfg(c)
         compile_one(ml._shrink_kernel, shrink, dict(PRECISION="tf32", BLOCK_M=64, BLOCK_R=R, **kw), w, s, True,

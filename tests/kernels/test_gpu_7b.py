@@ -52,9 +52,13 @@ def poisoned(monkeypatch):
                                                                                device=device))
 
 
+# Every projection shape at T=8192 (skewed mix: the tail tiles and a big segment), q_proj also at T=256 (split-K
+# shrink, 64-row tiles); few cases, because each new shape/dtype compiles its kernels on the loan's clock.
+CASES = [("q_proj", 8192, "skewed"), ("k_proj", 8192, "skewed"), ("down_proj", 8192, "skewed"), ("q_proj", 256, "even")]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T, mix", [(8192, "skewed"), (256, "even")])
-@pytest.mark.parametrize("op", list(SHAPES))
+@pytest.mark.parametrize("op, T, mix", CASES)
 def test_forward_and_grads_match_fp32(op, T, mix, dtype, poisoned):
     case = _case(*SHAPES[op], T, mix, dtype)
     got, ref = _run(case, "triton"), _run(case, "torch", upcast=True)
@@ -64,7 +68,7 @@ def test_forward_and_grads_match_fp32(op, T, mix, dtype, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("op", list(SHAPES))
+@pytest.mark.parametrize("op", ["q_proj", "k_proj"])
 def test_decode_forward_matches_fp32(op, dtype, poisoned):
     case = _case(*SHAPES[op], 64, "skewed", dtype, seed=1)
     seg = ml.make_segments(case["ids"], N_ADAPTERS)

@@ -356,3 +356,20 @@ def test_torch_compile_traces_without_graph_breaks(backend):
                                                                           ml.make_segments(case["ids"][:16], 2,
                                                                                            host_counts=False))
         assert y.shape == (16, 32)
+
+
+@pytest.mark.parametrize("split", [2, 8])
+def test_split_k_shrink(split, monkeypatch):
+    """The separate shrink with its K loop cut into parts (partial sums added in the GEMM's epilogue; 8 parts of
+    4 K tiles leaves parts empty), forward and backward, poisoned buffers: same as the oracle."""
+    monkeypatch.setattr(ml, "_pick_split", lambda n_tiles, k, device: split)
+    monkeypatch.setattr(ml, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                               device=device))
+    case = make_case(50, 100, 104, [8, 16, 4], "random", torch.float32, seed=split)
+    check_all(case, run(case, "triton", fuse_shrink=False, block_m=16), torch.float32)
+
+
+def test_pick_split():
+    cpu = torch.device("cpu")                                 # 4 "SMs" off CUDA
+    assert [ml._pick_split(n, 3584, cpu) for n in (1, 2, 4)] == [4, 2, 1]   # tiles x parts <= SMs
+    assert ml._pick_split(1, 600, cpu) == 2 and ml._pick_split(1, 500, cpu) == 1   # parts keep >= 256 columns
