@@ -20,6 +20,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -64,6 +65,8 @@ def library() -> ctypes.CDLL:
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.quantize_x.argtypes = [P, I, I, P, P, P, ctypes.c_int]
     lib.qmatmul.argtypes = [P, P, P, I, I, P, P, P, ctypes.c_int, ctypes.c_int, I, P, ctypes.c_int]
+    lib.qmatmul_x.argtypes = [P, P, P, P, I, I, P, P, P, ctypes.c_int, ctypes.c_int, I, P, ctypes.c_int]
+    lib.qmatmul_x.restype = None
     _LIB = lib
     return lib
 
@@ -86,16 +89,34 @@ def quantize_x(x: torch.Tensor):
     return qx, dx, sx
 
 
+_SCRATCH = threading.local()     # per thread: (M, K) -> the activation buffers, reused by every call of that shape
+
+
+def _scratch(M: int, K: int):
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    if (M, K) not in bufs:
+        if len(bufs) > 64:                                              # prefill chunks of many lengths: stay bounded
+            bufs.clear()
+        bufs[M, K] = (torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 16))
+    return bufs[M, K]
+
+
 def qmatmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor | None, kind: int,
             group: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) fp32 = x (M, K) @ W^T with W in the layout of engine/qmatmul.c (kind 8 or 4, group 16 or 32)."""
-    x = x.float().contiguous()
+    """y (M, N) fp32 = x (M, K) @ W^T with W in the layout of engine/qmatmul.c (kind 8 or 4, group 16 or 32).
+    One C call: quantise x into per-thread scratch buffers (no allocation after the first call of a shape), then
+    the block matmul."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     M, K = x.shape
     N = scale.shape[0]
-    qx, dx, sx = quantize_x(x)
+    qx, dx, sx = _scratch(M, K)
     y = torch.empty(M, N) if out is None else out
-    library().qmatmul(qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), M, K, w.data_ptr(), scale.data_ptr(),
-                      None if wmin is None else wmin.data_ptr(), kind, group, N, y.data_ptr(), torch.get_num_threads())
+    library().qmatmul_x(x.data_ptr(), qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), M, K, w.data_ptr(),
+                        scale.data_ptr(), None if wmin is None else wmin.data_ptr(), kind, group, N, y.data_ptr(),
+                        torch.get_num_threads())
     return y
 
 

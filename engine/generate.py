@@ -10,8 +10,8 @@
 
 Batches of prompts of different lengths are right-padded and prefilled together; each row then decodes
 at its own position (attention masks by position, so padding never leaks). Rows that finish leave the
-batch (their cache slot is simply no longer read). The continuous-batching scheduler (engine/serve.py)
-reuses `sample` and the same model call.
+batch. There is one decode loop: generate() hands its prompts to the continuous-batching scheduler
+(engine/serve.py), which calls `prefill`, `decode_one` and `sample` from here.
 """
 from __future__ import annotations
 
@@ -91,18 +91,6 @@ class Generation:
     prompt_tokens: int = 0
 
 
-def _hit_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
-    """If the decoded text contains a stop string, the number of ids to keep (up to and including the hit)."""
-    text = tokenizer.decode(ids)
-    if not any(s in text for s in stop_strings):
-        return None
-    for n in range(1, len(ids) + 1):                                        # shortest prefix that contains a stop
-        t = tokenizer.decode(ids[:n])
-        if any(s in t for s in stop_strings):
-            return n
-    return len(ids)
-
-
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 64, *, adapter_ids=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -110,9 +98,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 
              ignore_eos: bool = False) -> list[Generation]:
     """Generate for a batch of token-id prompts. adapter_ids: None, or a (B,) tensor/list (-1 = base).
 
-    on_token(row, token_id) is called as tokens are produced (streaming). Stops per row on an EOS id,
-    on a stop string (needs `tokenizer`) or after its max_new_tokens."""
-    dev = model.device
+    The one decode loop: the prompts go to an engine.serve.Scheduler with a slot each (all prefilled in one batch,
+    then decoded together; rows that finish leave the batch), the same code that serves requests. on_token(row,
+    token_id) streams. Stops per row on an EOS id, on a stop string (needs `tokenizer`; the token that completes
+    it is kept) or after its max_new_tokens."""
+    from engine.serve import Scheduler
     B = len(prompts)
     ctx = model.cfg.max_seq_len if cache is None else cache.max_len
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -124,52 +114,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 
         budgets[i] = min(budgets[i], ctx - len(p))                          # never write past the cache
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
-    if cache is None:
-        cache = KVCache(model.cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)),
-                        dtype=model.output_weight.dtype, device=dev)
-    if adapter_ids is not None:
-        adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=dev)
-    params = [SamplingParams(temperature, top_k, top_p)] * B
-    gens = [torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(B)]
-    eos = set() if ignore_eos else set(eos_ids)
-
-    results = [Generation(prompt_tokens=len(p)) for p in prompts]
-    slots = torch.arange(B, device=dev)
-    logits = prefill(model, cache, prompts, slots, adapter_ids)
-    pos = torch.tensor([len(p) for p in prompts], device=dev)               # position of the next token
-    active = list(range(B))
-    while active:
-        nxt = sample(logits.float(), [params[i] for i in active], [gens[i] for i in active]).tolist()
-        still = []
-        for j, i in enumerate(active):
-            tok = nxt[j]
-            r = results[i]
-            if tok in eos:
-                r.finish_reason = "stop"
-                continue
-            r.token_ids.append(tok)
-            if on_token is not None:
-                on_token(i, tok)
-            if stop_strings:
-                keep = _hit_stop(tokenizer, r.token_ids, stop_strings)
-                if keep is not None:
-                    del r.token_ids[keep:]
-                    r.finish_reason = "stop"
-                    continue
-            if len(r.token_ids) >= budgets[i]:
-                r.finish_reason = "length"
-                continue
-            still.append((i, tok))
-        if not still:
-            break
-        active = [i for i, _ in still]
-        last = torch.tensor([t for _, t in still], device=dev)
-        rows = torch.tensor(active, device=dev)
-        cur = pos[rows] + torch.tensor([len(results[i].token_ids) - 1 for i in active], device=dev)
-        all_rows = len(active) == B
-        logits = decode_one(model, cache, last, cur, None if all_rows else rows,
-                            None if adapter_ids is None else adapter_ids[rows], kv_len=int(cur.max()) + 1)
-    return results
+    ids = [-1] * B if adapter_ids is None else [int(a) for a in torch.as_tensor(adapter_ids).reshape(-1).tolist()]
+    max_len = max(len(p) + b for p, b in zip(prompts, budgets))
+    sched = Scheduler(model, tokenizer, n_slots=B, max_len=max_len, prefill_chunk=max_len, max_prefill_rows=B,
+                      prefix_cache=False, eos_ids=eos_ids, ignore_eos=ignore_eos, cache=cache)
+    futs = [sched.submit(p, adapter=a, max_new_tokens=b, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=None if seed is None else seed + i, stop_strings=stop_strings,
+                         on_token=None if on_token is None else (lambda t, i=i: on_token(i, t)))
+            for i, (p, a, b) in enumerate(zip(prompts, ids, budgets))]
+    while sched.has_work():
+        sched.step()
+    return [Generation(r.token_ids, r.finish_reason, r.prompt_tokens) for r in (f.result() for f in futs)]
 
 
 # --- CLI ---------------------------------------------------------------------------------------

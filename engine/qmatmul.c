@@ -92,3 +92,11 @@ void qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int6
         }
     }
 }
+
+/* quantize_x into the caller's buffers, then qmatmul: one call from Python per projection */
+void qmatmul_x(const float *x, int8_t *qx, float *dx, float *sx, int64_t M, int64_t K,
+               const uint8_t *w, const float *scale, const float *wmin, int kind, int G, int64_t N,
+               float *y, int nt) {
+    quantize_x(x, M, K, qx, dx, sx, nt);
+    qmatmul(qx, dx, sx, M, K, w, scale, wmin, kind, G, N, y, nt);
+}

@@ -75,14 +75,20 @@ class _Request:
 class Scheduler:
     def __init__(self, model, tokenizer, n_slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
                  max_prefill_rows: int = 8, log_batches: bool = False, ignore_eos: bool = False,
-                 prefix_cache: bool = True, prefix_min: int = 16):
+                 prefix_cache: bool = True, prefix_min: int = 16, eos_ids=None, cache: KVCache | None = None):
+        """eos_ids: token ids that end a request (default the tokenizer's; ignore_eos: none).
+        cache: a KVCache with at least n_slots slots to use instead of allocating one."""
         self.model, self.tok = model, tokenizer
         dev = model.device
         self.device = dev
-        self.cache = KVCache(model.cfg, n_slots, max_len, dtype=model.output_weight.dtype, device=dev)
+        if cache is not None and cache.n_slots < n_slots:
+            raise ValueError(f"the given KV cache has {cache.n_slots} slots; the scheduler needs {n_slots}")
+        self.cache = cache or KVCache(model.cfg, n_slots, max_len, dtype=model.output_weight.dtype, device=dev)
         self.max_len = self.cache.max_len
         self.prefill_chunk, self.max_prefill_rows = prefill_chunk, max_prefill_rows
-        self.eos = set(tokenizer.eos_ids) if tokenizer is not None and not ignore_eos else set()
+        if eos_ids is None:
+            eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
+        self.eos = set() if ignore_eos else set(eos_ids)
         self.free = list(range(n_slots))[::-1]
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: dict[int, _Request] = {}          # slot -> request
@@ -102,19 +108,27 @@ class Scheduler:
     # --- submitting ------------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_strings=(), on_token=None) -> Future:
-        """Queue a request; raises ValueError at once for an unknown adapter or a prompt that cannot fit."""
+        """Queue a request; raises ValueError at once for an unknown adapter or a prompt that cannot fit.
+        adapter: a loaded adapter's name, its id (int; -1 = base) or None (base)."""
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens "
                              "(prompt + at least one new token)")
-        if adapter is None:
+        names = self.model.adapter_names
+        if isinstance(adapter, int):
+            if not -1 <= adapter < len(names):
+                raise ValueError(f"adapter id {adapter} out of range; loaded adapters: {names or 'none'}")
+            aid, adapter = adapter, (names[adapter] if adapter >= 0 else None)
+        elif adapter is None:
             aid = -1
-        elif adapter in self.model.adapter_names:
-            aid = self.model.adapter_names.index(adapter)
+        elif adapter in names:
+            aid = names.index(adapter)
         else:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {self.model.adapter_names or 'none'}")
+            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {names or 'none'}")
+        if stop_strings and self.tok is None:
+            raise ValueError("stop_strings need a tokenizer")
         fut: Future = Future()
         with self.cv:
             req = _Request(self._next_id, prompt, adapter, aid, max(1, min(max_new_tokens, self.max_len - len(prompt))),
@@ -261,11 +275,9 @@ class Scheduler:
             r.out.append(t)
             if r.on_token is not None:
                 r.on_token(t)
-            if r.stop_strings:
-                text = self.tok.decode(r.out[-64:])
-                if any(s in text for s in r.stop_strings):
-                    self._finish(r, "stop")
-                    continue
+            if r.stop_strings and _stops(self.tok, r.out, r.stop_strings):
+                self._finish(r, "stop")
+                continue
             if len(r.out) >= r.budget:
                 self._finish(r, "length")
 
@@ -341,6 +353,16 @@ class Scheduler:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+STOP_WINDOW = 64      # tokens decoded per stop-string check: bounded work per token, not the whole output
+
+
+def _stops(tok, out: list[int], stop_strings) -> bool:
+    """Does a stop string end in the newest token? Checked after every token, so only the output's tail is decoded
+    (STOP_WINDOW tokens; a stop string longer than that many tokens' text would be missed)."""
+    text = tok.decode(out[-STOP_WINDOW:])
+    return any(s in text for s in stop_strings)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,151 @@
+"""Batch-1 decode speed and peak RSS of `weights="q4"`, this tree against another checkout (the code before a change).
+
+    python -m bench.decode_speed --before /path/to/old/checkout --out bench/results/     # the three embedded models
+    python -m bench.decode_speed --models smollm2-135m --rounds 1                          # this tree only
+    python -m bench.decode_speed --profile --models qwen2.5-coder-0.5b                     # where a step's time goes
+
+Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.getrusage's ru_maxrss of that process:
+load + prefill + decode), the trees alternating round by round so that a machine shared with other work loads both
+sides alike; inside a worker the thread counts alternate too. A worker loads the model, prefills a 64-token prompt,
+then times decode steps (engine.generate.decode_one, greedy), median ms per step over its rounds.
+--profile adds a cProfile breakdown of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def worker(args) -> dict:
+    import torch
+
+    import engine
+    from engine.generate import decode_one, prefill
+    from engine.hub import load_model
+    from engine.kv_cache import KVCache
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device="cpu", weights=args.weights)
+    load_s = time.perf_counter() - t0
+    cache = KVCache(model.cfg, 1, 64 + args.steps * (args.rounds * len(args.threads) + 1) + 8)
+    ids = (tok.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n") * 8)[:64]
+    res = {}
+    with torch.inference_mode():
+        logits = prefill(model, cache, [ids], torch.arange(1))
+        pos = len(ids)
+        last = logits.argmax(-1)
+        times = {n: [] for n in args.threads}
+
+        def steps(n):
+            nonlocal pos, last
+            for _ in range(n):
+                logits = decode_one(model, cache, last, torch.tensor([pos]), None, kv_len=pos + 1)
+                last, pos = logits.argmax(-1), pos + 1
+
+        torch.set_num_threads(args.threads[0])
+        steps(2)                                                            # warm-up (kernel build, caches)
+        for _ in range(args.rounds):
+            for n in args.threads:
+                torch.set_num_threads(n)
+                t = time.perf_counter()
+                steps(args.steps)
+                times[n].append((time.perf_counter() - t) / args.steps)
+        if args.profile:
+            res["profile"] = profile(lambda: steps(args.steps), args.steps)
+    res.update({"model": args.model, "engine": str(Path(engine.__file__).parent.parent), "load_s": round(load_s, 1),
+                "tok_s": {str(n): round(1 / statistics.median(v), 2) for n, v in times.items()},
+                "ms_per_step_all": {str(n): [round(x * 1e3, 1) for x in v] for n, v in times.items()},
+                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                "step_bytes": getattr(model, "pack_stats", {}).get("step_bytes")})
+    return res
+
+
+def profile(fn, n_steps: int) -> dict:
+    """cProfile of n_steps decode steps; self time grouped: packed matmul kernel, attention + KV cache, the rest."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    st = pstats.Stats(pr).stats                                             # (file, line, fn) -> (cc, nc, tt, ct, callers)
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    total = 0.0
+    for (file, _, fname), (_, _, tt, _, _) in st.items():
+        total += tt
+        if fname in ("qmatmul", "quantize_x", "linear", "_weight_int4pack_mm_for_cpu") or "cpu_kernels" in file:
+            groups["matmul"] += tt
+        elif fname in ("_small_q_attention", "update", "read", "softmax", "scaled_dot_product_attention") or \
+                "kv_cache" in file:
+            groups["attention"] += tt
+        else:
+            groups["other"] += tt
+    top = sorted(((tt, f"{Path(f).name}:{fn_}") for (f, _, fn_), (_, _, tt, _, _) in st.items()), reverse=True)[:8]
+    return {"ms_per_step": round(total / n_steps * 1e3, 2),
+            "share": {k: round(v / total, 3) for k, v in groups.items()},
+            "top_self_ms_per_step": {name: round(tt / n_steps * 1e3, 2) for tt, name in top}}
+
+
+def run_worker(tree: Path, model: str, a) -> dict:
+    cmd = [sys.executable, str(HERE), "--worker", "--model", model, "--steps", str(a.steps), "--rounds", str(a.rounds),
+           "--weights", a.weights, "--threads", *map(str, a.threads)] + (["--profile"] if a.profile else [])
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"model": model, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+    ap.add_argument("--before", default="", help="another checkout to compare with (e.g. a git worktree of HEAD~)")
+    ap.add_argument("--rounds", type=int, default=2, help="subprocess rounds per tree (and timing rounds inside)")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--weights", default="q4")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+    trees = {"after": HERE.parent.parent} | ({"before": Path(a.before).resolve()} if a.before else {})
+    rows = []
+    for model in a.models:
+        runs = {k: [] for k in trees}
+        for _ in range(a.rounds):
+            for side, tree in trees.items():
+                runs[side].append(run_worker(tree, model, a))
+                print(side, runs[side][-1], flush=True)
+        row = {"model": model}
+        for side, rs in runs.items():
+            ok = [r for r in rs if "error" not in r]
+            if not ok:
+                row[side] = {"error": rs[-1].get("error")}
+                continue
+            row[side] = {"tok_s": {n: round(statistics.median(r["tok_s"][n] for r in ok), 2) for n in ok[0]["tok_s"]},
+                         "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "step_bytes": ok[0].get("step_bytes"),
+                         "load_s": ok[0]["load_s"], "runs": ok}
+        if "before" in row and "error" not in row["before"] and "error" not in row["after"]:
+            row["speedup"] = {n: round(row["after"]["tok_s"][n] / row["before"]["tok_s"][n], 2)
+                              for n in row["after"]["tok_s"]}
+        rows.append(row)
+    from bench.common import device_name, write_result
+    write_result({"bench": "decode_speed", "device": device_name("cpu"), "weights": a.weights, "rows": rows,
+                  "note": "machine shared with other work: compare within a row (sides alternate), not across runs"},
+                 a.out, "decode_speed_cpu.json")
+
+
+if __name__ == "__main__":
+    main()
