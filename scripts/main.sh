@@ -6,6 +6,6 @@
 #   bash scripts/main.sh [--out runs/main]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q torch==2.13.0          # the local CPU wheel; an unpinned torch pulls CUDA packages
-python3 -m pip install -q -e .
+python3 -m pip install -q -c constraints.txt torch==2.13.0   # the local CPU wheel; an unpinned torch pulls CUDA
+python3 -m pip install -q -c constraints.txt -e .
 exec mcl main "$@"

@@ -1,5 +1,5 @@
 """PEFT interop on the real SmolLM2-135M, both ways: adapters we save load in peft on transformers' model of the
-same GGUF and give the same logits (fp32, <= 1e-4), and adapters peft saves load in our engine likewise.
+same GGUF and give the same logits (fp32, max difference <= 1e-5 of the largest logit), and adapters peft saves load in our engine likewise.
 
     python -m pytest tests/test_peft_smollm2.py -q
 """
@@ -51,8 +51,8 @@ def test_ours_to_peft_and_back(tmp_path):
         with torch.no_grad():
             a = ours(TOKENS, adapter_ids=torch.full((2,), adapter_id(ours, name)))
             b = pm(TOKENS).logits
-        diff = (a - b).abs().max().item()
-        assert diff <= 1e-4, f"{name}: max |ours - peft| = {diff:.3g}"
+        diff, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert diff <= 1e-5 * scale, f"{name}: max |ours - peft| = {diff:.3g} (max |logit| {scale:.3g})"
         hf = pm.unload()                                   # the base model again, for the next adapter
 
 
@@ -68,5 +68,5 @@ def test_peft_to_ours(tmp_path):
     with torch.no_grad():
         a = ours(TOKENS, adapter_ids=torch.zeros(2, dtype=torch.long))
         b = pm.eval()(TOKENS).logits
-    diff = (a - b).abs().max().item()
-    assert diff <= 1e-4, f"max |ours - peft| = {diff:.3g}"
+    diff, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert diff <= 1e-5 * scale, f"max |ours - peft| = {diff:.3g} (max |logit| {scale:.3g})"
