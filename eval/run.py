@@ -13,6 +13,10 @@ DIR/summary.json (pass@1, format failures per role, tokens per role, wall time, 
 Problems run concurrently on `concurrency` threads. Each thread blocks on one backend call at a time, so
 with the local engine the scheduler batches calls of every role from many problems into one decode batch.
 pass@1 is greedy pass@1: one final program per problem, passed = every hidden test passed.
+
+Resuming: records stream to DIR/problems.jsonl.partial as problems finish, beside DIR/run.json (the run's settings
+and problem ids). Rerunning the same command after a kill keeps every complete record, drops a line torn by the kill,
+and solves only the problems without one; a rerun with other settings into the same DIR is refused.
 """
 from __future__ import annotations
 
@@ -73,6 +77,31 @@ def run_problem(problem: Problem, backend, strategy: str, k: int, t: int, run_te
     return rec
 
 
+def _resume(out: Path, settings: dict) -> list[dict]:
+    """The complete records of an interrupted run with the same settings (a line torn by the kill is dropped);
+    [] for a fresh run, which records its settings in out/run.json. ValueError if out holds another run."""
+    run_json, partial = out / "run.json", out / "problems.jsonl.partial"
+    if run_json.exists() and partial.exists():
+        before = json.loads(run_json.read_text())
+        if before != settings:
+            diff = sorted(k for k in settings if before.get(k) != settings[k])
+            raise ValueError(f"{out}: holds an interrupted eval with other settings ({', '.join(diff)} differ); "
+                             f"rerun it as it was, or pick another --out")
+        records, ids = [], set(settings["problems"])
+        for line in partial.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue                                   # the line the kill cut short: that problem runs again
+            if rec.get("id") in ids and rec["id"] not in {r["id"] for r in records}:
+                records.append(rec)
+        partial.write_text("".join(json.dumps(r, default=repr) + "\n" for r in records))
+        return records
+    partial.unlink(missing_ok=True)
+    run_json.write_text(json.dumps(settings))
+    return []
+
+
 def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: int = 2, t: int = 2,
              out_dir: str | os.PathLike = "runs/eval", concurrency: int = 16, max_new_tokens: int = 384,
              run_tests=None, model: str = "", benchmark: str | None = None, progress: bool = True) -> dict:
@@ -87,12 +116,17 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     benchmark = benchmark or (problems[0].benchmark if problems else "")
-    t0, records = time.perf_counter(), []
+    settings = {"benchmark": benchmark, "strategy": strategy, "model": model, "k": k, "t": t,
+                "max_new_tokens": max_new_tokens, "problems": [p.id for p in problems]}
+    records = _resume(out, settings)
+    done = {r["id"] for r in records}
+    t0 = time.perf_counter()
     partial = out / "problems.jsonl.partial"                # streamed as problems finish; sorted at the end
-    with open(partial, "w") as f, ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="mcl-eval") as pool, \
-            tqdm(total=len(problems), desc=f"{strategy} {benchmark}", disable=not progress, dynamic_ncols=True) as bar:
+    with open(partial, "a") as f, ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="mcl-eval") as pool, \
+            tqdm(total=len(problems), initial=len(done), desc=f"{strategy} {benchmark}", disable=not progress,
+                 dynamic_ncols=True) as bar:
         futs = [pool.submit(run_problem, p, backend, strategy, k, t, run_tests, max_new_tokens, i)
-                for i, p in enumerate(problems)]
+                for i, p in enumerate(problems) if p.id not in done]
         for fut in as_completed(futs):
             rec = fut.result()
             records.append(rec)
@@ -103,13 +137,14 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     records.sort(key=lambda r: r["index"])
     write_problems(str(out / "problems.jsonl"), records)
     partial.unlink()
+    (out / "run.json").unlink()
     wall = time.perf_counter() - t0
     peak, peak_kind = _peak_mem()
     summary = summarize(records, benchmark=benchmark, strategy=strategy, model=model, k=k, t=t,
                         concurrency=concurrency, max_new_tokens=max_new_tokens)
     completion = sum(v["completion"] for v in summary["tokens"].values())
     summary.update({"wall_s": wall, "completion_tokens_per_s": completion / wall if wall > 0 else 0.0,
-                    "peak_mem_bytes": peak, "peak_mem_kind": peak_kind})
+                    "peak_mem_bytes": peak, "peak_mem_kind": peak_kind, "resumed_problems": len(done)})
     write_summary(str(out), summary)
     first_error = next((r for r in records if r.get("traceback")), None)
     if first_error is not None:
