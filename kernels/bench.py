@@ -25,8 +25,8 @@ Qwen2.5-7B decoder block's 7 projections (q, k, v, o, gate, up, down), so their 
 GPU: CUDA-event timings by triton.testing.do_bench (L2 flushed between reps), medians after warm-up; random inputs,
 never zero. CPU: tiny fp32 shapes and the torch paths only ("ours" = multi_lora_torch; the Triton interpreter is far
 too slow to time). With --json the last stdout line is one JSON object {"device", "torch", "triton", "ceilings",
-"rows", "block", "goals", "autotune", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json, rewritten after every
-shape so a timeout keeps the rows done).
+"rows", "block", "goals", "autotune", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json,
+rewritten after every shape so a timeout keeps the rows done).
 """
 from __future__ import annotations
 

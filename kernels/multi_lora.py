@@ -417,23 +417,28 @@ def _decode_kernel(
 @triton.jit
 def _segment_outer_kernel(
     u_ptr, v_ptr, perm_ptr, offsets_ptr, out_ptr,
-    P, Q,
-    stride_um, stride_up, stride_vm, stride_vq, stride_oa, stride_op, stride_oq,
+    P, Q, n_chunks,
+    stride_um, stride_up, stride_vm, stride_vq, stride_oc, stride_oa, stride_op, stride_oq,
     U_GATHER: tl.constexpr, V_GATHER: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """out[a, p, q] = sum over positions pos of adapter a of U[row_u, p] * V[row_v, q]   (G[a] = U_a^T V_a).
 
-    row = perm[pos] for a gathered operand (x, dY: token order), pos for a sorted one (mid, dyb). Grid (adapter, P
-    blocks, Q blocks); each program walks its adapter's whole segment (deterministic: no atomics). Empty segments
-    write zeros."""
-    adapter = tl.program_id(0)
+    row = perm[pos] for a gathered operand (x, dY: token order), pos for a sorted one (mid, dyb). Grid (adapter x
+    chunk, P blocks, Q blocks): each adapter's segment is cut into n_chunks equal token ranges, chunk c writing its
+    partial sum to out[c] (stride_oc; summed by the launcher), so a big segment of a skewed mix is spread over
+    n_chunks x the programs instead of leaving a tail (deterministic: no atomics). Empty segments write zeros."""
+    adapter = tl.program_id(0) // n_chunks
+    chunk = tl.program_id(0) % n_chunks
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = offs_p < P
     q_ok = offs_q < Q
-    lo = tl.load(offsets_ptr + adapter)
-    hi = tl.load(offsets_ptr + adapter + 1)
+    seg_lo = tl.load(offsets_ptr + adapter)
+    seg_hi = tl.load(offsets_ptr + adapter + 1)
+    per = tl.cdiv(seg_hi - seg_lo, n_chunks)
+    lo = seg_lo + chunk * per                                          # this chunk's positions: [lo, hi)
+    hi = tl.minimum(lo + per, seg_hi)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
         pos = t0 + tl.arange(0, BLOCK_T)
@@ -448,7 +453,8 @@ def _segment_outer_kernel(
         ut = _round(ut, DTYPE, PRECISION)                              # mid/dyb are fp32: round like torch would
         vt = _round(vt, DTYPE, PRECISION)
         acc = _mma(tl.trans(ut), vt, acc, PRECISION)                   # acc += U[rows, p]^T @ V[rows, q]
-    tl.store(out_ptr + adapter * stride_oa + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+    out_ptr += chunk * stride_oc + adapter * stride_oa
+    tl.store(out_ptr + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
@@ -498,7 +504,7 @@ _ONE = os.environ.get("MCL_AUTOTUNE", "1") == "0"
 _shrink_tuned = triton.autotune(configs=_shrink_configs()[:1] if _ONE else _shrink_configs(),
                                 key=["K", "R", "n_split", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
 _outer_tuned = triton.autotune(configs=_outer_configs()[:1] if _ONE else _outer_configs(),
-                               key=["P", "Q", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
+                               key=["P", "Q", "n_chunks", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
                               key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "SPLIT_K", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
@@ -602,21 +608,32 @@ def _shrink(inp, p, scales, perm, tiles, mid, block_m: int, split: int = 1):
     return mid
 
 
+def _pick_chunks(n_tokens: int, n_adapters: int, n_blocks: int, device) -> int:
+    """Token chunks per adapter segment in _segment_outer: enough that the biggest segment alone (up to all tokens)
+    has >= one program per SM (blocks x chunks >= SMs), a power of two <= 8, >= 256 tokens a chunk on average."""
+    chunks = 1
+    while chunks < 8 and n_blocks * chunks < _n_sm(device) and n_tokens >= 256 * n_adapters * chunks * 2:
+        chunks *= 2
+    return chunks
+
+
 def _segment_outer(u, v, perm, offsets, u_gather: bool, v_gather: bool, dtype):
     """G[a] = U_a^T V_a -> [NA, P, Q] in `dtype`; U [T, P] and V [T, Q] indexed by token (gather) or position."""
     P, Q, NA = u.shape[1], v.shape[1], offsets.numel() - 1
-    out = _empty((NA, P, Q), _store_dtype(dtype), u.device)
-    if NA == 0:
-        return out.to(dtype)
     wide = 32 if _INTERPRET else 64                                   # the rank side (mid, dyb) is one block,
     bp = wide if u_gather else _block_r(P)                            # the x / dY side is tiled
     bq = wide if v_gather else _block_r(Q)
-    _outer_tuned[(NA, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
-        u, v, perm, offsets, out, P, Q,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
+    grid_pq = (triton.cdiv(P, bp), triton.cdiv(Q, bq))
+    chunks = _pick_chunks(u.shape[0], NA, grid_pq[0] * grid_pq[1], u.device) if NA else 1
+    out = _empty((chunks, NA, P, Q), _store_dtype(dtype) if chunks == 1 else torch.float32, u.device)
+    if NA == 0:
+        return out[0].to(dtype)
+    _outer_tuned[(NA * chunks,) + grid_pq](
+        u, v, perm, offsets, out, P, Q, chunks,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         U_GATHER=u_gather, V_GATHER=v_gather, DTYPE=_TL_DTYPE[dtype], PRECISION=_precision(dtype),
         BLOCK_P=bp, BLOCK_Q=bq)
-    return out.to(dtype)
+    return out[0].to(dtype) if chunks == 1 else out.sum(0).to(dtype)
 
 
 def _decode(x, weight, bias, lora_a, lora_b, scales, ids):

@@ -133,7 +133,8 @@ def compile_all():
         kw, w, s = cfg(c)
         compile_one(ml._shrink_kernel, shrink, dict(PRECISION="tf32", BLOCK_M=64, BLOCK_R=R, **kw), w, s, True,
                     label="shrink")
-    outer = dict(perm_ptr=(i64, None), offsets_ptr=(i64, None), out_ptr=(p, None), stride_oa=("i32", R * I))
+    outer = dict(perm_ptr=(i64, None), offsets_ptr=(i64, None), out_ptr=(f32, None), stride_oa=("i32", R * I),
+                 n_chunks=("i32", 4), stride_oc=("i32", 4 * R * I))     # fp32 partial sums of 4 token chunks
     da = dict(outer, u_ptr=(f32, None), v_ptr=(p, None), P=("i32", R), Q=("i32", I), stride_um=("i32", R),
               stride_up=("i32", 1), stride_vm=("i32", I), stride_vq=("i32", 1), stride_op=("i32", I),
               stride_oq=("i32", 1))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["versions_ceilings", "kernel_tests", "big_shape_checks", "bench_lora", "profile", "bench_train", "bench_serve"]
+STAGES = ["versions_ceilings", "kernel_tests", "big_shape_checks", "bench_lora", "profile", "bench_train",
+          "bench_serve"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU stand-in; on a GPU run the script itself")

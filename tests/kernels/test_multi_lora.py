@@ -373,3 +373,21 @@ def test_pick_split():
     cpu = torch.device("cpu")                                 # 4 "SMs" off CUDA
     assert [ml._pick_split(n, 3584, cpu) for n in (1, 2, 4)] == [4, 2, 1]   # tiles x parts <= SMs
     assert ml._pick_split(1, 600, cpu) == 2 and ml._pick_split(1, 500, cpu) == 1   # parts keep >= 256 columns
+
+
+@pytest.mark.parametrize("chunks", [3, 8])
+def test_segment_outer_token_chunks(chunks, monkeypatch):
+    """dA / dB with every adapter's segment cut into token chunks (partial sums added by the launcher; 8 chunks of a
+    few tokens leave chunks empty), on a skewed sorted mix and a random one; poisoned buffers."""
+    monkeypatch.setattr(ml, "_pick_chunks", lambda n_tokens, n_adapters, n_blocks, device: chunks)
+    monkeypatch.setattr(ml, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                               device=device))
+    for pattern in ("skewed_sorted", "random"):
+        case = make_case(61, 40, 36, [8, 16], pattern, torch.float32, seed=chunks)
+        check_all(case, run(case, "triton"), torch.float32)
+
+
+def test_pick_chunks():
+    cpu = torch.device("cpu")                                 # 4 "SMs" off CUDA
+    assert ml._pick_chunks(8192, 4, 1, cpu) == 4 and ml._pick_chunks(8192, 4, 4, cpu) == 1
+    assert ml._pick_chunks(1000, 4, 1, cpu) == 1              # < 2 x 256 tokens per adapter: one chunk
