@@ -24,6 +24,7 @@ the adapter tensor, its shape and the base tensor's. The file is written to a te
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -50,6 +51,14 @@ def _base_shapes(model) -> tuple[object, dict[str, tuple[int, ...]], Path]:
     """(ModelConfig, GGUF tensor name -> torch-order shape, path) of the base GGUF `model` (name or file)."""
     from engine.hub import resolve
     path = resolve(model)
+    st = path.stat()
+    return _read_base(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_base(path: Path, size: int, mtime_ns: int):
+    """Parsing a GGUF header costs seconds (gguf-py walks every vocabulary string), so exporting several adapters
+    for one base parses it once; size and mtime in the key notice a replaced file."""
     if path.is_dir():
         raise ValueError(f"{path}: llama.cpp runs adapters on a GGUF base; pass the .gguf file (or an embedded "
                          f"model name) the adapter will be used with")
