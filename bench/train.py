@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from bench.common import device_name, write_result
 from engine.data import ROLES, Batch
 from engine.lora import ALL_TARGETS, add_adapters
-from engine.trainer import AdapterAdamW, token_losses
+from engine.trainer import AdapterAdamW, limit_cpu_heap_growth, token_losses
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: `-m bench.train` from here
 MODES = ("ours_fp32", "ours_fp32_ckpt", "ours_bf16", "ours_bf16_ckpt", "single", "peft_fp32", "peft_bf16")
@@ -171,6 +171,8 @@ def _peak_gb(device: str) -> float:
 def worker(a) -> dict:
     """One mode, one round, in this process: build, warm up, time `steps` steps; peak memory of this process."""
     cuda = a.device.startswith("cuda")
+    if not cuda:
+        limit_cpu_heap_growth()                                              # as engine.trainer.setup does
     bf16 = "bf16" in a.worker or cuda
     model, cfg = _base(a.model, a.device, torch.bfloat16 if bf16 and not a.worker.startswith("peft") else torch.float32)
     model.requires_grad_(False)

@@ -450,6 +450,22 @@ class _Logger:
             self.file.close()
 
 
+def limit_cpu_heap_growth(threshold: int = 1 << 20) -> bool:
+    """glibc malloc: serve allocations >= `threshold` bytes with mmap (returned to the OS when freed) and stop the
+    threshold from growing. By default glibc raises it up to 32 MB after the first free of a large block, so the
+    MB-sized activation tensors of a training step come from the heap, and the holes between live and freed ones
+    keep the process's RSS far above what is in use (SmolLM2, 4 x 256 tokens, checkpointed: peak RSS 2.25 GB with
+    the default, 1.70 GB with this). Returns False where it does not apply (not glibc)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def _peak_mem_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -519,6 +535,8 @@ def setup(recipe: Recipe, model=None, tokenizer=None, resume: bool = False, wand
         ckpt.sweep(ck_root)
     D.barrier(d)
     torch.manual_seed(tc.seed)
+    if d.device.type == "cpu":
+        limit_cpu_heap_growth()
 
     model, tokenizer, opt = _model_and_optimizer(recipe, d, model, tokenizer)
     data = load_sft(dc.path, tokenizer, roles, dc.max_len, rows=sft_rows)
