@@ -93,11 +93,11 @@ if (( DRY )); then
   fi
 else
   stage versions_ceilings 30 "$PY" -m kernels.bench --ceilings --json --device cuda --out "$OUT/ceilings.json"
-  stage kernel_tests 90 env MCL_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider tests/kernels -m "not gpu" \
+  stage kernel_tests 75 env MCL_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider tests/kernels -m "not gpu" \
     --ignore=tests/kernels/test_compile_sm90.py --ignore=tests/kernels/test_gpu_check_dry_run.py \
     --ignore=tests/kernels/test_newest_triton.py
-  stage big_shape_checks 90 env MCL_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m gpu tests/kernels
-  stage bench_lora 170 "$PY" -m kernels.bench --quick --json --device cuda --out "$OUT/lora.json"
+  stage big_shape_checks 75 env MCL_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m gpu tests/kernels
+  stage bench_lora 200 "$PY" -m kernels.bench --quick --json --device cuda --out "$OUT/lora.json"
   stage profile 40 "$PY" -m kernels.bench --profile --device cuda --out "$OUT"
   stage bench_train 55 "$PY" -m engine.cli bench train --quick --json --device cuda --model qwen2.5-7b-instruct \
     --out "$OUT/train.json"
