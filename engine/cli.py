@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="our engine's CPU weights (see engine/quant.py); default per bench")
         b.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
+        if name == "generate":
+            b.add_argument("--peer", action="store_true", help="llama.cpp beside ours instead of transformers")
         b.set_defaults(func=_call(target))
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local engine (engine/agents/http_server.py)")
