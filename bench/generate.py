@@ -313,29 +313,35 @@ def peer_main(args) -> dict | None:
     threads_list = [args.threads] if args.threads else [2, 1]
     new_tokens, rounds = (16, 1) if quick else (64, 3)
     packed = getattr(args, "weights", None) or "q4"
-    rows = [r for m in models for r in _batch1_rows(m, packed, threads_list, new_tokens, rounds)]
-    with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
-        mixed = _mixed_row(models[0], packed, threads_list[0], 8 if quick else MIXED["new_tokens"], rounds, Path(tmp))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=str(Path(__file__).resolve().parent.parent)).stdout.strip()
+    from bench.common import write_result
+    root = str(Path(__file__).resolve().parent.parent)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "kernels", "bench"], capture_output=True,
-                           text=True, cwd=str(Path(__file__).resolve().parent.parent)).stdout.strip()
+                           text=True, cwd=root).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
     result = {"bench": "generate --peer", "device": f"cpu: {cpu}, {os.cpu_count()} cores",
               "peer": f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ctypes C API, greedy argmax in numpy)",
               "commit": commit + (" (+ uncommitted changes under engine/kernels/bench)" if dirty else ""),
-              "method": "each side in its own fresh process (peak RSS = its VmHWM; ru_maxrss would carry the parent's); same GGUF file, same "
-                        "chat-templated prompt ids, same thread count; greedy, batch 1, EOS ignored; median of "
-                        "interleaved rounds (the side going first alternates); decode tok/s = (N-1) / time after "
-                        "the first token",
-              "rows": rows, "mixed_adapters": mixed,
+              "method": "each side in its own fresh process (peak RSS = its VmHWM; ru_maxrss would carry the parent's); "
+                        "same GGUF file, same chat-templated prompt ids, same thread count; greedy, batch 1, EOS "
+                        "ignored; median of interleaved rounds (the side going first alternates); decode tok/s = "
+                        "(N-1) / time after the first token",
+              "rows": [], "mixed_adapters": None,
               "command": "mcl bench generate --peer" + (" --quick" if quick else "")
               + (f" --model {args.model}" if args.model else "") + (f" --threads {args.threads}" if args.threads else "")
               + (f" --weights {args.weights}" if getattr(args, "weights", None) else "")
               + (f" --out {args.out}" if args.out else "")}
-    from bench.common import write_result
-    write_result(result, args.out, "generate_peer_cpu.json")
+    # Written after every piece, so that a run cut short keeps what it measured; the mixed row right after the
+    # first model's rows (the larger models take longest).
+    for i, m in enumerate(models):
+        result["rows"] += _batch1_rows(m, packed, threads_list, new_tokens, rounds)
+        write_result(result, args.out, "generate_peer_cpu.json")
+        if i == 0:
+            with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
+                result["mixed_adapters"] = _mixed_row(m, packed, threads_list[0], 8 if quick else MIXED["new_tokens"],
+                                                      rounds, Path(tmp))
+            write_result(result, args.out, "generate_peer_cpu.json")
     return result
 
 
