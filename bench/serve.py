@@ -44,10 +44,11 @@ def run(model, tok, requests, n_slots: int) -> tuple[float, int]:
 
 
 def _randomise_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            p.data.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+            g = torch.Generator(device=p.device).manual_seed(seed)
+            seed += 1
+            p.data.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.01)
 
 
 def _load(name, device):

@@ -199,15 +199,16 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random weights (tests, speed work at real shapes): normal(0, std), norms at 1, biases small."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
+        gens: dict[torch.device, torch.Generator] = {}          # drawn where the weights live: a 7B model on a
+        for name, p in self.named_parameters():                  # GPU never round-trips 7.6B numbers via the CPU
             if "lora_" in name:
                 continue
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
             with torch.no_grad():
                 if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
         return self
 
     def forward(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None = None, *,
