@@ -31,6 +31,8 @@ Scales and mins are fp32 because d*sc (fp16 x 6 or 8 bits) does not fit fp16/bf1
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,32 @@ class PackedLinear:
         kind, group, w, scale, wmin = _DECODERS[type_name](raw)
         t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(n_rows, -1)
         return cls(kind, group, t(w), t(scale), t(wmin), type_name)
+
+    @classmethod
+    def from_gguf_file(cls, f, offset: int, type_name: str, n_rows: int, n_cols: int, name: str = "tensor",
+                       chunk_weights: int = 1 << 22) -> "PackedLinear":
+        """As from_gguf, reading the tensor's bytes at `offset` of the open file `f` in row chunks of about
+        `chunk_weights` weights: the decoding scratch stays a few MB and no page of the file stays mapped (a memmap
+        of the GGUF would count the whole file in the process's resident memory)."""
+        if type_name not in BLOCK_BYTES:
+            return cls.from_gguf(np.zeros(0, np.uint8), type_name, n_rows, n_cols, name)       # raises, naming it
+        per, nbytes = BLOCK_BYTES[type_name]
+        row_bytes = n_cols // per * nbytes
+        step = max(1, chunk_weights // n_cols)
+        full = None
+        for r0 in range(0, n_rows, step):
+            n = min(step, n_rows - r0)
+            raw = np.frombuffer(os.pread(f.fileno(), n * row_bytes, offset + r0 * row_bytes), dtype=np.uint8)
+            if raw.size != n * row_bytes:
+                raise ValueError(f"{name}: truncated GGUF file ({raw.size} of {n * row_bytes} bytes at row {r0})")
+            part = cls.from_gguf(raw, type_name, n, n_cols, name)
+            if full is None:                                                 # the whole tensor, filled chunk by chunk
+                alloc = lambda t: None if t is None else torch.empty((n_rows, t.shape[1]), dtype=t.dtype)
+                full = cls(part.kind, part.group, alloc(part.w), alloc(part.scale), alloc(part.wmin), type_name)
+            for a in ("w", "scale", "wmin"):
+                if getattr(part, a) is not None:
+                    getattr(full, a)[r0:r0 + n] = getattr(part, a)
+        return full
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "PackedLinear":
@@ -239,13 +267,11 @@ def _finish_inference_model(model, stats: dict):
 
 def load_gguf_packed(path, reader, dense_fallback: bool = False):
     """A GGUF file -> (Transformer for CPU inference, metadata): every 2-D tensor read from its blocks straight into
-    a PackedLinear (a few MB of scratch at a time, never the fp32 model); norms and biases fp32.
+    a PackedLinear (read in row chunks: a few MB of scratch at a time, never the fp32 model); norms and biases fp32.
 
     A tensor whose block type is not packed raises ValueError naming it, unless dense_fallback (then fp32 dense)."""
-    from gguf.quants import dequantize
-
     from engine.model import Transformer
-    from engine.weights import _unpermute, gguf_config, gguf_metadata, gguf_to_hf_name
+    from engine.weights import gguf_config, gguf_metadata
     source = str(path)
     meta = gguf_metadata(reader)
     shapes = {t.name: t.shape for t in reader.tensors}
@@ -256,6 +282,20 @@ def load_gguf_packed(path, reader, dense_fallback: bool = False):
     with torch.device("meta"):
         model = Transformer(cfg)
     small, stats = {}, {"weights": "q4", "packed": {}}
+    with open(path, "rb") as f:
+        _read_tensors(reader, f, model, cfg, source, small, stats, dense_fallback)
+    missing, unexpected = model.load_state_dict(small, strict=False, assign=True)
+    absent = [k for k in missing if not k.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))]
+    if absent or unexpected:
+        raise ValueError(f"{source}: missing tensors {absent[:5]}, unexpected {list(unexpected)[:5]}")
+    return _finish_inference_model(model, stats), meta
+
+
+def _read_tensors(reader, f, model, cfg, source, small, stats, dense_fallback):
+    """load_gguf_packed's loop: 2-D tensors into PackedLinear copies on `model`, the rest (fp32) into `small`."""
+    from gguf.quants import dequantize
+
+    from engine.weights import _unpermute, gguf_to_hf_name
     for t in reader.tensors:
         hf = gguf_to_hf_name(t.name)
         if hf is None:
@@ -267,7 +307,8 @@ def load_gguf_packed(path, reader, dense_fallback: bool = False):
         if len(t.shape) == 2 and hf.endswith(".weight"):
             n_cols, n_rows = (int(d) for d in t.shape)
             if kind in PACKED_TYPES:
-                pk = PackedLinear.from_gguf(t.data, kind, n_rows, n_cols, name=f"{source}: tensor {t.name}")
+                pk = PackedLinear.from_gguf_file(f, int(t.data_offset), kind, n_rows, n_cols,
+                                                 name=f"{source}: tensor {t.name}")
             elif dense_fallback:
                 w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(n_rows, n_cols)
                 pk = PackedLinear(0, 32, torch.from_numpy(w.copy()), source=f"dense({kind})")
@@ -288,11 +329,6 @@ def load_gguf_packed(path, reader, dense_fallback: bool = False):
             arr = dequantize(t.data, t.tensor_type)
             w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape))))
             small[hf] = _unpermute(w, heads) if cfg.arch == "llama" and heads else w
-    missing, unexpected = model.load_state_dict(small, strict=False, assign=True)
-    absent = [k for k in missing if not k.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))]
-    if absent or unexpected:
-        raise ValueError(f"{source}: missing tensors {absent[:5]}, unexpected {list(unexpected)[:5]}")
-    return _finish_inference_model(model, stats), meta
 
 
 def pack_dense_model(model):
