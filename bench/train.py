@@ -22,7 +22,8 @@ Modes (one optimizer step = all four adapters trained on the same B x T tokens, 
                                  set_adapter(role), forward, CE over the loss positions, backward, clip, torch AdamW),
                                  fp32 weights; _bf16 = under torch.autocast(bfloat16), the setting HF suggests for CPU
 Loss everywhere: token-mean CE over the second half of each row. Last line: {"rows": [{"mode", "tok_s", "step_s",
-"round_tok_s", "peak_gb", "load_peak_gb"}], "ratios": {...}, ...}; tok_s counts input tokens (B x T per step).
+"round_tok_s", "cpu_tok_s", "peak_gb", "load_peak_gb"}], "ratios": {...}, "cpu_ratios": {...}, ...}; tok_s counts
+input tokens (B x T per step); cpu_ratios come from process CPU time, which a loaded machine does not inflate (1 thread).
 """
 from __future__ import annotations
 
@@ -190,18 +191,20 @@ def worker(a) -> dict:
     else:
         step = _hf_peft_step(model, cfg, _batch(cfg, a.batch, a.seq_len, mixed_ids, a.device), a.rank, roles,
                              autocast_dtype)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     step()                                                                   # warm-up (and the first step's peak)
-    warm = time.perf_counter() - t0
-    times = []
+    warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
+    times, cpus = [], []
     for _ in range(a.steps):
         _sync(a.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         _sync(a.device)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     return {"mode": a.worker, "step_s": statistics.median(times) if times else warm, "warmup_s": round(warm, 2),
-            "peak_gb": round(_peak_gb(a.device), 3), "load_peak_gb": round(load_peak, 3)}
+            "cpu_s": statistics.median(cpus) if cpus else warm_cpu,           # 1 thread: CPU time = work done,
+            "peak_gb": round(_peak_gb(a.device), 3), "load_peak_gb": round(load_peak, 3)}   # whatever the load
 
 
 def main(args):
@@ -235,18 +238,22 @@ def main(args):
         step_s = statistics.median(x["step_s"] for x in rs)
         rows.append({"mode": m, "tok_s": round(B * T / step_s, 2), "step_s": round(step_s, 3),
                      "round_tok_s": [round(B * T / x["step_s"], 2) for x in rs],
+                     "cpu_tok_s": round(B * T / statistics.median(x["cpu_s"] for x in rs), 2),
                      "peak_gb": max(x["peak_gb"] for x in rs), "load_peak_gb": max(x["load_peak_gb"] for x in rs)})
     for r in rows:
         print(f"{r['mode']:>15}: {r['tok_s']:9.1f} tok/s  {r['step_s']:8.2f} s/step of {B}x{T}  peak {r['peak_gb']:.2f} GB "
               f"(after load {r['load_peak_gb']:.2f})", flush=True)
     tok_s = {r["mode"]: r["tok_s"] for r in rows}
     # Ratios from the same rounds: per round, then the median (a busy spell cancels within a round).
-    ratios = {}
+    ratios, cpu_ratios = {}, {}          # cpu_ratios: from process CPU time (1 thread: robust to a loaded machine)
     for a_, b_ in [(x, y) for x in modes if not x.startswith("peft") for y in modes if y != x]:
         per_round = [runs[b_][i]["step_s"] / runs[a_][i]["step_s"] for i in range(rounds)]
         ratios[f"{a_}_vs_{b_}"] = round(statistics.median(per_round), 3)
+        per_round = [runs[b_][i]["cpu_s"] / runs[a_][i]["cpu_s"] for i in range(rounds)]
+        cpu_ratios[f"{a_}_vs_{b_}"] = round(statistics.median(per_round), 3)
     result = {"device": device_name(device), "model": name, "batch": B, "seq_len": T, "steps": steps,
-              "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS), "rows": rows, "ratios": ratios,
+              "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS), "rows": rows,
+              "ratios": ratios, "cpu_ratios": cpu_ratios,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
               "threads": threads, "host": platform.node(),
               "command": "python -m bench.train " + " ".join(
