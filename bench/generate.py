@@ -227,6 +227,7 @@ def _batch1_rows(name, packed, threads_list, new_tokens, rounds) -> list[dict]:
         o, l = got["ours", t], got["llama.cpp", t]
         dec = {s: _median([(new_tokens - 1) / g["decode_s"] for g in got[s, t]]) for s in sides}
         tot = {s: _median([new_tokens / (g["prefill_s"] + g["decode_s"]) for g in got[s, t]]) for s in sides}
+        cpu = {s: _median([(new_tokens - 1) / g["decode_cpu_s"] for g in got[s, t]]) for s in sides}
         rows.append({
             "model": name, "threads": t, "batch": 1, "new_tokens": new_tokens, "rounds": rounds,
             "ours_weights": packed,
@@ -235,6 +236,8 @@ def _batch1_rows(name, packed, threads_list, new_tokens, rounds) -> list[dict]:
             "ours_tok_s_with_prefill": round(tot["ours"], 2), "llama_cpp_tok_s_with_prefill": round(tot["llama.cpp"], 2),
             "ratio_with_prefill": round(tot["ours"] / tot["llama.cpp"], 3),
             "per_round_decode_ratio": [round(b["decode_s"] / a["decode_s"], 3) for a, b in zip(o, l)],
+            "ours_decode_cpu_tok_s": round(cpu["ours"], 2), "llama_cpp_decode_cpu_tok_s": round(cpu["llama.cpp"], 2),
+            "cpu_decode_ratio": round(cpu["ours"] / cpu["llama.cpp"], 3),
             "ours_peak_rss_gib": round(rss["ours"], 3), "llama_cpp_peak_rss_gib": round(rss["llama.cpp"], 3),
             "rss_ratio": round(rss["ours"] / rss["llama.cpp"], 2),
             "greedy_agreement_tokens": [_same_prefix(a["tokens"], b["tokens"]) for a, b in zip(o, l)],
@@ -326,7 +329,9 @@ def peer_main(args) -> dict | None:
               "method": "each side in its own fresh process (peak RSS = its VmHWM; ru_maxrss would carry the parent's); "
                         "same GGUF file, same chat-templated prompt ids, same thread count; greedy, batch 1, EOS "
                         "ignored; median of interleaved rounds (the side going first alternates); decode tok/s = "
-                        "(N-1) / time after the first token",
+                        "(N-1) / time after the first token; *_cpu_tok_s: the same over the process's CPU time "
+                        "(at 1 thread the work done, which other jobs' load does not inflate; at 2 threads it "
+                        "includes spin-waiting)",
               "rows": [], "mixed_adapters": None,
               "command": "mcl bench generate --peer" + (" --quick" if quick else "")
               + (f" --model {args.model}" if args.model else "") + (f" --threads {args.threads}" if args.threads else "")
@@ -359,11 +364,12 @@ class _OursSide:
         from engine.generate import generate
         torch.set_num_threads(threads)
         t = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = generate(self.model, [prompt], new_tokens, ignore_eos=True,
-                       on_token=lambda row, tok: t.setdefault("first", time.perf_counter()))
-        t1 = time.perf_counter()
-        return {"prefill_s": t["first"] - t0, "decode_s": t1 - t["first"], "tokens": out[0].token_ids}
+                       on_token=lambda row, tok: t.setdefault("first", (time.perf_counter(), time.process_time())))
+        t1, c1 = time.perf_counter(), time.process_time()
+        return {"prefill_s": t["first"][0] - t0, "decode_s": t1 - t["first"][0], "decode_cpu_s": c1 - t["first"][1],
+                "tokens": out[0].token_ids}
 
     def mixed(self, requests, new_tokens, threads):
         import torch
@@ -450,11 +456,12 @@ class _LlamaSide:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         t0 = time.perf_counter()
         first = self._decode([(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         out = first
         for k in range(1, new_tokens):
             out += self._decode([(out[-1], len(prompt) + k - 1, 0, True)])
-        return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": out}
+        return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_cpu_s": time.process_time() - c1,
+                "tokens": out}
 
     def mixed(self, requests, new_tokens, threads):
         self.L.llama_set_n_threads(self.ctx, threads, threads)
