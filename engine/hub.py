@@ -192,7 +192,7 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
     from engine.model import Transformer
     from engine.quant import MODES, load_gguf_packed, pack_dense_model, pack_model_bf16
     from engine.tokenizer import Tokenizer
-    from engine.weights import load_gguf, load_hf_dir, open_gguf
+    from engine.weights import load_gguf, load_hf_dir
 
     if weights not in MODES:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(MODES)}")
@@ -209,8 +209,7 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
 
     path = resolve(name_or_path)
     if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout
-        reader = open_gguf(path)
-        model, meta = load_gguf_packed(path, reader, dense_fallback=dense_fallback)
+        model, meta = load_gguf_packed(path, dense_fallback=dense_fallback)     # opens (and drops) its own reader
         return model, Tokenizer.from_gguf(meta, source=str(path))
     if path.is_dir():
         cfg, sd = load_hf_dir(path, dtype=dtype)

@@ -67,8 +67,9 @@ class Attention(nn.Module):
         self.qkv_packed = None      # engine.quant.PackedLinear of q|k|v stacked (CPU inference): one call, see fuse()
 
     def fuse(self) -> None:
-        """Stack the packed q, k, v projections into one (when their layouts allow; see PackedLinear.cat)."""
-        self.qkv_packed = PackedLinear.cat([p.packed for p in (self.q_proj, self.k_proj, self.v_proj)])
+        """Stack the packed q, k, v projections into one (when their layouts allow; see PackedLinear.fuse); each
+        projection's own packed copy becomes a view of its rows."""
+        self.qkv_packed = PackedLinear.fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
         B, T, _ = x.shape
@@ -122,7 +123,7 @@ class MLP(nn.Module):
         self.gate_up_packed = None  # engine.quant.PackedLinear of gate|up stacked (CPU inference), see fuse()
 
     def fuse(self) -> None:
-        self.gate_up_packed = PackedLinear.cat([self.gate_proj.packed, self.up_proj.packed])
+        self.gate_up_packed = PackedLinear.fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x, lora):
         if self.gate_up_packed is not None and not torch.is_grad_enabled():

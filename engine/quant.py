@@ -32,6 +32,7 @@ Scales and mins are fp32 because d*sc (fp16 x 6 or 8 bits) does not fit fp16/bf1
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,6 +107,24 @@ class PackedLinear:
         mins = [scales(p, p.wmin) for p in parts]
         mn = None if mins[0] is None else torch.cat(mins)
         return PackedLinear(parts[0].kind, group, w, sc, mn, "+".join(p.source for p in parts))
+
+    def row_slice(self, start: int, stop: int) -> "PackedLinear":
+        """Output rows start..stop-1 as views (no copy)."""
+        pick = lambda t: None if t is None else t[start:stop]
+        return PackedLinear(self.kind, self.group, pick(self.w), pick(self.scale), pick(self.wmin), self.source)
+
+    @staticmethod
+    def fuse(modules) -> "PackedLinear | None":
+        """cat() of the modules' `packed` copies; each module's `packed` then becomes a view of its rows of the
+        fused copy, so the weights are held once. None (modules untouched) when the layouts do not stack."""
+        fused = PackedLinear.cat([m.packed for m in modules])
+        if fused is not None:
+            start = 0
+            for m in modules:
+                stop = start + m.packed.out_features
+                m.packed = fused.row_slice(start, stop)
+                start = stop
+        return fused
 
     # --- building ---------------------------------------------------------------------------------------------
     @classmethod
@@ -265,16 +284,21 @@ def _finish_inference_model(model, stats: dict):
     return model.eval()
 
 
-def load_gguf_packed(path, reader, dense_fallback: bool = False):
+def load_gguf_packed(path, reader=None, dense_fallback: bool = False):
     """A GGUF file -> (Transformer for CPU inference, metadata): every 2-D tensor read from its blocks straight into
     a PackedLinear (read in row chunks: a few MB of scratch at a time, never the fp32 model); norms and biases fp32.
-
-    A tensor whose block type is not packed raises ValueError naming it, unless dense_fallback (then fp32 dense)."""
+    The GGUF reader (its parsed metadata holds ~0.5 GB for a 150k-token vocabulary) is dropped before the weights
+    are read: pass none, or pass one and drop yours. A tensor whose block type is not packed raises ValueError
+    naming it, unless dense_fallback (then fp32 dense)."""
     from engine.model import Transformer
-    from engine.weights import gguf_config, gguf_metadata
+    from engine.weights import gguf_config, gguf_metadata, open_gguf
     source = str(path)
+    reader = reader or open_gguf(path)
     meta = gguf_metadata(reader)
-    shapes = {t.name: t.shape for t in reader.tensors}
+    tensors = [_TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes),
+                           int(t.data.nbytes)) for t in reader.tensors]
+    del reader
+    shapes = {t.name: t.shape for t in tensors}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{source}: no tensor token_embd.weight")
     cfg = gguf_config(meta, vocab_size=int(shapes["token_embd.weight"][1]), has_output="output.weight" in shapes,
@@ -283,7 +307,7 @@ def load_gguf_packed(path, reader, dense_fallback: bool = False):
         model = Transformer(cfg)
     small, stats = {}, {"weights": "q4", "packed": {}}
     with open(path, "rb") as f:
-        _read_tensors(reader, f, model, cfg, source, small, stats, dense_fallback)
+        _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback)
     missing, unexpected = model.load_state_dict(small, strict=False, assign=True)
     absent = [k for k in missing if not k.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))]
     if absent or unexpected:
@@ -291,27 +315,45 @@ def load_gguf_packed(path, reader, dense_fallback: bool = False):
     return _finish_inference_model(model, stats), meta
 
 
-def _read_tensors(reader, f, model, cfg, source, small, stats, dense_fallback):
-    """load_gguf_packed's loop: 2-D tensors into PackedLinear copies on `model`, the rest (fp32) into `small`."""
-    from gguf.quants import dequantize
+@dataclass
+class _TensorInfo:
+    """What the loader needs of one GGUF tensor, so the reader can go before the weights are read."""
+    name: str
+    tensor_type: object          # gguf.GGMLQuantizationType
+    shape: tuple                 # GGUF order: innermost first
+    data_offset: int             # absolute, in the file
+    n_bytes: int                 # what the header says
+    have_bytes: int              # what the file holds (less when truncated)
 
+
+def _read_dense(f, t: _TensorInfo) -> np.ndarray:
+    """A small tensor (norm, bias, or a dense-fallback weight) as fp32, shape in torch order."""
+    from gguf.quants import dequantize
+    raw = np.frombuffer(os.pread(f.fileno(), t.n_bytes, t.data_offset), dtype=np.uint8)
+    kind = t.tensor_type.name
+    arr = raw.view(np.float32) if kind == "F32" else raw.view(np.float16) if kind == "F16" else \
+        dequantize(raw, t.tensor_type)
+    return np.array(arr, dtype=np.float32).reshape(tuple(reversed(t.shape)))
+
+
+def _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback):
+    """load_gguf_packed's loop: 2-D tensors into PackedLinear copies on `model`, the rest (fp32) into `small`."""
     from engine.weights import _unpermute, gguf_to_hf_name
-    for t in reader.tensors:
+    for t in tensors:
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"{source}: unexpected tensor {t.name!r} (type {t.tensor_type.name})")
-        if t.data.nbytes != t.n_bytes:
-            raise ValueError(f"{source}: truncated GGUF file: tensor {t.name} has {t.data.nbytes} of {t.n_bytes} bytes")
+        if t.have_bytes != t.n_bytes:
+            raise ValueError(f"{source}: truncated GGUF file: tensor {t.name} has {t.have_bytes} of {t.n_bytes} bytes")
         kind = t.tensor_type.name
         heads = cfg.n_heads if "q_proj" in hf else cfg.n_kv_heads if "k_proj" in hf else 0
         if len(t.shape) == 2 and hf.endswith(".weight"):
-            n_cols, n_rows = (int(d) for d in t.shape)
+            n_cols, n_rows = t.shape
             if kind in PACKED_TYPES:
-                pk = PackedLinear.from_gguf_file(f, int(t.data_offset), kind, n_rows, n_cols,
+                pk = PackedLinear.from_gguf_file(f, t.data_offset, kind, n_rows, n_cols,
                                                  name=f"{source}: tensor {t.name}")
             elif dense_fallback:
-                w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(n_rows, n_cols)
-                pk = PackedLinear(0, 32, torch.from_numpy(w.copy()), source=f"dense({kind})")
+                pk = PackedLinear(0, 32, torch.from_numpy(_read_dense(f, t)), source=f"dense({kind})")
             else:
                 raise ValueError(f"{source}: tensor {t.name} has GGUF type {kind}, which weights='q4' does not pack "
                                  f"(packed: {', '.join(PACKED_TYPES)}); pass dense_fallback=True to load it as "
@@ -326,8 +368,7 @@ def _read_tensors(reader, f, model, cfg, source, small, stats, dense_fallback):
             else:
                 model.get_submodule(hf.removesuffix(".weight")).packed = pk
         else:
-            arr = dequantize(t.data, t.tensor_type)
-            w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape))))
+            w = torch.from_numpy(_read_dense(f, t))
             small[hf] = _unpermute(w, heads) if cfg.arch == "llama" and heads else w
 
 

@@ -216,3 +216,15 @@ def test_smollm2_q4_packs_every_projection_and_agrees_with_fp32():
         decode = _teacher_forced_decode(q4, seq, len(prompt)).argmax(-1)
     agree = (decode == want).float().mean().item()
     assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+
+
+def test_fusion_holds_the_weights_once():
+    """After fuse_packed, q/k/v and gate/up packed copies are views of the fused copy's rows (memory held once)."""
+    model = _tiny()
+    pack_dense_model(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for parts, fused in (((attn.q_proj, attn.k_proj, attn.v_proj), attn.qkv_packed), ((mlp.gate_proj, mlp.up_proj),
+                                                                                        mlp.gate_up_packed)):
+        assert all(p.packed.w.untyped_storage().data_ptr() == fused.w.untyped_storage().data_ptr() for p in parts)
+        x = torch.randn(2, parts[0].in_features)
+        assert torch.equal(torch.cat([p.packed(x) for p in parts], -1), fused(x))
