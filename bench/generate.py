@@ -25,7 +25,7 @@ Prints one JSON object as the last line: {"model", "device", "rows": [{batch, ne
   runs in its own fresh process (`python -m bench.generate --worker ours|llama.cpp`, JSON lines over a pipe), so its
   peak RSS (VmHWM: ru_maxrss would include the parent's, see _peak_rss_kb) is its own; the llama.cpp worker imports neither torch nor our engine. llama.cpp is driven through
   its C API (llama_decode + argmax in numpy: no Python sampler in the loop), as llama-server does minus HTTP.
-  The mixed-adapter row (first model, first thread count, 32 new tokens per request): 16 requests over 4 random
+  The mixed-adapter row (first model, last thread count, 32 new tokens per request): 16 requests over 4 random
   rank-32 adapters, ours in one Scheduler vs llama.cpp
   serving them one adapter configuration at a time (its server cannot batch requests whose LoRAs differ), its 4
   requests per adapter batched as 4 sequences, with the GGUF adapters `mcl export --gguf` wrote.
@@ -319,8 +319,8 @@ def peer_main(args) -> dict | None:
     from bench.common import write_result
     root = str(Path(__file__).resolve().parent.parent)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "kernels", "bench"], capture_output=True,
-                           text=True, cwd=root).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "kernels", "bench", ":!bench/results"],
+                           capture_output=True, text=True, cwd=root).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
     result = {"bench": "generate --peer", "device": f"cpu: {cpu}, {os.cpu_count()} cores",
@@ -344,7 +344,7 @@ def peer_main(args) -> dict | None:
         write_result(result, args.out, "generate_peer_cpu.json")
         if i == 0:
             with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
-                result["mixed_adapters"] = _mixed_row(m, packed, threads_list[0], 8 if quick else MIXED["new_tokens"],
+                result["mixed_adapters"] = _mixed_row(m, packed, threads_list[-1], 8 if quick else MIXED["new_tokens"],
                                                       rounds, Path(tmp))
             write_result(result, args.out, "generate_peer_cpu.json")
     return result
