@@ -172,7 +172,7 @@ def _peak_gb(device: str) -> float:
 def worker(a) -> dict:
     """One mode, one round, in this process: build, warm up, time `steps` steps; peak memory of this process."""
     cuda = a.device.startswith("cuda")
-    if not cuda:
+    if not cuda and a.worker.endswith("_ckpt"):
         limit_cpu_heap_growth()                                              # as engine.trainer.setup does
     bf16 = "bf16" in a.worker or cuda
     model, cfg = _base(a.model, a.device, torch.bfloat16 if bf16 and not a.worker.startswith("peft") else torch.float32)
