@@ -231,8 +231,9 @@ def main(args):
             if p.returncode:
                 raise RuntimeError(f"bench train worker {m} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
             runs[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{rounds} {m:>15}: {B * T / runs[m][-1]['step_s']:8.1f} tok/s, "
-                  f"peak {runs[m][-1]['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+            print(f"round {r + 1}/{rounds} {m:>15}: {B * T / runs[m][-1]['step_s']:8.1f} tok/s "
+                  f"({B * T / runs[m][-1]['cpu_s']:.1f} per CPU second), peak {runs[m][-1]['peak_gb']:.2f} GB",
+                  file=sys.stderr, flush=True)
     rows = []
     for m, rs in runs.items():
         step_s = statistics.median(x["step_s"] for x in rs)
