@@ -104,7 +104,7 @@ def _gpu_decode_checks(model) -> dict:
     """Batch-1 decode vs the HBM roofline, and batch-64 decode with four adapters vs none (CUDA only)."""
     from engine.generate import decode_one
     from engine.kv_cache import KVCache
-    dev = next(model.parameters()).device
+    dev = model.device
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
     for _ in range(3):

@@ -41,7 +41,8 @@ def _model_flags(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "q4"],
-                   help="CPU inference weights: fp32 (exact), bf16, or q4 (a GGUF's 4-bit blocks as they are); "
+                   help="CPU inference weights: fp32 (exact), bf16, or q4 (a GGUF's quantised blocks kept as they are, every "
+                        "type the embedded models use: Q4_0/1, Q4_K, Q5_0, Q6_K, Q8_0); "
                         "see engine/quant.py")
 
 
