@@ -87,13 +87,14 @@ def _resume(out: Path, settings: dict) -> list[dict]:
             diff = sorted(k for k in settings if before.get(k) != settings[k])
             raise ValueError(f"{out}: holds an interrupted eval with other settings ({', '.join(diff)} differ); "
                              f"rerun it as it was, or pick another --out")
-        records, ids = [], set(settings["problems"])
+        records, todo = [], set(settings["problems"])
         for line in partial.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue                                   # the line the kill cut short: that problem runs again
-            if rec.get("id") in ids and rec["id"] not in {r["id"] for r in records}:
+            if rec.get("id") in todo:
+                todo.discard(rec["id"])
                 records.append(rec)
         partial.write_text("".join(json.dumps(r, default=repr) + "\n" for r in records))
         return records
