@@ -20,6 +20,7 @@ import pytest
 from engine.agents import problem as P
 from eval.harness import run_tests
 from eval.sandbox import Limits, isolation, run_program
+from test_sandbox import leftovers          # processes still running whose command line holds a run's tag
 
 ISO = isolation()
 FAST = Limits(wall_s=5, cpu_s=5, test_timeout_s=5)
@@ -59,22 +60,6 @@ def host_sysv():
     leaked = {k: v - before[k] for k, v in sysv_ids().items()}
     remove_sysv(leaked)
     assert leaked == {"shm": set(), "msg": set(), "sem": set()}, f"left on the host: {leaked}"
-
-
-def leftovers(tag: str, wait_s: float = 2.0) -> list[str]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if tag.encode() in f.read():
-                        found.append(pid)
-            except OSError:
-                pass
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def alive():
