@@ -3,6 +3,7 @@
     python -m bench.decode_speed --before /path/to/old/checkout --out bench/results/     # the three embedded models
     python -m bench.decode_speed --models smollm2-135m --rounds 1                          # this tree only
     python -m bench.decode_speed --profile --models qwen2.5-coder-0.5b                     # where a step's time goes
+    python -m bench.decode_speed --kernels --out bench/results/                            # the matmul paths alone
 
 Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.getrusage's ru_maxrss of that process:
 load + prefill + decode), the trees alternating round by round so that a machine shared with other work loads both
@@ -82,10 +83,10 @@ def profile(fn, n_steps: int) -> dict:
     total = 0.0
     for (file, _, fname), (_, _, tt, _, _) in st.items():
         total += tt
-        if fname in ("qmatmul", "quantize_x", "linear", "_weight_int4pack_mm_for_cpu") or "cpu_kernels" in file:
+        if fname in ("qmatmul", "quantize_x", "linear", "_weight_int4pack_mm_for_cpu", "_dequant_mm", "dequant"):
             groups["matmul"] += tt
-        elif fname in ("_small_q_attention", "update", "read", "softmax", "scaled_dot_product_attention") or \
-                "kv_cache" in file:
+        elif fname in ("decode_attention", "_small_q_attention", "update", "read", "softmax",
+                       "scaled_dot_product_attention") or "kv_cache" in file:
             groups["attention"] += tt
         else:
             groups["other"] += tt
@@ -93,6 +94,61 @@ def profile(fn, n_steps: int) -> dict:
     return {"ms_per_step": round(total / n_steps * 1e3, 2),
             "share": {k: round(v / total, 3) for k, v in groups.items()},
             "top_self_ms_per_step": {name: round(tt / n_steps * 1e3, 2) for tt, name in top}}
+
+
+KERNEL_SHAPES = {"smollm2 gate|up Q4_1": ("Q4_1", 3072, 576), "qwen 0.5b down Q6_K": ("Q6_K", 896, 4864),
+                 "qwen 0.5b gate|up Q5_0": ("Q5_0", 9728, 896), "qwen 0.5b head Q8_0": ("Q8_0", 151936, 896),
+                 "qwen 1.5b gate|up Q4_K": ("Q4_K", 17920, 1536)}
+
+
+def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+    """Per real projection shape (random GGUF blocks): fp32 F.linear, the integer kernel and dequant + SGEMM at
+    several batch rows, median ms of 5 after a warm-up; GB/s = packed bytes read per integer-kernel call / time."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import engine.cpu_kernels as ck
+    from engine.quant import BLOCK_BYTES, PackedLinear
+
+    def med(fn, n=5):
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e3
+
+    out = []
+    rng = np.random.default_rng(0)
+    for name, (typ, N, K) in KERNEL_SHAPES.items():
+        per, nb = BLOCK_BYTES[typ]
+        raw = rng.integers(0, 256, size=(N * K // per, nb), dtype=np.uint8)
+        for off in {"Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}[typ]:
+            raw[:, off:off + 2] = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        pk = PackedLinear.from_gguf(raw, typ, N, K)
+        dense = pk.dequantize() if N * K <= 40_000_000 else None
+        for nt in threads:
+            torch.set_num_threads(nt)
+            row = {"shape": name, "N": N, "K": K, "threads": nt, "packed_mb": round(pk.nbytes() / 1e6, 1)}
+            for m in rows:
+                x = torch.randn(m, K)
+                a = pk.args()
+                saved = ck.DEQUANT_MIN_M
+                try:
+                    ck.DEQUANT_MIN_M = 1 << 30
+                    row[f"int8_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
+                    ck.DEQUANT_MIN_M = 0
+                    row[f"dequant_sgemm_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
+                finally:
+                    ck.DEQUANT_MIN_M = saved
+                if dense is not None:
+                    row[f"fp32_linear_ms_m{m}"] = round(med(lambda: F.linear(x, dense)), 3)
+            row["int8_gb_s_m1"] = round(pk.nbytes() / row["int8_ms_m1"] / 1e6, 1)
+            print(row, flush=True)
+            out.append(row)
+    return out
 
 
 def run_worker(tree: Path, model: str, a) -> dict:
@@ -116,6 +172,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--weights", default="q4")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="time the matmul paths alone on real projection shapes")
     ap.add_argument("--spin", action="store_true", help="keep OpenMP's default (spinning) wait policy in the workers")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
@@ -123,6 +180,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a)))
+        return
+    if a.kernels:
+        from bench.common import device_name, write_result
+        write_result({"bench": "decode_speed --kernels", "device": device_name("cpu"),
+                      "dequant_min_m": __import__("engine.cpu_kernels").cpu_kernels.DEQUANT_MIN_M,
+                      "rows": kernels(a.threads)}, a.out, "kernels_cpu.json")
         return
     trees = {"after": HERE.parent.parent} | ({"before": Path(a.before).resolve()} if a.before else {})
     rows = []

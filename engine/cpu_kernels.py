@@ -1,17 +1,22 @@
 """The CPU block-quantised matmul (engine/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
 
-    from engine.cpu_kernels import qmatmul, qmatmul_ref, available
-    y = qmatmul(x, w, scale, wmin, kind=8, group=32)     # x (M, K) fp32 -> y (M, N) fp32
+    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, available
+    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qmatmul.c's header)
+    y = qmatmul(x, [args])                                 # x (M, K) fp32 -> y (M, N) fp32; several weights: [y1|y2]
+    out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # RoPE + KV write + attention, one decode token
     python -m engine.cpu_kernels                           # build (or find) the library and print its path
 
 Why a C file and not a torch op: on this project's CPUs (AVX2, no AVX-512) torch's int4 / int8 weight-only kernels
 (aten._weight_int4pack_mm_for_cpu, aten._weight_int8pack_mm) and its bf16 GEMV run 5x slower than a plain fp32
 GEMV (bench/decode_speed.py --kernels), so a packed weight would be slower than the dense one. llama.cpp's answer,
 used here: quantise the activations to int8 per 32 inputs and take integer dot products with the weight blocks.
+That wins while a call reads each weight for a few rows of x; from DEQUANT_MIN_M rows on (prefill, a batch of
+concurrent requests) the weights are instead dequantised tile by tile into fp32 and multiplied by torch's SGEMM,
+whose arithmetic rate is several times the integer kernel's.
 
-The library is compiled into $MCL_CACHE/kernels/qmatmul-<sha of the source>.so on first use (about 2 s; needs gcc
-and an AVX2 + FMA CPU). OpenMP comes from the libgomp torch has already loaded, so both share one thread pool;
-the thread count follows torch.get_num_threads().
+The library is compiled into $MCL_CACHE/kernels/qmatmul-<sha of source and flags>.so on first use (about 2 s; needs
+gcc and an AVX2 + FMA + F16C CPU). OpenMP comes from the libgomp torch has already loaded, so both share one thread
+pool; the thread count follows torch.get_num_threads().
 """
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ from pathlib import Path
 
 import torch
 
-SRC = Path(__file__).with_name("qmatmul.c")
+SRCS = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("cpu_ops.c")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qmatmul.c)
+DEQUANT_MIN_M = int(os.environ.get("MCL_DEQUANT_MIN_M", 64))  # rows of x from which dequantise + SGEMM wins (--kernels)
+TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
 _LIB = None
 
 
@@ -34,7 +43,7 @@ def _cpu_has_avx2() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
 
 
 def library() -> ctypes.CDLL:
@@ -43,15 +52,15 @@ def library() -> ctypes.CDLL:
     if _LIB is not None:
         return _LIB
     if not _cpu_has_avx2():
-        raise RuntimeError("engine/qmatmul.c needs an x86 CPU with AVX2 and FMA; load with weights='fp32' or 'bf16'")
-    src = SRC.read_bytes()
+        raise RuntimeError("engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; load with weights='fp32' or 'bf16'")
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SRCS) + " ".join(FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mapcoder-lite") / "kernels"
     cache.mkdir(parents=True, exist_ok=True)
-    so = cache / f"qmatmul-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    so = cache / f"qmatmul-{key}.so"
     if not so.is_file():
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
         os.close(fd)
-        cmd = ["gcc", "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(SRC), "-o", tmp]
+        cmd = ["gcc", *FLAGS, *map(str, SRCS), "-o", tmp, "-lm"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
         except FileNotFoundError:
@@ -62,11 +71,19 @@ def library() -> ctypes.CDLL:
             raise RuntimeError(f"building engine/qmatmul.c failed: {' '.join(cmd)}\n{r.stderr.strip()[-2000:]}")
         os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.quantize_x.argtypes = [P, I, I, P, P, P, ctypes.c_int]
-    lib.qmatmul.argtypes = [P, P, P, I, I, P, P, P, ctypes.c_int, ctypes.c_int, I, P, ctypes.c_int]
-    lib.qmatmul_x.argtypes = [P, P, P, P, I, I, P, P, P, ctypes.c_int, ctypes.c_int, I, P, ctypes.c_int]
-    lib.qmatmul_x.restype = None
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.quantize_x.argtypes = [P, I, I, P, P, P, C]
+    lib.quantize_x.restype = None
+    lib.qmatmul.argtypes = [P, P, P, I, I, P, P, P, C, P, P, C, C, C, I, P, I, C]
+    lib.qmatmul.restype = C
+    lib.dequant.argtypes = [P, P, P, C, P, P, C, C, C, I, P, I, I, P, C]
+    lib.dequant.restype = C
+    lib.decode_attention.argtypes = [P, I, P, I, P, I, P, P, P, P, I, P, P, I, I, I, I, P, C]
+    lib.decode_attention.restype = C
+    lib.rmsnorm.argtypes = [P, P, I, I, ctypes.c_float, P]
+    lib.rmsnorm.restype = None
+    lib.lora_apply.argtypes = [P, I, P, I, I, I, I, P, P, P, I, P, C]
+    lib.lora_apply.restype = C
     _LIB = lib
     return lib
 
@@ -79,14 +96,17 @@ def available() -> bool:
         return False
 
 
-def quantize_x(x: torch.Tensor):
-    """x (M, K) fp32 contiguous, K % 32 == 0 -> (qx int8 (M, K), dx fp32 (M, K/32), sx fp32 (M, K/16))."""
-    M, K = x.shape
-    qx = torch.empty(M, K, dtype=torch.int8)
-    dx = torch.empty(M, K // 32)
-    sx = torch.empty(M, K // 16)
-    library().quantize_x(x.data_ptr(), M, K, qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), torch.get_num_threads())
-    return qx, dx, sx
+def _enc(s: torch.Tensor | None) -> int:
+    """Scale encoding for the C code: 1 = fp16 per group, 2 = int8 per group times fp32 per 256 weights."""
+    return 0 if s is None else 1 if s.dtype == torch.float16 else 2
+
+
+def weight_args(w, scale, wmin, kind: int, group: int, sd=None, md=None) -> tuple:
+    """The C arguments of one packed weight: (w, scale, sd, senc, wmin, md, menc, kind, group, N, K). Pointers only:
+    the caller keeps the tensors alive (engine/quant.py's PackedLinear holds both)."""
+    ptr = lambda t: None if t is None else t.data_ptr()
+    K = w.shape[1] // BLOCK_BYTES[kind] * 32 if kind != 8 else w.shape[1]
+    return (ptr(w), ptr(scale), ptr(sd), _enc(scale), ptr(wmin), ptr(md), _enc(wmin), kind, group, w.shape[0], K)
 
 
 _SCRATCH = threading.local()     # per thread: (M, K) -> the activation buffers, reused by every call of that shape
@@ -99,26 +119,129 @@ def _scratch(M: int, K: int):
     if (M, K) not in bufs:
         if len(bufs) > 64:                                              # prefill chunks of many lengths: stay bounded
             bufs.clear()
-        bufs[M, K] = (torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 16))
+        bufs[M, K] = (torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 32))
     return bufs[M, K]
 
 
-def qmatmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor | None, kind: int,
-            group: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) fp32 = x (M, K) @ W^T with W in the layout of engine/qmatmul.c (kind 8 or 4, group 16 or 32).
-    One C call: quantise x into per-thread scratch buffers (no allocation after the first call of a shape), then
-    the block matmul."""
+def quantize_x(x: torch.Tensor):
+    """x (M, K) fp32 contiguous, K % 32 == 0 -> (qx int8 (M, K), dx fp32 (M, K/32), sx = dx * sum(qx) (M, K/32))."""
+    M, K = x.shape
+    qx, dx, sx = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 32)
+    library().quantize_x(x.data_ptr(), M, K, qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), torch.get_num_threads())
+    return qx, dx, sx
+
+
+def qmatmul(x: torch.Tensor, parts: list[tuple], out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N1 + N2 + ...) fp32 = x (M, K) @ [W1; W2; ...]^T for packed weights given by weight_args tuples.
+
+    Fewer than DEQUANT_MIN_M rows: one quantisation of x into per-thread scratch (no allocation after the first call
+    of a shape), then one integer-kernel call per weight, each writing its columns of y. More rows: dequant + SGEMM."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     M, K = x.shape
-    N = scale.shape[0]
-    qx, dx, sx = _scratch(M, K)
+    N = sum(p[9] for p in parts)
     y = torch.empty(M, N) if out is None else out
-    library().qmatmul_x(x.data_ptr(), qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), M, K, w.data_ptr(),
-                        scale.data_ptr(), None if wmin is None else wmin.data_ptr(), kind, group, N, y.data_ptr(),
-                        torch.get_num_threads())
+    lib, nt = library(), torch.get_num_threads()
+    if M >= DEQUANT_MIN_M:
+        return _dequant_mm(x, parts, y)
+    qx, dx, sx = _scratch(M, K)
+    lib.quantize_x(x.data_ptr(), M, K, qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), nt)
+    col = 0
+    for p in parts:
+        if p[10] != K:
+            raise ValueError(f"qmatmul: x has {K} columns, the weight {p[10]}")
+        if lib.qmatmul(qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), M, K, *p[:10], y.data_ptr() + 4 * col, N, nt):
+            raise ValueError(f"qmatmul: no kernel for kind {p[7]} group {p[8]} with K {K}")
+        col += p[9]
     return y
 
+
+def dequant(args: tuple, rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weights (nrows, K) the kernel multiplies by: rows `rows` (int64) or row0 .. row0 + nrows - 1."""
+    N, K = args[9], args[10]
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= N):
+            raise IndexError(f"dequant: row index out of range for {N} rows")
+        nrows = len(rows)
+    elif nrows is None:
+        nrows = N - row0
+    out = torch.empty(nrows, K) if out is None else out
+    rc = library().dequant(*args[:9], K, None if rows is None else rows.data_ptr(), row0, nrows, out.data_ptr(),
+                           torch.get_num_threads())
+    if rc:
+        raise ValueError(f"dequant: no layout kind {args[7]} group {args[8]} with K {K}")
+    return out
+
+
+_TILES = threading.local()
+
+
+def _dequant_mm(x: torch.Tensor, parts: list[tuple], y: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T a tile of rows at a time: dequantise (C) into a reused fp32 buffer, then torch's SGEMM."""
+    K = x.shape[1]
+    rows = max(1, TILE_WEIGHTS // K)
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.numel() < rows * K:
+        buf = _TILES.buf = torch.empty(TILE_WEIGHTS + K)
+    col = 0
+    for p in parts:
+        for r0 in range(0, p[9], rows):
+            n = min(rows, p[9] - r0)
+            w = dequant(p, row0=r0, nrows=n, out=buf[:n * K].view(n, K))
+            if n == y.shape[1]:
+                torch.mm(x, w.t(), out=y)                                   # one tile is the whole output
+            else:
+                y[:, col + r0:col + r0 + n] = x @ w.t()
+        col += p[9]
+    return y
+
+
+def decode_attention(q, k, v, cos, sin, kc, vc, slots, pos) -> torch.Tensor:
+    """engine/cpu_ops.c: RoPE, KV-cache write and attention of one new token per row, one call.
+
+    q (B, nh*hd), k / v (B, nkv*hd) fp32 with unit last stride; cos / sin (B, hd); kc / vc one layer's cache
+    (n_slots, nkv, L, hd) fp32 contiguous, written at [slots[b], :, pos[b]]; slots / pos (B,) int64.
+    Returns (B, nh*hd): query head h over KV head h // (nh / nkv), keys 0 .. pos[b]."""
+    B, hd = cos.shape
+    nh, nkv, L = q.shape[1] // hd, kc.shape[1], kc.shape[2]
+    out = torch.empty(B, nh * hd)
+    slots, pos = slots.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+    rc = library().decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                    cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), L, slots.data_ptr(),
+                                    pos.data_ptr(), B, nh, nkv, hd, out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"decode_attention: {'head_dim > 512 or heads not a multiple of KV heads' if rc == -1 else 'position outside the cache'}")
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """engine/cpu_ops.c's RMSNorm of fp32 x (..., D) with weight (D,): one call (inference)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().rmsnorm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+               ids: torch.Tensor) -> torch.Tensor:
+    """engine/cpu_ops.c: y (T, out) += s[a] B[a] A[a] x[t] for rows with adapter ids[t] = a >= 0, in place; x (T, in)
+    fp32 with unit last stride, A (N, R, in), B (N, out, R), scales (N,) fp32. One call per projection (inference)."""
+    T, n_in = x.shape
+    if y.stride(-1) != 1 or x.stride(-1) != 1 or y.dtype != torch.float32:
+        raise ValueError("lora_apply: x and y need fp32 rows with unit stride")
+    A, B, scales = A.contiguous(), B.contiguous(), scales.float().contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    if A.shape[1] > 256 or A.shape[1] % 8 or n_in % 8 or T > 64:
+        raise ValueError(f"lora_apply: rank {A.shape[1]} (<= 256, a multiple of 8), in {n_in} (a multiple of 8), "
+                         f"{T} rows (<= 64)")
+    library().lora_apply(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), T, n_in, y.shape[1], A.data_ptr(),
+                         B.data_ptr(), scales.data_ptr(), A.shape[1], ids.data_ptr(), torch.get_num_threads())
+    return y
+
+
+# --- torch references (tests) ------------------------------------------------------------------------------------
 
 def quantize_x_ref(x: torch.Tensor):
     """The torch reference of quantize_x (round half to even, as nearbyintf in the default rounding mode)."""
@@ -126,41 +249,57 @@ def quantize_x_ref(x: torch.Tensor):
     xb = x.float().view(M, K // 32, 32)
     d = xb.abs().amax(-1) / 127
     q = torch.where(d[..., None] > 0, xb / torch.where(d > 0, d, 1)[..., None], 0).round()
-    sx = (q.view(M, K // 16, 16).sum(-1) * d.repeat_interleave(2, dim=1))
-    return q.to(torch.int8).view(M, K), d, sx
+    return q.to(torch.int8).view(M, K), d, q.sum(-1) * d
 
 
 def unpack_q(w: torch.Tensor, kind: int) -> torch.Tensor:
-    """Stored weights -> integer values (N, K) int16: kind 8 as stored, kind 4 nibbles in block order."""
+    """Stored weights -> integer values (N, K) int16 (kind 4 unsigned 0..15, the others signed)."""
     if kind == 8:
         return w.to(torch.int16)
     N = w.shape[0]
-    b = w.view(N, -1, 16).to(torch.int16)
-    return torch.cat([b & 15, b >> 4], dim=-1).reshape(N, -1)
+    blk = w.view(N, -1, BLOCK_BYTES[kind]).to(torch.int16)                  # (N, blocks, bytes)
+    q = torch.cat([blk[..., :16] & 15, blk[..., :16] >> 4], dim=-1)          # nibbles in element order
+    e = torch.arange(32)
+    if kind == 5:                                                            # bit 8 * (e % 4) + e / 4 of the word
+        q = q | (((blk[..., 16 + e % 4] >> (e // 4)) & 1) << 4)
+        q = q - 16
+    elif kind == 6:                                                          # bits 8 * (e % 8) + 2 * (e / 8)
+        q = q | (((blk[..., 16 + e % 8] >> (2 * (e // 8))) & 3) << 4)
+        q = q - 32
+    return q.reshape(N, -1)
 
 
-def dequantize(w, scale, wmin, kind: int, group: int) -> torch.Tensor:
-    """The weights the kernel multiplies by, fp32 (N, K)."""
+def group_scales(s: torch.Tensor | None, sd: torch.Tensor | None, group: int) -> torch.Tensor | None:
+    """Per-group scales (or mins) in fp32 (N, K/group): fp16 as stored, or int8 times the fp32 per 256 weights."""
+    if s is None:
+        return None
+    if s.dtype == torch.float16:
+        return s.float()
+    return sd.repeat_interleave(256 // group, dim=1) * s.float()
+
+
+def dequantize_ref(w, scale, wmin, kind: int, group: int, sd=None, md=None) -> torch.Tensor:
+    """The weights the kernel multiplies by, fp32 (N, K): scale * q (+ min) per group."""
     q = unpack_q(w, kind).float()
-    out = q * scale.repeat_interleave(group, dim=1)
+    out = q * group_scales(scale, sd, group).repeat_interleave(group, dim=1)
     if wmin is not None:
-        out = out + wmin.repeat_interleave(group, dim=1)
+        out = out + group_scales(wmin, md, group).repeat_interleave(group, dim=1)
     return out
 
 
-def qmatmul_ref(x, w, scale, wmin, kind: int, group: int) -> torch.Tensor:
-    """What qmatmul computes, in float64: sum over groups of scale * dx * (q . qx) + min * sx."""
+def qmatmul_ref(x, w, scale, wmin, kind: int, group: int, sd=None, md=None) -> torch.Tensor:
+    """What qmatmul computes for fewer than DEQUANT_MIN_M rows, in float64: sum over groups of
+    scale * dx * (q . qx) + min * sx."""
     qx, dx, sx = quantize_x_ref(x)
     M, K = qx.shape
-    N = scale.shape[0]
+    N = w.shape[0]
     q = unpack_q(w, kind).double().view(N, K // group, group)
     xq = qx.double().view(M, K // group, group)
     dxg = dx.double().repeat_interleave(32 // group, dim=1) if group < 32 else dx.double()
     dots = torch.einsum("ngk,mgk->mng", q, xq)                                # (M, N, K/G)
-    y = (dots * scale.double()[None] * dxg[:, None]).sum(-1)
-    if wmin is not None:
-        sxg = sx.double() if group == 16 else sx.double().view(M, -1, 2).sum(-1)
-        y = y + (wmin.double()[None] * sxg[:, None]).sum(-1)
+    y = (dots * group_scales(scale, sd, group).double()[None] * dxg[:, None]).sum(-1)
+    if wmin is not None:                                                       # mins: group 32 only
+        y = y + (group_scales(wmin, md, group).double()[None] * sx.double()[:, None]).sum(-1)
     return y
 
 

@@ -84,11 +84,7 @@ class LoRALinear(nn.Module):
         y = self.packed(x)
         if self.bias is not None:
             y = y + self.bias
-        if lora is not None and self.lora_A is not None and lora.seg.n_lora:
-            from kernels.multi_lora import multi_lora_torch
-            shape_only = x.new_empty(()).expand(self.out_features, self.in_features)   # weight may be meta (q4)
-            y = multi_lora_torch(x, shape_only, None, self.lora_A, self.lora_B, self.lora_scale, lora.seg, base_out=y)
-        return y
+        return add_lora_delta(self, x, y, lora)
 
     # --- adapter slots -------------------------------------------------------------------
     def set_adapters(self, ranks: list[int], scales: list[float], seed: int = 0):
@@ -120,6 +116,25 @@ class LoRALinear(nn.Module):
             delta = self.lora_B[idx, :, :r].float() @ self.lora_A[idx, :r].float()   # (out, in)
             self.weight += (self.lora_scale[idx] * delta).to(self.weight.dtype)
         self.packed = None       # the packed copy no longer matches: fall back to the exact weight
+
+
+def add_lora_delta(proj: LoRALinear, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+    """y = x W^T (+ bias) of a packed projection -> + the adapters' delta (inference). A few fp32 rows on the CPU
+    (decode): one call of engine/cpu_ops.c's lora_apply, in place; otherwise (prefill, where batched matmuls win)
+    kernels.multi_lora.multi_lora_torch, also its reference."""
+    if lora is None or proj.lora_A is None or not lora.seg.n_lora:
+        return y
+    x2 = x.reshape(-1, proj.in_features)
+    if x2.shape[0] <= 32 and x2.dtype == y.dtype == proj.lora_A.dtype == torch.float32 and not x2.is_cuda \
+            and y.stride(-1) == 1 and proj.lora_A.shape[1] % 8 == 0 and proj.in_features % 8 == 0:
+        from engine.cpu_kernels import lora_apply
+        y2 = y.reshape(-1, proj.out_features)
+        lora_apply(x2 if x2.stride(-1) == 1 else x2.contiguous(), y2, proj.lora_A, proj.lora_B, proj.lora_scale,
+                   lora.seg.ids)
+        return y2.view(y.shape)
+    from kernels.multi_lora import multi_lora_torch
+    shape_only = x.new_empty(()).expand(proj.out_features, proj.in_features)        # the weight may be meta (q4)
+    return multi_lora_torch(x, shape_only, None, proj.lora_A, proj.lora_B, proj.lora_scale, lora.seg, base_out=y)
 
 
 # --- model-level helpers ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.lora import LoRABatch, LoRALinear
+from engine.lora import LoRABatch, LoRALinear, add_lora_delta
 from engine.quant import PackedLinear
 
 
@@ -31,8 +31,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = False         # CPU inference: engine/cpu_ops.c's rmsnorm (set by Transformer.set_decode_kernel)
 
     def forward(self, x):
+        if self.kernel and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            from engine.cpu_kernels import rmsnorm
+            return rmsnorm(x, self.weight, self.eps)
         # Normalise in fp32 (as HF does), scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -65,10 +69,11 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear(cfg.dim, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = LoRALinear(nh * hd, cfg.dim, bias=False)
         self.qkv_packed = None      # engine.quant.PackedLinear of q|k|v stacked (CPU inference): one call, see fuse()
+        self.decode_kernel = False  # one-token steps through engine/cpu_ops.c (RoPE + KV write + attention, one call)
 
     def fuse(self) -> None:
-        """Stack the packed q, k, v projections into one (when their layouts allow; see PackedLinear.fuse); each
-        projection's own packed copy becomes a view of its rows."""
+        """Stack the packed q, k, v projections into one (see PackedLinear.fuse: equal layouts share one weight,
+        others are called side by side) and route one-token decode steps through engine/cpu_ops.c."""
         self.qkv_packed = PackedLinear.fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
@@ -79,6 +84,14 @@ class Attention(nn.Module):
             q, k, v = (_finish(p, x, y, lora) for p, y in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
         else:
             q, k, v = self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
+        if self.decode_kernel and T == 1 and cache is not None and cache.k.dtype == torch.float32 \
+                and not torch.is_grad_enabled():
+            from engine.cpu_kernels import decode_attention
+            rows = torch.arange(B) if slots is None else slots
+            y = decode_attention(q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), cos.reshape(B, hd),
+                                 sin.reshape(B, hd), cache.k[self.layer_idx], cache.v[self.layer_idx], rows,
+                                 input_pos.reshape(B))
+            return self.o_proj(y.view(B, 1, nh * hd), lora)
         q = q.view(B, T, nh, hd).transpose(1, 2)                          # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)                         # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)                         # (B, nkv, T, hd)
@@ -138,11 +151,7 @@ def _finish(proj: LoRALinear, x, y, lora):
     """A fused call's slice y = x W^T of projection `proj` -> + bias + the adapters' delta (as LoRALinear does)."""
     if proj.bias is not None:
         y = y + proj.bias
-    if lora is not None and proj.lora_A is not None and lora.seg.n_lora:
-        from kernels.multi_lora import multi_lora_torch
-        shape_only = x.new_empty(()).expand(proj.out_features, proj.in_features)    # the weight may be meta (q4)
-        y = multi_lora_torch(x, shape_only, None, proj.lora_A, proj.lora_B, proj.lora_scale, lora.seg, base_out=y)
-    return y
+    return add_lora_delta(proj, x, y, lora)
 
 
 class Block(nn.Module):
@@ -189,10 +198,20 @@ class Transformer(nn.Module):
         return self.model.norm.weight.device
 
     def fuse_packed(self) -> None:
-        """Fused QKV and gate/up calls from the projections' packed copies (CPU inference)."""
+        """Fused QKV and gate/up calls from the projections' packed copies (CPU inference); one-token decode steps
+        through engine/cpu_ops.c (set_decode_kernel(False) keeps the eager torch path, the tests' reference)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self.set_decode_kernel(True)
+
+    def set_decode_kernel(self, on: bool) -> None:
+        """engine/cpu_ops.c for the RMSNorms and one-token attention steps of a packed CPU model (on), or the eager
+        torch ops (off: the reference)."""
+        for layer in self.model.layers:
+            layer.self_attn.decode_kernel = on and layer.self_attn.qkv_packed is not None
+            layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = on
+        self.model.norm.kernel = on
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -1,20 +1,31 @@
-/* Block-quantised matmul for the CPU (AVX2 + FMA, OpenMP): y (M, N) = x (M, K) @ W^T, W in GGUF-style blocks.
+/* Block-quantised matmul for the CPU (AVX2 + FMA + F16C, OpenMP): y (M, N) = x (M, K) @ W^T, W in GGUF-sized blocks.
  *
- * Built and loaded by engine/cpu_kernels.py (gcc -O3 -mavx2 -mfma -fopenmp); the torch reference of the same
- * arithmetic is engine.cpu_kernels.qmatmul_ref. Layouts (engine/quant.py writes them from a GGUF's blocks):
- *   kind 8: w int8 (N, K), scale fp32 (N, K/G), G = 16 or 32      w[n, k] = scale[n, k/G] * q[n, k] (+ min[n, k/G])
- *   kind 4: w uint8 (N, K/2), scale fp32 (N, K/32), G = 32: the 16 bytes of a 32-block hold element j in the
- *           low nibble and element j + 16 in the high nibble (GGUF's Q4 order); q in 0..15.
- *   min (optional, may be NULL): fp32 (N, K/G), added per group (Q4_1, Q4_K).
+ * Built and loaded by engine/cpu_kernels.py (gcc -O3 -mavx2 -mfma -mf16c -fopenmp); the torch reference of the same
+ * arithmetic is engine.cpu_kernels.qmatmul_ref. engine/quant.py writes the layouts from a GGUF's blocks.
+ *
+ * A row of W is K/32 blocks of 32 weights, BB bytes each, w = scale[g] * q + min[g] per group g of G (32 or 16):
+ *   kind 8: BB 32, q int8.
+ *   kind 4: BB 16, q = nibble in 0..15: byte j holds element j (low nibble) and element j + 16 (high) (GGUF's order).
+ *   kind 5: BB 20, 16 bytes of nibbles as kind 4, then a 32-bit word of high bits; q = (nibble | hi << 4) - 16.
+ *           Element e's high bit is bit 8 * (e % 4) + e / 4 of the word (one variable shift unpacks it).
+ *   kind 6: BB 24, 16 bytes of nibbles, then a 64-bit word of 2-bit high parts; q = (nibble | hi2 << 4) - 32.
+ *           Element e's two bits are bits 8 * (e % 8) + 2 * (e / 8) .. +1.
+ * Scales (and optional mins, same encoding) per group, in one of two encodings:
+ *   enc 1: fp16 per group (GGUF's own d / m for Q4_0, Q4_1, Q5_0, Q8_0).
+ *   enc 2: int8 per group times an fp32 per 256 weights (K-quants: Q4_K's 6-bit sub-scales, Q6_K's int8 ones).
+ * Both reproduce the file's scales exactly in fp32.
+ *
  * Activations are quantised as llama.cpp does (its Q8_0 "vec_dot_type"): per 32 inputs x ~= dx * qx, qx int8,
- * dx = amax / 127; sx holds dx * sum(qx) per 16 inputs for the min terms. The block dot products are exact in
- * integers (_mm256_maddubs_epi16 cannot saturate: |w| <= 128 and |qx| <= 127 give pair sums <= 32512) and are
- * scaled and summed in fp32.
+ * dx = amax / 127; sx holds dx * sum(qx) per 32 inputs for the min terms. Block dot products are exact in integers
+ * (_mm256_maddubs_epi16 cannot saturate: |q| <= 128 and |qx| <= 127 give pair sums <= 32512), scaled and summed in
+ * fp32. dequant() writes the fp32 weights the kernel multiplies by (large batches: dequantise a tile, then SGEMM).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include <omp.h>
+
 
 void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx, int nt) {
     int64_t nb = M * K / 32;
@@ -24,16 +35,46 @@ void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, flo
         float amax = 0.f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int s0 = 0, s1 = 0;
+        int s = 0;
         for (int j = 0; j < 32; j++) {
             int q = (int)nearbyintf(xb[j] * id);
             qx[b * 32 + j] = (int8_t)q;
-            if (j < 16) s0 += q; else s1 += q;
+            s += q;
         }
         dx[b] = d;
-        sx[2 * b] = d * (float)s0;
-        sx[2 * b + 1] = d * (float)s1;
+        sx[b] = d * (float)s;
     }
+}
+
+static inline int block_bytes(int kind) { return kind == 8 ? 32 : kind == 4 ? 16 : kind == 5 ? 20 : 24; }
+
+/* The 32 weights of one block as int8 lanes (byte e = element e); kind 4 stays unsigned (0..15). */
+static inline __m256i unpack_block(const uint8_t *p, int kind) {
+    if (kind == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m128i packed = _mm_loadu_si128((const __m128i *)p), lo4 = _mm_set1_epi8(0x0F);
+    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), lo4), _mm_and_si128(packed, lo4));
+    if (kind == 5) {
+        uint32_t hw;
+        memcpy(&hw, p + 16, 4);
+        __m256i h = _mm256_srlv_epi32(_mm256_set1_epi32((int)hw), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        h = _mm256_and_si256(_mm256_slli_epi16(h, 4), _mm256_set1_epi8(0x10));
+        q = _mm256_sub_epi8(_mm256_or_si256(q, h), _mm256_set1_epi8(16));
+    } else if (kind == 6) {
+        uint64_t hw;
+        memcpy(&hw, p + 16, 8);
+        __m256i h = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)hw), _mm256_setr_epi64x(0, 2, 4, 6));
+        h = _mm256_and_si256(_mm256_slli_epi16(h, 4), _mm256_set1_epi8(0x30));
+        q = _mm256_sub_epi8(_mm256_or_si256(q, h), _mm256_set1_epi8(32));
+    }
+    return q;
+}
+
+/* int32 sums of the block dot product as fp32 lanes: lanes 0-3 cover elements 0-15, lanes 4-7 elements 16-31 */
+static inline __m256 block_dot(__m256i w, __m256i x, int kind) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p = kind == 4 ? _mm256_maddubs_epi16(w, x)                                   /* w unsigned */
+                          : _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
 static inline float hsum(__m256 v) {
@@ -43,60 +84,190 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* int32 lanes of the block dot product: lanes 0-3 cover elements 0-15, lanes 4-7 elements 16-31 */
-static inline __m256 dot_i8(__m256i w, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+/* Scale of group g in block b of one row: enc 1 fp16 s[g]; enc 2 int8 s[g] times the fp32 sd of its 256 weights. */
+static inline __attribute__((always_inline)) float group_scale(const void *s, const float *sd, int enc, int64_t g, int64_t b) {
+    return enc == 1 ? _cvtsh_ss(((const uint16_t *)s)[g]) : sd[b >> 3] * (float)((const int8_t *)s)[g];
 }
 
-static inline __m256 dot_u4(__m128i packed, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m128i lo4 = _mm_set1_epi8(0x0F);
-    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), lo4), _mm_and_si128(packed, lo4));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+/* One block's contribution to one row of x: acc += scale * dx * (q . qx) (per 16 for G 16); rm += min * sx. */
+static inline __attribute__((always_inline)) void block_step(
+        __m256i wq, __m256i wa, float s0, float s1, float mb, const int8_t *xq, float d, float sxb,
+        const int kind, const int G, const int menc, __m256 *acc, float *rm) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+    if (kind != 4) xv = _mm256_sign_epi8(xv, wq);                                   /* signed: |w| . sign(x, w) */
+    const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), _mm256_set1_epi16(1)));
+    const __m256 sv = G == 32 ? _mm256_set1_ps(s0 * d) : _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
+    *acc = _mm256_fmadd_ps(sv, p, *acc);
+    if (menc) *rm += mb * sxb;
 }
 
-void qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
-             const uint8_t *w, const float *scale, const float *wmin, int kind, int G, int64_t N,
-             float *y, int nt) {
-    const int64_t nb = K / 32, ng = K / G;
-#pragma omp parallel for num_threads(nt) schedule(static)
+/* The weights and scales of block b of one row. */
+#define BLOCK_PREP(b)                                                                                              \
+    const __m256i wq = unpack_block(wr + (b) * BB, kind), wa = kind == 4 ? wq : _mm256_sign_epi8(wq, wq);          \
+    const float s0 = group_scale(scale, sd, senc, G == 32 ? (b) : 2 * (b), b);                                    \
+    const float s1 = G == 32 ? 0.f : group_scale(scale, sd, senc, 2 * (b) + 1, b);                                \
+    const float mb = menc ? group_scale(wmin, md, menc, b, b) : 0.f;
+
+/* One row of W against MM rows of x (2 <= MM <= 8): each weight block is unpacked once for every row of x. */
+static inline __attribute__((always_inline)) void qmm_rows(
+        const int8_t *qx, const float *dx, const float *sx, const int MM, int64_t K, const uint8_t *wr,
+        const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
+        const int kind, const int G, float *y, int64_t ldy) {
+    const int64_t nb = K / 32, BB = block_bytes(kind);
+    __m256 acc[8];
+    float rm[8];
+    for (int i = 0; i < MM; i++) acc[i] = _mm256_setzero_ps(), rm[i] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        BLOCK_PREP(b)
+        for (int i = 0; i < MM; i++)
+            block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
+    }
+    for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+}
+
+/* Scales (or mins) of 8 consecutive groups g0 .. g0 + 7 in fp32 (enc 2: all in the 256 weights of sd[super]). */
+static inline __attribute__((always_inline)) __m256 scales8(const void *s, const float *sd, int enc, int64_t g0, int64_t super) {
+    if (enc == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + g0)));
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)s + g0))));
+    return _mm256_mul_ps(c, _mm256_set1_ps(sd[super]));
+}
+
+/* One row of W against one row of x (decode). Blocks go 8 at a time: their scales (times dx) and mins are computed
+ * as one vector each, and each block's scale is a lane broadcast; two accumulators; a scalar tail. */
+static inline __attribute__((always_inline)) float qmm_row1(
+        const int8_t *qx, const float *dx, const float *sx, int64_t K, const uint8_t *wr, const void *scale,
+        const float *sd, const int senc, const void *wmin, const float *md, const int menc, const int kind, const int G) {
+    const int64_t nb = K / 32, BB = block_bytes(kind);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, rmv = _mm256_setzero_ps();
+    float r = 0.f;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 xd8 = _mm256_loadu_ps(dx + b);
+        __m256 sa, sb = _mm256_setzero_ps();                 /* G 32: sa lane j = block b + j; G 16: see below */
+        if (G == 32) {
+            sa = _mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), xd8);
+        } else {                                             /* 16 groups: sa blocks b..b+3, sb blocks b+4..b+7 */
+            sa = _mm256_mul_ps(scales8(scale, sd, senc, 2 * b, b >> 3),
+                               _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+            sb = _mm256_mul_ps(scales8(scale, sd, senc, 2 * b + 8, b >> 3),
+                               _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+        }
+        if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = kind == 4 ? wq : _mm256_sign_epi8(wq, wq);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + (b + j) * 32));
+            if (kind != 4) xv = _mm256_sign_epi8(xv, wq);
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), _mm256_set1_epi16(1)));
+            __m256 sv;
+            if (G == 32) sv = _mm256_permutevar8x32_ps(sa, _mm256_set1_epi32(j));
+            else {
+                const int i = 2 * (j & 3);
+                sv = _mm256_permutevar8x32_ps(j < 4 ? sa : sb, _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1));
+            }
+            acc[j & 1] = _mm256_fmadd_ps(sv, p, acc[j & 1]);
+        }
+    }
+    for (; b < nb; b++) {
+        BLOCK_PREP(b)
+        block_step(wq, wa, s0, s1, mb, qx + b * 32, dx[b], sx[b], kind, G, menc, &acc[b & 1], &r);
+    }
+    return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
+}
+
+/* Row n of W against rows m0 .. m0 + 7 of x; kind, G, senc, menc are constants at each call site (qmatmul's switch,
+ * inside the parallel loop: OpenMP outlines the loop body, so a constant passed into it would no longer be one). */
+static inline __attribute__((always_inline)) void qmm_row(
+        const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+        const float *sd, const void *wmin, const float *md, int64_t n, float *y, int64_t ldy,
+        const int kind, const int G, const int senc, const int menc) {
+    const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1;
+    const uint8_t *wr = w + n * nb * BB;
+    const void *sc = (const char *)scale + n * ng * ssz, *mn = menc ? (const char *)wmin + n * nb * msz : 0;
+    const float *sdn = sd ? sd + n * (K / 256) : 0, *mdn = md ? md + n * (K / 256) : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int mm = M - m0 < 8 ? (int)(M - m0) : 8;
+        const int8_t *q = qx + m0 * K;
+        const float *d = dx + m0 * nb, *s = sx + m0 * nb;
+        float *yo = y + m0 * ldy + n;
+        if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+        else qmm_rows(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
+    }
+}
+
+/* The layouts engine/quant.py writes, as (kind, G, scale encoding, min encoding or 0): Q8_0 and requantised weights
+ * (8, 32, 1, 0), Q4_0 / Q4_1 (4, 32, 1, 1), Q4_K (4, 32, 2, 2), Q5_0 (5, 32, 1, 0), Q6_K (6, 16, 2, 0). */
+static int layout_id(int kind, int G, int senc, int menc) {
+    if (kind == 8 && G == 32 && senc == 1 && !menc) return 0;
+    if (kind == 4 && G == 32 && senc == 1 && menc == 1) return 1;
+    if (kind == 4 && G == 32 && senc == 2 && menc == 2) return 2;
+    if (kind == 5 && G == 32 && senc == 1 && !menc) return 3;
+    if (kind == 6 && G == 16 && senc == 2 && !menc) return 4;
+    return -1;
+}
+
+#define LAYOUT_SWITCH(CALL)                                                                                        \
+    switch (layout) {                                                                                              \
+        case 0: CALL(8, 32, 1, 0); break;                                                                          \
+        case 1: CALL(4, 32, 1, 1); break;                                                                          \
+        case 2: CALL(4, 32, 2, 2); break;                                                                          \
+        case 3: CALL(5, 32, 1, 0); break;                                                                          \
+        case 4: CALL(6, 16, 2, 0); break;                                                                          \
+    }
+
+/* y[m * ldy + n] = sum_k x[m, k] W[n, k] for the pre-quantised x (quantize_x); -1 for a layout it lacks. */
+int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
+            const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
+            int kind, int G, int64_t N, float *y, int64_t ldy, int nt) {
+    const int layout = layout_id(kind, G, senc, wmin ? menc : 0);
+    if (layout < 0 || K % 32 || (senc == 2 && K % 256) || (wmin && menc == 2 && K % 256)) return -1;
+#define QMM_ROW(k, g, se, me) qmm_row(qx, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
+#pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
     for (int64_t n = 0; n < N; n++) {
-        const float *sc = scale + n * ng;
-        const float *mn = wmin ? wmin + n * ng : 0;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *xq = qx + m * K;
-            const float *xd = dx + m * nb;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-                __m256 p;
-                if (kind == 4)
-                    p = dot_u4(_mm_loadu_si128((const __m128i *)(w + n * (K / 2) + b * 16)), xv);
-                else
-                    p = dot_i8(_mm256_loadu_si256((const __m256i *)(w + n * K + b * 32)), xv);
-                __m256 s = G == 32 ? _mm256_set1_ps(sc[b] * xd[b])
-                                   : _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1] * xd[b]), _mm_set1_ps(sc[2 * b] * xd[b]));
-                acc = _mm256_fmadd_ps(s, p, acc);
-            }
-            float r = hsum(acc);
-            if (mn) {
-                const float *xs = sx + m * (K / 16);
-                if (G == 32)
-                    for (int64_t g = 0; g < ng; g++) r += mn[g] * (xs[2 * g] + xs[2 * g + 1]);
-                else
-                    for (int64_t g = 0; g < ng; g++) r += mn[g] * xs[g];
-            }
-            y[m * N + n] = r;
+        LAYOUT_SWITCH(QMM_ROW)
+    }
+    return 0;
+}
+
+/* Row n of W in fp32 into o (K): scale * q, then + min (two roundings, as the gguf package's dequantisation). */
+static inline __attribute__((always_inline)) void dequant_row(
+        const uint8_t *w, const void *scale, const float *sd, const void *wmin, const float *md, int64_t K, int64_t n,
+        float *o, const int kind, const int G, const int senc, const int menc) {
+    const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1;
+    const uint8_t *wr = w + n * nb * BB;
+    const void *sc = (const char *)scale + n * ng * ssz, *mn = menc ? (const char *)wmin + n * nb * msz : 0;
+    const float *sdn = sd ? sd + n * (K / 256) : 0, *mdn = md ? md + n * (K / 256) : 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i q = unpack_block(wr + b * BB, kind);
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        __m256i v[4];
+        if (kind == 4) {
+            v[0] = _mm256_cvtepu8_epi32(lo), v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+            v[2] = _mm256_cvtepu8_epi32(hi), v[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+        } else {
+            v[0] = _mm256_cvtepi8_epi32(lo), v[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
+            v[2] = _mm256_cvtepi8_epi32(hi), v[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
+        }
+        const float s0 = group_scale(sc, sdn, senc, G == 32 ? b : 2 * b, b);
+        const float s1 = G == 32 ? s0 : group_scale(sc, sdn, senc, 2 * b + 1, b);
+        const __m256 m = _mm256_set1_ps(menc ? group_scale(mn, mdn, menc, b, b) : 0.f);
+        for (int c = 0; c < 4; c++) {
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v[c]), _mm256_set1_ps(c < 2 ? s0 : s1));
+            if (menc) f = _mm256_add_ps(f, m);
+            _mm256_storeu_ps(o + b * 32 + c * 8, f);
         }
     }
 }
 
-/* quantize_x into the caller's buffers, then qmatmul: one call from Python per projection */
-void qmatmul_x(const float *x, int8_t *qx, float *dx, float *sx, int64_t M, int64_t K,
-               const uint8_t *w, const float *scale, const float *wmin, int kind, int G, int64_t N,
-               float *y, int nt) {
-    quantize_x(x, M, K, qx, dx, sx, nt);
-    qmatmul(qx, dx, sx, M, K, w, scale, wmin, kind, G, N, y, nt);
+/* The fp32 weights of rows (rows[i], or row0 + i when rows is NULL), i < nrows, into out (nrows, K). */
+int dequant(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
+            int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, float *out, int nt) {
+    const int layout = layout_id(kind, G, senc, wmin ? menc : 0);
+    if (layout < 0 || K % 32 || (senc == 2 && K % 256) || (wmin && menc == 2 && K % 256)) return -1;
+#define DQ_ROW(k, g, se, me) dequant_row(w, scale, sd, wmin, md, K, rows ? rows[i] : row0 + i, out + i * K, k, g, se, me)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nrows * K > 65536)
+    for (int64_t i = 0; i < nrows; i++) {
+        LAYOUT_SWITCH(DQ_ROW)
+    }
+    return 0;
 }

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.cpu_kernels import available, qmatmul, qmatmul_ref
+from engine.cpu_kernels import DEQUANT_MIN_M, available, dequantize_ref, qmatmul_ref
 from engine.lora import add_adapters
 from engine.model import Transformer
-from engine.quant import BLOCK_BYTES, PACKED_TYPES, PackedLinear, pack_dense_model, pack_model_bf16
+from engine.quant import BLOCK_BYTES, PACKED_TYPES, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
@@ -38,11 +38,15 @@ def gguf_dequant(raw, type_name, n_rows, n_cols) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", PACKED_TYPES)
 def test_layout_equals_gguf_dequantize_exactly(type_name):
-    """The integers and fp32 scales we store are the file's weights, bit for bit (what the kernel multiplies by)."""
+    """The integers and scales we store are the file's weights, bit for bit (what the kernel multiplies by): the C
+    dequantisation and its torch reference both equal the gguf package's."""
     n_rows, n_cols = 24, 512
     raw = random_blocks(type_name, n_rows, n_cols)
     pk = PackedLinear.from_gguf(raw, type_name, n_rows, n_cols)
-    np.testing.assert_array_equal(pk.dequantize().numpy(), gguf_dequant(raw, type_name, n_rows, n_cols))
+    want = gguf_dequant(raw, type_name, n_rows, n_cols)
+    np.testing.assert_array_equal(pk.dequantize().numpy(), want)
+    ref = dequantize_ref(pk.w, pk.scale, pk.wmin, pk.kind, pk.group, pk.sd, pk.md)
+    np.testing.assert_array_equal(ref.numpy(), want)
     rows = torch.tensor([3, 0, 23, 3])                                    # the embedding lookup reads the same rows
     assert torch.equal(pk.embed(rows[None])[0], pk.dequantize()[rows])
 
@@ -53,12 +57,13 @@ def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m):
     """y = kernel(x): equal to the float64 reference of the same arithmetic (int8 activations per 32 inputs, exact
     integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is the
     activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2."""
+    assert m < DEQUANT_MIN_M                                                  # the integer kernel, not dequant + SGEMM
     n_rows, n_cols = 40, 512
     raw = random_blocks(type_name, n_rows, n_cols, seed=m)
     pk = PackedLinear.from_gguf(raw, type_name, n_rows, n_cols)
     x = torch.randn(m, n_cols, generator=torch.Generator().manual_seed(m)) * 3
     got = pk(x).double()
-    ref = qmatmul_ref(x, pk.w, pk.scale, pk.wmin, pk.kind, pk.group)
+    ref = qmatmul_ref(x, pk.w, pk.scale, pk.wmin, pk.kind, pk.group, pk.sd, pk.md)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), f"max diff {(got - ref).abs().max():.3e}"
     w = torch.from_numpy(gguf_dequant(raw, type_name, n_rows, n_cols)).double()
     exact = x.double() @ w.t()
@@ -68,16 +73,34 @@ def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m):
 
 
 def test_fused_equals_separate_calls():
-    """PackedLinear.cat: Q6_K (group 16) stacked with Q5_0 and Q8_0 (group 32) gives each part's output bit for bit."""
+    """PackedLinear.cat: equal layouts stack into one weight, different ones (Q5_0, Q6_K group 16, Q8_0) into a
+    PackedParts; either gives each part's output bit for bit."""
     parts = [PackedLinear.from_gguf(random_blocks(t, 32, 256, seed=i), t, 32, 256) for i, t in
              enumerate(["Q5_0", "Q6_K", "Q8_0"])]
     fused = PackedLinear.cat(parts)
-    assert fused.group == 16
+    assert isinstance(fused, PackedParts) and fused.out_features == 96
     x = torch.randn(3, 256)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
-    q4 = [PackedLinear.from_gguf(random_blocks(t, 32, 256), t, 32, 256) for t in ("Q4_K", "Q4_0")]
-    assert torch.equal(PackedLinear.cat(q4)(x), torch.cat([p(x) for p in q4], dim=-1))
-    assert PackedLinear.cat(parts[:1] + q4[:1]) is None                   # int8 and nibbles: kept apart
+    q4 = [PackedLinear.from_gguf(random_blocks("Q4_K", 32, 256, seed=i), "Q4_K", 32, 256) for i in range(2)]
+    one = PackedLinear.cat(q4)
+    assert isinstance(one, PackedLinear) and one.w.shape[0] == 64
+    assert torch.equal(one(x), torch.cat([p(x) for p in q4], dim=-1))
+
+
+@pytest.mark.parametrize("type_name", PACKED_TYPES)
+def test_many_rows_dequantise_then_sgemm(type_name, monkeypatch):
+    """From DEQUANT_MIN_M rows on, y = x @ dequantised W^T in fp32 (SGEMM over tiles of rows, here several tiles
+    and several parts): close to the float64 product with the file's weights."""
+    import engine.cpu_kernels as ck
+    monkeypatch.setattr(ck, "TILE_WEIGHTS", 7 * 512)                          # 7-row tiles: a partial last tile
+    raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
+    parts = [PackedLinear.from_gguf(r, type_name, 40, 512) for r in raws]
+    x = torch.randn(DEQUANT_MIN_M + 3, 512, generator=torch.Generator().manual_seed(0))
+    w = torch.cat([torch.from_numpy(gguf_dequant(r, type_name, 40, 512)) for r in raws]).double()
+    exact = x.double() @ w.t()
+    for got in (parts[0](x), PackedParts(parts)(x)):
+        want = exact[:, :got.shape[1]]
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_unpacked_type_names_the_tensor():
@@ -228,3 +251,55 @@ def test_fusion_holds_the_weights_once():
         assert all(p.packed.w.untyped_storage().data_ptr() == fused.w.untyped_storage().data_ptr() for p in parts)
         x = torch.randn(2, parts[0].in_features)
         assert torch.equal(torch.cat([p.packed(x) for p in parts], -1), fused(x))
+
+
+def test_decode_kernel_equals_eager_attention():
+    """engine/cpu_ops.c's one-call decode step (RoPE, KV-cache write, grouped-query attention) against the eager
+    torch path it replaces: three rows at different positions in scattered cache slots, several greedy steps; the
+    same logits and cache contents to fp32 rounding."""
+    from engine.kv_cache import KVCache
+    model = pack_dense_model(_tiny())
+    cfg = model.cfg
+    assert cfg.n_kv_heads < cfg.n_heads                                   # GQA exercised
+    g = torch.Generator().manual_seed(0)
+    slots, lens = torch.tensor([4, 0, 2]), [3, 7, 5]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens]
+    outs, caches = {}, {}
+    for on in (True, False):
+        model.set_decode_kernel(on)
+        cache = caches[on] = KVCache(cfg, 5, 32)
+        steps = []
+        with torch.inference_mode():
+            for s, p in zip(slots, prompts):
+                model(p[None], input_pos=torch.arange(len(p))[None], kv_cache=cache, cache_slots=s[None])
+            pos, tok = torch.tensor(lens), torch.tensor([[1], [2], [3]])
+            for _ in range(4):
+                logits = model(tok, input_pos=pos[:, None], kv_cache=cache, cache_slots=slots)
+                steps.append(logits)
+                tok, pos = logits.argmax(-1), pos + 1
+        outs[on] = torch.stack(steps)
+    assert model.model.layers[0].self_attn.qkv_packed is not None
+    assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
+    for a, b in ((caches[True].k, caches[False].k), (caches[True].v, caches[False].v)):   # the C RMSNorm rounds
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()                                # differently: close
+
+
+def test_lora_apply_equals_multi_lora_torch():
+    """engine/cpu_ops.c's decode-time adapter delta against kernels.multi_lora.multi_lora_torch: 16 rows over four
+    rank-32 adapters (one padded from rank 16) and base rows, added in place into a column slice of a fused output."""
+    from engine.cpu_kernels import lora_apply
+    from kernels.multi_lora import make_segments, multi_lora_torch
+    g = torch.Generator().manual_seed(0)
+    T, n_in, n_out, N, R = 16, 96, 80, 4, 32
+    x = torch.randn(T, n_in, generator=g)
+    A, B = torch.randn(N, R, n_in, generator=g), torch.randn(N, n_out, R, generator=g)
+    A[2, 16:] = 0
+    B[2, :, 16:] = 0
+    scales = torch.tensor([0.5, 1.0, 2.0, 0.25])
+    ids = torch.tensor([0, 1, 2, 3, -1, 2, 2, 0, 1, -1, 3, 3, 0, 1, 2, 3])
+    fused = torch.randn(T, n_out + 8, generator=g)
+    base = fused[:, 8:].clone()
+    want = multi_lora_torch(x, torch.empty(n_out, n_in), None, A, B, scales, make_segments(ids, N), base_out=base)
+    lora_apply(x, fused[:, 8:], A, B, scales, ids)
+    assert (fused[:, 8:] - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(fused[ids < 0, 8:], base[ids < 0])                  # base rows untouched
