@@ -84,6 +84,8 @@ def library() -> ctypes.CDLL:
     lib.rmsnorm.restype = None
     lib.lora_apply.argtypes = [P, I, P, I, I, I, I, P, P, P, I, P, C]
     lib.lora_apply.restype = C
+    lib.decode_layer.argtypes = [P, P, I, P, P, P, P, I, P, P, P, C]
+    lib.decode_layer.restype = C
     _LIB = lib
     return lib
 

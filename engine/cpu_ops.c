@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -114,4 +115,107 @@ int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, in
                 if (ids[t] >= 0) y[t * ldy + o] += dot8(B + (ids[t] * out + o) * R, mid + t * R, R);
     }
     return 0;
+}
+
+/* --- one decoder layer of a decode step in one call ------------------------------------------------------------
+ * The eager path (engine/model.py's Block with packed projections) does RMSNorm, the fused QKV call, bias, adapters,
+ * attention, o_proj, residual, RMSNorm, gate|up, SiLU * up, down_proj, residual as ~40 Python-level calls per layer,
+ * which at batch 1 cost more than the arithmetic of a small model. decode_layer runs the same sequence of this
+ * library's kernels from one call; engine/decode_step.py builds the DecodeLayer once per model and is the reference
+ * switch (Transformer.set_decode_kernel(False) keeps the eager path, which tests/test_quant.py compares it with). */
+void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx, int nt);
+int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
+            const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
+            int kind, int G, int64_t N, float *y, int64_t ldy, int nt);
+
+typedef struct {                 /* one packed weight: engine.cpu_kernels.weight_args */
+    const uint8_t *w;
+    const void *scale;
+    const float *sd;
+    const void *wmin;
+    const float *md;
+    int64_t senc, menc, kind, G, N;
+} QWeight;
+
+typedef struct {                 /* one projection's stacked adapters; A == NULL: none */
+    const float *A, *B, *scales;
+    int64_t R;
+} LoraW;
+
+typedef struct {
+    const float *norm1, *norm2, *bq, *bk, *bv;      /* biases may be NULL */
+    double eps;
+    QWeight qkv[3], o, gu[2], down;                 /* qkv: 1 fused or 3 parts; gu: 1 fused or 2 */
+    int64_t n_qkv, n_gu;
+    LoraW lq, lk, lv, lo, lg, lu, ld;
+    int64_t dim, nh, nkv, hd, inter;
+} DecodeLayer;
+
+int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, int64_t in, int64_t out,
+               const float *A, const float *B, const float *scales, int64_t R, const int64_t *ids, int nt);
+
+static int proj(const QWeight *p, int n, const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
+                float *y, int64_t ldy, int nt) {
+    int rc = 0;
+    for (int i = 0; i < n; y += p[i].N, i++)
+        rc |= qmatmul(qx, dx, sx, M, K, p[i].w, p[i].scale, p[i].sd, (int)p[i].senc, p[i].wmin, p[i].md, (int)p[i].menc,
+                      (int)p[i].kind, (int)p[i].G, p[i].N, y, ldy, nt);
+    return rc;
+}
+
+static int lora(const LoraW *l, const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, int64_t in, int64_t out,
+                const int64_t *ids, int nt) {
+    return ids && l->A ? lora_apply(x, ldx, y, ldy, T, in, out, l->A, l->B, l->scales, l->R, ids, nt) : 0;
+}
+
+/* x (B, dim) fp32 is updated in place: x += attn(norm1(x)); x += mlp(norm2(x)). ids (B,) adapter per row or NULL;
+ * kc / vc this layer's cache (n_slots, nkv, L, hd). 0 on success. */
+int decode_layer(const DecodeLayer *ly, float *x, int64_t B, const float *cos, const float *sin, float *kc, float *vc,
+                 int64_t L, const int64_t *slots, const int64_t *pos, const int64_t *ids, int nt) {
+    const int64_t D = ly->dim, nq = ly->nh * ly->hd, nk = ly->nkv * ly->hd, NQKV = nq + 2 * nk, I = ly->inter;
+    const int64_t KM = D > I ? (D > nq ? D : nq) : (I > nq ? I : nq);
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(B * (D + NQKV + nq + D + 2 * I + I + 2 * (KM / 32))));
+    int8_t *qx = (int8_t *)malloc((size_t)(B * KM));
+    if (!buf || !qx) { free(buf); free(qx); return -3; }
+    float *xn = buf, *qkv = xn + B * D, *att = qkv + B * NQKV, *ob = att + B * nq, *gu = ob + B * D, *h = gu + B * 2 * I;
+    float *dx = h + B * I, *sx = dx + B * (KM / 32);
+    int rc = 0;
+    const float eps = (float)ly->eps;
+
+    rmsnorm(x, ly->norm1, B, D, eps, xn);
+    quantize_x(xn, B, D, qx, dx, sx, nt);
+    rc |= proj(ly->qkv, (int)ly->n_qkv, qx, dx, sx, B, D, qkv, NQKV, nt);
+    for (int64_t b = 0; b < B; b++) {
+        float *r = qkv + b * NQKV;
+        if (ly->bq) for (int64_t i = 0; i < nq; i++) r[i] += ly->bq[i];
+        if (ly->bk) for (int64_t i = 0; i < nk; i++) r[nq + i] += ly->bk[i];
+        if (ly->bv) for (int64_t i = 0; i < nk; i++) r[nq + nk + i] += ly->bv[i];
+    }
+    rc |= lora(&ly->lq, xn, D, qkv, NQKV, B, D, nq, ids, nt);
+    rc |= lora(&ly->lk, xn, D, qkv + nq, NQKV, B, D, nk, ids, nt);
+    rc |= lora(&ly->lv, xn, D, qkv + nq + nk, NQKV, B, D, nk, ids, nt);
+    rc |= decode_attention(qkv, NQKV, qkv + nq, NQKV, qkv + nq + nk, NQKV, cos, sin, kc, vc, L, slots, pos, B, ly->nh,
+                           ly->nkv, ly->hd, att, nt);
+    quantize_x(att, B, nq, qx, dx, sx, nt);
+    rc |= proj(&ly->o, 1, qx, dx, sx, B, nq, ob, D, nt);
+    rc |= lora(&ly->lo, att, nq, ob, D, B, nq, D, ids, nt);
+    for (int64_t i = 0; i < B * D; i++) x[i] += ob[i];
+
+    rmsnorm(x, ly->norm2, B, D, eps, xn);
+    quantize_x(xn, B, D, qx, dx, sx, nt);
+    rc |= proj(ly->gu, (int)ly->n_gu, qx, dx, sx, B, D, gu, 2 * I, nt);
+    rc |= lora(&ly->lg, xn, D, gu, 2 * I, B, D, I, ids, nt);
+    rc |= lora(&ly->lu, xn, D, gu + I, 2 * I, B, D, I, ids, nt);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = gu[b * 2 * I + i];
+            h[b * I + i] = g / (1.0f + expf(-g)) * gu[b * 2 * I + I + i];
+        }
+    quantize_x(h, B, I, qx, dx, sx, nt);
+    rc |= proj(&ly->down, 1, qx, dx, sx, B, I, ob, D, nt);
+    rc |= lora(&ly->ld, h, I, ob, D, B, I, D, ids, nt);
+    for (int64_t i = 0; i < B * D; i++) x[i] += ob[i];
+    free(buf);
+    free(qx);
+    return rc;
 }

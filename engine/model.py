@@ -192,6 +192,7 @@ class Transformer(nn.Module):
         self.embed_packed: PackedLinear | None = None    # the embedding table, packed (weights="q4"; rows looked up)
         self.inference_only = False             # weights="q4": projection weights live only in packed form (meta)
         self.pack_stats: dict = {}              # what was packed: counts per layout, bytes one decode step reads
+        self.decode_layers = None               # engine.decode_step.DecodeLayers: one C call per layer per decode step
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +267,15 @@ class Transformer(nn.Module):
         else:
             x = self.model.embed_tokens(tokens)                               # (B, T, dim)
         cos, sin = rope_cos_sin(self.cfg, input_pos, x.dtype)                 # (B, T, hd)
-        for layer in self.model.layers:
+        step = None
+        if T == 1 and kv_cache is not None and self.inference_only and B <= 64 and not torch.is_grad_enabled() \
+                and self.model.layers[0].self_attn.decode_kernel and kv_cache.k.dtype == x.dtype == torch.float32:
+            from engine.decode_step import decode_layers
+            step = decode_layers(self)                                        # None: a layer the kernel lacks
+        if step is not None:                                                  # a decode step: one C call per layer
+            ids = None if lora is None or not lora.seg.n_lora else lora.seg.ids
+            x = step.run(x.reshape(B, -1).contiguous(), cos, sin, kv_cache, cache_slots, input_pos, ids).view(B, 1, -1)
+        for layer in (self.model.layers if step is None else ()):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, lora, None, None, input_pos, None,
                                                       use_reentrant=False)

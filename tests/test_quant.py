@@ -253,16 +253,27 @@ def test_fusion_holds_the_weights_once():
         assert torch.equal(torch.cat([p.packed(x) for p in parts], -1), fused(x))
 
 
-def test_decode_kernel_equals_eager_attention():
-    """engine/cpu_ops.c's one-call decode step (RoPE, KV-cache write, grouped-query attention) against the eager
-    torch path it replaces: three rows at different positions in scattered cache slots, several greedy steps; the
-    same logits and cache contents to fp32 rounding."""
+@pytest.mark.parametrize("adapters", [False, True])
+def test_decode_kernel_equals_eager_path(adapters):
+    """engine/cpu_ops.c's decode step (one decode_layer call per layer: RMSNorm, fused QKV, RoPE, KV-cache write,
+    grouped-query attention, o_proj, SwiGLU, residuals, and with adapters each row's own LoRA delta) against the eager
+    torch path it replaces: three rows at different positions in scattered cache slots, several greedy steps, rows on
+    different adapters and one on the base; the same logits and cache contents to fp32 rounding."""
     from engine.kv_cache import KVCache
-    model = pack_dense_model(_tiny())
+    from engine.lora import LoRABatch
+    model = _tiny()
+    if adapters:
+        add_adapters(model, ["a", "b"], rank=8, alpha=16)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    model = pack_dense_model(model)
     cfg = model.cfg
     assert cfg.n_kv_heads < cfg.n_heads                                   # GQA exercised
     g = torch.Generator().manual_seed(0)
     slots, lens = torch.tensor([4, 0, 2]), [3, 7, 5]
+    ids = torch.tensor([1, -1, 0]) if adapters else None
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens]
     outs, caches = {}, {}
     for on in (True, False):
@@ -270,18 +281,29 @@ def test_decode_kernel_equals_eager_attention():
         cache = caches[on] = KVCache(cfg, 5, 32)
         steps = []
         with torch.inference_mode():
-            for s, p in zip(slots, prompts):
-                model(p[None], input_pos=torch.arange(len(p))[None], kv_cache=cache, cache_slots=s[None])
+            for i, (s, p) in enumerate(zip(slots, prompts)):
+                model(p[None], None if ids is None else ids[i:i + 1], input_pos=torch.arange(len(p))[None],
+                      kv_cache=cache, cache_slots=s[None])
             pos, tok = torch.tensor(lens), torch.tensor([[1], [2], [3]])
             for _ in range(4):
-                logits = model(tok, input_pos=pos[:, None], kv_cache=cache, cache_slots=slots)
+                logits = model(tok, ids, input_pos=pos[:, None], kv_cache=cache, cache_slots=slots)
                 steps.append(logits)
                 tok, pos = logits.argmax(-1), pos + 1
         outs[on] = torch.stack(steps)
-    assert model.model.layers[0].self_attn.qkv_packed is not None
+        if on:                                                            # the one-call path was taken
+            assert model.decode_layers is not None and model.decode_layers.layers is not None
     assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
     for a, b in ((caches[True].k, caches[False].k), (caches[True].v, caches[False].v)):   # the C RMSNorm rounds
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()                                # differently: close
+    if adapters:                                                          # the adapters matter at this tolerance
+        model.set_decode_kernel(True)
+        with torch.inference_mode():
+            cache = KVCache(cfg, 5, 32)
+            for s, p in zip(slots, prompts):
+                model(p[None], input_pos=torch.arange(len(p))[None], kv_cache=cache, cache_slots=s[None])
+            base = model(torch.tensor([[1], [2], [3]]), input_pos=torch.tensor(lens)[:, None], kv_cache=cache,
+                         cache_slots=slots)
+        assert (base[0] - outs[True][0][0]).abs().max() > 100 * (outs[True] - outs[False]).abs().max()
 
 
 def test_lora_apply_equals_multi_lora_torch():
