@@ -44,6 +44,9 @@ def _model_flags(p: argparse.ArgumentParser):
                    help="CPU inference weights: fp32 (exact), bf16, or q4 (a GGUF's quantised blocks kept as they are, every "
                         "type the embedded models use: Q4_0/1, Q4_K, Q5_0, Q6_K, Q8_0); "
                         "see engine/quant.py")
+    p.add_argument("--eager-decode", action="store_true",
+                   help="q4 only: run decode steps through the eager torch path (the reference) instead of one C call "
+                        "per layer (engine/decode_step.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

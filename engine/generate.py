@@ -146,7 +146,10 @@ class _Streamer:
 
 def _load(args):
     from engine.hub import load_model
-    return load_model(args.model, device=args.device, dtype=args.dtype, weights=getattr(args, "weights", "fp32"))
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, weights=getattr(args, "weights", "fp32"))
+    if getattr(args, "eager_decode", False):
+        model.set_decode_kernel(False)
+    return model, tok
 
 
 def cli_generate(args):
