@@ -5,8 +5,10 @@
 
 For each model: the q4 model writes a greedy continuation of `--tokens` tokens for each of 4 chat prompts (batched,
 EOS ignored), then both models score prompt + continuation in one forward pass each (teacher forcing) and we count
-the continuation positions where their next-token argmax agrees. The q4 forward runs the same kernel rows as its
-decode steps (each row's activations are quantised on their own), so this is the decode path's agreement. Goal
+the continuation positions where their next-token argmax agrees. The q4 forward is held on the integer kernel for
+every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
+activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
+decode path's agreement. Goal
 (issue 15): >= 98% per model. Writes quality_cpu.json.
 """
 from __future__ import annotations
@@ -36,7 +38,12 @@ def agreement(name: str, n_tokens: int) -> dict:
     gen_s = time.perf_counter() - t0
     seqs = [p + c for p, c in zip(prompts, conts)]
     pick = lambda m, s, n: m(torch.tensor([s]))[0, len(s) - n - 1:-1].argmax(-1)     # (n,) next-token choices
-    got = [pick(q4, s, len(c)) for s, c in zip(seqs, conts)]
+    import engine.cpu_kernels as ck
+    saved, ck.DEQUANT_MIN_M = ck.DEQUANT_MIN_M, 1 << 30
+    try:
+        got = [pick(q4, s, len(c)) for s, c in zip(seqs, conts)]
+    finally:
+        ck.DEQUANT_MIN_M = saved
     stats = q4.pack_stats
     del q4
     gc.collect()
