@@ -7,6 +7,7 @@
  *   kind 8: BB 32, q int8.
  *   kind 4: BB 16, q = nibble in 0..15: byte j holds element j (low nibble) and element j + 16 (high) (GGUF's order).
  *   kind 5: BB 20, 16 bytes of nibbles as kind 4, then a 32-bit word of high bits; q = (nibble | hi << 4) - 16.
+ *           The kernel multiplies the unsigned nibble | hi << 4 (no sign trick) and subtracts 16 * scale * sum(qx).
  *           Element e's high bit is bit 8 * (e % 4) + e / 4 of the word (one variable shift unpacks it).
  *   kind 6: BB 24, 16 bytes of nibbles, then a 64-bit word of 2-bit high parts; q = (nibble | hi2 << 4) - 32.
  *           Element e's two bits are bits 8 * (e % 8) + 2 * (e / 8) .. +1.
@@ -48,7 +49,9 @@ void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, flo
 
 static inline int block_bytes(int kind) { return kind == 8 ? 32 : kind == 4 ? 16 : kind == 5 ? 20 : 24; }
 
-/* The 32 weights of one block as int8 lanes (byte e = element e); kind 4 stays unsigned (0..15). */
+#define UNSIGNED(kind) ((kind) == 4 || (kind) == 5)    /* unpacked as unsigned bytes: kind 4 0..15, kind 5 0..31 */
+
+/* The 32 weights of one block as int8 lanes (byte e = element e); kinds 4 and 5 unsigned (kind 5 without its -16). */
 static inline __m256i unpack_block(const uint8_t *p, int kind) {
     if (kind == 8) return _mm256_loadu_si256((const __m256i *)p);
     const __m128i packed = _mm_loadu_si128((const __m128i *)p), lo4 = _mm_set1_epi8(0x0F);
@@ -58,7 +61,7 @@ static inline __m256i unpack_block(const uint8_t *p, int kind) {
         memcpy(&hw, p + 16, 4);
         __m256i h = _mm256_srlv_epi32(_mm256_set1_epi32((int)hw), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         h = _mm256_and_si256(_mm256_slli_epi16(h, 4), _mm256_set1_epi8(0x10));
-        q = _mm256_sub_epi8(_mm256_or_si256(q, h), _mm256_set1_epi8(16));
+        q = _mm256_or_si256(q, h);
     } else if (kind == 6) {
         uint64_t hw;
         memcpy(&hw, p + 16, 8);
@@ -67,14 +70,6 @@ static inline __m256i unpack_block(const uint8_t *p, int kind) {
         q = _mm256_sub_epi8(_mm256_or_si256(q, h), _mm256_set1_epi8(32));
     }
     return q;
-}
-
-/* int32 sums of the block dot product as fp32 lanes: lanes 0-3 cover elements 0-15, lanes 4-7 elements 16-31 */
-static inline __m256 block_dot(__m256i w, __m256i x, int kind) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i p = kind == 4 ? _mm256_maddubs_epi16(w, x)                                   /* w unsigned */
-                          : _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
 static inline float hsum(__m256 v) {
@@ -89,21 +84,23 @@ static inline __attribute__((always_inline)) float group_scale(const void *s, co
     return enc == 1 ? _cvtsh_ss(((const uint16_t *)s)[g]) : sd[b >> 3] * (float)((const int8_t *)s)[g];
 }
 
-/* One block's contribution to one row of x: acc += scale * dx * (q . qx) (per 16 for G 16); rm += min * sx. */
+/* One block's contribution to one row of x: acc += scale * dx * (q . qx) (per 16 for G 16); rm += min * sx, and for
+ * kind 5 rm -= 16 * scale * sx (its offset). Products are int32 lanes: lanes 0-3 elements 0-15, lanes 4-7 16-31. */
 static inline __attribute__((always_inline)) void block_step(
         __m256i wq, __m256i wa, float s0, float s1, float mb, const int8_t *xq, float d, float sxb,
         const int kind, const int G, const int menc, __m256 *acc, float *rm) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
-    if (kind != 4) xv = _mm256_sign_epi8(xv, wq);                                   /* signed: |w| . sign(x, w) */
+    if (!UNSIGNED(kind)) xv = _mm256_sign_epi8(xv, wq);                             /* signed: |w| . sign(x, w) */
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), _mm256_set1_epi16(1)));
     const __m256 sv = G == 32 ? _mm256_set1_ps(s0 * d) : _mm256_set_m128(_mm_set1_ps(s1 * d), _mm_set1_ps(s0 * d));
     *acc = _mm256_fmadd_ps(sv, p, *acc);
     if (menc) *rm += mb * sxb;
+    if (kind == 5) *rm += -16.f * s0 * sxb;
 }
 
 /* The weights and scales of block b of one row. */
 #define BLOCK_PREP(b)                                                                                              \
-    const __m256i wq = unpack_block(wr + (b) * BB, kind), wa = kind == 4 ? wq : _mm256_sign_epi8(wq, wq);          \
+    const __m256i wq = unpack_block(wr + (b) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);    \
     const float s0 = group_scale(scale, sd, senc, G == 32 ? (b) : 2 * (b), b);                                    \
     const float s1 = G == 32 ? 0.f : group_scale(scale, sd, senc, 2 * (b) + 1, b);                                \
     const float mb = menc ? group_scale(wmin, md, menc, b, b) : 0.f;
@@ -153,11 +150,14 @@ static inline __attribute__((always_inline)) float qmm_row1(
                                _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
         }
         if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
+        if (kind == 5)                                       /* the -16 offset: -16 * scale * dx * sum(qx) */
+            rmv = _mm256_fmadd_ps(_mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), _mm256_set1_ps(-16.f)),
+                                  _mm256_loadu_ps(sx + b), rmv);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = kind == 4 ? wq : _mm256_sign_epi8(wq, wq);
+            const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);
             __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + (b + j) * 32));
-            if (kind != 4) xv = _mm256_sign_epi8(xv, wq);
+            if (!UNSIGNED(kind)) xv = _mm256_sign_epi8(xv, wq);
             const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), _mm256_set1_epi16(1)));
             __m256 sv;
             if (G == 32) sv = _mm256_permutevar8x32_ps(sa, _mm256_set1_epi32(j));
@@ -241,9 +241,11 @@ static inline __attribute__((always_inline)) void dequant_row(
         const __m256i q = unpack_block(wr + b * BB, kind);
         const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
         __m256i v[4];
-        if (kind == 4) {
+        if (UNSIGNED(kind)) {
             v[0] = _mm256_cvtepu8_epi32(lo), v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
             v[2] = _mm256_cvtepu8_epi32(hi), v[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+            if (kind == 5)
+                for (int c = 0; c < 4; c++) v[c] = _mm256_sub_epi32(v[c], _mm256_set1_epi32(16));
         } else {
             v[0] = _mm256_cvtepi8_epi32(lo), v[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
             v[2] = _mm256_cvtepi8_epi32(hi), v[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
