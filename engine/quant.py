@@ -79,6 +79,7 @@ class PackedLinear:
     # --- use --------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in) of any float dtype -> (..., out) fp32."""
+        _check_width(x, self.in_features, self.source)
         x2 = x.reshape(-1, self.in_features)
         if self.kind == 0:
             y = F.linear(x2.to(self.w.dtype), self.w).float()
@@ -212,10 +213,16 @@ class PackedParts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from engine.cpu_kernels import qmatmul
+        _check_width(x, self.in_features, self.source)
         return qmatmul(x.reshape(-1, self.in_features), self._args).view(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.parts)
+
+
+def _check_width(x: torch.Tensor, n: int, source: str) -> None:
+    if x.shape[-1] != n:
+        raise ValueError(f"packed weight ({source}): x has {x.shape[-1]} columns, the weight {n}")
 
 
 def _f16(raw: np.ndarray, off: int) -> np.ndarray:

@@ -325,3 +325,19 @@ def test_lora_apply_equals_multi_lora_torch():
     lora_apply(x, fused[:, 8:], A, B, scales, ids)
     assert (fused[:, 8:] - want).abs().max() <= 1e-5 * want.abs().max()
     assert torch.equal(fused[ids < 0, 8:], base[ids < 0])                  # base rows untouched
+
+
+def test_bad_input_to_the_c_kernels_is_refused_by_name():
+    """A token id outside the packed embedding, activations of the wrong width, an adapter stack the decode kernel
+    cannot take: one-line errors, nothing written."""
+    from engine.cpu_kernels import lora_apply
+    pk = PackedLinear.from_gguf(random_blocks("Q8_0", 8, 64), "Q8_0", 8, 64)
+    with pytest.raises(IndexError, match="row index out of range for 8 rows"):
+        pk.embed(torch.tensor([[3, 8]]))
+    with pytest.raises(ValueError, match="x has 32 columns, the weight 64"):
+        pk(torch.randn(2, 32))
+    y = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match=r"rank 12 \(<= 256, a multiple of 8\)"):
+        lora_apply(torch.randn(2, 64), y, torch.randn(1, 12, 64), torch.randn(1, 8, 12), torch.ones(1),
+                   torch.tensor([0, 0]))
+    assert not y.any()
