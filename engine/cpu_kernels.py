@@ -125,14 +125,6 @@ def _scratch(M: int, K: int):
     return bufs[M, K]
 
 
-def quantize_x(x: torch.Tensor):
-    """x (M, K) fp32 contiguous, K % 32 == 0 -> (qx int8 (M, K), dx fp32 (M, K/32), sx = dx * sum(qx) (M, K/32))."""
-    M, K = x.shape
-    qx, dx, sx = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 32)
-    library().quantize_x(x.data_ptr(), M, K, qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), torch.get_num_threads())
-    return qx, dx, sx
-
-
 def qmatmul(x: torch.Tensor, parts: list[tuple], out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N1 + N2 + ...) fp32 = x (M, K) @ [W1; W2; ...]^T for packed weights given by weight_args tuples.
 
@@ -246,7 +238,7 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 # --- torch references (tests) ------------------------------------------------------------------------------------
 
 def quantize_x_ref(x: torch.Tensor):
-    """The torch reference of quantize_x (round half to even, as nearbyintf in the default rounding mode)."""
+    """The torch reference of qmatmul.c's quantize_x (round half to even, as nearbyintf in the default rounding mode)."""
     M, K = x.shape
     xb = x.float().view(M, K // 32, 32)
     d = xb.abs().amax(-1) / 127
