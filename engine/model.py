@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Stack the packed q, k, v projections into one (see PackedLinear.fuse: equal layouts share one weight,
-        others are called side by side) and route one-token decode steps through engine/cpu_ops.c."""
+        others are called side by side). Transformer.set_decode_kernel decides how one-token steps run."""
         self.qkv_packed = PackedLinear.fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
@@ -207,8 +207,9 @@ class Transformer(nn.Module):
         self.set_decode_kernel(True)
 
     def set_decode_kernel(self, on: bool) -> None:
-        """engine/cpu_ops.c for the RMSNorms and one-token attention steps of a packed CPU model (on), or the eager
-        torch ops (off: the reference)."""
+        """On: a packed CPU model's one-token steps run as one engine/cpu_ops.c call per layer (engine/decode_step.py;
+        where a layer does not fit, its RMSNorms and attention still go through cpu_ops.c). Off: the eager torch ops,
+        the reference."""
         for layer in self.model.layers:
             layer.self_attn.decode_kernel = on and layer.self_attn.qkv_packed is not None
             layer.input_layernorm.kernel = layer.post_attention_layernorm.kernel = on
