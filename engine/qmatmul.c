@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -175,10 +176,127 @@ static inline __attribute__((always_inline)) float qmm_row1(
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
 }
 
+/* The low 16 weights (elements 0-15) of blocks b and b + 1 of a nibble layout (kinds 4, 5, 6) as one vector ("lo":
+ * bytes 0-15 block b, 16-31 block b + 1), their high 16 as another ("hi"), all unsigned (kind 5 without its -16,
+ * kind 6 without its -32). GGUF's nibble order makes this the cheap split: byte j of a block holds elements j and
+ * j + 16, so two blocks' 32 bytes give lo with one AND and hi with one shift and AND. */
+static inline __attribute__((always_inline)) void unpack_pair(const uint8_t *p, const int kind, __m256i *lo, __m256i *hi) {
+    const int BB = block_bytes(kind);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i v = kind == 4 ? _mm256_loadu_si256((const __m256i *)p)
+                                : _mm256_loadu2_m128i((const __m128i *)(p + BB), (const __m128i *)p);
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    if (kind == 5) {                       /* element e's high bit: bit 8 * (e % 4) + e / 4 of the block's word */
+        uint32_t h0, h1;
+        memcpy(&h0, p + 16, 4), memcpy(&h1, p + BB + 16, 4);
+        const __m256i h = _mm256_set_m128i(_mm_set1_epi32((int)h1), _mm_set1_epi32((int)h0)), m = _mm256_set1_epi8(0x10);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(
+                  _mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3)), 4), m));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(
+                  _mm256_srlv_epi32(h, _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7)), 4), m));
+    } else if (kind == 6) {                /* element e's two bits: bits 8 * (e % 8) + 2 * (e / 8) .. +1 */
+        uint64_t h0, h1;
+        memcpy(&h0, p + 16, 8), memcpy(&h1, p + BB + 16, 8);
+        const __m256i h = _mm256_set_m128i(_mm_set1_epi64x((long long)h1), _mm_set1_epi64x((long long)h0));
+        const __m256i m = _mm256_set1_epi8(0x30);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(
+                  _mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), 4), m));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(
+                  _mm256_srlv_epi64(h, _mm256_setr_epi64x(4, 6, 4, 6)), 4), m));
+    }
+}
+
+/* The activations of one row in unpack_pair's order, for the decode kernel below: per 64 inputs (blocks b, b + 1),
+ * elements 0-15 of b, 0-15 of b + 1, 16-31 of b, 16-31 of b + 1 (an odd last block stays as it is). sx16[g] =
+ * dx * sum(qx) over inputs 16 g .. 16 g + 15 (kind 6's -32 offset). */
+static void pair_order(const int8_t *qx, const float *dx, int64_t K, int8_t *qxp, float *sx16) {
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        memcpy(qxp + k, qx + k, 16), memcpy(qxp + k + 16, qx + k + 32, 16);
+        memcpy(qxp + k + 32, qx + k + 16, 16), memcpy(qxp + k + 48, qx + k + 48, 16);
+    }
+    memcpy(qxp + k, qx + k, (size_t)(K - k));
+    if (sx16)
+        for (int64_t g = 0; g < K / 16; g++) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += qx[g * 16 + j];
+            sx16[g] = dx[g >> 1] * (float)s;
+        }
+}
+
+/* One row of W against one row of x (decode) for the nibble layouts: as qmm_row1, but blocks are unpacked in pairs
+ * (unpack_pair) against qxp (pair_order), all weights unsigned. G 32: the lo and hi products of a pair are added as
+ * int16 (at most 2 * 2 * 31 * 127 = 15748) and give one int32 per 4 lanes of each block, scaled by scale * dx.
+ * G 16 (kind 6): lo and hi hold different groups, so each is multiplied by its int8 group scales in integers
+ * (madd; at most 2 * 16002 * 128 per lane), then scaled by the 256 weights' fp32 d times dx; the -32 offset is
+ * -32 * d * scale * sx16 per group, a vector FMA per 8 groups. The last nb % 8 blocks go as qmm_row1's tail. */
+static inline __attribute__((always_inline)) float qmm_pair1(
+        const int8_t *qx, const int8_t *qxp, const float *dx, const float *sx, const float *sx16, int64_t K,
+        const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin, const float *md,
+        const int menc, const int kind, const int G) {
+    const int64_t nb = K / 32, BB = block_bytes(kind);
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* G 16: pshufb controls picking int16 group scales (relative group 4p + {0, 2} for lo, 4p + {1, 3} for hi) */
+    const __m256i sel_lo[2] = {_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5),
+                               _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9,
+                                                12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13)};
+    const __m256i sel_hi[2] = {_mm256_setr_epi8(2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                                6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
+                               _mm256_setr_epi8(10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11,
+                                                14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15)};
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, rmv = _mm256_setzero_ps();
+    float r = 0.f;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 xd8 = _mm256_loadu_ps(dx + b);
+        __m256 sa;                                           /* lane j: the float factor of block b + j */
+        __m256i c16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        if (G == 32) {
+            sa = _mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), xd8);
+        } else {                                             /* the 16 group scales as int16: 0-7 (c16[0]), 8-15 */
+            const int8_t *s8 = (const int8_t *)scale + 2 * b;
+            const __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+            c16[0] = _mm256_permute2x128_si256(c, c, 0x00), c16[1] = _mm256_permute2x128_si256(c, c, 0x11);
+            const __m256 d = _mm256_set1_ps(sd[b >> 3]), off = _mm256_mul_ps(d, _mm256_set1_ps(-32.f));
+            sa = _mm256_mul_ps(d, xd8);
+            rmv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)s8))), off),
+                                  _mm256_loadu_ps(sx16 + 2 * b), rmv);
+            rmv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s8 + 8)))), off),
+                                  _mm256_loadu_ps(sx16 + 2 * b + 8), rmv);
+        }
+        if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
+        if (kind == 5)                                       /* the -16 offset: -16 * scale * dx * sum(qx) */
+            rmv = _mm256_fmadd_ps(_mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), _mm256_set1_ps(-16.f)),
+                                  _mm256_loadu_ps(sx + b), rmv);
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            __m256i lo, hi;
+            unpack_pair(wr + (b + 2 * p) * BB, kind, &lo, &hi);
+            const int8_t *xp = qxp + (b + 2 * p) * 32;
+            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xp));
+            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 32)));
+            __m256i s32;
+            if (G == 32) s32 = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+            else s32 = _mm256_add_epi32(_mm256_madd_epi16(pl, _mm256_shuffle_epi8(c16[p >> 1], sel_lo[p & 1])),
+                                        _mm256_madd_epi16(ph, _mm256_shuffle_epi8(c16[p >> 1], sel_hi[p & 1])));
+            const __m256 sv = _mm256_permutevar8x32_ps(sa, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p,
+                                                                             2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
+            acc[p & 1] = _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(s32), acc[p & 1]);
+        }
+    }
+    for (; b < nb; b++) {
+        BLOCK_PREP(b)
+        block_step(wq, wa, s0, s1, mb, qx + b * 32, dx[b], sx[b], kind, G, menc, &acc[b & 1], &r);
+    }
+    return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
+}
+
 /* Row n of W against rows m0 .. m0 + 7 of x; kind, G, senc, menc are constants at each call site (qmatmul's switch,
  * inside the parallel loop: OpenMP outlines the loop body, so a constant passed into it would no longer be one). */
 static inline __attribute__((always_inline)) void qmm_row(
-        const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+        const int8_t *qx, const int8_t *qxp, const float *sx16, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
         const float *sd, const void *wmin, const float *md, int64_t n, float *y, int64_t ldy,
         const int kind, const int G, const int senc, const int menc) {
     const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1;
@@ -190,7 +308,8 @@ static inline __attribute__((always_inline)) void qmm_row(
         const int8_t *q = qx + m0 * K;
         const float *d = dx + m0 * nb, *s = sx + m0 * nb;
         float *yo = y + m0 * ldy + n;
-        if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+        if (mm == 1 && kind != 8 && qxp) *yo = qmm_pair1(q, qxp, d, s, sx16, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+        else if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
         else qmm_rows(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
     }
 }
@@ -221,11 +340,18 @@ int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64
             int kind, int G, int64_t N, float *y, int64_t ldy, int nt) {
     const int layout = layout_id(kind, G, senc, wmin ? menc : 0);
     if (layout < 0 || K % 32 || (senc == 2 && K % 256) || (wmin && menc == 2 && K % 256)) return -1;
-#define QMM_ROW(k, g, se, me) qmm_row(qx, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
+    int8_t *qxp = 0;                                          /* decode, nibble layouts: qmm_pair1's activations */
+    float *sx16 = 0;
+    if (M == 1 && kind != 8 && (qxp = malloc((size_t)K + (kind == 6 ? (size_t)K / 16 * sizeof(float) : 0) + 32))) {
+        if (kind == 6) sx16 = (float *)(((uintptr_t)(qxp + K) + 31) & ~(uintptr_t)31);
+        pair_order(qx, dx, K, qxp, sx16);
+    }
+#define QMM_ROW(k, g, se, me) qmm_row(qx, qxp, sx16, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
 #pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
     for (int64_t n = 0; n < N; n++) {
         LAYOUT_SWITCH(QMM_ROW)
     }
+    free(qxp);
     return 0;
 }
 
