@@ -199,9 +199,9 @@ def _chat_prompts(name: str, texts) -> list[list[int]]:
     """Chat-templated prompt ids from the model's own GGUF tokenizer (no weights loaded)."""
     from engine.hub import model_path
     from engine.tokenizer import Tokenizer
-    from engine.weights import gguf_metadata, open_gguf
+    from engine.gguf_header import read_header
     path = model_path(name)
-    tok = Tokenizer.from_gguf(gguf_metadata(open_gguf(path)), source=str(path))
+    tok = Tokenizer.from_gguf(read_header(path).meta, source=str(path))
     return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
 
 
