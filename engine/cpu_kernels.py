@@ -218,6 +218,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+LORA_MAX_RANK, LORA_MAX_ROWS = 256, 64      # engine/cpu_ops.c lora_apply's stack buffer (rows x rank)
+
+
+def lora_apply_fits(rank: int, n_in: int, rows: int) -> bool:
+    """Whether lora_apply takes these shapes (its buffer; 8-wide dot products). The one check: engine/lora.py's
+    add_lora_delta and engine/decode_step.py fall back to torch where it says no."""
+    return rank <= LORA_MAX_RANK and rank % 8 == 0 and n_in % 8 == 0 and rows <= LORA_MAX_ROWS
+
+
 def lora_apply(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
                ids: torch.Tensor) -> torch.Tensor:
     """engine/cpu_ops.c: y (T, out) += s[a] B[a] A[a] x[t] for rows with adapter ids[t] = a >= 0, in place; x (T, in)
@@ -227,9 +236,9 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tenso
         raise ValueError("lora_apply: x and y need fp32 rows with unit stride")
     A, B, scales = A.contiguous(), B.contiguous(), scales.float().contiguous()
     ids = ids.to(torch.int64).contiguous()
-    if A.shape[1] > 256 or A.shape[1] % 8 or n_in % 8 or T > 64:
-        raise ValueError(f"lora_apply: rank {A.shape[1]} (<= 256, a multiple of 8), in {n_in} (a multiple of 8), "
-                         f"{T} rows (<= 64)")
+    if not lora_apply_fits(A.shape[1], n_in, T):
+        raise ValueError(f"lora_apply: rank {A.shape[1]} (<= {LORA_MAX_RANK}, a multiple of 8), in {n_in} (a multiple "
+                         f"of 8), {T} rows (<= {LORA_MAX_ROWS})")
     library().lora_apply(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), T, n_in, y.shape[1], A.data_ptr(),
                          B.data_ptr(), scales.data_ptr(), A.shape[1], ids.data_ptr(), torch.get_num_threads())
     return y

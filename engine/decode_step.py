@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from engine.cpu_kernels import library
+from engine.cpu_kernels import library, lora_apply_fits
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -56,8 +56,8 @@ def _lora(proj) -> LoraW | None:
     if proj.lora_A is None:
         return LoraW()
     A, B = proj.lora_A, proj.lora_B
-    if A.dtype != torch.float32 or not (A.is_contiguous() and B.is_contiguous()) or A.shape[1] % 8 or \
-            A.shape[1] > 256 or proj.in_features % 8:
+    if A.dtype != torch.float32 or not (A.is_contiguous() and B.is_contiguous()) or \
+            not lora_apply_fits(A.shape[1], proj.in_features, 1):       # rows: the step's batch is checked apart
         return None
     return LoraW(A.data_ptr(), B.data_ptr(), proj.lora_scale.data_ptr(), A.shape[1])
 

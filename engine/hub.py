@@ -209,8 +209,11 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
 
     path = resolve(name_or_path)
     if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout
-        model, meta = load_gguf_packed(path, dense_fallback=dense_fallback)     # opens (and drops) its own reader
-        return model, Tokenizer.from_gguf(meta, source=str(path))
+        from engine.gguf_header import read_header
+        header = read_header(path)
+        tok = Tokenizer.from_gguf(header.meta, source=str(path))   # first: its scratch is freed before the weights
+        model, _ = load_gguf_packed(path, header, dense_fallback=dense_fallback)
+        return model, tok
     if path.is_dir():
         cfg, sd = load_hf_dir(path, dtype=dtype)
         tok = Tokenizer.from_file(path / "tokenizer.json")

@@ -66,7 +66,8 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_scale", torch.zeros(0), persistent=False)  # (N,) fp32
         self.ranks: list[int] = []
         self.packed = None       # engine.quant.PackedLinear: a bf16 / 4-bit copy of `weight` for CPU inference
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if not self.weight.is_meta:                  # skipped on meta: see engine.model.on_meta
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
@@ -124,10 +125,10 @@ def add_lora_delta(proj: LoRALinear, x: torch.Tensor, y: torch.Tensor, lora: LoR
     kernels.multi_lora.multi_lora_torch, also its reference."""
     if lora is None or proj.lora_A is None or not lora.seg.n_lora:
         return y
+    from engine.cpu_kernels import lora_apply, lora_apply_fits
     x2 = x.reshape(-1, proj.in_features)
     if x2.shape[0] <= 32 and x2.dtype == y.dtype == proj.lora_A.dtype == torch.float32 and not x2.is_cuda \
-            and y.stride(-1) == 1 and proj.lora_A.shape[1] % 8 == 0 and proj.in_features % 8 == 0:
-        from engine.cpu_kernels import lora_apply
+            and y.stride(-1) == 1 and lora_apply_fits(proj.lora_A.shape[1], proj.in_features, x2.shape[0]):
         y2 = y.reshape(-1, proj.out_features)
         lora_apply(x2 if x2.stride(-1) == 1 else x2.contiguous(), y2, proj.lora_A, proj.lora_B, proj.lora_scale,
                    lora.seg.ids)

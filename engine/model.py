@@ -167,12 +167,20 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
+def on_meta() -> bool:
+    """True inside `with torch.device("meta")` (a model whose weights are loaded next): random init is skipped there,
+    as torch's meta-device init path imports torch._dynamo and with it triton (~60 MB resident, ~0.5 s) for nothing."""
+    return torch.empty(()).is_meta
+
+
 class Decoder(nn.Module):
     """The `model.` prefix of HF checkpoints: embeddings, blocks, final norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
+        if not on_meta():
+            nn.init.normal_(self.embed_tokens.weight)                 # nn.Embedding's own init
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
 
@@ -182,7 +190,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else (
+            nn.utils.skip_init(nn.Linear, cfg.dim, cfg.vocab_size, bias=False, device="meta") if on_meta()
+            else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
         self.adapter_names: list[str] = []      # adapter id i <-> adapter_names[i]; see engine.lora.add_adapters
         self.lora_backend = "auto"              # "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"
         self.gradient_checkpointing = False
@@ -201,9 +211,11 @@ class Transformer(nn.Module):
     def fuse_packed(self) -> None:
         """Fused QKV and gate/up calls from the projections' packed copies (CPU inference); one-token decode steps
         through engine/cpu_ops.c (set_decode_kernel(False) keeps the eager torch path, the tests' reference)."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        for layer in self.model.layers:                          # (the GGUF loader fuses each layer as it reads)
+            if layer.self_attn.qkv_packed is None:
+                layer.self_attn.fuse()
+            if layer.mlp.gate_up_packed is None:
+                layer.mlp.fuse()
         self.set_decode_kernel(True)
 
     def set_decode_kernel(self, on: bool) -> None:

@@ -310,6 +310,35 @@ def pack_model_bf16(model) -> dict:
     return {"weights": "bf16", "packed": {"bf16": n + 1}, "step_bytes": step_bytes}
 
 
+class FileRows:
+    """An untied embedding table left in the GGUF file: a read-only memory map of its blocks, rows decoded on lookup
+    (PackedLinear.from_gguf of just those rows, then its exact dequantisation, so the values equal a packed copy's).
+    Only the pages of rows looked up become resident, as with llama.cpp's mmap: Qwen2.5-Coder-0.5B's token_embd is
+    94 MB (Q5_0) and 1.5B's 131 MB (Q4_K), of which a run touches a few MB. A tied table is the LM head too, read
+    whole every step, so it is packed in memory instead."""
+
+    def __init__(self, path, offset: int, type_name: str, n_rows: int, n_cols: int, name: str):
+        per, nbytes = BLOCK_BYTES[type_name]
+        self.type_name, self.out_features, self.in_features, self.source = type_name, n_rows, n_cols, name
+        self.rows = np.memmap(path, np.uint8, "r", offset, (n_rows, n_cols // per * nbytes))
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 (out, in), or just `rows`."""
+        idx = np.arange(self.out_features) if rows is None else rows.to(torch.int64).numpy()
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.out_features):
+            raise IndexError(f"{self.source}: row index out of range for {self.out_features} rows")
+        pk = PackedLinear.from_gguf(self.rows[idx], self.type_name, len(idx), self.in_features, self.source)
+        return pk.dequantize()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> rows (B, T, in) fp32, each distinct token decoded once."""
+        uniq, inv = torch.unique(tokens.reshape(-1), return_inverse=True)
+        return self.dequantize(uniq)[inv].view(*tokens.shape, self.in_features)
+
+    def nbytes(self) -> int:
+        return 0                                   # nothing held in memory; a lookup reads its rows' pages
+
+
 # --- the q4 mode: a model that holds only packed weights -----------------------------------------------------------
 
 def _finish_inference_model(model, stats: dict):
@@ -334,20 +363,23 @@ def _finish_inference_model(model, stats: dict):
     return model.eval()
 
 
-def load_gguf_packed(path, reader=None, dense_fallback: bool = False):
+def load_gguf_packed(path, header=None, dense_fallback: bool = False):
     """A GGUF file -> (Transformer for CPU inference, metadata): every 2-D tensor read from its blocks straight into
-    a PackedLinear (read in row chunks: a few MB of scratch at a time, never the fp32 model); norms and biases fp32.
-    The GGUF reader (its parsed metadata holds ~0.5 GB for a 150k-token vocabulary) is dropped before the weights
-    are read: pass none, or pass one and drop yours. A tensor whose block type is not packed raises ValueError
-    naming it, unless dense_fallback (then fp32 dense)."""
+    a PackedLinear (read in row chunks: a few MB of scratch at a time, never the fp32 model); norms and biases fp32;
+    an untied embedding table left in the file (FileRows). `header`: engine.gguf_header.read_header(path) if the
+    caller has it (hub.load_model builds the tokenizer from it first, so that its scratch is freed before the weights
+    arrive). A tensor whose block type is not packed raises ValueError naming it, unless dense_fallback (then fp32
+    dense); so does a file shorter than its header says, before any weight is read."""
+    from engine.gguf_header import read_header
     from engine.model import Transformer
-    from engine.weights import gguf_config, gguf_metadata, open_gguf
+    from engine.weights import gguf_config
     source = str(path)
-    reader = reader or open_gguf(path)
-    meta = gguf_metadata(reader)
-    tensors = [_TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes),
-                           int(t.data.nbytes)) for t in reader.tensors]
-    del reader
+    header = header or read_header(path)
+    meta, tensors = header.meta, header.tensors
+    short = next((t for t in tensors if t.have_bytes != t.n_bytes), None)
+    if short is not None:
+        raise ValueError(f"{source}: truncated GGUF file: tensor {short.name} has {short.have_bytes} of "
+                         f"{short.n_bytes} bytes")
     shapes = {t.name: t.shape for t in tensors}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{source}: no tensor token_embd.weight")
@@ -365,25 +397,29 @@ def load_gguf_packed(path, reader=None, dense_fallback: bool = False):
     return _finish_inference_model(model, stats), meta
 
 
-@dataclass
-class _TensorInfo:
-    """What the loader needs of one GGUF tensor, so the reader can go before the weights are read."""
-    name: str
-    tensor_type: object          # gguf.GGMLQuantizationType
-    shape: tuple                 # GGUF order: innermost first
-    data_offset: int             # absolute, in the file
-    n_bytes: int                 # what the header says
-    have_bytes: int              # what the file holds (less when truncated)
-
-
-def _read_dense(f, t: _TensorInfo) -> np.ndarray:
-    """A small tensor (norm, bias, or a dense-fallback weight) as fp32, shape in torch order."""
+def _read_dense(f, t) -> np.ndarray:
+    """A small tensor (norm, bias, or a dense-fallback weight; t an engine.gguf_header.TensorInfo) as fp32, shape
+    in torch order."""
     from gguf.quants import dequantize
     raw = np.frombuffer(os.pread(f.fileno(), t.n_bytes, t.data_offset), dtype=np.uint8)
     kind = t.tensor_type.name
     arr = raw.view(np.float32) if kind == "F32" else raw.view(np.float16) if kind == "F16" else \
         dequantize(raw, t.tensor_type)
     return np.array(arr, dtype=np.float32).reshape(tuple(reversed(t.shape)))
+
+
+def _fuse_when_read(model, hf: str) -> None:
+    """Fuse a layer's QKV (gate/up) as soon as its parts are read, so that the parts' memory is reused by the next
+    layer's reads: fusing every layer at the end (fuse_packed) raised the 0.5B's peak RSS by ~54 MB."""
+    parts = hf.split(".")                                        # model.layers.{i}.self_attn.q_proj.weight
+    if len(parts) < 5 or parts[1] != "layers":
+        return
+    layer = model.model.layers[int(parts[2])]
+    att, mlp = layer.self_attn, layer.mlp
+    if att.qkv_packed is None and all(m.packed is not None for m in (att.q_proj, att.k_proj, att.v_proj)):
+        att.fuse()
+    if mlp.gate_up_packed is None and all(m.packed is not None for m in (mlp.gate_proj, mlp.up_proj)):
+        mlp.fuse()
 
 
 def _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback):
@@ -393,12 +429,14 @@ def _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback):
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"{source}: unexpected tensor {t.name!r} (type {t.tensor_type.name})")
-        if t.have_bytes != t.n_bytes:
-            raise ValueError(f"{source}: truncated GGUF file: tensor {t.name} has {t.have_bytes} of {t.n_bytes} bytes")
         kind = t.tensor_type.name
         heads = cfg.n_heads if "q_proj" in hf else cfg.n_kv_heads if "k_proj" in hf else 0
         if len(t.shape) == 2 and hf.endswith(".weight"):
             n_cols, n_rows = t.shape
+            if kind in PACKED_TYPES and hf == "model.embed_tokens.weight" and not cfg.tie_embeddings:
+                model.embed_packed = FileRows(f.name, t.data_offset, kind, n_rows, n_cols, f"{source}: tensor {t.name}")
+                stats["packed"][kind] = stats["packed"].get(kind, 0) + 1
+                continue
             if kind in PACKED_TYPES:
                 pk = PackedLinear.from_gguf_file(f, t.data_offset, kind, n_rows, n_cols,
                                                  name=f"{source}: tensor {t.name}")
@@ -417,6 +455,7 @@ def _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback):
                 model.output_packed = pk
             else:
                 model.get_submodule(hf.removesuffix(".weight")).packed = pk
+                _fuse_when_read(model, hf)
         else:
             w = torch.from_numpy(_read_dense(f, t))
             small[hf] = _unpermute(w, heads) if cfg.arch == "llama" and heads else w

@@ -5,6 +5,8 @@ packed models against the fp32 model (with and without adapters), GGUF loading s
 
     python -m pytest tests/test_quant.py -x -q
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from engine.config import PRESETS
 from engine.cpu_kernels import DEQUANT_MIN_M, available, dequantize_ref, qmatmul_ref
 from engine.lora import add_adapters
 from engine.model import Transformer
-from engine.quant import BLOCK_BYTES, PACKED_TYPES, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
+from engine.quant import BLOCK_BYTES, PACKED_TYPES, FileRows, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
@@ -192,6 +194,11 @@ def test_gguf_loads_straight_into_packed_layout(tmp_path):
     assert torch.equal(q4.embed_packed.dequantize(), ref["model.embed_tokens.weight"])
     assert torch.equal(q4.output_packed.dequantize(), ref["lm_head.weight"])
     tokens = torch.randint(0, q4.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    tokens[1, 3] = tokens[0, 5]                                          # a repeated token
+    assert isinstance(q4.embed_packed, FileRows)                         # untied: rows read from the file's map
+    assert torch.equal(q4.embed_packed.embed(tokens), ref["model.embed_tokens.weight"][tokens])
+    with pytest.raises(IndexError, match=r"m.gguf: tensor token_embd.weight: row index out of range"):
+        q4.embed_packed.embed(torch.tensor([[q4.cfg.vocab_size]]))
     with torch.inference_mode():                                         # logits: int8 activation rounding only
         a, b = fp32(tokens), q4(tokens)
     assert (a - b).abs().max() / a.abs().max() < 0.1, f"relative {((a - b).abs().max() / a.abs().max()):.3e}"
@@ -240,6 +247,21 @@ def test_smollm2_q4_packs_every_projection_and_agrees_with_fp32():
         decode = _teacher_forced_decode(q4, seq, len(prompt)).argmax(-1)
     agree = (decode == want).float().mean().item()
     assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+
+
+def test_q4_load_imports_no_compiler_stack():
+    """Loading and running a q4 model pulls in neither torch._dynamo nor triton (torch's meta-device init would:
+    ~60 MB resident and ~0.5 s for nothing; engine.model.on_meta). A fresh process, as a user's would be."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from engine.hub import load_model; from engine.generate import generate\n"
+            "m, tok = load_model('smollm2-135m', device='cpu', weights='q4')\n"
+            "generate(m, [tok.encode('def f(x):')], 4)\n"
+            "print(sorted(k for k in ('torch._dynamo', 'triton') if k in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_fusion_holds_the_weights_once():
@@ -326,6 +348,27 @@ def test_lora_apply_equals_multi_lora_torch():
     lora_apply(x, fused[:, 8:], A, B, scales, ids)
     assert (fused[:, 8:] - want).abs().max() <= 1e-5 * want.abs().max()
     assert torch.equal(fused[ids < 0, 8:], base[ids < 0])                  # base rows untouched
+
+
+def test_adapter_delta_the_c_kernel_cannot_take_goes_to_torch():
+    """add_lora_delta on a packed projection: rank 32 goes through lora_apply, rank 20 (not a multiple of 8) through
+    multi_lora_torch; both equal the reference. The shapes lora_apply takes are one predicate, lora_apply_fits."""
+    from engine.cpu_kernels import lora_apply_fits
+    from engine.lora import LoRABatch, LoRALinear, add_lora_delta
+    from kernels.multi_lora import make_segments, multi_lora_torch
+    g = torch.Generator().manual_seed(1)
+    for R in (32, 20):
+        proj = LoRALinear(64, 48)
+        proj.lora_A = torch.nn.Parameter(torch.randn(2, R, 64, generator=g) * 0.1, requires_grad=False)
+        proj.lora_B = torch.nn.Parameter(torch.randn(2, 48, R, generator=g) * 0.1, requires_grad=False)
+        proj.lora_scale = torch.tensor([0.5, 2.0])
+        x, ids = torch.randn(3, 64, generator=g), torch.tensor([1, -1, 0])
+        y = torch.randn(3, 48, generator=g)
+        want = multi_lora_torch(x, torch.empty(48, 64), None, proj.lora_A, proj.lora_B, proj.lora_scale,
+                                make_segments(ids, 2), base_out=y.clone())
+        got = add_lora_delta(proj, x, y.clone(), LoRABatch(make_segments(ids, 2)))
+        assert lora_apply_fits(R, 64, 3) == (R == 32)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), R
 
 
 def test_bad_input_to_the_c_kernels_is_refused_by_name():
