@@ -2,6 +2,7 @@
 
     python -m bench.quality --out bench/results/                    # the three embedded models, 4 prompts x 256 tokens
     python -m bench.quality --models smollm2-135m --tokens 64      # quicker
+    python -m bench.quality --peer                                  # + llama.cpp's agreement on the same texts
 
 For each model: the q4 model writes a greedy continuation of `--tokens` tokens for each of 4 chat prompts (batched,
 EOS ignored), then both models score prompt + continuation in one forward pass each (teacher forcing) and we count
@@ -9,7 +10,9 @@ the continuation positions where their next-token argmax agrees. The q4 forward 
 every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
 activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
 decode path's agreement. Goal
-(issue 15): >= 98% per model. Writes quality_cpu.json.
+(issue 15): >= 98% per model. The same is reported on the fp32 model's own greedy text (`agreement_fp32_text`: one
+text for every side), and with --peer llama.cpp's top-1 on both texts (a prefill with logits at every position):
+how far int8 activations as llama.cpp computes them move the argmax. Writes quality_cpu.json.
 """
 from __future__ import annotations
 
@@ -27,35 +30,61 @@ PROMPTS = [
 ]
 
 
+def _llama_cpp_picks(name: str, seqs, ns, threads: int) -> list[torch.Tensor]:
+    """llama.cpp's next-token argmax at the last n positions of each sequence (one prefill with logits for every
+    position; llama-cpp-python, the same GGUF)."""
+    import llama_cpp
+    import numpy as np
+
+    from engine.hub import model_path
+    llm = llama_cpp.Llama(model_path=str(model_path(name)), n_ctx=max(map(len, seqs)) + 8, logits_all=True,
+                          n_threads=threads, n_batch=512, verbose=False)
+    out = []
+    for s, n in zip(seqs, ns):
+        llm.reset()
+        llm.eval(s)
+        out.append(torch.from_numpy(np.asarray(llm.scores[len(s) - n - 1:len(s) - 1]).argmax(-1)))
+    del llm
+    return out
+
+
 @torch.inference_mode()
-def agreement(name: str, n_tokens: int) -> dict:
+def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) -> dict:
+    """The statistic on two texts: the q4 model's own greedy continuations (`agreement`, the goal's number) and the
+    fp32 model's (`agreement_fp32_text`: the same text for every side); with `peer`, llama.cpp on both texts too."""
     from engine.generate import generate
     from engine.hub import load_model
-    q4, tok = load_model(name, device="cpu", weights="q4")
+    import engine.cpu_kernels as ck
+    fp32, tok = load_model(name, device="cpu")
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    fp_conts = [g.token_ids for g in generate(fp32, prompts, n_tokens, ignore_eos=True)]
+    q4, _ = load_model(name, device="cpu", weights="q4")
     t0 = time.perf_counter()
     conts = [g.token_ids for g in generate(q4, prompts, n_tokens, ignore_eos=True)]
     gen_s = time.perf_counter() - t0
-    seqs = [p + c for p, c in zip(prompts, conts)]
+    texts = {"q4": [p + c for p, c in zip(prompts, conts)], "fp32": [p + c for p, c in zip(prompts, fp_conts)]}
     pick = lambda m, s, n: m(torch.tensor([s]))[0, len(s) - n - 1:-1].argmax(-1)     # (n,) next-token choices
-    import engine.cpu_kernels as ck
+    want = {k: [pick(fp32, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
     saved, ck.DEQUANT_MIN_M = ck.DEQUANT_MIN_M, 1 << 30
     try:
-        got = [pick(q4, s, len(c)) for s, c in zip(seqs, conts)]
+        got = {k: [pick(q4, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
     finally:
         ck.DEQUANT_MIN_M = saved
     stats = q4.pack_stats
-    del q4
+    del q4, fp32
     gc.collect()
-    fp32, _ = load_model(name, device="cpu")
-    want = [pick(fp32, s, len(c)) for s, c in zip(seqs, conts)]
-    per = [(g == w).float().mean().item() for g, w in zip(got, want)]
-    total = sum(int((g == w).sum()) for g, w in zip(got, want)) / sum(len(c) for c in conts)
-    del fp32
-    gc.collect()
-    return {"model": name, "tokens_per_prompt": n_tokens, "prompts": len(PROMPTS), "agreement": round(total, 4),
-            "per_prompt": [round(a, 4) for a in per], "packed": stats["packed"], "step_bytes": stats["step_bytes"],
-            "q4_generate_s": round(gen_s, 1), "goal": 0.98, "goal_met": total >= 0.98}
+    rate = lambda g, w: sum(int((a == b).sum()) for a, b in zip(g, w)) / sum(len(b) for b in w)
+    total = rate(got["q4"], want["q4"])
+    row = {"model": name, "tokens_per_prompt": n_tokens, "prompts": len(PROMPTS), "agreement": round(total, 4),
+           "per_prompt": [round((g == w).float().mean().item(), 4) for g, w in zip(got["q4"], want["q4"])],
+           "agreement_fp32_text": round(rate(got["fp32"], want["fp32"]), 4),
+           "packed": stats["packed"], "step_bytes": stats["step_bytes"], "q4_generate_s": round(gen_s, 1),
+           "goal": 0.98, "goal_met": total >= 0.98}
+    if peer:
+        for k, seqs in texts.items():
+            picks = _llama_cpp_picks(name, seqs, [n_tokens] * len(seqs), threads)
+            row[f"llama_cpp_agreement_{k}_text"] = round(rate(picks, want[k]), 4)
+    return row
 
 
 def main(argv=None):
@@ -63,12 +92,13 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer", action="store_true", help="llama.cpp's agreement with the fp32 model on the same texts")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows.append(agreement(name, args.tokens))
+        rows.append(agreement(name, args.tokens, args.peer, args.threads))
         print(rows[-1], flush=True)
     from bench.common import device_name, write_result
     write_result({"bench": "quality", "device": device_name("cpu"), "rows": rows}, args.out, "quality_cpu.json")
