@@ -212,6 +212,7 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
         from engine.gguf_header import read_header
         header = read_header(path)
         tok = Tokenizer.from_gguf(header.meta, source=str(path))   # first: its scratch is freed before the weights
+        header.meta = {k: v for k, v in header.meta.items() if not k.startswith("tokenizer.")}   # ~30 MB of lists
         model, _ = load_gguf_packed(path, header, dense_fallback=dense_fallback)
         return model, tok
     if path.is_dir():

@@ -165,7 +165,7 @@ class PackedLinear:
 
     @classmethod
     def from_gguf_file(cls, f, offset: int, type_name: str, n_rows: int, n_cols: int, name: str = "tensor",
-                       chunk_weights: int = 1 << 22) -> "PackedLinear":
+                       chunk_weights: int = 1 << 20) -> "PackedLinear":
         """As from_gguf, reading the tensor's bytes at `offset` of the open file `f` in row chunks of about
         `chunk_weights` weights: the decoding scratch stays a few MB and no page of the file stays mapped (a memmap
         of the GGUF would count the whole file in the process's resident memory)."""
