@@ -20,6 +20,8 @@
  * dx = amax / 127; sx holds dx * sum(qx) per 32 inputs for the min terms. Block dot products are exact in integers
  * (_mm256_maddubs_epi16 cannot saturate: |q| <= 128 and |qx| <= 127 give pair sums <= 32512), scaled and summed in
  * fp32. dequant() writes the fp32 weights the kernel multiplies by (large batches: dequantise a tile, then SGEMM).
+ * Decode (one row of x) on the nibble kinds 4, 5, 6 takes qmm_pair1: two blocks unpacked at once against the
+ * activations reordered to match (pair_order), weights unsigned; same integers, another float summation order.
  */
 #include <immintrin.h>
 #include <math.h>
