@@ -132,6 +132,18 @@ static inline __attribute__((always_inline)) __m256 scales8(const void *s, const
     return _mm256_mul_ps(c, _mm256_set1_ps(sd[super]));
 }
 
+/* rmv + the per-block float terms of blocks b .. b + 7 (G 32 scales), one vector FMA each: the mins, min * dx *
+ * sum(qx) = min * sx; kind 5's -16 offset, -16 * scale * sx. */
+static inline __attribute__((always_inline)) __m256 offset_terms8(
+        __m256 rmv, const void *scale, const float *sd, const int senc, const void *wmin, const float *md,
+        const int menc, const int kind, const float *sx, int64_t b) {
+    if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
+    if (kind == 5)
+        rmv = _mm256_fmadd_ps(_mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), _mm256_set1_ps(-16.f)),
+                              _mm256_loadu_ps(sx + b), rmv);
+    return rmv;
+}
+
 /* One row of W against one row of x (decode). Blocks go 8 at a time: their scales (times dx) and mins are computed
  * as one vector each, and each block's scale is a lane broadcast; two accumulators; a scalar tail. */
 static inline __attribute__((always_inline)) float qmm_row1(
@@ -152,10 +164,7 @@ static inline __attribute__((always_inline)) float qmm_row1(
             sb = _mm256_mul_ps(scales8(scale, sd, senc, 2 * b + 8, b >> 3),
                                _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
         }
-        if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
-        if (kind == 5)                                       /* the -16 offset: -16 * scale * dx * sum(qx) */
-            rmv = _mm256_fmadd_ps(_mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), _mm256_set1_ps(-16.f)),
-                                  _mm256_loadu_ps(sx + b), rmv);
+        rmv = offset_terms8(rmv, scale, sd, senc, wmin, md, menc, kind, sx, b);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);
@@ -268,10 +277,7 @@ static inline __attribute__((always_inline)) float qmm_pair1(
             rmv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s8 + 8)))), off),
                                   _mm256_loadu_ps(sx16 + 2 * b + 8), rmv);
         }
-        if (menc) rmv = _mm256_fmadd_ps(scales8(wmin, md, menc, b, b >> 3), _mm256_loadu_ps(sx + b), rmv);
-        if (kind == 5)                                       /* the -16 offset: -16 * scale * dx * sum(qx) */
-            rmv = _mm256_fmadd_ps(_mm256_mul_ps(scales8(scale, sd, senc, b, b >> 3), _mm256_set1_ps(-16.f)),
-                                  _mm256_loadu_ps(sx + b), rmv);
+        rmv = offset_terms8(rmv, scale, sd, senc, wmin, md, menc, kind, sx, b);
 #pragma GCC unroll 4
         for (int p = 0; p < 4; p++) {
             __m256i lo, hi;
