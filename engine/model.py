@@ -73,8 +73,11 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Stack the packed q, k, v projections into one (see PackedLinear.fuse: equal layouts share one weight,
-        others are called side by side). Transformer.set_decode_kernel decides how one-token steps run."""
-        self.qkv_packed = PackedLinear.fuse([self.q_proj, self.k_proj, self.v_proj])
+        others are called side by side). Transformer.set_decode_kernel decides how one-token steps run. Once, and only
+        when all three are packed (the GGUF loader calls it after each projection it reads)."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        if self.qkv_packed is None and all(p.packed is not None for p in parts):
+            self.qkv_packed = PackedLinear.fuse(parts)
 
     def forward(self, x, cos, sin, lora, cache: KVCache | None, slots, input_pos, kv_len):
         B, T, _ = x.shape
@@ -136,7 +139,9 @@ class MLP(nn.Module):
         self.gate_up_packed = None  # engine.quant.PackedLinear of gate|up stacked (CPU inference), see fuse()
 
     def fuse(self) -> None:
-        self.gate_up_packed = PackedLinear.fuse([self.gate_proj, self.up_proj])
+        """As Attention.fuse, for gate|up."""
+        if self.gate_up_packed is None and self.gate_proj.packed is not None and self.up_proj.packed is not None:
+            self.gate_up_packed = PackedLinear.fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x, lora):
         if self.gate_up_packed is not None and not torch.is_grad_enabled():
@@ -212,10 +217,8 @@ class Transformer(nn.Module):
         """Fused QKV and gate/up calls from the projections' packed copies (CPU inference); one-token decode steps
         through engine/cpu_ops.c (set_decode_kernel(False) keeps the eager torch path, the tests' reference)."""
         for layer in self.model.layers:                          # (the GGUF loader fuses each layer as it reads)
-            if layer.self_attn.qkv_packed is None:
-                layer.self_attn.fuse()
-            if layer.mlp.gate_up_packed is None:
-                layer.mlp.fuse()
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
         self.set_decode_kernel(True)
 
     def set_decode_kernel(self, on: bool) -> None:
