@@ -11,6 +11,7 @@ module that owns the work (imported lazily, so `mcl --help` is instant).
     mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
     mcl report runs/eval_base runs/eval_adapted
     mcl distill ... / mcl correct ... / mcl mutate ... / mcl main
+    mcl miniature run|status|gate|sft           # the miniature campaign (recipes/miniature.py)
 """
 from __future__ import annotations
 
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_call("recipes.mutate:cli_mutate", lambda a: dict(config=a.config, overrides=_overrides(a.rest))))
+
+    p = sub.add_parser("miniature", help="the miniature campaign in resumable shards: run | status | gate | sft")
+    p.add_argument("action", choices=["run", "status", "gate", "sft"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="flags (see `mcl miniature run --help`) and key=value "
+                   "overrides of [campaign], in any order")
+    p.set_defaults(func=_call("recipes.miniature:cli_miniature", lambda a: dict(action=a.action, argv=a.rest)))
 
     p = sub.add_parser("main", help="the main job: fetch model, train four adapters, evaluate base vs adapted")
     p.add_argument("--recipe", default=None, help="recipe TOML with a [main] table (default: built-in settings)")

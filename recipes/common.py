@@ -94,13 +94,14 @@ def write_meta(out: Path, meta: dict, cfg) -> None:
 # --- backends and threads ----------------------------------------------------------------------------------
 
 def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: str = "", timeout_s: float = 300.0,
-                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8):
-    """An HTTPBackend when `url` is set, else our engine running `model` (call .close() when done)."""
+                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8, weights: str = "fp32"):
+    """An HTTPBackend when `url` is set, else our engine running `model` on `weights` (fp32 | bf16 | q4: the
+    GGUF's own blocks, engine/quant.py) (call .close() when done)."""
     from engine.agents.backends import HTTPBackend, open_local
     if url:
         return HTTPBackend(url, model=url_model or model, api_key=os.environ.get(api_key_env) if api_key_env else None,
                            timeout=timeout_s, retries=retries)
-    return open_local(model, device or None, dtype or None, None, n_slots=n_slots)
+    return open_local(model, device or None, dtype or None, None, n_slots=n_slots, weights=weights or "fp32")
 
 
 def set_threads(n: int) -> int:

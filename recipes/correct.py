@@ -64,6 +64,7 @@ class CorrectConfig:
     retries: int = 2
     device: str = ""
     dtype: str = ""
+    weights: str = "fp32"                # local teacher and supervisor: fp32 | bf16 | q4 (engine/quant.py)
     rounds: int = 1                      # supervisor -> regenerate -> test, at most this many times per trajectory
     max_new_tokens: int = 256
     n_problems: int = 0                  # 0 = every failed trajectory
@@ -372,14 +373,14 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
     if todo:
         if teacher is None:
             teacher = open_backend(cfg.teacher, cfg.teacher_url, cfg.teacher_model, cfg.api_key_env, cfg.timeout_s,
-                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency)
+                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
             opened.append(teacher)
         if supervisor is None:
             same = (cfg.supervisor, cfg.supervisor_url, cfg.supervisor_model) == \
                    (cfg.teacher, cfg.teacher_url, cfg.teacher_model)
             supervisor = teacher if same else open_backend(
                 cfg.supervisor, cfg.supervisor_url, cfg.supervisor_model, cfg.api_key_env, cfg.timeout_s, cfg.retries,
-                cfg.device, cfg.dtype, n_slots=cfg.concurrency)
+                cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
             if supervisor is not teacher:
                 opened.append(supervisor)
 

@@ -56,8 +56,8 @@ from recipes.common import (append_jsonl, check_resume, dedup, load_config, open
                             run_record, set_threads, write_examples, write_meta)
 from recipes.trajectory import Trajectory, call_example, winning_attempt
 
-TRAJECTORY_FIELDS = ("teacher", "teacher_url", "teacher_model", "benchmark", "split", "data", "seed", "k", "t",
-                     "max_new_tokens")       # changing one of these makes old trajectories incomparable
+TRAJECTORY_FIELDS = ("teacher", "teacher_url", "teacher_model", "weights", "benchmark", "split", "data", "seed", "k",
+                     "t", "max_new_tokens")       # changing one of these makes old trajectories incomparable
 
 
 @dataclass
@@ -70,6 +70,7 @@ class DistillConfig:
     retries: int = 2                     # further HTTP tries per call
     device: str = ""                     # local teacher: "" = cuda when available
     dtype: str = ""                      # local teacher: "" = bf16 on cuda, fp32 on cpu
+    weights: str = "fp32"                # local teacher: fp32 | bf16 | q4 (the GGUF's own blocks, engine/quant.py)
     benchmark: str = "mbpp"              # an eval/benchmarks/<name>.py loader
     split: str = "train"                 # mbpp: train (task ids 601-974) | validation | test | prompt | all;
                                          # "" = the loader's default (eval/benchmarks: splits(name) lists them)
@@ -141,7 +142,7 @@ def distill(cfg: DistillConfig, backend=None, run_tests=None, problems: list[Pro
     if todo:
         if own_backend:
             backend = open_backend(cfg.teacher, cfg.teacher_url, cfg.teacher_model, cfg.api_key_env, cfg.timeout_s,
-                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency)
+                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
         try:
             with open(traj_path, "a") as f, ThreadPoolExecutor(max(1, cfg.concurrency)) as pool, \
                     tqdm(total=len(problems), initial=len(problems) - len(todo), desc="distill", disable=not progress,

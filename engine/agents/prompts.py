@@ -66,14 +66,19 @@ def problem_text(p: Problem) -> str:
 
 
 def io_rules(p: Problem) -> str:
-    """How the program talks to the tests: a function to complete, or stdin/stdout."""
+    """How the program talks to the tests, in words that are the same for every problem of a kind (a function
+    to complete, or stdin/stdout), so that they can sit in the constant head of a prompt."""
     if p.entry_point:
-        how = ("with the signature given in the problem" if p.starter_code.strip()
-               else "called as in the sample tests")
-        return (f"Write the function `{p.entry_point}` {how}, plus any imports and helpers it needs. Do not "
-                f"read input and do not print.")
+        return ("Write the function named under \"# Function to write\", with the signature given in the problem "
+                "or called as in the sample tests, plus any imports and helpers it needs. Do not read input and "
+                "do not print.")
     return ("Read the input from standard input and print the answer to standard output in exactly the format "
             "the problem asks for. Print nothing else.")
+
+
+def entry_point_text(p: Problem) -> str:
+    """The problem-specific half of the I/O rules: the function's name (empty for stdin/stdout problems)."""
+    return f"# Function to write\n`{p.entry_point}`" if p.entry_point else ""
 
 
 def format_test(p: Problem, t: Test) -> str:
@@ -117,14 +122,19 @@ def format_report(p: Problem, report: TestReport, max_failures: int = 3) -> str:
 
 
 # --- MapCoder roles --------------------------------------------------------------------------
+# Layout: every prompt opens with the role's constant instructions and output format, then the problem and
+# what earlier agents wrote. The scheduler's prefix cache (engine/serve.py) reuses the longest token prefix
+# that an earlier request shares, so text that is the same for every problem belongs first.
+
+def _prompt(role: str, head: str, parts: list[str], tail: str) -> list[dict]:
+    """head (constant for the role), the problem-specific parts (empty ones dropped), a constant closing cue."""
+    return _msgs(role, "\n\n".join([head.strip(), *(x.strip() for x in parts if x.strip()), tail.strip()]))
+
 
 def retriever(p: Problem, k: int) -> list[dict]:
-    return _msgs("retriever", f"""
-Recall {k} programming problems that are relevant to the problem below but different from it. Then name the
-algorithm that the problem below needs and explain it in a short tutorial.
-
-# Problem
-{problem_text(p)}
+    head = f"""
+Recall {k} programming problems that are relevant to the problem given at the end but different from it.
+Then name the algorithm that the given problem needs and explain it in a short tutorial.
 
 # For each recalled problem write
 1. a short description of the problem,
@@ -132,7 +142,7 @@ algorithm that the problem below needs and explain it in a short tutorial.
 3. a step-by-step plan for solving it.
 
 # Then write the algorithm
-Name the algorithm or technique the problem above needs (for example brute force, greedy, dynamic programming,
+Name the algorithm or technique the given problem needs (for example brute force, greedy, dynamic programming,
 binary search, two pointers, sorting, hashing, graph search, recursion, math) and write a short, general
 tutorial on it: when it applies and the steps to use it. No code in the tutorial.
 
@@ -146,88 +156,73 @@ Answer with this XML and nothing outside the <root> element:
 </problem>
 ... ({k} <problem> elements in all) ...
 <algorithm>the algorithm's name and the tutorial</algorithm>
-</root>
-""")
+</root>"""
+    return _prompt("retriever", head, [f"# Problem\n{problem_text(p)}"], "Answer now, in the XML format above.")
 
 
 def planner(p: Problem, example, algorithm: str) -> list[dict]:
     """`example` is a parsers.Example (description, code, planning) or None when retrieval failed."""
-    parts = ["Write a concrete plan for solving the problem below."]
+    head = ("Write a concrete plan for solving the problem given under \"# Problem to solve\". Write only the "
+            "plan, as numbered steps. No code and no other text.")
+    parts = []
     if example is not None:
         parts.append(f"# A similar problem\n{example.description.strip()}")
         if example.planning.strip():
             parts.append(f"# Its plan\n{example.planning.strip()}")
     if algorithm.strip():
         parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
-    parts += [f"# Problem to solve\n{problem_text(p)}",
-              f"# Sample tests\n{format_tests(p, p.sample_tests)}",
-              "# Your answer\nWrite only the plan for the problem to solve, as numbered steps. No code and no "
-              "other text."]
-    return _msgs("planner", "\n\n".join(parts))
+    parts += [f"# Problem to solve\n{problem_text(p)}", f"# Sample tests\n{format_tests(p, p.sample_tests)}"]
+    return _prompt("planner", head, parts, "# Your answer\nThe plan, as numbered steps.")
 
 
 def verifier(p: Problem, plan: str) -> list[dict]:
-    return _msgs("planner", f"""
-Here is a programming problem and a plan for solving it in Python 3. Decide whether the plan is correct,
+    head = """
+Below are a programming problem and a plan for solving it in Python 3. Decide whether the plan is correct,
 that is, whether code that follows it would pass every test of the problem.
-
-# Problem
-{problem_text(p)}
-
-# Plan
-{plan.strip()}
 
 # Output format
 Answer with this XML and nothing else:
 <root>
 <explanation>why the plan does or does not solve the problem</explanation>
 <confidence>an integer from 0 to 100: how sure you are that the plan is correct</confidence>
-</root>
-""")
+</root>"""
+    return _prompt("planner", head, [f"# Problem\n{problem_text(p)}", f"# Plan\n{plan.strip()}"],
+                   "Answer now, in the XML format above.")
 
 
 def coder(p: Problem, plan: str, algorithm: str) -> list[dict]:
-    parts = ["Write Python 3 code that solves the problem below by following the plan."]
-    if algorithm.strip():
-        parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
-    parts += [f"# Problem\n{problem_text(p)}",
-              f"# Plan\n{plan.strip() or '(no plan: solve the problem directly)'}",
-              f"# Sample tests\n{format_tests(p, p.sample_tests)}",
-              f"# Rules\n{io_rules(p)}\nAnswer with exactly one ```python code block that holds the whole "
-              f"program, and no other text."]
-    return _msgs("coder", "\n\n".join(parts))
+    head = (f"Write Python 3 code that solves the problem below by following the plan.\n\n# Rules\n{io_rules(p)}\n"
+            f"Answer with exactly one ```python code block that holds the whole program, and no other text.")
+    parts = [f"# Relevant algorithm\n{algorithm.strip()}" if algorithm.strip() else "",
+             f"# Problem\n{problem_text(p)}", entry_point_text(p),
+             f"# Plan\n{plan.strip() or '(no plan: solve the problem directly)'}",
+             f"# Sample tests\n{format_tests(p, p.sample_tests)}"]
+    return _prompt("coder", head, parts, "Answer now: one ```python code block.")
 
 
 def debugger(p: Problem, plan: str, code: str, report: TestReport, algorithm: str) -> list[dict]:
-    parts = ["Your Python 3 program for the problem below fails some of its sample tests. Find the mistake, "
-             "revise the plan, and fix the program."]
-    if algorithm.strip():
-        parts.append(f"# Relevant algorithm\n{algorithm.strip()}")
-    parts += [f"# Problem\n{problem_text(p)}",
-              f"# Plan\n{plan.strip() or '(none)'}",
-              f"# Program\n```python\n{code.rstrip() or '# (no code was found in the previous answer)'}\n```",
-              f"# Test report\n{format_report(p, report)}",
-              f"# Rules\n{io_rules(p)}\nFirst write the revised plan as numbered steps. Then write exactly one "
-              f"```python code block that holds the whole corrected program."]
-    return _msgs("debugger", "\n\n".join(parts))
+    head = ("Your Python 3 program for the problem below fails some of its sample tests. Find the mistake, "
+            f"revise the plan, and fix the program.\n\n# Rules\n{io_rules(p)}\nFirst write the revised plan as "
+            "numbered steps. Then write exactly one ```python code block that holds the whole corrected program.")
+    parts = [f"# Relevant algorithm\n{algorithm.strip()}" if algorithm.strip() else "",
+             f"# Problem\n{problem_text(p)}", entry_point_text(p),
+             f"# Plan\n{plan.strip() or '(none)'}",
+             f"# Program\n```python\n{code.rstrip() or '# (no code was found in the previous answer)'}\n```",
+             f"# Test report\n{format_report(p, report)}"]
+    return _prompt("debugger", head, parts, "Answer now: the revised plan, then one ```python code block.")
 
 
 # --- baselines (tagged with the coder role) -------------------------------------------------
 
 def direct(p: Problem) -> list[dict]:
-    return _msgs("coder", f"""
-{problem_text(p)}
-
-Write Python 3 code that solves the problem above. {io_rules(p)}
-Answer with exactly one ```python code block and no other text.
-""")
+    head = (f"Write Python 3 code that solves the problem below. {io_rules(p)}\n"
+            f"Answer with exactly one ```python code block and no other text.")
+    return _prompt("coder", head, [f"# Problem\n{problem_text(p)}", entry_point_text(p)],
+                   "Answer now: one ```python code block.")
 
 
 def cot(p: Problem) -> list[dict]:
-    return _msgs("coder", f"""
-{problem_text(p)}
-
-Solve the problem above in Python 3. {io_rules(p)}
-Think step by step: first explain briefly how to solve it, then give the whole program in exactly one
-```python code block.
-""")
+    head = (f"Solve the problem below in Python 3. {io_rules(p)}\nThink step by step: first explain briefly how "
+            f"to solve it, then give the whole program in exactly one ```python code block.")
+    return _prompt("coder", head, [f"# Problem\n{problem_text(p)}", entry_point_text(p)],
+                   "Answer now: the explanation, then one ```python code block.")
