@@ -172,19 +172,43 @@ def dequant(args: tuple, rows: torch.Tensor | None = None, row0: int = 0, nrows:
 _TILES = threading.local()
 
 
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the dequantise + GEMM path: bf16 where the CPU multiplies it natively (engine.cpu_info.native_bf16:
+    oneDNN's AVX512-BF16 / AMX GEMM, 2.3-6.6x fp32's rate), fp32 elsewhere. MCL_GEMM_DTYPE=fp32 | bf16 overrides
+    (read at each call)."""
+    want = os.environ.get("MCL_GEMM_DTYPE", "")
+    if want not in ("", "fp32", "bf16"):
+        raise ValueError(f"MCL_GEMM_DTYPE={want!r}: expected fp32 or bf16")
+    if want:
+        return torch.bfloat16 if want == "bf16" else torch.float32
+    from engine.cpu_info import native_bf16
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
 def _dequant_mm(x: torch.Tensor, parts: list[tuple], y: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T a tile of rows at a time: dequantise (C) into a reused fp32 buffer, then torch's SGEMM."""
+    """y = x @ W^T a tile of rows at a time: dequantise (C) into a reused fp32 buffer, then torch's GEMM: fp32 SGEMM,
+    or where bf16 is native the tile and x rounded to bf16 and oneDNN's bf16 GEMM (fp32 accumulation, output rounded
+    to bf16 and widened into y; y's fp32 residual stream is unchanged)."""
     K = x.shape[1]
     rows = max(1, TILE_WEIGHTS // K)
+    dt = gemm_dtype()
     buf = getattr(_TILES, "buf", None)
     if buf is None or buf.numel() < rows * K:
         buf = _TILES.buf = torch.empty(TILE_WEIGHTS + K)
+    if dt == torch.bfloat16:
+        low = getattr(_TILES, "low", None)
+        if low is None or low.numel() < rows * K:
+            low = _TILES.low = torch.empty(TILE_WEIGHTS + K, dtype=torch.bfloat16)
+        x = x.to(torch.bfloat16)
     col = 0
     for p in parts:
         for r0 in range(0, p[9], rows):
             n = min(rows, p[9] - r0)
             w = dequant(p, row0=r0, nrows=n, out=buf[:n * K].view(n, K))
-            if n == y.shape[1]:
+            if dt == torch.bfloat16:
+                w = low[:n * K].view(n, K).copy_(w)
+                y[:, col + r0:col + r0 + n] = x @ w.t()
+            elif n == y.shape[1]:
                 torch.mm(x, w.t(), out=y)                                   # one tile is the whole output
             else:
                 y[:, col + r0:col + r0 + n] = x @ w.t()

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.chunked_ce import linear_cross_entropy
+from engine.cpu_info import native_bf16
 from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
@@ -377,17 +378,6 @@ def build_model(mc: ModelCfg, d: D.DistInfo, dtype: torch.dtype, seed: int):
     return model, tok
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls run ~2x fp32; without
-    them (AVX2 machines) oneDNN emulates bf16 and a matmul is ~25x *slower* than fp32 (measured here: 0.34 vs
-    8.8 GFLOP/s for 512x576x1536 on 2 shared cores)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def base_dtype(mc: ModelCfg, device: torch.device, model=None) -> torch.dtype:
     """The frozen base's dtype. model.dtype = float32 | bfloat16 as given; auto = a passed-in model's own dtype,
     else bf16 on CUDA and on CPUs with native bf16 matmul, fp32 elsewhere. With a bf16 base the adapters are bf16 in
@@ -398,7 +388,7 @@ def base_dtype(mc: ModelCfg, device: torch.device, model=None) -> torch.dtype:
         return torch.bfloat16
     if model is not None:
         return next(model.parameters()).dtype
-    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
+    return torch.bfloat16 if device.type == "cuda" or native_bf16() else torch.float32
 
 
 def restore_adapters(model, ckpt_dir: Path, roles: list[str]) -> None:

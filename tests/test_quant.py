@@ -90,12 +90,15 @@ def test_fused_equals_separate_calls():
     assert torch.equal(one(x), torch.cat([p(x) for p in q4], dim=-1))
 
 
+@pytest.mark.parametrize("gemm,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 @pytest.mark.parametrize("type_name", PACKED_TYPES)
-def test_many_rows_dequantise_then_sgemm(type_name, monkeypatch):
-    """From DEQUANT_MIN_M rows on, y = x @ dequantised W^T in fp32 (SGEMM over tiles of rows, here several tiles
-    and several parts): close to the float64 product with the file's weights."""
+def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
+    """From DEQUANT_MIN_M rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
+    parts): close to the float64 product with the file's weights; within bf16 rounding on the bf16 GEMM path (the
+    default where the CPU multiplies bf16 natively; forced here on every CPU)."""
     import engine.cpu_kernels as ck
     monkeypatch.setattr(ck, "TILE_WEIGHTS", 7 * 512)                          # 7-row tiles: a partial last tile
+    monkeypatch.setenv("MCL_GEMM_DTYPE", gemm)
     raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
     parts = [PackedLinear.from_gguf(r, type_name, 40, 512) for r in raws]
     x = torch.randn(DEQUANT_MIN_M + 3, 512, generator=torch.Generator().manual_seed(0))
@@ -103,7 +106,23 @@ def test_many_rows_dequantise_then_sgemm(type_name, monkeypatch):
     exact = x.double() @ w.t()
     for got in (parts[0](x), PackedParts(parts)(x)):
         want = exact[:, :got.shape[1]]
-        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * want.abs().max(), f"{gemm}: max error {err:.3g} vs {tol} x {want.abs().max():.3g}"
+
+
+def test_gemm_dtype_follows_the_cpu_and_the_override(monkeypatch):
+    import engine.cpu_kernels as ck
+    import engine.cpu_info as ci
+    monkeypatch.delenv("MCL_GEMM_DTYPE", raising=False)
+    monkeypatch.setattr(ci, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert ck.gemm_dtype() == torch.float32                                   # bf16 emulated: ~86x slower
+    monkeypatch.setattr(ci, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert ck.gemm_dtype() == torch.bfloat16
+    monkeypatch.setenv("MCL_GEMM_DTYPE", "fp32")
+    assert ck.gemm_dtype() == torch.float32
+    monkeypatch.setenv("MCL_GEMM_DTYPE", "fp16")
+    with pytest.raises(ValueError, match="MCL_GEMM_DTYPE"):
+        ck.gemm_dtype()
 
 
 def test_unpacked_type_names_the_tensor():
