@@ -10,7 +10,7 @@ attention mask; we prefill right-padded and decode every row at its own position
 
 Four runs per batch size: ours with packed weights (`--weights`, default q4 on the CPU: the GGUF's 4-bit blocks
 through torch's int4 kernel, see engine/quant.py), ours fp32, transformers fp32 (what it makes of a GGUF: it
-dequantises to fp32) and transformers bf16. `ratio` is ours-packed / transformers-fp32 (the issue's figure);
+dequantises to fp32) and transformers bf16. `ratio` is ours-packed / transformers-fp32 (the headline figure);
 `ratio_vs_best_hf` divides by the faster of transformers' two. The JSON also reports, per prompt, how many
 leading greedy tokens before the first EOS agree (ours fp32 vs transformers fp32 alone; ours packed vs ours fp32): bf16 rounding can
 flip a near-tie, after which two continuations legitimately differ.

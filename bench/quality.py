@@ -9,10 +9,10 @@ EOS ignored), then both models score prompt + continuation in one forward pass e
 the continuation positions where their next-token argmax agrees. The q4 forward is held on the integer kernel for
 every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
 activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
-decode path's agreement. Goal
-(issue 15): >= 98% per model. The same is reported on the fp32 model's own greedy text (`agreement_fp32_text`: one
-text for every side), and with --peer llama.cpp's top-1 on both texts (a prefill with logits at every position):
-how far int8 activations as llama.cpp computes them move the argmax. Writes quality_cpu.json.
+decode path's agreement. Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
+greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
+prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax. Writes
+quality_cpu.json.
 """
 from __future__ import annotations
 

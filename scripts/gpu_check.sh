@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a GPU loan (issue 18): every GPU goal's evidence in one run of <= 9 minutes.
+# The one command for a GPU machine: every GPU measurement (kernels/bench.py's goals too) in one run of <= 9 min.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh             # on the GPU machine (torch + triton + transformers + peft)
 #   OUT=/tmp/x bash scripts/gpu_check.sh --dry-run      # the same stages on the CPU: interpreter, tiny shapes
@@ -11,8 +11,8 @@
 #   lora.json              `mcl bench lora` rows (incl. the all-ids -1 row), roofline columns, block totals, goals
 #   profile_q_proj.json    torch.profiler per-kernel table, q_proj at T=8192 and T=64
 #   train.json, serve.json `mcl bench train` / `mcl bench serve` at 7B shapes, random weights on the device
-#   summary.json           stage status + seconds, versions, ceilings, block totals, goals: the lead commits it
-#                          under bench/results/
+#   summary.json           stage status + seconds, versions, ceilings, block totals, goals: commit it under
+#                          bench/results/
 # A short table is printed last (pytest takes -q from pytest.ini). Stages (GPU run; the dry run shrinks each):
 #   1 versions + ceilings    python -m kernels.bench --ceilings
 #   2 kernel tests           pytest tests/kernels (compiled on the GPU, one autotune config each: MCL_AUTOTUNE=0)
