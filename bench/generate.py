@@ -66,7 +66,7 @@ def main(args):
     import torch
     import transformers
 
-    from bench.common import device_name, write_result
+    from bench.common import device_name, isa, write_result
 
     from engine.generate import generate
     from engine.hub import load_model, model_path
@@ -126,7 +126,7 @@ def main(args):
     ghf = [theirs(hf_models["float32"], [p])[0][:len(g)] for p, g in zip(prompts, g32)]
     def same_prefix(xs, ys):
         return [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(xs, ys)]
-    result = {"model": name, "device": device_name(device), "torch": torch.__version__,
+    result = {"model": name, "device": device_name(device), **isa(), "torch": torch.__version__,
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "ours_weights": packed, "hf_weights": "fp32 (transformers dequantises the GGUF to fp32)",
               "same_greedy_tokens": g32 == ghf,
@@ -304,7 +304,6 @@ def peer_main(args) -> dict | None:
     llama-cpp-python is not installed."""
     import importlib.util
     import os
-    import platform
     import subprocess
     import tempfile
     if importlib.util.find_spec("llama_cpp") is None:
@@ -316,14 +315,13 @@ def peer_main(args) -> dict | None:
     threads_list = [args.threads] if args.threads else [2, 1]
     new_tokens, rounds = (16, 1) if quick else (64, 3)
     packed = getattr(args, "weights", None) or "q4"
-    from bench.common import write_result
+    from bench.common import isa, write_result
     root = str(Path(__file__).resolve().parent.parent)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "kernels", "bench", ":!bench/results"],
                            capture_output=True, text=True, cwd=root).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
-    result = {"bench": "generate --peer", "device": f"cpu: {cpu}, {os.cpu_count()} cores",
+    cpu = isa()
+    result = {"bench": "generate --peer", "device": f"cpu: {cpu['cpu_model']}, {os.cpu_count()} cores", **cpu,
               "peer": f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ctypes C API, greedy argmax in numpy)",
               "commit": commit + (" (+ uncommitted changes under engine/kernels/bench)" if dirty else ""),
               "method": "each side in its own fresh process (peak RSS = its VmHWM; ru_maxrss would carry the parent's); "

@@ -100,8 +100,9 @@ def main(argv=None):
     for name in args.models:
         rows.append(agreement(name, args.tokens, args.peer, args.threads))
         print(rows[-1], flush=True)
-    from bench.common import device_name, write_result
-    write_result({"bench": "quality", "device": device_name("cpu"), "rows": rows}, args.out, "quality_cpu.json")
+    from bench.common import device_name, isa, write_result
+    write_result({"bench": "quality", "device": device_name("cpu"), **isa(), "rows": rows}, args.out,
+                 "quality_cpu.json")
 
 
 if __name__ == "__main__":
