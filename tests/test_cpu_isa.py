@@ -1,16 +1,19 @@
 """The CPU classes the suite lands on, without their machines: a fake /proc/cpuinfo per class drives the flag reader
-(kernels/cpu_info.py), the packed-weights check (engine/cpu_kernels.check_available) and engine/hub.py's load_model
-(`mcl main`'s fallback: tests/recipes/test_main_job.py), and the CPU record that every benchmark JSON carries
-(bench/common.py, kernels/bench.py).
+(kernels/cpu_info.py), the llama.cpp build options and wheel cache key (bench/llama_build.py), the packed-weights
+check (engine/cpu_kernels.check_available) and engine/hub.py's load_model (`mcl main`'s fallback:
+tests/recipes/test_main_job.py), and the CPU record that every benchmark JSON carries (bench/common.py,
+kernels/bench.py).
 
     python -m pytest tests/test_cpu_isa.py -q
 """
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 import kernels.cpu_info as cpu_info
+from bench import llama_build
 from engine import cpu_kernels
 from engine.errors import UserError
 
@@ -47,6 +50,51 @@ def test_isa_records_the_model_and_the_flags_present(fake_cpu, monkeypatch, tmp_
     assert cpu_info.isa()["cpu_flags"] == ["avx2", "fma", "f16c"]
     monkeypatch.setattr(cpu_info, "CPUINFO", tmp_path / "absent")     # off Linux: no flags, still a model string
     assert cpu_info.isa()["cpu_flags"] == [] and cpu_info.isa()["cpu_model"]
+
+
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+def test_llama_cpp_build_fits_the_cpu_with_amx_off(fake_cpu, cpu):
+    fake_cpu(cpu)
+    args = llama_build.cmake_args()
+    opts = dict(a.removeprefix("-D").split("=") for a in args.split())
+    assert opts["GGML_NATIVE"] == "OFF" and "march" not in args, args
+    assert opts["GGML_AMX_TILE"] == opts["GGML_AMX_INT8"] == opts["GGML_AMX_BF16"] == "OFF", args
+    flags = set(CPUS[cpu][1].split())
+    assert opts["GGML_AVX2"] == ("ON" if "avx2" in flags else "OFF"), args
+    assert opts["GGML_FMA"] == opts["GGML_F16C"] == ("ON" if "fma" in flags else "OFF"), args
+    assert opts["GGML_AVX512"] == opts["GGML_AVX512_VNNI"] == opts["GGML_AVX512_BF16"] == \
+        ("ON" if "avx512f" in flags else "OFF"), args
+    assert opts["GGML_AVX_VNNI"] == ("ON" if cpu == "xeon_amx" else "OFF"), args
+
+
+def test_a_wheel_is_keyed_by_version_python_and_cpu(fake_cpu, tmp_path):
+    dirs = {}
+    for cpu in CPUS:
+        fake_cpu(cpu)
+        dirs[cpu] = llama_build.wheel_dir("0.3.36", cache=tmp_path)
+        assert dirs[cpu] == llama_build.wheel_dir("0.3.36", cache=tmp_path)           # stable for one CPU
+    assert len(set(dirs.values())) == len(CPUS), dirs                                   # never shared by two
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert dirs["epyc_avx2"].name.startswith(f"llama_cpp_python-0.3.36-{py}-sse42+avx+avx2+bmi2+fma+f16c-")
+    assert dirs["epyc_avx2"].parent == tmp_path / "wheels"
+
+
+def test_the_version_is_the_one_pin_in_constraints(tmp_path):
+    pins = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln.lower().startswith("llama")]
+    assert pins == [f"llama_cpp_python=={llama_build.pinned_version()}"]
+    bad = tmp_path / "constraints.txt"
+    bad.write_text("numpy==2.4.6\n")
+    with pytest.raises(SystemExit, match=r"constraints.txt has no llama_cpp_python==<version> line"):
+        llama_build.pinned_version(bad)
+
+
+def test_setup_test_extra_leaves_llama_cpp_to_the_builder():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    extras = next(kw.value for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  for kw in n.keywords if kw.arg == "extras_require")
+    test = next(v for k, v in zip(extras.keys, extras.values) if k.value == "test")
+    assert not [e.value for e in test.elts if "llama" in e.value.lower()]
+    assert "bench.llama_build" in (ROOT / "scripts" / "test.sh").read_text()
 
 
 def test_packed_path_check_names_the_missing_flags(fake_cpu):
