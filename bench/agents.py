@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import device_name, write_result
+from bench.common import device_name, isa, write_result
 
 
 def main(args):
@@ -69,7 +69,7 @@ def main(args):
               flush=True)
     steps = logs["concurrent"]
     mixed = sum(1 for b in steps if len(b["adapters"]) > 1)
-    result = {"device": device_name(device), "model": name, "problems": n, "max_new_tokens": max_new,
+    result = {"device": device_name(device), **isa(), "model": name, "problems": n, "max_new_tokens": max_new,
               "strategy": "mapcoder k=1 t=1", "rows": rows,
               "speedup": round(rows[1]["wall_s"] / rows[0]["wall_s"], 3),
               "decode_steps": len(steps), "mixed_role_steps": mixed,

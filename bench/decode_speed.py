@@ -182,8 +182,8 @@ def main(argv=None):
         print(json.dumps(worker(a)))
         return
     if a.kernels:
-        from bench.common import device_name, write_result
-        write_result({"bench": "decode_speed --kernels", "device": device_name("cpu"),
+        from bench.common import device_name, isa, write_result
+        write_result({"bench": "decode_speed --kernels", "device": device_name("cpu"), **isa(),
                       "dequant_min_m": __import__("engine.cpu_kernels").cpu_kernels.DEQUANT_MIN_M,
                       "rows": kernels(a.threads)}, a.out, "kernels_cpu.json")
         return
@@ -213,8 +213,8 @@ def main(argv=None):
             row["speedup_best"] = {n: round(row["after"]["best_tok_s"][n] / row["before"]["best_tok_s"][n], 2)
                                    for n in row["after"]["tok_s"]}
         rows.append(row)
-    from bench.common import device_name, write_result
-    write_result({"bench": "decode_speed", "device": device_name("cpu"), "weights": a.weights, "rows": rows,
+    from bench.common import device_name, isa, write_result
+    write_result({"bench": "decode_speed", "device": device_name("cpu"), **isa(), "weights": a.weights, "rows": rows,
                   "omp_wait_policy": "default" if a.spin else "PASSIVE",
                   "note": "machine shared with other work: compare within a row (sides alternate), not across runs"},
                  a.out, "decode_speed_cpu.json")

@@ -16,7 +16,8 @@ leading greedy tokens before the first EOS agree (ours fp32 vs transformers fp32
 flip a near-tie, after which two continuations legitimately differ.
 Prints one JSON object as the last line: {"model", "device", "rows": [{batch, new_tokens, ours_tok_s, hf_tok_s, ratio, ...}]}.
 
-`--peer`: llama.cpp (llama-cpp-python, the `bench` extra; absent -> a one-line note, no rows) instead of transformers:
+`--peer`: llama.cpp (llama-cpp-python, built for this CPU by `python -m bench.llama_build`; absent -> a one-line
+note, no rows; a worker that crashes -> one line in the output and the JSON's "errors") instead of transformers:
 
     mcl bench generate --peer --json --out bench/results/   # -> generate_peer_cpu.json; also python -m bench.generate --peer
 
@@ -66,7 +67,7 @@ def main(args):
     import torch
     import transformers
 
-    from bench.common import device_name, write_result
+    from bench.common import device_name, isa, write_result
 
     from engine.generate import generate
     from engine.hub import load_model, model_path
@@ -126,7 +127,7 @@ def main(args):
     ghf = [theirs(hf_models["float32"], [p])[0][:len(g)] for p, g in zip(prompts, g32)]
     def same_prefix(xs, ys):
         return [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(xs, ys)]
-    result = {"model": name, "device": device_name(device), "torch": torch.__version__,
+    result = {"model": name, "device": device_name(device), **isa(), "torch": torch.__version__,
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "ours_weights": packed, "hf_weights": "fp32 (transformers dequantises the GGUF to fp32)",
               "same_greedy_tokens": g32 == ghf,
@@ -147,10 +148,15 @@ PEER_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 MIXED = {"requests": 16, "adapters": 4, "rank": 32, "new_tokens": 32}
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended mid-run: llama.cpp killed by a signal (SIGSEGV, SIGILL on a CPU its build does not
+    fit), or an exception; the message is one line and the other rows go on."""
+
+
 class _Worker:
     """One side (ours or llama.cpp) for one model, in its own fresh process (`python -m bench.generate --worker`),
-    so that its ru_maxrss is its own peak. Driven by JSON lines on stdin/stdout; stderr goes to a temp file that
-    an error quotes."""
+    so that its ru_maxrss is its own peak. Driven by JSON lines on stdin/stdout; stderr goes to a temp file whose
+    last line a WorkerDied quotes."""
 
     def __init__(self, side: str, model: str, weights: str, adapters: list[str] = ()):
         import subprocess
@@ -172,12 +178,25 @@ class _Worker:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
+            import signal
+            import subprocess
+            try:
+                rc = self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:                # stdout closed but still running: stop it
+                self.proc.kill()
+                rc = self.proc.wait()
             self.log.seek(0)
-            tail = "".join(self.log.readlines()[-15:])
-            raise RuntimeError(f"bench worker {self.side} ({self.model}) died on {msg['op']}:\n{tail}")
+            last = next((ln.strip() for ln in reversed(self.log.readlines()) if ln.strip()), "")
+            how = (f"was killed by {signal.Signals(-rc).name}" if -rc in signal.valid_signals()
+                   else f"exited with code {rc}")
+            raise WorkerDied(f"bench worker {self.side} ({self.model}) {how} on '{msg['op']}'"
+                             + (f": {last}" if last else ""))
         return json.loads(line)
 
     def close(self) -> dict:
+        if self.proc.poll() is not None:                    # died already (WorkerDied said how): nothing to ask
+            self.log.close()
+            return {"maxrss_kb": float("nan")}
         out = self.ask({"op": "rss"})
         self.proc.stdin.close()
         self.proc.wait()
@@ -209,8 +228,10 @@ def _batch1_rows(name, packed, threads_list, new_tokens, rounds) -> list[dict]:
     """Batch-1 greedy decode, ours vs llama.cpp, interleaved: round r runs prompt r on both sides at every thread
     count, the side that goes first alternating between rounds."""
     prompts = _chat_prompts(name, PROMPTS)
-    sides = {"ours": _Worker("ours", name, packed), "llama.cpp": _Worker("llama.cpp", name, packed)}
+    sides = {}
     try:
+        for s in ("ours", "llama.cpp"):
+            sides[s] = _Worker(s, name, packed)
         for w in sides.values():
             w.ask({"op": "gen", "prompt": prompts[-1], "new_tokens": 8, "threads": threads_list[0]})   # warm-up
         got = {(s, t): [] for s in sides for t in threads_list}
@@ -273,8 +294,10 @@ def _mixed_row(name, packed, threads, new_tokens, rounds, workdir: Path) -> dict
     del model
     texts = [f"{PROMPTS[i % len(PROMPTS)]} (request {i})" for i in range(n_req)]   # 16 distinct prompts
     requests = [[p, i % n_ad] for i, p in enumerate(_chat_prompts(name, texts))]
-    sides = {"ours": _Worker("ours", name, packed, peft_dirs), "llama.cpp": _Worker("llama.cpp", name, packed, gguf_files)}
+    sides = {}
     try:
+        for s, files in (("ours", peft_dirs), ("llama.cpp", gguf_files)):
+            sides[s] = _Worker(s, name, packed, files)
         for w in sides.values():
             w.ask({"op": "mixed", "requests": requests[:n_ad], "new_tokens": 4, "threads": threads})   # warm-up
         got = {s: [] for s in sides}
@@ -302,29 +325,28 @@ def _mixed_row(name, packed, threads, new_tokens, rounds, workdir: Path) -> dict
 def peer_main(args) -> dict | None:
     """`mcl bench generate --peer`: the llama.cpp rows. Returns the result dict, or None (with a note) when
     llama-cpp-python is not installed."""
+    import importlib.metadata
     import importlib.util
     import os
-    import platform
     import subprocess
     import tempfile
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("llama.cpp peer rows skipped: llama-cpp-python is not installed (pip install -e '.[bench]')")
+    if importlib.util.find_spec("llama_cpp") is None:      # found, never imported here: only the worker loads it
+        print("llama.cpp peer rows skipped: llama-cpp-python is not installed (python -m bench.llama_build)")
         return None
-    import llama_cpp
     quick = args.quick
     models = [args.model] if args.model else (PEER_MODELS[:1] if quick else PEER_MODELS)
     threads_list = [args.threads] if args.threads else [2, 1]
     new_tokens, rounds = (16, 1) if quick else (64, 3)
     packed = getattr(args, "weights", None) or "q4"
-    from bench.common import write_result
+    from bench.common import isa, write_result
     root = str(Path(__file__).resolve().parent.parent)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "kernels", "bench", ":!bench/results"],
                            capture_output=True, text=True, cwd=root).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
-    result = {"bench": "generate --peer", "device": f"cpu: {cpu}, {os.cpu_count()} cores",
-              "peer": f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ctypes C API, greedy argmax in numpy)",
+    cpu = isa()
+    llama_version = importlib.metadata.version("llama_cpp_python")
+    result = {"bench": "generate --peer", "device": f"cpu: {cpu['cpu_model']}, {os.cpu_count()} cores", **cpu,
+              "peer": f"llama.cpp via llama-cpp-python {llama_version} (ctypes C API, greedy argmax in numpy)",
               "commit": commit + (" (+ uncommitted changes under engine/kernels/bench)" if dirty else ""),
               "method": "each side in its own fresh process (peak RSS = its VmHWM; ru_maxrss would carry the parent's); "
                         "same GGUF file, same chat-templated prompt ids, same thread count; greedy, batch 1, EOS "
@@ -339,13 +361,22 @@ def peer_main(args) -> dict | None:
               + (f" --out {args.out}" if args.out else "")}
     # Written after every piece, so that a run cut short keeps what it measured; the mixed row right after the
     # first model's rows (the larger models take longest).
+    # A worker that dies (llama.cpp crashing on this CPU) costs its rows, reported as one line in "errors".
     for i, m in enumerate(models):
-        result["rows"] += _batch1_rows(m, packed, threads_list, new_tokens, rounds)
+        try:
+            result["rows"] += _batch1_rows(m, packed, threads_list, new_tokens, rounds)
+        except WorkerDied as e:
+            print(e, flush=True)
+            result.setdefault("errors", []).append(str(e))
         write_result(result, args.out, "generate_peer_cpu.json")
         if i == 0:
-            with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
-                result["mixed_adapters"] = _mixed_row(m, packed, threads_list[-1], 8 if quick else MIXED["new_tokens"],
-                                                      rounds, Path(tmp))
+            try:
+                with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
+                    result["mixed_adapters"] = _mixed_row(m, packed, threads_list[-1],
+                                                          8 if quick else MIXED["new_tokens"], rounds, Path(tmp))
+            except WorkerDied as e:
+                print(e, flush=True)
+                result.setdefault("errors", []).append(str(e))
             write_result(result, args.out, "generate_peer_cpu.json")
     return result
 

@@ -11,8 +11,9 @@ every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwi
 activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
 decode path's agreement. Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
 greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
-prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax. Writes
-quality_cpu.json.
+prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax
+(llama-cpp-python from `python -m bench.llama_build`, run in a child process: a crash there is one line,
+`llama_cpp_error`). Writes quality_cpu.json.
 """
 from __future__ import annotations
 
@@ -30,22 +31,33 @@ PROMPTS = [
 ]
 
 
-def _llama_cpp_picks(name: str, seqs, ns, threads: int) -> list[torch.Tensor]:
+def _llama_cpp_picks(name: str, seqs, ns, threads: int) -> dict:
     """llama.cpp's next-token argmax at the last n positions of each sequence (one prefill with logits for every
-    position; llama-cpp-python, the same GGUF)."""
+    position; llama-cpp-python, the same GGUF): {"0": (n,) array, ...}. Run in a child process (_peer_picks)."""
     import llama_cpp
     import numpy as np
 
     from engine.hub import model_path
     llm = llama_cpp.Llama(model_path=str(model_path(name)), n_ctx=max(map(len, seqs)) + 8, logits_all=True,
                           n_threads=threads, n_batch=512, verbose=False)
-    out = []
-    for s, n in zip(seqs, ns):
+    out = {}
+    for i, (s, n) in enumerate(zip(seqs, ns)):
         llm.reset()
         llm.eval(s)
-        out.append(torch.from_numpy(np.asarray(llm.scores[len(s) - n - 1:len(s) - 1]).argmax(-1)))
+        out[str(i)] = np.asarray(llm.scores[len(s) - n - 1:len(s) - 1]).argmax(-1)
     del llm
     return out
+
+
+def _peer_picks(name: str, seqs, ns, threads: int) -> list[torch.Tensor] | str:
+    """_llama_cpp_picks in its own process (bench/isolated.py): the picks, or one line saying why there are none
+    (llama.cpp crashed on this CPU, or is not installed)."""
+    from bench.isolated import ChildError, run_isolated
+    try:
+        got = run_isolated(_llama_cpp_picks, name, seqs, ns, threads, label="llama.cpp (llama-cpp-python)")
+    except ChildError as e:
+        return str(e)
+    return [torch.from_numpy(got[str(i)]) for i in range(len(seqs))]
 
 
 @torch.inference_mode()
@@ -82,7 +94,11 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
            "goal": 0.98, "goal_met": total >= 0.98}
     if peer:
         for k, seqs in texts.items():
-            picks = _llama_cpp_picks(name, seqs, [n_tokens] * len(seqs), threads)
+            picks = _peer_picks(name, seqs, [n_tokens] * len(seqs), threads)
+            if isinstance(picks, str):                        # one line in the row and on stdout, then go on
+                print(f"{name}: no llama.cpp agreement: {picks}", flush=True)
+                row["llama_cpp_error"] = picks
+                break
             row[f"llama_cpp_agreement_{k}_text"] = round(rate(picks, want[k]), 4)
     return row
 
@@ -100,8 +116,9 @@ def main(argv=None):
     for name in args.models:
         rows.append(agreement(name, args.tokens, args.peer, args.threads))
         print(rows[-1], flush=True)
-    from bench.common import device_name, write_result
-    write_result({"bench": "quality", "device": device_name("cpu"), "rows": rows}, args.out, "quality_cpu.json")
+    from bench.common import device_name, isa, write_result
+    write_result({"bench": "quality", "device": device_name("cpu"), **isa(), "rows": rows}, args.out,
+                 "quality_cpu.json")
 
 
 if __name__ == "__main__":

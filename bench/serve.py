@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import device_name, write_result
+from bench.common import device_name, isa, write_result
 from engine.agents.prompts import ROLES
 from engine.lora import add_adapters
 from engine.serve import Scheduler
@@ -88,7 +88,7 @@ def main(args):
     for r in out_rows:
         print(f"{r['mode']:>18}: {r['tok_s']:8.1f} tok/s  ({r['wall_s']:.1f} s, {r['new_tokens']} tokens)", flush=True)
     tps = {r["mode"]: r["tok_s"] for r in out_rows}
-    result = {"device": device_name(device), "model": name, "torch": torch.__version__, "requests": n_req,
+    result = {"device": device_name(device), **isa(), "model": name, "torch": torch.__version__, "requests": n_req,
               "n_slots": n_slots, "rows": out_rows,
               "continuous_vs_sequential": round(tps["continuous_mixed"] / tps["sequential"], 3),
               "continuous_vs_per_role": round(tps["continuous_mixed"] / tps["per_role_batches"], 3),

@@ -40,7 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import device_name, write_result
+from bench.common import device_name, isa, write_result
 from engine.data import ROLES, Batch
 from engine.lora import ALL_TARGETS, add_adapters
 from engine.trainer import AdapterAdamW, limit_cpu_heap_growth, token_losses
@@ -252,7 +252,7 @@ def main(args):
         ratios[f"{a_}_vs_{b_}"] = round(statistics.median(per_round), 3)
         per_round = [runs[b_][i]["cpu_s"] / runs[a_][i]["cpu_s"] for i in range(rounds)]
         cpu_ratios[f"{a_}_vs_{b_}"] = round(statistics.median(per_round), 3)
-    result = {"device": device_name(device), "model": name, "batch": B, "seq_len": T, "steps": steps,
+    result = {"device": device_name(device), **isa(), "model": name, "batch": B, "seq_len": T, "steps": steps,
               "rounds": rounds, "rank": rank, "targets": list(ALL_TARGETS), "rows": rows,
               "ratios": ratios, "cpu_ratios": cpu_ratios,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

@@ -1,6 +1,7 @@
 """The CPU block-quantised matmul (engine/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
 
-    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, available
+    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, check_available
+    reason = check_available()                             # None, or why the library cannot run here (one line)
     args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qmatmul.c's header)
     y = qmatmul(x, [args])                                 # x (M, K) fp32 -> y (M, N) fp32; several weights: [y1|y2]
     out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # RoPE + KV write + attention, one decode token
@@ -15,14 +16,16 @@ concurrent requests) the weights are instead dequantised tile by tile into fp32 
 whose arithmetic rate is several times the integer kernel's.
 
 The library is compiled into $MCL_CACHE/kernels/qmatmul-<sha of source and flags>.so on first use (about 2 s; needs
-gcc and an AVX2 + FMA + F16C CPU). OpenMP comes from the libgomp torch has already loaded, so both share one thread
-pool; the thread count follows torch.get_num_threads().
+gcc and an AVX2 + FMA + F16C CPU: check_available() says up front, without compiling, whether this machine has them,
+so that a caller asking for packed weights fails, or falls back, before any work). OpenMP comes from the libgomp
+torch has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -30,20 +33,35 @@ from pathlib import Path
 
 import torch
 
+from kernels.cpu_info import cpu_flags, cpu_model
+
 SRCS = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("cpu_ops.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+NEEDS = ("avx2", "fma", "f16c")                 # the CPU flags FLAGS compile for (/proc/cpuinfo's names)
 BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qmatmul.c)
 DEQUANT_MIN_M = int(os.environ.get("MCL_DEQUANT_MIN_M", 64))  # rows of x from which dequantise + SGEMM wins (--kernels)
 TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
 _LIB = None
 
 
-def _cpu_has_avx2() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+def _so_path() -> Path:
+    """Where the library of these sources and flags is (or will be) built."""
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SRCS) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mapcoder-lite")
+    return cache / "kernels" / f"qmatmul-{key}.so"
+
+
+def check_available() -> str | None:
+    """None when the library can run here; else why not, in one line: the CPU lacks a flag of NEEDS, or gcc is not
+    on PATH and the library is not built yet. Reads /proc/cpuinfo and PATH, compiles nothing (engine/hub.py's
+    load_model and `mcl main` ask before loading or training)."""
+    missing = [f for f in NEEDS if f not in cpu_flags()]
+    if missing:
+        return (f"engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one ({cpu_model()}) has no "
+                f"{', '.join(missing)}")
+    if shutil.which("gcc") is None and not _so_path().is_file():
+        return "engine/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
+    return None
 
 
 def library() -> ctypes.CDLL:
@@ -51,12 +69,12 @@ def library() -> ctypes.CDLL:
     global _LIB
     if _LIB is not None:
         return _LIB
-    if not _cpu_has_avx2():
-        raise RuntimeError("engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; load with weights='fp32' or 'bf16'")
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in SRCS) + " ".join(FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mapcoder-lite") / "kernels"
+    reason = check_available()
+    if reason:
+        raise RuntimeError(f"{reason}; load with weights='fp32'")
+    so = _so_path()
+    cache = so.parent
     cache.mkdir(parents=True, exist_ok=True)
-    so = cache / f"qmatmul-{key}.so"
     if not so.is_file():
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
         os.close(fd)

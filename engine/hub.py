@@ -206,6 +206,12 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
     if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"weights={weights!r} packs for the CPU with float32 activations; on {device.type} load "
                          f"with weights='fp32' (and dtype=bfloat16)")
+    if weights == "q4":                               # before any reading: the packed model runs only on the C kernels
+        from engine.cpu_kernels import check_available
+        reason = check_available()
+        if reason:
+            raise UserError(f"weights='q4' runs on engine/cpu_kernels.py's C library: {reason}; load with "
+                            f"weights='fp32' (--weights fp32)")
 
     path = resolve(name_or_path)
     if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout

@@ -6,7 +6,8 @@
     python -m kernels.bench --profile --out DIR           # torch.profiler per-kernel table, q_proj at T=8192 and 64
     mcl bench lora ...                                    # the same as the first two (engine/cli.py)
 
-Imports nothing of the project but kernels.multi_lora: the projection shapes are the table MODELS below.
+Imports nothing of the project but kernels.multi_lora (and kernels.cpu_info for the JSON's cpu_model / cpu_flags):
+the projection shapes are the table MODELS below.
 For every projection shape, token count T, adapter mix (even; skewed 70/20/7/3 %; tokens in shuffled order, as a
 serving batch arrives; base_only: every id -1, which isolates our GEMM's gap to cuBLAS) and pass (fwd; fwd+bwd =
 forward + grads to x, A, B with W frozen), one process times:
@@ -24,9 +25,9 @@ and roof_ms = max(flops / peak, bytes / bandwidth) against the measured ceilings
 Qwen2.5-7B decoder block's 7 projections (q, k, v, o, gate, up, down), so their ratios are FLOP-weighted totals.
 GPU: CUDA-event timings by triton.testing.do_bench (L2 flushed between reps), medians after warm-up; random inputs,
 never zero. CPU: tiny fp32 shapes and the torch paths only ("ours" = multi_lora_torch; the Triton interpreter is far
-too slow to time). With --json the last stdout line is one JSON object {"device", "torch", "triton", "ceilings",
-"rows", "block", "goals", "autotune", ...}; --out also writes it (a directory -> <dir>/lora_<device>.json,
-rewritten after every shape so a timeout keeps the rows done).
+too slow to time). With --json the last stdout line is one JSON object {"device", "cpu_model", "cpu_flags", "torch",
+"triton", "ceilings", "rows", "block", "goals", "autotune", ...}; --out also writes it (a directory ->
+<dir>/lora_<device>.json, rewritten after every shape so a timeout keeps the rows done).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels import multi_lora as ml
+from kernels.cpu_info import isa
 
 N_ADAPTERS = 4
 SKEW = (0.70, 0.20, 0.07, 0.03)
@@ -394,7 +396,7 @@ def profile(device: str, model: str, out_dir: str | None) -> dict:
     backend = "triton" if gpu or ml._INTERPRET else "torch"
     dtype, rank, Ts = (torch.bfloat16, 32, (8192, 64)) if gpu else (torch.float32, 8, (16,))
     _, _, n_in, n_out, has_bias = _shapes(model)[0]
-    result = {"op": "q_proj", "in": n_in, "out": n_out, "backend": backend, "tables": {}}
+    result = {"op": "q_proj", "in": n_in, "out": n_out, "backend": backend, **isa(), "tables": {}}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     for T in Ts:
         g = torch.Generator().manual_seed(T)
@@ -472,7 +474,7 @@ def main(args):
     timed = _timer(gpu, args.quick)
     ceil = ceilings(device)
     result = {
-        "bench": "lora", "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+        "bench": "lora", "device": device_name, **isa(), "torch": torch.__version__, "triton": triton.__version__,
         "command": " ".join(["mcl"] + sys.argv[1:]) if Path(sys.argv[0]).name == "mcl" else " ".join(sys.argv),
         "model": model, "dtype": str(dtype).removeprefix("torch."), "adapters": N_ADAPTERS, "rank": rank,
         "mixes": {"even": "T/4 tokens per adapter", "skewed": "70/20/7/3 % of tokens",
@@ -524,6 +526,10 @@ def main(args):
 
 
 def _write(path: Path, result: dict):
+    """The JSON file; every result records the CPU (kernels/cpu_info.py's isa()), so a file without is refused."""
+    missing = [k for k in isa() if k not in result]
+    if missing:
+        raise ValueError(f"kernels/bench.py _write({path.name}): no {', '.join(missing)} in the result (add **isa())")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
 
@@ -541,7 +547,7 @@ def _cli(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.ceilings:
         result = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                  "cuda": torch.version.cuda, **ceilings(device)}
+                  "cuda": torch.version.cuda, **isa(), **ceilings(device)}
         print(f"versions: torch {result['torch']}  triton {result['triton']}  cuda {result['cuda']}  "
               f"device {result['device']}")
         print(f"ceilings: copy {result['copy_gbs']} GB/s  gemm {result['gemm_tflops']} TFLOP/s ({result['dtype']})")

@@ -64,7 +64,8 @@ class MainConfig:
     device: str = ""
     dtype: str = ""
     weights: str = "q4"                         # student inference weights on the CPU (engine/quant.py): q4 keeps
-                                                # the GGUF's 4-bit blocks (~2.8x faster decode), fp32 is exact
+                                                # the GGUF's 4-bit blocks (~2.8x faster decode), fp32 is exact; q4
+                                                # without gcc or AVX2/FMA/F16C: fp32, one warning (usable_weights)
     budget_s: float = 900.0                     # the main job's promise; exceeding it is reported, not fatal
     out: str = "runs/main"
 
@@ -205,7 +206,25 @@ def log_wandb(cfg: MainConfig, results: dict, png: str | None, report: str) -> s
     return str(Path(d).parent)
 
 
+def usable_weights(cfg: MainConfig) -> MainConfig:
+    """cfg, or a copy with weights="fp32" (and one warning line) where the packed CPU path cannot run: no gcc, or a
+    CPU without AVX2 / FMA / F16C (engine.cpu_kernels.check_available). Asked before training, so that the job
+    does not train for minutes and then fail loading its student for evaluation."""
+    import torch
+    on_cpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if cfg.weights == "fp32" or not on_cpu:
+        return cfg
+    from engine.cpu_kernels import check_available
+    reason = check_available()
+    if reason is None:
+        return cfg
+    print(f"main: warning: weights={cfg.weights} unavailable ({reason}); evaluating with weights=fp32 instead",
+          file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, weights="fp32")
+
+
 def main_job(cfg: MainConfig) -> dict:
+    cfg = usable_weights(cfg)
     threads = set_threads(cfg.threads)
     t0 = time.perf_counter()
     out = Path(cfg.out)

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -c constraints.txt torch==2.13.0   # the local CPU wheel; an unpinned torch pulls CUDA
 python3 -m pip install -q -c constraints.txt -e ".[test]"
+python3 -m bench.llama_build   # llama-cpp-python at its constraints.txt pin, built for this CPU (AMX off), cached per CPU
 if [[ -n "${MCL_TRITON:-}" ]]; then
     python3 -m pip install -q "triton==${MCL_TRITON}"
 fi

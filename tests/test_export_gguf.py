@@ -8,8 +8,12 @@ metadata) llama.cpp computes in fp32 like us: base and adapted logits agree to <
 moving logits by up to ~2.5), and the same export without the Q/K row permutation is off by ~1 (so the check
 discriminates). (2) On the Q4_1 file users run, llama.cpp's 8-bit activations add their own noise: the adapted
 logits correlate > 0.99 with ours and the top-1 agrees. Skipped only when
-llama_cpp is not importable (the `test` extra installs it).
+llama_cpp is not installed (`python -m bench.llama_build` builds it for this CPU; scripts/test.sh runs that).
+llama.cpp runs in a child process (bench/isolated.py): if its native code crashes on this CPU (a SIGSEGV in
+libggml-cpu.so, a SIGILL from a wheel built for another CPU), this is one failed test naming the signal and the
+rest of the suite runs on.
 """
+import importlib.util
 import json
 
 import numpy as np
@@ -17,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.isolated import ChildError, run_isolated
 from engine.export_gguf import export_gguf, permute_rows
 from engine.hub import load_model, model_path
 from engine.lora import ALL_TARGETS, add_adapters, adapter_id, save_peft
@@ -118,14 +123,30 @@ def _f32_copy(src, dst):
     return dst
 
 
-def _llama_last_logits(llama_cpp, model_file, tokens, lora_path=None):
-    llm = llama_cpp.Llama(model_path=str(model_file), lora_path=lora_path and str(lora_path), logits_all=True,
-                          n_threads=2, n_ctx=256, verbose=False, seed=0,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(tokens)
-    out = np.array(llm.scores[len(tokens) - 1], dtype=np.float64)
-    llm.close()
+def _llama_last_logits(runs, tokens) -> dict:
+    """In the child process: llama.cpp's last-position logits for each (model file, LoRA file or None) of `runs`."""
+    import llama_cpp
+    out = {}
+    for i, (model_file, lora_path) in enumerate(runs):
+        llm = llama_cpp.Llama(model_path=str(model_file), lora_path=lora_path and str(lora_path), logits_all=True,
+                              n_threads=2, n_ctx=256, verbose=False, seed=0,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        llm.eval(tokens)
+        out[str(i)] = np.array(llm.scores[len(tokens) - 1], dtype=np.float64)
+        llm.close()
     return out
+
+
+def _llama_logits(runs, tokens) -> list[np.ndarray]:
+    """_llama_last_logits in a child process; a crash there fails this test with one line (the signal)."""
+    try:
+        got, crash = run_isolated(_llama_last_logits, runs, tokens,
+                                  label="llama.cpp (llama-cpp-python: libllama / libggml-cpu.so)"), None
+    except ChildError as e:
+        crash = str(e)
+    if crash:                                   # outside the except: no "during handling" chain in the report
+        pytest.fail(crash, pytrace=False)
+    return [got[str(i)] for i in range(len(runs))]
 
 
 def _corr(a, b):
@@ -133,10 +154,8 @@ def _corr(a, b):
 
 
 def test_llama_cpp_applies_exported_adapter_like_ours(smollm2_adapter, tmp_path, monkeypatch):
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama_cpp not importable (pip install -e '.[test]' installs llama-cpp-python)")
+    if importlib.util.find_spec("llama_cpp") is None:           # found, not imported: loading it may crash
+        pytest.skip("llama_cpp not installed (python -m bench.llama_build builds and installs it for this CPU)")
     model, tok, d = smollm2_adapter
     tokens = tok.encode(PROMPT)
     x = torch.tensor([tokens])
@@ -146,10 +165,16 @@ def test_llama_cpp_applies_exported_adapter_like_ours(smollm2_adapter, tmp_path,
     effect_ours = ours_lora - ours_base
     assert np.abs(effect_ours).max() > 1.0, "the random adapter must move the logits for this test to mean anything"
     path = export_gguf(d, tmp_path / "rand.gguf", model="smollm2-135m")
+    # The same adapter exported without the Q/K row permutation: llama.cpp must apply it wrongly (the check bites).
+    monkeypatch.setattr("engine.export_gguf.permute_rows", lambda w, n_heads: w)
+    wrong = export_gguf(d, tmp_path / "unpermuted.gguf", model="smollm2-135m")
+    monkeypatch.undo()
+    f32 = _f32_copy(model_path("smollm2-135m"), tmp_path / "smollm2-f32.gguf")
+    q41 = model_path("smollm2-135m")
+    ll_base, ll_lora, ll_wrong, q_base, q_lora = _llama_logits(
+        [(f32, None), (f32, path), (f32, wrong), (q41, None), (q41, path)], tokens)
 
     # 1. fp32 on both sides (llama.cpp on an F32 copy of the GGUF): the logits agree closely.
-    f32 = _f32_copy(model_path("smollm2-135m"), tmp_path / "smollm2-f32.gguf")
-    ll_base, ll_lora = _llama_last_logits(llama_cpp, f32, tokens), _llama_last_logits(llama_cpp, f32, tokens, path)
     base_diff, lora_diff = np.abs(ll_base - ours_base).max(), np.abs(ll_lora - ours_lora).max()
     effect_corr = _corr(effect_ours, ll_lora - ll_base)
     report = (f"fp32: max|llama.cpp - ours| base {base_diff:.2e}, adapted {lora_diff:.2e} (adapter effect up to "
@@ -158,18 +183,11 @@ def test_llama_cpp_applies_exported_adapter_like_ours(smollm2_adapter, tmp_path,
     print(report)
     assert base_diff < 1e-3 and lora_diff < 1e-3, report
     assert effect_corr > 0.9999 and ours_lora.argmax() == ll_lora.argmax(), report
-
-    # The check discriminates: the same adapter without the Q/K row permutation is applied wrongly.
-    monkeypatch.setattr("engine.export_gguf.permute_rows", lambda w, n_heads: w)
-    wrong = export_gguf(d, tmp_path / "unpermuted.gguf", model="smollm2-135m")
-    monkeypatch.undo()
-    wrong_diff = np.abs(_llama_last_logits(llama_cpp, f32, tokens, wrong) - ours_lora).max()
+    wrong_diff = np.abs(ll_wrong - ours_lora).max()
     print(f"unpermuted export: max|llama.cpp - ours| adapted {wrong_diff:.2e}")
     assert wrong_diff > 10 * lora_diff, f"unpermuted {wrong_diff:.2e} vs permuted {lora_diff:.2e}"
 
     # 2. The file as users run it, on the Q4_1 GGUF (llama.cpp's 8-bit activations add noise of their own).
-    q_base = _llama_last_logits(llama_cpp, model_path("smollm2-135m"), tokens)
-    q_lora = _llama_last_logits(llama_cpp, model_path("smollm2-135m"), tokens, path)
     q_report = (f"Q4_1: adapted logits corr {_corr(ours_lora, q_lora):.5f}, effect corr "
                 f"{_corr(effect_ours, q_lora - q_base):.4f}, top-1 {ours_lora.argmax()} / {q_lora.argmax()}")
     print(q_report)
