@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_info import cpu_flags, cpu_model
+from kernels.cpu_info import cpu_flags, cpu_model, native_bf16
 
 SRCS = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("cpu_ops.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -191,7 +191,7 @@ _TILES = threading.local()
 
 
 def gemm_dtype() -> torch.dtype:
-    """The dtype of the dequantise + GEMM path: bf16 where the CPU multiplies it natively (engine.cpu_info.native_bf16:
+    """The dtype of the dequantise + GEMM path: bf16 where the CPU multiplies it natively (kernels.cpu_info.native_bf16:
     oneDNN's AVX512-BF16 / AMX GEMM, 2.3-6.6x fp32's rate), fp32 elsewhere. MCL_GEMM_DTYPE=fp32 | bf16 overrides
     (read at each call)."""
     want = os.environ.get("MCL_GEMM_DTYPE", "")
@@ -199,7 +199,6 @@ def gemm_dtype() -> torch.dtype:
         raise ValueError(f"MCL_GEMM_DTYPE={want!r}: expected fp32 or bf16")
     if want:
         return torch.bfloat16 if want == "bf16" else torch.float32
-    from engine.cpu_info import native_bf16
     return torch.bfloat16 if native_bf16() else torch.float32
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.chunked_ce import linear_cross_entropy
-from engine.cpu_info import native_bf16
+from kernels.cpu_info import native_bf16
 from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval

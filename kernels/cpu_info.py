@@ -1,6 +1,6 @@
 """The CPU this process runs on: its model name and the x86 ISA flags our kernels and llama.cpp's build care about.
 
-    from kernels.cpu_info import cpu_model, cpu_flags, isa
+    from kernels.cpu_info import cpu_model, cpu_flags, isa, native_bf16
     isa()              # {"cpu_model": "AMD EPYC ...", "cpu_flags": ["avx2", "fma", "f16c", "avx512f", ...]}
     python -m kernels.cpu_info
 
@@ -38,6 +38,12 @@ def cpu_flags() -> frozenset[str]:
 def cpu_model() -> str:
     """/proc/cpuinfo's `model name` (e.g. 'AMD EPYC 9554 64-Core Processor'), else what platform knows."""
     return _first_cpu().get("model name") or platform.processor() or platform.machine()
+
+
+def native_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): there oneDNN's bf16 GEMM runs ~2.3x
+    (AVX512-BF16) to ~6.6x (AMX) fp32; elsewhere (AVX2 machines) bf16 is emulated and ~86x *slower* than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def isa() -> dict:

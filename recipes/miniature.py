@@ -44,7 +44,7 @@ from pathlib import Path
 
 from engine.agents.problem import Problem
 from engine.agents.prompts import ROLES
-from engine.cpu_info import cpu_info
+from kernels.cpu_info import isa
 from recipes.common import git_commit, load_config
 
 CODE = Path(__file__).resolve().parents[1]         # the code tree this command runs from
@@ -222,7 +222,7 @@ def _commit_of(tree: Path) -> str:
 
 def run_shard(cfg: MiniatureConfig, shard: Shard) -> dict:
     work = Path(cfg.work) / shard.stage / shard.name
-    machine = {"commit": git_commit(), "dirty": _dirty(CODE), **cpu_info(), "threads": cfg.threads}
+    machine = {"commit": git_commit(), "dirty": _dirty(CODE), **isa(), "logical_cpus": os.cpu_count(), "threads": cfg.threads}
     marker = work / "started.json"
     if marker.is_file():
         before = json.loads(marker.read_text())

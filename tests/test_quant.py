@@ -112,7 +112,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
 
 def test_gemm_dtype_follows_the_cpu_and_the_override(monkeypatch):
     import engine.cpu_kernels as ck
-    import engine.cpu_info as ci
+    import kernels.cpu_info as ci
     monkeypatch.delenv("MCL_GEMM_DTYPE", raising=False)
     monkeypatch.setattr(ci, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     assert ck.gemm_dtype() == torch.float32                                   # bf16 emulated: ~86x slower

@@ -92,7 +92,7 @@ def test_killed_mid_shard_resumes_without_lost_or_repeated_problems(tmp_path):
     kept = {r["id"]: r for r in records if r["arm"] == "teacher"}
     for r in before:                                                     # finished before the kill: kept as written
         assert kept[r["id"]]["code"] == r["code"] and kept[r["id"]]["wall_s"] == r["wall_s"]
-    assert meta["cpu_model"] and meta["commit"] and meta["threads"] == 1 and "isa" in meta
+    assert meta["cpu_model"] and meta["commit"] and meta["threads"] == 1 and "cpu_flags" in meta
     assert meta["arms"]["teacher"]["problems_run"] == 4 - len(before)   # the resumed process ran only the rest
 
     cfg = MiniatureConfig(student="smollm2-135m", teacher="smollm2-135m", shard_size=4, held_out=2, out=str(out),
