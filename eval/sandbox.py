@@ -65,8 +65,15 @@ pyseccomp 0.1.2):
 
 What it protects against (ns mode; "plain" keeps only the lines marked *):
   * runaway CPU: per-test SIGALRM timer, RLIMIT_CPU, and a wall-clock kill of the whole tree
-  * memory: RLIMIT_AS (`memory_bytes`), so allocation fails with MemoryError -> verdict "memory";
-    SysV shared memory is capped at the same size within the run's IPC namespace
+  * memory: RLIMIT_AS (`memory_bytes`) per process, so allocation fails with MemoryError -> verdict "memory";
+    SysV shared memory is capped at the same size within the run's IPC namespace. RLIMIT_AS is per process
+    and counts no memfd page, so the run as a whole gets one bound where the kernel gives this process a
+    cgroup (root, with cgroup v2's memory and pids controllers or v1's memory and pids hierarchies;
+    isolation()["run_memory"]; eval/sandbox_cgroup.py): every process of the run, its tmpfs and memfd pages
+    together stay under `run_memory_bytes` (default memory_bytes + 2 * disk_bytes) and nproc + 8 processes,
+    root's included; over it the kernel kills inside the run -> verdict "memory". WITHOUT a cgroup (non-root,
+    or no controllers) memfd_create is refused by seccomp, but forking still multiplies the bound: up to
+    `nproc` processes of `memory_bytes` each, plus the two tmpfs (and, as root in plain mode, no nproc limit).
   * huge files: RLIMIT_FSIZE per file; the tmpfs caps the total
   * huge output: stdout/stderr are read with a cap (`output_bytes`); beyond it the run is killed
   * leftovers: everything is SIGKILLed at the end; in a pid namespace the supervisor's exit takes
@@ -133,6 +140,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from eval.sandbox_cgroup import RunCgroup, available as cgroup_available
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 UNSHARE = ["unshare", "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
@@ -150,6 +159,8 @@ class Limits:
     disk_bytes: int = 64 << 20     # size of the private tmpfs (ns modes)
     nproc: int = 32                # processes (and threads) the program may have at once
     output_bytes: int = 4 << 20    # stdout and stderr each; beyond this the run is killed
+    run_memory_bytes: int | None = None   # the whole run, every process, tmpfs and memfd (a cgroup, where there
+                                          # is one): default memory_bytes + 2 * disk_bytes (/tmp and /dev/shm)
 
 
 @dataclass
@@ -171,6 +182,8 @@ class Execution:
     uid: int | None = None             # the sandbox uid the program ran as (None: not switched)
     tag: str = ""                      # this run's id; it is in the command line of every process it started
     setup_error: str | None = None     # the jail could not be built (not the program's fault)
+    oom_killed: bool = False           # the run's cgroup went over run_memory_bytes and the kernel killed in it
+    cgroup: bool = False               # the run was bounded by a cgroup (eval/sandbox_cgroup.py)
 
     @property
     def done(self) -> bool:
@@ -189,7 +202,7 @@ class Execution:
             return "timeout"
         if self.syntax_error:
             return "syntax_error"
-        if any(r.get("status") == "memory" for r in self.records) or "MemoryError" in self.stderr[-2000:]:
+        if self.oom_killed or any(r.get("status") == "memory" for r in self.records) or "MemoryError" in self.stderr[-2000:]:
             return "memory"
         if self.output_exceeded or self.exit_code != 0 or self.signal is not None:
             return "runtime_error"
@@ -300,7 +313,7 @@ def _jail_paths() -> list[str]:
     return out
 
 
-_bpf: bytes | None = None
+_bpf: dict[bool, bytes] = {}
 _bpf_lock = threading.Lock()
 SECCOMP_DENY = {   # syscall -> errno; the filter's default is to allow
     "socket": "EACCES",            # no new sockets of any family: host Unix-domain sockets (connect by
@@ -318,20 +331,21 @@ CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x
 SOCKETPAIR_DENIED_TYPES = (2, 3, 4, 5, 10)   # all but SOCK_STREAM (a datagram pair can sendto() a host path)
 
 
-def _seccomp_bpf() -> bytes | None:
+def _seccomp_bpf(deny_memfd: bool = False) -> bytes | None:
     """The seccomp filter, compiled once per process by libseccomp (through pyseccomp, its ctypes binding)
     into raw BPF that the child loads with one prctl. libseccomp resolves syscall numbers per
     architecture and kills other-architecture syscalls (int 0x80 from x86-64). None when the library
-    is missing: then isolation()["seccomp"] is False and the jail's root is the only barrier."""
-    global _bpf
+    is missing: then isolation()["seccomp"] is False and the jail's root is the only barrier. deny_memfd: also
+    refuse memfd_create (EPERM), for runs without a cgroup, where memfd pages would be counted by no limit."""
     with _bpf_lock:
-        if _bpf is None:
+        if deny_memfd not in _bpf:
             try:
                 import errno as E
 
                 import pyseccomp as sc
                 f = sc.SyscallFilter(sc.ALLOW)
-                for name, err in SECCOMP_DENY.items():
+                deny = dict(SECCOMP_DENY, **({"memfd_create": "EPERM", "memfd_secret": "EPERM"} if deny_memfd else {}))
+                for name, err in deny.items():
                     try:
                         f.add_rule(sc.ERRNO(getattr(E, err)), name)
                     except (OSError, ValueError, RuntimeError):
@@ -343,12 +357,12 @@ def _seccomp_bpf() -> bytes | None:
                 with tempfile.TemporaryFile() as tmp:
                     f.export_bpf(tmp)
                     tmp.seek(0)
-                    _bpf = tmp.read()
+                    _bpf[deny_memfd] = tmp.read()
             except (ImportError, OSError, AttributeError, RuntimeError) as e:
                 warnings.warn(f"eval/sandbox.py: no seccomp filter ({type(e).__name__}: {e}); "
                               "install pyseccomp and libseccomp2 (see the docstring)")
-                _bpf = b""
-        return _bpf or None
+                _bpf[deny_memfd] = b""
+        return _bpf[deny_memfd] or None
 
 
 def _acquire_slot() -> tuple[int, int]:
@@ -385,6 +399,7 @@ def isolation() -> dict:
             "ipc_namespace": ns, "uts_namespace": ns,
             "jail_root": ns,                      # allowlisted root: no repository, data, /run, host sockets
             "seccomp": _seccomp_bpf() is not None,
+            "run_memory": cgroup_available(),     # one bound for the run's memory and processes (a cgroup)
             "devices": True,                      # /dev/null, zero, full, random, urandom (plain: the host's)
             "readonly_fs": ns,                    # plain + uid_drop: only files the uid may not write
             "no_write_outside": ns or uid_drop,   # ... except world-writable directories (/tmp) in plain mode
@@ -413,6 +428,8 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
     slot = _acquire_slot() if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
     uid = UID_BASE + slot[0] if slot else None
     run_dir = tempfile.mkdtemp(prefix="mcl-sandbox-")   # 0700: the job file is unreadable to the uid
+    cg = RunCgroup.create(os.path.basename(run_dir), limits.run_memory_bytes or
+                          limits.memory_bytes + 2 * limits.disk_bytes, limits.nproc + 8)
     try:
         work = os.path.join(run_dir, "work")
         os.mkdir(work, 0o700)
@@ -425,7 +442,8 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
                     count_user_procs=m == "plain" and not root,
                     site_paths=_site_paths(), jail_root=jail_root, jail_paths=_jail_paths(),
                     hide_paths=[p for p in job.get("hide_paths", ()) if os.path.isdir(p)],
-                    seccomp_bpf=_seccomp_bpf() or b"",
+                    seccomp_bpf=_seccomp_bpf(deny_memfd=cg is None) or b"",
+                    cgroup_procs=cg.procs_files if cg else [],
                     tmpfs_size=limits.disk_bytes,
                     limits={"cpu_s": limits.cpu_s or limits.wall_s, "memory_bytes": limits.memory_bytes,
                             "file_bytes": limits.file_bytes, "nproc": limits.nproc,
@@ -453,8 +471,13 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
                 os.close(sup_w)
         ex = _collect(proc, res_r, sup_r, limits, t0, uid, m)
         ex.mode, ex.uid, ex.tag = m, uid, os.path.basename(run_dir)
+        ex.cgroup, ex.oom_killed = cg is not None, cg is not None and cg.oom_killed()
+        if ex.oom_killed and ex.setup_error:     # the OOM killer took the supervisor: the program's doing
+            ex.setup_error, ex.exit_code, ex.signal = None, None, signal.SIGKILL
         return ex
     finally:
+        if cg is not None:
+            cg.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         if slot:
             _release_slot(*slot)

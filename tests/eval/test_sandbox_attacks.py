@@ -366,3 +366,35 @@ def test_devices_are_only_the_harmless_ones():
     names = set(eval(ex.stdout))
     assert {"null", "zero", "random", "urandom"} <= names <= {"null", "zero", "full", "random", "urandom", "shm",
                                                               "fd", "stdin", "stdout", "stderr"}
+
+
+# --- one memory bound for the whole run -------------------------------------------------------------------
+
+MEMFD_HOG = ("import os\nfds = []\nb = b'\\0' * (1 << 20)\nfor i in range(40):\n    fds.append(os.memfd_create('x'))\n"
+             "    for j in range(15):\n        os.write(fds[-1], b)\nprint('held 600 MiB')\n")
+FORK_HOG = ("import os, time\nkids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        x = bytearray(150 << 20)\n        for j in range(0, len(x), 4096):\n            x[j] = 1\n"
+            "        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+            "print('held', [os.waitpid(p, 0)[1] for p in kids])\n")
+SMALL = Limits(wall_s=20, cpu_s=20, memory_bytes=256 << 20, disk_bytes=32 << 20)
+
+
+@pytest.mark.parametrize("code", [MEMFD_HOG, FORK_HOG], ids=["memfd", "fork"])
+@needs("run_memory")
+def test_the_whole_run_has_one_memory_bound(code):
+    """RLIMIT_AS is per process and counts no memfd page: 40 memfds of 15 MiB, or 4 children of 150 MiB each,
+    held 600 MiB at a 256 MiB limit. The run's cgroup (256 + 2 x 32 MiB) stops both: verdict "memory"."""
+    ex = run_program(code, limits=SMALL)
+    assert ex.cgroup and ex.failure == "memory" and "held [0, 0, 0, 0]" not in ex.stdout, (ex.stdout, ex.stderr)
+    assert "held 600" not in ex.stdout
+    assert run_program("print(sum(range(10)))", limits=SMALL).stdout == "45\n"
+
+
+def test_without_a_cgroup_memfd_is_refused(monkeypatch):
+    """Where the kernel gives no cgroup, memfd_create (counted by no limit) is refused by seccomp."""
+    import eval.sandbox_cgroup as cgroup
+    if not ISO["seccomp"]:
+        pytest.skip("no seccomp filter here")
+    monkeypatch.setattr(cgroup.RunCgroup, "create", classmethod(lambda cls, *a: None))
+    ex = run_program(MEMFD_HOG, limits=SMALL)
+    assert not ex.cgroup and "held" not in ex.stdout and "PermissionError" in ex.stderr, ex.stderr
