@@ -85,6 +85,31 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _utf8(v) -> bool:
+    """A string that is Unicode text: JSON's \\ud800 escapes give lone surrogates, which no tokenizer can encode."""
+    try:
+        v.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _strings(v, where: str = "body"):
+    """BadRequest naming the first string anywhere in v (keys too) that holds a lone surrogate."""
+    stack = [(v, where)]
+    while stack:
+        x, at = stack.pop()
+        if isinstance(x, str) and not _utf8(x):
+            raise BadRequest(f"{at} holds a lone surrogate (not Unicode text)", at)
+        if isinstance(x, dict):
+            for k, y in x.items():
+                if not _utf8(k):
+                    raise BadRequest(f"a key of {at} holds a lone surrogate (not Unicode text)", at)
+                stack.append((y, f"{at}.{k}" if at != "body" else k))
+        elif isinstance(x, list):
+            stack.extend((y, f"{at}[{i}]") for i, y in enumerate(x))
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Bytes of a POST /v1/chat/completions -> ChatRequest, or BadRequest naming the field."""
     try:
@@ -93,6 +118,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise BadRequest(f"body is not JSON: {e}") from None
     if not isinstance(req, dict):
         raise BadRequest(f"body must be a JSON object, not {type(req).__name__}")
+    _strings(req)
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
