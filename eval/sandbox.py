@@ -26,7 +26,10 @@ How a run is isolated, by mode (picked once per process, see `mode()`; MCL_SANDB
            As root it drops to the slot uid only if the interpreter is readable by other users;
            otherwise the program runs AS ROOT: it can write anywhere, signal any process, and
            RLIMIT_NPROC does not apply to root, so a fork bomb is only stopped by the wall-clock kill.
-           As a normal user it runs as that user (your files, your processes). A warning is printed.
+           As a normal user it runs as that user (your files, your processes). Chosen, it is never silent:
+           a warning (and a line on stderr) says what does not hold; detected as root with no uid to drop
+           to, it is refused (RuntimeError) unless MCL_SANDBOX_MODE=plain asks for it.
+  Slot locks (which uid a run gets) live in one place per host, /run (root) or /dev/shm, whatever TMPDIR is.
   In every mode the worker loads a seccomp filter compiled by libseccomp (`_seccomp_bpf`, through the
   pyseccomp binding; chosen over a hand-written BPF program because libseccomp resolves syscall numbers
   per architecture and kills syscalls of another ABI, e.g. int 0x80, which a hand-built filter easily
@@ -145,7 +148,16 @@ from eval.sandbox_cgroup import RunCgroup, available as cgroup_available
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 UNSHARE = ["unshare", "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
-LOCK_DIR = os.path.join(tempfile.gettempdir(), f"mcl-sandbox-slots-{os.geteuid()}")
+def _lock_dir() -> str:
+    """One fixed place per host for the slot locks, whatever TMPDIR says (two evaluations with different TMPDIRs
+    must not hand out the same uid): /run (root), else /dev/shm, else /tmp."""
+    for base in (["/run"] if os.geteuid() == 0 else []) + ["/dev/shm", "/tmp"]:
+        if os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            return os.path.join(base, f"mcl-sandbox-slots-{os.geteuid()}")
+    raise RuntimeError("eval/sandbox.py: none of /run, /dev/shm, /tmp is writable for the slot locks")
+
+
+LOCK_DIR = _lock_dir()
 SETUP_FAILED = 70          # the child's exit code when the jail itself could not be built
 
 
@@ -202,7 +214,10 @@ class Execution:
             return "timeout"
         if self.syntax_error:
             return "syntax_error"
-        if self.oom_killed or any(r.get("status") == "memory" for r in self.records) or "MemoryError" in self.stderr[-2000:]:
+        if self.oom_killed or any(r.get("status") == "memory" for r in self.records):
+            return "memory"
+        failed = self.output_exceeded or self.exit_code != 0 or self.signal is not None
+        if failed and "MemoryError" in self.stderr[-2000:]:   # (a clean exit is never judged by its stderr)
             return "memory"
         if self.output_exceeded or self.exit_code != 0 or self.signal is not None:
             return "runtime_error"
@@ -264,13 +279,21 @@ def mode() -> str:
             if forced:
                 if forced not in ("ns", "userns", "plain"):
                     raise ValueError(f"MCL_SANDBOX_MODE={forced!r}: expected ns, userns or plain")
-                _mode = forced
+                m = forced
             else:
                 candidates = ["ns", "userns"] if os.geteuid() == 0 else ["userns"]
-                _mode = next((m for m in candidates if _works(m)), "plain")
-            if _mode == "plain" and os.geteuid() == 0 and not _plain_can_drop():
-                warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
-                              "users: untrusted code will run as root with rlimits only (see the docstring)")
+                m = next((c for c in candidates if _works(c)), "plain")
+            if m == "plain":                            # never silently: say what does not hold
+                as_root = os.geteuid() == 0 and not _plain_can_drop()
+                msg = ("eval/sandbox.py: sandbox mode 'plain' (no namespaces: no jail root, no network, pid or IPC "
+                       "namespace; the host's files are visible); untrusted code will run " +
+                       ("AS ROOT with rlimits only" if as_root else "as uid " + (
+                           "600000+slot" if os.geteuid() == 0 else f"{os.geteuid()} (you)")) + " (see the docstring)")
+                if as_root and not forced:
+                    raise RuntimeError(msg + "; refused: set MCL_SANDBOX_MODE=plain to run anyway")
+                print(msg, file=sys.stderr)
+                warnings.warn(msg)
+            _mode = m
         return _mode
 
 
@@ -545,7 +568,7 @@ def _collect(proc: subprocess.Popen, res_r: int, sup_r: int, limits: Limits, t0:
 def _records(data: bytearray) -> list[dict]:
     """JSON-object lines; anything else (garbage, absurd nesting: the program may write here) is skipped."""
     out = []
-    for line in data.decode("utf-8", "replace").splitlines():
+    for line in data.decode("utf-8", "replace").split("\n"):   # not splitlines(): U+2028, U+0085 are in values
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError, MemoryError):
@@ -561,8 +584,9 @@ def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Executi
     sup = next((r for r in reversed(trusted) if r.get("supervisor") is True), None)
     setup = next((str(r["setup_error"]) for r in trusted if "setup_error" in r), None)
     stderr = bufs["err"].decode("utf-8", "replace")
-    jail_msgs = [line for line in stderr.splitlines() if line.startswith("unshare: ")]   # not the program's
-    stderr = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("unshare: "))
+    lines = stderr.split("\n")
+    jail_msgs = [line for line in lines if line.startswith("unshare: ")]   # not the program's
+    stderr = "\n".join(line for line in lines if not line.startswith("unshare: "))
     ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=stderr,
                    records=[r for r in records if "supervisor" not in r and "setup_error" not in r],
                    timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)

@@ -398,3 +398,50 @@ def test_without_a_cgroup_memfd_is_refused(monkeypatch):
     monkeypatch.setattr(cgroup.RunCgroup, "create", classmethod(lambda cls, *a: None))
     ex = run_program(MEMFD_HOG, limits=SMALL)
     assert not ex.cgroup and "held" not in ex.stdout and "PermissionError" in ex.stderr, ex.stderr
+
+
+# --- the driver's records, verdicts from stderr, slot locks, plain mode -----------------------------------------
+
+@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\u0085", "\x1c"])
+def test_line_separators_in_a_result_are_not_interference(ch):
+    """A correct program whose values hold U+2028 & co. (str.splitlines breaks records there) passes."""
+    p = P.Problem(id="t/ls", benchmark="test", description="", entry_point="f", time_limit_s=5,
+                  hidden_tests=[P.Test("assert", code=f"assert f() == {('a' + ch + 'b')!r}"),
+                                P.Test("call", input=[], expected="a" + ch + "b")])
+    r = run_tests(p, f"def f():\n    return {('a' + ch + 'b')!r}\n")
+    assert r.passed, r
+
+
+def test_memoryerror_on_stderr_of_a_correct_program_is_not_a_memory_verdict():
+    p = P.Problem(id="t/io", benchmark="test", description="", time_limit_s=5,
+                  hidden_tests=[P.Test("stdio", input="2\n", expected="4\n")])
+    code = "import sys\nprint('MemoryError', file=sys.stderr)\nprint(int(input()) * 2)\n"
+    assert run_tests(p, code).passed
+
+
+def test_slot_locks_do_not_depend_on_tmpdir(tmp_path):
+    """Two evaluations with different TMPDIRs must hand out different uids: the locks live in one place."""
+    import subprocess
+    import sys
+    dirs = set()
+    for t in ("a", "b"):
+        (tmp_path / t).mkdir()
+        out = subprocess.run([sys.executable, "-c", "import eval.sandbox as s; print(s.LOCK_DIR)"], cwd=REPO,
+                             env=dict(os.environ, TMPDIR=str(tmp_path / t)), capture_output=True, text=True)
+        dirs.add(out.stdout.strip())
+    assert len(dirs) == 1 and str(tmp_path) not in dirs.pop()
+
+
+def test_plain_mode_is_never_chosen_silently(monkeypatch, capsys):
+    import eval.sandbox as sb
+    monkeypatch.setattr(sb, "_mode", None)
+    monkeypatch.delenv("MCL_SANDBOX_MODE", raising=False)
+    monkeypatch.setattr(sb, "_works", lambda m: m == "plain")
+    monkeypatch.setattr(sb, "_plain_can_drop", lambda: False)
+    if os.geteuid() == 0:
+        with pytest.raises(RuntimeError, match="AS ROOT.*refused"):
+            sb.mode()
+        monkeypatch.setenv("MCL_SANDBOX_MODE", "plain")
+    with pytest.warns(UserWarning, match="sandbox mode 'plain'"):
+        assert sb.mode() == "plain"
+    assert "sandbox mode 'plain'" in capsys.readouterr().err
