@@ -344,7 +344,7 @@ def verify(path: str | Path) -> None:
         manifest = json.loads(mf.read_text())
         ok = isinstance(manifest, dict) and all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
                                                 for v in manifest.values())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         ok = False
     if not ok:
         raise ValueError(f"{mf}: not a manifest (a JSON object: file -> bytes, sha256)")

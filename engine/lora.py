@@ -263,6 +263,8 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{cfg_path}: JSON nested deeper than the reader allows (not a PEFT LoraConfig)") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
     for field in ("r", "lora_alpha", "target_modules"):

@@ -188,9 +188,14 @@ class Tokenizer:
         cfg = {}
         if cfg_path.is_file():
             try:
-                cfg = json.loads(cfg_path.read_text())
+                cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            except (RecursionError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_path}: not a tokenizer config ({type(e).__name__}: nested too deep or not "
+                                 f"UTF-8)") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
         elif tokenizer_config:
             raise FileNotFoundError(f"{cfg_path}: no such file")
 
@@ -216,10 +221,25 @@ class Tokenizer:
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
             if key not in meta:
                 raise ValueError(f"{source}: missing metadata key {key!r}")
-        tokens = meta["tokenizer.ggml.tokens"]
+        tokens, raw_merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        for key, v in (("tokens", tokens), ("merges", raw_merges), ("token_type", types)):
+            kind = int if key == "token_type" else str
+            bad = next((i for i, x in enumerate(v) if not isinstance(x, kind)), None) if isinstance(v, list) else -1
+            if bad is not None:
+                raise ValueError(f"{source}: metadata key 'tokenizer.ggml.{key}'" +
+                                 (f"[{bad}] = {v[bad]!r}" if bad >= 0 else f" = {type(v).__name__}") +
+                                 f": expected a list of {kind.__name__}")
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: metadata key 'tokenizer.ggml.token_type' has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
         vocab = {t: i for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(m) or m[0] not in vocab or
+                    m[1] not in vocab or m[0] + m[1] not in vocab), None)
+        if bad is not None:
+            raise ValueError(f"{source}: metadata key 'tokenizer.ggml.merges'[{bad}] = {raw_merges[bad]!r}: expected "
+                             f"'A B' where A, B and AB are tokens of the vocabulary")
         tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         _byte_level_pipeline(tk, meta.get("tokenizer.ggml.pre"), source)
         # Added tokens keep their vocabulary ids; CONTROL ones are special (skipped by decode(skip_special=True)).

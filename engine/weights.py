@@ -142,6 +142,8 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested deeper than the reader allows") from None
 
 
 def _rope_fields(d: dict, source) -> dict:

@@ -6,6 +6,8 @@ one died with MemoryError at 5.4 GB).
     python -m pytest tests/test_model_files.py -q
 """
 import json
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -108,3 +110,41 @@ def test_num_hidden_layers_beyond_the_tensors_is_refused(tmp_path, sd):
         load_hf_dir(d)
     msg = str(e.value)
     assert "model.safetensors" in msg and "num_hidden_layers = 10000000" in msg and "config.json" in msg, msg
+
+
+# --- loaders: one line naming the file, never a traceback -------------------------------------------------------
+
+@pytest.mark.parametrize("merges,needle", [
+    (["a"], "merges'[0] = 'a'"), ([5], "merges'[0] = 5"), (["a b", "x y"], "merges'[1] = 'x y'"), ("a b", "= str"),
+])
+def test_malformed_gguf_merges(merges, needle):
+    from engine.tokenizer import Tokenizer
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": merges}
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_gguf(meta, source="m.gguf")
+    assert str(e.value).startswith("m.gguf: metadata key 'tokenizer.ggml.merges") and needle in str(e.value), e.value
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "config.json", "tokenizer_config.json"])
+def test_json_nested_100k_deep_is_one_line_naming_the_file(tmp_path, sd, name):
+    from engine.lora import read_peft_config
+    from engine.tokenizer import Tokenizer
+    sys_path = tmp_path / name
+    sys_path.write_text(DEEP)
+    with pytest.raises(ValueError) as e:
+        if name == "adapter_config.json":
+            save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+            read_peft_config(tmp_path)
+        elif name == "config.json":
+            load_hf_dir(tmp_path)
+        else:
+            sys.path.insert(0, str(Path(__file__).parent / "train"))
+            from tiny_setup import byte_tokenizer
+            byte_tokenizer().save(tmp_path / "tok")
+            (tmp_path / "tok" / "tokenizer_config.json").write_text(DEEP)
+            Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json")
+    assert name in str(e.value) and "\n" not in str(e.value), e.value
