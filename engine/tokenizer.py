@@ -169,6 +169,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its byte-level string's length; added tokens too)."""
+        if not hasattr(self, "_max_token_chars"):
+            self._max_token_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tk.token_to_id(token)
 
