@@ -50,7 +50,7 @@ from engine.chunked_ce import linear_cross_entropy
 from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
-from engine.lora import ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
+from engine.lora import ADAPTER_NAME, ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,6 +80,9 @@ class LoraCfg:
     def validate(self, source: str) -> None:
         _need(bool(self.roles) and all(isinstance(r, str) and r for r in self.roles), source, "lora.roles",
               self.roles, "a non-empty list of role names")
+        bad = [r for r in self.roles if not ADAPTER_NAME.fullmatch(r)]
+        _need(not bad, source, "lora.roles", self.roles, f"plain identifiers, each also a directory name under "
+              f"adapters/ (not {bad[0]!r})" if bad else "")
         dup = sorted({r for r in self.roles if self.roles.count(r) > 1})
         _need(not dup, source, "lora.roles", self.roles, f"distinct names (repeated: {', '.join(dup)})")
         _need(self.rank > 0, source, "lora.rank", self.rank, "a positive integer")
