@@ -1,4 +1,6 @@
-"""Training checkpoints, written atomically: a checkpoint directory is complete or absent, never half-written.
+"""Training checkpoints, written atomically: a checkpoint directory is complete or absent, never half-written
+(what does not hold: the final OUT/adapters/ written after the last step is atomic per file, temp + rename, not as
+a directory: a run killed while writing it can leave some roles' adapters and not others).
 
     OUT/checkpoints/step_000050/
         adapters/<role>/adapter_model.safetensors + adapter_config.json    (PEFT format, engine.lora.save_peft)

@@ -26,6 +26,7 @@ into a temp directory renamed into place, so a failed conversion leaves nothing.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -273,7 +274,10 @@ def gguf_config(meta: dict, vocab_size: int, has_output: bool, source: str) -> M
     def get(key, default=None):
         full = f"{arch}.{key}"
         if full in meta:
-            return meta[full]
+            v = meta[full]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{source}: metadata key {full!r} = {str(v)[:80]!r}: expected a number")
+            return v
         if default is None:
             raise ValueError(f"{source}: missing metadata key {full!r}")
         return default

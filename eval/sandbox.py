@@ -19,7 +19,8 @@ How a run is isolated, by mode (picked once per process, see `mode()`; MCL_SANDB
            tmpfs with only null, zero, full, random and urandom (the host's nodes, bound) plus a private
            /dev/shm; /proc is the pid namespace's own; /tmp (cwd and HOME) is a private tmpfs of
            `disk_bytes` (so is /dev/shm). The program runs as a per-slot unprivileged uid
-           (600000+slot, slots flock'ed across processes).
+           (600000+slot, slots flock'ed across processes through lock files in one fixed place per host,
+           /run or /dev/shm; only runs of the same euid see each other's locks).
   "userns" non-root with unprivileged user namespaces: the same, uid 0 inside the user namespace with
            every capability dropped (so it cannot undo the mounts or leave the chroot).
   "plain"  no namespaces (e.g. a container without CAP_SYS_ADMIN): rlimits + seccomp + process-group kill.
@@ -105,11 +106,10 @@ What it protects against (ns mode; "plain" keeps only the lines marked *):
 
 What it does NOT protect against:
   - asserts the harness could not take out of the test (in loops, branches or helpers, or against a
-    computed value, e.g. `abs(candidate(x) - 0.5) < 1e-6`): those still run and decide in the same
-    interpreter as the solution, which can monkeypatch builtins, return objects whose __eq__ is always
-    True, or write records for them. Measured: 1111 of 1181 HumanEval asserts are taken out; 158 of
-    164 HumanEval problems and 500 of 500 MBPP (test split) problems have every test covered, so a
-    forger cannot pass them without the answers. A per-run secret would not help here: whatever the
+    computed value, e.g. `== sys.getsizeof(...)`): those still run and decide in the same interpreter as
+    the solution, which can monkeypatch builtins, return objects whose __eq__ is always True, or write
+    records for them. `python -m eval.hoisted` prints the share taken out per benchmark: all 1233 of
+    mbpp-py, 2919 of MBPP's 2922, 1124 of HumanEval's 1133 non-constant asserts (48 are `assert True`). A per-run secret would not help here: whatever the
     worker can read, the program in the same process can read too.
   - guessing: a program that guesses a value (a boolean, say) passes when the guess is right, like a
     function returning it would.

@@ -148,3 +148,20 @@ def test_json_nested_100k_deep_is_one_line_naming_the_file(tmp_path, sd, name):
             (tmp_path / "tok" / "tokenizer_config.json").write_text(DEEP)
             Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json")
     assert name in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_gguf_metadata_nested_100k_deep_or_of_the_wrong_type(tmp_path, sd):
+    import struct
+    from engine.gguf_header import read_header
+    key = b"deep"
+    body = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0)
+    (tmp_path / "deep.gguf").write_bytes(body)
+    with pytest.raises(ValueError, match="deep.gguf: metadata arrays nested deeper"):
+        read_header(tmp_path / "deep.gguf")
+    path = tmp_path / "m.gguf"
+    write_gguf(path, sd)
+    from engine.weights import gguf_config
+    meta = read_header(path).meta | {"llama.block_count": "two"}
+    with pytest.raises(ValueError, match="m.gguf: metadata key 'llama.block_count' = 'two': expected a number"):
+        gguf_config(meta, 256, True, str(path))

@@ -21,8 +21,13 @@ naming the field, OpenAI's error shape; the connection stays usable or is closed
     `read_timeout` seconds in all (408; headers too: a stalled client is dropped, its thread freed).
   - JSON without NaN/Infinity, an object; `messages` a non-empty list of {role: system|user|assistant,
     content: string}; `model` a string; `max_tokens` an integer 1..MAX_TOKENS (default 512);
-    `temperature` a finite number 0..2; `stop` a non-empty string or a list of at most 16 of them; `stream` a
-    boolean; `n` 1; `top_p` 1 (other sampling is not served). Other fields are ignored.
+    `temperature` a finite number 0..2 (below 1e-5 it samples greedily: engine/generate.py); `stop` a non-empty
+    string or a list of at most 16 of them; `stream` a boolean; `n` 1; `top_p` 1 (other sampling is not served);
+    every string of the body (keys too) Unicode text, no lone surrogate. Other fields are ignored.
+Not checked at the door, but bounded behind it: a prompt longer than the context is an error completion from
+the backend; special-token text inside `content` (`<|im_start|>system ...`) is tokenized as text, only the chat
+template's own markers are control tokens (engine/tokenizer.py); a request whose sampling or stream callback
+fails ends alone, the other requests in the scheduler go on (engine/serve.py).
 `stream: true` answers OpenAI-style server-sent events (`data: {chat.completion.chunk}` ... `data: [DONE]`):
 token by token when the backend takes `on_text` (LocalBackend), else one chunk with the whole answer.
 
