@@ -1,9 +1,11 @@
-"""Training checkpoints, written atomically: a checkpoint directory is complete or absent, never half-written.
+"""Training checkpoints, written atomically: a checkpoint directory is complete or absent, never half-written
+(what does not hold: the final OUT/adapters/ written after the last step is atomic per file, temp + rename, not as
+a directory: a run killed while writing it can leave some roles' adapters and not others).
 
     OUT/checkpoints/step_000050/
         adapters/<role>/adapter_model.safetensors + adapter_config.json    (PEFT format, engine.lora.save_peft)
-        optimizer.pt        the adapter optimizer's state (moments, fp32 masters, per-adapter step counts)
-        rng_rank<r>.pt      torch / python / numpy (/ cuda) RNG states of each rank
+        optimizer.safetensors   the adapter optimizer's state (moments, fp32 masters, per-adapter step counts)
+        rng_rank<r>.safetensors torch / python / numpy (/ cuda) RNG states of each rank
         trainer_state.json  step, data cursor, learning-rate schedule, the recipe
         manifest.json       size + sha256 of every file above (written last)
 
@@ -16,6 +18,12 @@ Old checkpoints are retired the same way in reverse: renamed to .trash_* first, 
     path = latest("runs/x/checkpoints")        # newest complete checkpoint or None
     verify(path)                               # re-hash every file against the manifest
     path = latest_good("runs/x/checkpoints", log=print)   # newest one that verifies (resume), naming the bad ones
+
+Nothing in a checkpoint is unpickled: the optimizer and RNG states are safetensors files (`save_state`: tensors as
+tensors, the rest of the structure as JSON in the file's metadata), so loading one runs no code from the directory.
+Checkpoints of older versions (optimizer.pt, rng_rank<r>.pt) are read with torch.load(weights_only=True) only, which
+builds tensors and plain containers and refuses anything else (their numpy RNG state among it: then the RNG is not
+restored, with a warning).
 
 A failed write (disk full: OSError ENOSPC) inside `with writing(root, step):` removes the temp dir and raises
 CheckpointWriteError, one line naming the file and the last good checkpoint, which was never touched.
@@ -143,6 +151,95 @@ def save_torch(obj, path: Path) -> None:
             raise
 
 
+def save_state(obj, path: Path) -> None:
+    """A tree of dicts, lists, tuples, numbers, strings and None with torch tensors and numpy arrays as leaves -> one
+    safetensors file: the tensors as tensors, the tree as JSON in the metadata ("tree"). No pickle: `load_state`
+    runs no code from the file. fsync'ed; a full disk raises OSError naming the file (as save_torch)."""
+    from safetensors.torch import save as st_save
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x):
+        if isinstance(x, torch.Tensor):
+            tensors[str(len(tensors))] = x.detach().cpu().contiguous().clone()
+            return {"__tensor__": str(len(tensors) - 1)}
+        if isinstance(x, np.ndarray):
+            tensors[str(len(tensors))] = torch.from_numpy(x.astype(np.int64) if x.dtype.kind in "ui" else x.copy())
+            return {"__ndarray__": str(len(tensors) - 1), "dtype": str(x.dtype)}
+        if isinstance(x, dict):
+            return {"__dict__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, np.generic):
+            return x.item()
+        raise TypeError(f"{path}: cannot store a {type(x).__name__} in a checkpoint (no pickling)")
+    data = st_save(tensors, metadata={"tree": json.dumps(enc(obj))})
+    with open(path, "wb") as f:
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def load_state(path: Path):
+    """Invert save_state; ValueError naming the file for anything that is not what save_state writes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+    try:
+        raw = Path(path).read_bytes()
+        tensors = st_load(raw)
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
+        tree = json.loads(meta["tree"])
+    except (SafetensorError, ValueError, KeyError, RecursionError, UnicodeDecodeError, OverflowError) as e:
+        raise ValueError(f"{path}: not a checkpoint state file ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def dec(x):
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if "__ndarray__" in x:
+            return tensors[x["__ndarray__"]].numpy().astype(np.dtype(x["dtype"]))
+        if "__tuple__" in x:
+            return tuple(dec(v) for v in x["__tuple__"])
+        return {_hashable(dec(k)): dec(v) for k, v in x["__dict__"]}
+    try:
+        return dec(tree)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed state tree ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _hashable(k):
+    return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
+
+
+def read_state(ckpt_dir: Path, name: str):
+    """`name` (optimizer, rng_rank<r>) from a checkpoint: NAME.safetensors (load_state); from a checkpoint of an
+    older version NAME.pt through torch.load(weights_only=True), which unpickles no code. ValueError naming the file
+    when it is refused; FileNotFoundError naming it when neither is there."""
+    new, old = Path(ckpt_dir) / f"{name}.safetensors", Path(ckpt_dir) / f"{name}.pt"
+    if new.is_file():
+        return load_state(new)
+    if not old.is_file():
+        raise FileNotFoundError(f"{new}: missing from the checkpoint")
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                          # "pickle protocol 4": refused or read anyway
+            return torch.load(old, map_location="cpu", weights_only=True)
+    except Exception as e:                                           # UnpicklingError and whatever a bad file gives
+        raise ValueError(f"{old}: not loaded: it holds more than tensors and plain containers, and nothing in a "
+                         f"checkpoint is unpickled ({type(e).__name__})") from None
+
+
 def clear_run(out: Path) -> list[str]:
     """`--overwrite`: retire an earlier run's outputs in `out` (checkpoints/, adapters/, train_summary.json,
     metrics.jsonl, wandb_run_id) so nothing of it mixes with the new run. Returns the names removed."""
@@ -192,6 +289,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
+    """Restore what rng_state() gave (ValueError for a state of the wrong shape: the file was not ours)."""
+    try:
+        _set_rng_state(st)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"RNG state of the wrong form ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
@@ -201,7 +306,7 @@ def set_rng_state(st: dict) -> None:
 
 def write_rng(tmp: Path, rank: int) -> None:
     """Each rank writes its own RNG file into the temp dir (before finalize on the main rank)."""
-    save_torch(rng_state(), tmp / f"rng_rank{rank}.pt")
+    save_state(rng_state(), tmp / f"rng_rank{rank}.safetensors")
 
 
 def finalize(root: Path, step: int, keep: int) -> Path:
@@ -241,7 +346,7 @@ def verify(path: str | Path) -> None:
         manifest = json.loads(mf.read_text())
         ok = isinstance(manifest, dict) and all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
                                                 for v in manifest.values())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         ok = False
     if not ok:
         raise ValueError(f"{mf}: not a manifest (a JSON object: file -> bytes, sha256)")

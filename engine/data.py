@@ -18,7 +18,8 @@ on assistant content tokens and their closing <|im_end|>), so the loss sees only
 Next-token targets: tokens = ids[:-1], targets = ids[1:], loss_mask = mask[1:].
 
 Over-long examples keep their first `max_len` tokens and are counted (`LoadStats.truncated`); an example
-whose assistant tokens are all cut off is dropped and counted (`LoadStats.dropped`).
+whose assistant tokens are all cut off is dropped and counted (`LoadStats.dropped`). The characters are capped
+before tokenising (`cap_chars`), so one huge line costs what max_len tokens cost.
 
 Sampling is a pure function of (seed, cursor): each role's stream is a fresh permutation per epoch,
 drawn from numpy's PCG64 seeded with (seed, role, epoch), so `state_dict()` is a handful of integers and
@@ -78,6 +79,10 @@ def parse_line(line: str, where: str, roles) -> tuple[str, list[dict]]:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+    except ValueError as e:                     # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{where}: unreadable JSON: {str(e).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested deeper than the reader allows") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object with fields 'role' and 'messages', got {type(obj).__name__}")
     if "role" not in obj:
@@ -97,6 +102,11 @@ def parse_line(line: str, where: str, roles) -> tuple[str, list[dict]]:
             raise _field_error(where, f"messages[{i}].role", f"{m.get('role')!r}; expected one of {list(CHAT_ROLES)}")
         if not isinstance(m.get("content"), str):
             raise _field_error(where, f"messages[{i}].content", "missing or not a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _field_error(where, f"messages[{i}].content", f"a lone surrogate at character {e.start} "
+                               f"(\\u{ord(m['content'][e.start]):04x} escapes half of a pair): not Unicode text") from None
     if not any(m["role"] == "assistant" for m in msgs):
         raise _field_error(where, "messages", "no assistant turn: nothing to train on")
     return role, msgs
@@ -134,10 +144,13 @@ def load_sft(path: str | Path, tok, roles=ROLES, max_len: int = 2048, rows=None)
     rows = read_sft(path, roles) if rows is None else rows
     stats = LoadStats(per_role={r: 0 for r in roles})
     examples = []
+    per_token = getattr(tok, "max_token_chars", None)
+    cap = max_len * (per_token + 1) + 4096 if per_token else None
     for where, role, msgs in rows:
+        msgs, cut = cap_chars(msgs, cap)
         ids, mask = tok.chat_ids_and_mask(msgs)
         ids, mask = list(ids), list(mask)
-        truncated = len(ids) > max_len
+        truncated = len(ids) > max_len or cut
         if truncated:
             ids, mask = ids[:max_len], mask[:max_len]
             stats.truncated += 1
@@ -151,6 +164,22 @@ def load_sft(path: str | Path, tok, roles=ROLES, max_len: int = 2048, rows=None)
     if not examples:
         raise ValueError(f"{path}: no usable examples (dropped {stats.dropped} whose assistant turn fell past max_len)")
     return SFTData(examples, roles, stats)
+
+
+def cap_chars(msgs: list[dict], cap: int | None) -> tuple[list[dict], bool]:
+    """The conversation cut to `cap` characters of content (later turns dropped, the last one kept cut) BEFORE it
+    is tokenised: a 50 MB line would otherwise be tokenised whole (11 GB, 89 s) to keep max_len tokens. load_sft's
+    cap, max_len x (the longest token's characters + 1) + 4096, is beyond where the first max_len tokens end.
+    Returns (messages, whether anything was cut)."""
+    if cap is None or sum(len(m["content"]) for m in msgs) <= cap:
+        return msgs, False
+    out, left = [], cap
+    for m in msgs:
+        if left <= 0:
+            break
+        out.append(dict(m, content=m["content"][:left]))
+        left -= len(m["content"])
+    return out, True
 
 
 def split_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -32,25 +32,47 @@ class SamplingParams:
     top_p: float = 1.0             # 1 = off
 
 
+GREEDY_BELOW = 1e-5     # temperatures below this sample greedily: logits / 1e-300 overflow, and softmax gives NaN
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). Greedy rows take argmax; others temperature / top-k / top-p with their own
-    seeded generator, so a request's samples do not depend on what else is in the batch."""
+    """logits (B, V) -> next ids (B,). Greedy rows (temperature < GREEDY_BELOW, NaN included) take argmax; others
+    temperature / top-k / top-p with their own seeded generator, so a request's samples do not depend on what else
+    is in the batch. A row whose probabilities come out non-finite or all zero (NaN logits, overflow) falls back to
+    the argmax of its finite logits instead of raising, so one request's parameters never fail the batch."""
     out = logits.argmax(-1)
     for i, p in enumerate(params):
-        if p.temperature <= 0:
+        if not p.temperature >= GREEDY_BELOW:
             continue
-        l = logits[i].float() / p.temperature                              # (V,)
-        if p.top_k > 0:
-            kth = torch.topk(l, min(p.top_k, l.numel())).values[-1]
-            l = l.masked_fill(l < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_l, idx = torch.sort(l, descending=True)
-            cum = sorted_l.softmax(-1).cumsum(-1)
-            drop = cum - sorted_l.softmax(-1) > p.top_p                     # keep the smallest set reaching top_p
-            l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-        probs = l.softmax(-1)
-        out[i] = torch.multinomial(probs, 1, generator=generators[i]).item()
+        out[i] = sample_row(logits[i], p, generators[i])
     return out
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One row (V,) -> one id, sampled with temperature / top-k / top-p (see sample)."""
+    l = logits.float() / p.temperature                                     # (V,)
+    if p.top_k > 0:
+        kth = torch.topk(l, min(p.top_k, l.numel())).values[-1]
+        l = l.masked_fill(l < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_l, idx = torch.sort(l, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > p.top_p                         # keep the smallest set reaching top_p
+        l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    probs = l.softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(logits.float().nan_to_num(nan=float("-inf")).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """ValueError naming the field unless temperature is finite >= 0, top_k an int >= 0 and 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, not {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, not {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], not {top_p!r}")
 
 
 # --- model steps -------------------------------------------------------------------------------

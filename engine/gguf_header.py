@@ -146,6 +146,8 @@ def read_header(path) -> GGUFHeader:
             return _parse(f, os.fstat(f.fileno()).st_size)
         except _Bad as e:
             raise ValueError(f"{path}: {e}") from None
+        except RecursionError:                             # arrays of arrays of ... nested 100k deep
+            raise ValueError(f"{path}: metadata arrays nested deeper than the reader allows") from None
 
 
 if __name__ == "__main__":

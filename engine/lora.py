@@ -159,11 +159,23 @@ class AdapterSpec:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name) -> None:
+    """An adapter (role) name is also a directory name (adapters/<role>/): a plain identifier (letters, digits, _ and
+    -, 64 at most), never a path such as '../../x' or '/abs'. ValueError naming it otherwise."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter name {name!r}: expected a plain identifier (letters, digits, '_', '-'; "
+                         f"starting with a letter or '_'), not a path")
+
+
 def add_adapters(model: nn.Module, names, rank: int | dict = 32, alpha: float | dict | None = None,
                  targets=ALL_TARGETS, seed: int = 0, freeze_base: bool = True) -> list[AdapterSpec]:
     """Attach new adapters (appended after existing ones; id = position in model.adapter_names)."""
     specs = list(getattr(model, "adapter_specs", []))
     for name in names:
+        check_adapter_name(name)
         if name in model.adapter_names:
             raise ValueError(f"adapter {name!r} already exists")
         r = rank[name] if isinstance(rank, dict) else rank
@@ -263,6 +275,8 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{cfg_path}: JSON nested deeper than the reader allows (not a PEFT LoraConfig)") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
     for field in ("r", "lora_alpha", "target_modules"):

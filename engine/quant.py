@@ -371,7 +371,7 @@ def load_gguf_packed(path, header=None, dense_fallback: bool = False):
     dense); so does a file shorter than its header says, before any weight is read."""
     from engine.gguf_header import read_header
     from engine.model import Transformer
-    from engine.weights import gguf_config
+    from engine.weights import check_gguf_tensors, gguf_config
     source = str(path)
     header = header or read_header(path)
     meta, tensors = header.meta, header.tensors
@@ -384,6 +384,7 @@ def load_gguf_packed(path, header=None, dense_fallback: bool = False):
         raise ValueError(f"{source}: no tensor token_embd.weight")
     cfg = gguf_config(meta, vocab_size=int(shapes["token_embd.weight"][1]), has_output="output.weight" in shapes,
                       source=source)
+    check_gguf_tensors(cfg, [(t.name, t.tensor_type.name, t.shape) for t in tensors], source)   # before building
     with torch.device("meta"):
         model = Transformer(cfg)
     small, stats = {}, {"weights": "q4", "packed": {}}

@@ -11,6 +11,10 @@ them (several prompts in one batch, long prompts in chunks of `prefill_chunk` to
 one token for every running request in ONE batch whose rows carry different adapter ids (the fused
 multi-LoRA kernel on CUDA), (4) sample, check stops, free the slots of finished requests at once so the
 next step refills them. Results go back through concurrent.futures.Future; `on_token` streams.
+What belongs to one request fails only that request: sampling parameters are checked at submit (tiny
+temperatures sample greedily, a non-finite row falls back to argmax), a row whose sampling or on_token raises
+gets the exception and the batch goes on. Only a failure of the batched forward itself fails every request in
+flight (a bad prompt id, the one way a request could cause that, is refused at submit).
 
 Automatic prefix caching (as vLLM's automatic prefix caching and SGLang's radix cache do, without blocks):
 every slot remembers the prompt whose keys/values it holds -- while its request runs and after it finishes,
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.generate import SamplingParams, decode_one, prefill, sample
+from engine.generate import SamplingParams, check_sampling, decode_one, prefill, sample
 from engine.kv_cache import KVCache
 
 
@@ -108,11 +112,16 @@ class Scheduler:
     # --- submitting ------------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_strings=(), on_token=None) -> Future:
-        """Queue a request; raises ValueError at once for an unknown adapter or a prompt that cannot fit.
-        adapter: a loaded adapter's name, its id (int; -1 = base) or None (base)."""
+        """Queue a request; raises ValueError at once for an unknown adapter, a prompt that cannot fit or sampling
+        parameters out of range. adapter: a loaded adapter's name, its id (int; -1 = base) or None (base)."""
+        check_sampling(temperature, top_k, top_p)
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("empty prompt")
+        V = self.model.cfg.vocab_size
+        for i, t in enumerate(prompt):                  # one bad id would fail the whole batch's forward
+            if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t < V:
+                raise ValueError(f"prompt token {i} ({t!r}) is not an integer id in 0..{V - 1}")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens "
                              "(prompt + at least one new token)")
@@ -263,23 +272,51 @@ class Scheduler:
         return torch.tensor([r.adapter_id for r in reqs], device=self.device)
 
     def _accept(self, reqs, logits):
-        """Sample one token per request; finish the ones that stop."""
-        nxt = sample(logits.float(), [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        """Sample one token per request; finish the ones that stop. What belongs to one request (its sampling,
+        its on_token callback) fails only that request: the others in the batch go on."""
+        logits = logits.float()
+        try:
+            nxt = sample(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        except Exception:                               # find the row(s) at fault; sample the others alone
+            nxt = []
+            for i, r in enumerate(reqs):
+                try:
+                    nxt.append(int(sample(logits[i:i + 1], [r.params], [r.generator])[0]))
+                except Exception as e:
+                    nxt.append(e)
         now = time.perf_counter()
         for r, t in zip(reqs, nxt):
+            if isinstance(t, Exception):
+                self._fail(r, t)
+                continue
             if not r.out:
                 r.t_first = now
             if t in self.eos:
                 self._finish(r, "stop")
                 continue
             r.out.append(t)
-            if r.on_token is not None:
-                r.on_token(t)
-            if r.stop_strings and _stops(self.tok, r.out, r.stop_strings):
-                self._finish(r, "stop")
+            try:
+                if r.on_token is not None:
+                    r.on_token(t)
+                if r.stop_strings and _stops(self.tok, r.out, r.stop_strings):
+                    self._finish(r, "stop")
+                    continue
+            except Exception as e:
+                self._fail(r, e)
                 continue
             if len(r.out) >= r.budget:
                 self._finish(r, "length")
+
+    def _fail(self, r: _Request, e: Exception):
+        """End one request with an exception; its slot is freed and its rows forgotten by the prefix cache."""
+        if r.slot >= 0 and self.running.get(r.slot) is r:
+            del self.running[r.slot]
+            self.free.append(r.slot)
+            self.owner[r.slot] = None
+        self.by_future.pop(id(r.future), None)
+        self.stats["failed"] += 1
+        if not r.future.done():
+            r.future.set_exception(e)
 
     def _finish(self, r: _Request, reason: str):
         if r.slot >= 0 and self.running.get(r.slot) is r:

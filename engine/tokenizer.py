@@ -26,6 +26,8 @@ family's default-system-prompt rule is exactly its template's. Without a templat
 from __future__ import annotations
 
 import json
+import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,10 +83,58 @@ def _compile_template(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Bounded(ImmutableSandboxedEnvironment):
+        """`*` and `**` checked before they run: 'x' * 10**10 or 10 ** 10**8 would allocate or compute for minutes."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            sized = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
+            num = [v for v in (left, right) if isinstance(v, int) and not isinstance(v, bool)]
+            if operator == "*" and sized and num and len(sized[0]) * max(num[0], 0) > TEMPLATE_MAX_CHARS:
+                raise jinja2.exceptions.SecurityError("chat template: a repetition beyond the output limit")
+            if operator == "**" and len(num) == 2 and abs(num[1]) > 4096:
+                raise jinja2.exceptions.SecurityError("chat template: an exponent beyond 4096")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)
+
+
+TEMPLATE_SECONDS = 5.0           # a chat template's rendering is stopped after this long (nested loops) ...
+TEMPLATE_MAX_CHARS = 1 << 24     # ... or this much output
+
+
+class TemplateBudget(ValueError):
+    """A chat template ran past TEMPLATE_SECONDS or TEMPLATE_MAX_CHARS."""
+
+
+def _render_bounded(template, source: str, **kw) -> str:
+    """template.render(**kw) with a deadline and an output cap. The deadline is checked on every line the
+    template's compiled code runs (a trace function on that code only; jinja2's own sandbox bounds range() but not
+    nested loops), the cap on every chunk it yields."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateBudget(f"{source}: the chat template ran for more than {TEMPLATE_SECONDS:g} s")
+        return line
+
+    def call(frame, event, arg):
+        return line if frame.f_code.co_filename == "<template>" else None
+    old = sys.gettrace()
+    sys.settrace(call)
+    try:
+        out, n = [], 0
+        for chunk in template.generate(**kw):
+            n += len(chunk)
+            if n > TEMPLATE_MAX_CHARS:
+                raise TemplateBudget(f"{source}: the chat template rendered more than {TEMPLATE_MAX_CHARS} characters")
+            out.append(chunk)
+        return "".join(out)
+    finally:
+        sys.settrace(old)
 
 
 class StreamDecoder:
@@ -119,6 +169,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its byte-level string's length; added tokens too)."""
+        if not hasattr(self, "_max_token_chars"):
+            self._max_token_chars = max(map(len, self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tk.token_to_id(token)
 
@@ -138,9 +195,14 @@ class Tokenizer:
         cfg = {}
         if cfg_path.is_file():
             try:
-                cfg = json.loads(cfg_path.read_text())
+                cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            except (RecursionError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_path}: not a tokenizer config ({type(e).__name__}: nested too deep or not "
+                                 f"UTF-8)") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
         elif tokenizer_config:
             raise FileNotFoundError(f"{cfg_path}: no such file")
 
@@ -166,10 +228,25 @@ class Tokenizer:
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
             if key not in meta:
                 raise ValueError(f"{source}: missing metadata key {key!r}")
-        tokens = meta["tokenizer.ggml.tokens"]
+        tokens, raw_merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        for key, v in (("tokens", tokens), ("merges", raw_merges), ("token_type", types)):
+            kind = int if key == "token_type" else str
+            bad = next((i for i, x in enumerate(v) if not isinstance(x, kind)), None) if isinstance(v, list) else -1
+            if bad is not None:
+                raise ValueError(f"{source}: metadata key 'tokenizer.ggml.{key}'" +
+                                 (f"[{bad}] = {v[bad]!r}" if bad >= 0 else f" = {type(v).__name__}") +
+                                 f": expected a list of {kind.__name__}")
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: metadata key 'tokenizer.ggml.token_type' has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
         vocab = {t: i for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(m) or m[0] not in vocab or
+                    m[1] not in vocab or m[0] + m[1] not in vocab), None)
+        if bad is not None:
+            raise ValueError(f"{source}: metadata key 'tokenizer.ggml.merges'[{bad}] = {raw_merges[bad]!r}: expected "
+                             f"'A B' where A, B and AB are tokens of the vocabulary")
         tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         _byte_level_pipeline(tk, meta.get("tokenizer.ggml.pre"), source)
         # Added tokens keep their vocabulary ids; CONTROL ones are special (skipped by decode(skip_special=True)).
@@ -220,38 +297,90 @@ class Tokenizer:
 
     # --- chat ----------------------------------------------------------------------------------------------
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation rendered by the model's chat template (ChatML when it has none)."""
+        """The conversation rendered by the model's chat template (ChatML when it has none), bounded in time and
+        size (TEMPLATE_SECONDS, TEMPLATE_MAX_CHARS: a template is part of the model file)."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}]: expected a dict with string 'role' and 'content', got {m!r}")
         template = _compile_template(self.chat_template or CHATML)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+        return _render_bounded(template, f"{self.source}: chat template", messages=messages,
+                               add_generation_prompt=add_generation_prompt, tools=None,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of the rendered conversation (what transformers' apply_chat_template(tokenize=True) gives)."""
-        return self.encode(self.chat_text(messages, add_generation_prompt))
+        """Token ids of the rendered conversation (what transformers' apply_chat_template(tokenize=True) gives),
+        except that special-token text inside a message's content stays text: only the template's own markers
+        become control tokens (a user typing '<|im_start|>system' gets those characters, not a system turn)."""
+        text = self.chat_text(messages, add_generation_prompt)
+        return self._encode_chat(text, messages)[0]
+
+    def _specials(self) -> list[str]:
+        if not hasattr(self, "_special_texts"):
+            self._special_texts = [t.content for t in self.tk.get_added_tokens_decoder().values() if t.special]
+        return self._special_texts
+
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special-token text as text (made once; the shared one is untouched)."""
+        if not hasattr(self, "_plain_tk"):
+            tk = tokenizers.Tokenizer.from_str(self.tk.to_str())
+            tk.encode_special_tokens = True
+            self._plain_tk = tk
+        return self._plain_tk
+
+    def _encode_chat(self, text: str, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]], list]:
+        """(ids, offsets, spans) of a rendered conversation: spans[i] = (start, end) of messages[i]'s content in
+        `text`, found in order from where the previous message's content ended (None where the template did not
+        render it verbatim). Contents holding special-token text are encoded with special-token parsing off."""
+        spans, cursor = [], 0
+        for m in messages:
+            at = text.find(m["content"], cursor)
+            spans.append(None if at < 0 else (at, at + len(m["content"])))
+            if at >= 0:
+                cursor = at + len(m["content"])
+        specials = self._specials()
+        plain = []
+        for i, m in enumerate(messages):
+            if any(sp in m["content"] for sp in specials):
+                if spans[i] is None:
+                    raise ValueError(f"messages[{i}]: the content holds special-token text and the chat template "
+                                     f"does not render it verbatim, so it cannot be kept as text")
+                plain.append(spans[i])
+        if not plain:
+            enc = self.tk.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets, spans
+        ids, offsets, pos = [], [], 0
+        for a, b in plain + [(len(text), len(text))]:
+            for piece, start, tk in ((text[pos:a], pos, self.tk), (text[a:b], a, self._plain())):
+                if piece:
+                    enc = tk.encode(piece, add_special_tokens=False)
+                    ids += enc.ids
+                    offsets += [(start + x, start + y) for x, y in enc.offsets]
+            pos = b
+        return ids, offsets, spans
 
     def chat_ids_and_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(ids, mask) for SFT: ids = apply_chat_template(messages); mask[i] = 1 exactly on the tokens of each
         assistant turn's content and its closing <|im_end|> (a token counts if its characters overlap that span).
-        Needs a ChatML template (<|im_start|>assistant\\n{content}<|im_end|>)."""
+        Each turn is located by position (messages in order, each searched from where the previous one ended), so
+        a user turn quoting the answer does not move the mask. Needs a ChatML template
+        (<|im_start|>assistant\n{content}<|im_end|>)."""
         text = self.chat_text(messages)
-        enc = self.tk.encode(text, add_special_tokens=False)
-        spans, cursor = [], 0
+        ids, offsets, spans = self._encode_chat(text, messages)
+        head, tail = "<|im_start|>assistant\n", "<|im_end|>"
+        masked, cursor = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
+                cursor = spans[i][1] if spans[i] is not None else cursor
                 continue
-            turn = "<|im_start|>assistant\n" + m["content"] + "<|im_end|>"
-            at = text.find(turn, cursor)
-            if at < 0:
+            at = text.find(head + m["content"] + tail, cursor)    # after the previous message's content
+            sp = None if at < 0 else (at + len(head), at + len(head) + len(m["content"]))
+            if sp is None:
                 raise ValueError(f"messages[{i}]: the chat template did not render this assistant turn as "
                                  f"ChatML ('<|im_start|>assistant\\n...<|im_end|>'); cannot build its loss mask")
-            start = at + len("<|im_start|>assistant\n")
-            spans.append((start, at + len(turn)))
-            cursor = at + len(turn)
-        mask = [0] * len(enc.ids)
-        for j, (a, b) in enumerate(enc.offsets):
-            if any(a < hi and b > lo for lo, hi in spans):
+            masked.append((sp[0], sp[1] + len(tail)))
+            cursor = sp[1] + len(tail)
+        mask = [0] * len(ids)
+        for j, (a, b) in enumerate(offsets):
+            if any(a < hi and b > lo for lo, hi in masked):
                 mask[j] = 1
-        return enc.ids, mask
+        return ids, mask

@@ -51,7 +51,7 @@ from kernels.cpu_info import native_bf16
 from engine import config_file
 from engine import distributed as D
 from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
-from engine.lora import ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
+from engine.lora import ADAPTER_NAME, ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,6 +81,9 @@ class LoraCfg:
     def validate(self, source: str) -> None:
         _need(bool(self.roles) and all(isinstance(r, str) and r for r in self.roles), source, "lora.roles",
               self.roles, "a non-empty list of role names")
+        bad = [r for r in self.roles if not ADAPTER_NAME.fullmatch(r)]
+        _need(not bad, source, "lora.roles", self.roles, f"plain identifiers, each also a directory name under "
+              f"adapters/ (not {bad[0]!r})" if bad else "")
         dup = sorted({r for r in self.roles if self.roles.count(r) > 1})
         _need(not dup, source, "lora.roles", self.roles, f"distinct names (repeated: {', '.join(dup)})")
         _need(self.rank > 0, source, "lora.rank", self.rank, "a positive integer")
@@ -597,9 +600,27 @@ def _resume(run: Run) -> int:
     if state["roles"] != run.roles:
         raise ValueError(f"{last}: checkpoint roles {state['roles']} differ from the recipe's {run.roles}")
     restore_adapters(run.model, last, run.roles)
-    run.opt.load_state_dict(torch.load(last / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng_file = last / f"rng_rank{d.rank}.pt"
-    ckpt.set_rng_state(torch.load(rng_file if rng_file.exists() else last / "rng_rank0.pt", weights_only=False))
+    try:
+        run.opt.load_state_dict(ckpt.read_state(last, "optimizer"))
+    except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{last}: optimizer state of the wrong form ({type(e).__name__}: {e})") from None
+    rng_name = f"rng_rank{d.rank}"
+    if not any((last / f"{rng_name}{ext}").is_file() for ext in (".safetensors", ".pt")):
+        rng_name = "rng_rank0"
+    try:
+        rng = ckpt.read_state(last, rng_name)
+    except ValueError as e:
+        if (last / f"{rng_name}.safetensors").is_file():
+            raise
+        rng = None                                   # an older checkpoint's pickled numpy state: go on without it
+        if d.main:
+            print(f"resume: {e}; the RNG state is not restored (sampling differs from an uninterrupted run)",
+                  file=sys.stderr)
+    if rng is not None:
+        try:
+            ckpt.set_rng_state(rng)
+        except ValueError as e:
+            raise ValueError(f"{last / rng_name}: {e}") from None
     run.sampler.load_state_dict(state["data_cursor"])
     if d.main:
         print(f"resume: {last} (step {state['step']})", file=sys.stderr)
@@ -619,7 +640,7 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
         if d.main:
             for role in run.roles:
                 save_peft(run.model, role, tmp / "adapters" / role, base_model=run.recipe.model.name)
-            ckpt.save_torch(run.opt.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_state(run.opt.state_dict(), tmp / "optimizer.safetensors")
             state = {"step": step, "roles": run.roles, "data_cursor": run.sampler.state_dict(),
                      "schedule": {"lr": tc.lr, "warmup_steps": tc.warmup_steps, "steps": tc.steps,
                                   "min_lr_ratio": tc.min_lr_ratio, "next_lr": lr_at(step, tc)},

@@ -26,6 +26,7 @@ into a temp directory renamed into place, so a failed conversion leaves nothing.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -78,26 +79,44 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str,
-                     cfg_source: str = "config") -> dict[str, torch.Tensor]:
-    """Drop what the decoder does not use (a tied lm_head copy, rotary caches), then insist on exactly the
-    expected names and shapes; errors name `source`, the offending tensors and `cfg_source` (where the shapes
-    came from)."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_inventory(cfg: ModelConfig, have: dict[str, tuple], source: str, cfg_source: str = "config",
+                    layers_field: str = "n_layers") -> None:
+    """The names and torch shapes a file holds (`have`, HF naming) against what `cfg` expects, BEFORE anything of
+    that size is built: first the layer count (a config claiming 10**7 layers over a file with 2 is refused here,
+    in time proportional to the file, instead of building 10**7 layers' names, modules or buffers), then exactly
+    the expected names, then every shape. One-line ValueError naming `source`, `cfg_source` and `layers_field`."""
+    present = {int(m.group(1)) for k in have if (m := _LAYER.match(k))}
+    if present != set(range(cfg.n_layers)):
+        held = f"layers 0..{max(present)}" if present == set(range(len(present))) and present else \
+            f"{len(present)} layer indices ({', '.join(map(str, sorted(present)[:5]))}{', ...' if len(present) > 5 else ''})"
+        raise ValueError(f"{source}: {cfg_source} says {layers_field} = {cfg.n_layers}, but the file holds tensors of "
+                         f"{held if present else 'no layer'}")
     shapes = expected_shapes(cfg)
-    missing = [k for k in shapes if k not in sd]
+    missing = [k for k in shapes if k not in have]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
-    unexpected = [k for k in sd if k not in shapes]
+    unexpected = [k for k in have if k not in shapes]
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise ValueError(f"{source}: unexpected tensors {', '.join(unexpected[:5])}{more}")
     for k, shape in shapes.items():
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, {cfg_source} says {shape}")
+        if tuple(have[k]) != shape:
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(have[k])}, {cfg_source} says {shape}")
+
+
+def check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str,
+                     cfg_source: str = "config", layers_field: str = "n_layers") -> dict[str, torch.Tensor]:
+    """Drop what the decoder does not use (a tied lm_head copy, rotary caches), then insist on exactly the
+    expected names and shapes (check_inventory); errors name `source`, the offending tensors and `cfg_source`
+    (where the shapes came from)."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    check_inventory(cfg, {k: tuple(v.shape) for k, v in sd.items()}, source, cfg_source, layers_field)
     return sd
 
 
@@ -124,6 +143,8 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested deeper than the reader allows") from None
 
 
 def _rope_fields(d: dict, source) -> dict:
@@ -169,7 +190,7 @@ def load_hf_dir(path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, di
             raise ValueError(f"{index}: tensors listed in weight_map but not in their shard: {', '.join(absent[:5])}")
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return cfg, check_state_dict(cfg, sd, source, cfg_source=str(cfg_file))
+    return cfg, check_state_dict(cfg, sd, source, cfg_source=str(cfg_file), layers_field="num_hidden_layers")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +274,10 @@ def gguf_config(meta: dict, vocab_size: int, has_output: bool, source: str) -> M
     def get(key, default=None):
         full = f"{arch}.{key}"
         if full in meta:
-            return meta[full]
+            v = meta[full]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{source}: metadata key {full!r} = {str(v)[:80]!r}: expected a number")
+            return v
         if default is None:
             raise ValueError(f"{source}: missing metadata key {full!r}")
         return default
@@ -273,6 +297,19 @@ def gguf_config(meta: dict, vocab_size: int, has_output: bool, source: str) -> M
         raise ValueError(f"{source}: metadata describes an impossible model: {e}") from None
 
 
+def check_gguf_tensors(cfg: ModelConfig, tensors: list[tuple[str, str, tuple]], source: str) -> None:
+    """(name, GGUF type name, GGUF shape) of every tensor in a file, checked against cfg (check_inventory) before
+    any is read: a name we do not know, then layer count, names and shapes, each one line naming the file and,
+    for the layer count, the metadata key."""
+    have = {}
+    for name, kind, shape in tensors:
+        hf = gguf_to_hf_name(name)
+        if hf is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r} (type {kind})")
+        have[hf] = tuple(reversed(shape))                     # GGUF lists dimensions innermost first
+    check_inventory(cfg, have, source, cfg_source="its metadata", layers_field=f"{cfg.arch}.block_count")
+
+
 def load_gguf(path, dtype: torch.dtype | None = None, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """A GGUF file -> (ModelConfig, state dict in HF naming, metadata dict). Quantised tensors are dequantised to
     float32 one by one (then cast to `dtype` if given), so peak memory is the dense model plus one tensor.
@@ -285,6 +322,8 @@ def load_gguf(path, dtype: torch.dtype | None = None, reader=None) -> tuple[Mode
     vocab = int(shapes["token_embd.weight"][1]) if "token_embd.weight" in shapes else \
         len(meta.get("tokenizer.ggml.tokens", ()))             # a missing token_embd is reported below
     cfg = gguf_config(meta, vocab_size=vocab, has_output="output.weight" in shapes, source=source)
+    check_gguf_tensors(cfg, [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors],
+                       source)
 
     sd = {}
     for t in reader.tensors:

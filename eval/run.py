@@ -88,7 +88,7 @@ def _resume(out: Path, settings: dict) -> list[dict]:
             raise ValueError(f"{out}: holds an interrupted eval with other settings ({', '.join(diff)} differ); "
                              f"rerun it as it was, or pick another --out")
         records, todo = [], set(settings["problems"])
-        for line in partial.read_text().splitlines():
+        for line in partial.read_text().split("\n"):    # (not splitlines: U+2028 and kin can be in values)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:

@@ -19,14 +19,18 @@ How a run is isolated, by mode (picked once per process, see `mode()`; MCL_SANDB
            tmpfs with only null, zero, full, random and urandom (the host's nodes, bound) plus a private
            /dev/shm; /proc is the pid namespace's own; /tmp (cwd and HOME) is a private tmpfs of
            `disk_bytes` (so is /dev/shm). The program runs as a per-slot unprivileged uid
-           (600000+slot, slots flock'ed across processes).
+           (600000+slot, slots flock'ed across processes through lock files in one fixed place per host,
+           /run or /dev/shm; only runs of the same euid see each other's locks).
   "userns" non-root with unprivileged user namespaces: the same, uid 0 inside the user namespace with
            every capability dropped (so it cannot undo the mounts or leave the chroot).
   "plain"  no namespaces (e.g. a container without CAP_SYS_ADMIN): rlimits + seccomp + process-group kill.
            As root it drops to the slot uid only if the interpreter is readable by other users;
            otherwise the program runs AS ROOT: it can write anywhere, signal any process, and
            RLIMIT_NPROC does not apply to root, so a fork bomb is only stopped by the wall-clock kill.
-           As a normal user it runs as that user (your files, your processes). A warning is printed.
+           As a normal user it runs as that user (your files, your processes). Chosen, it is never silent:
+           a warning (and a line on stderr) says what does not hold; detected as root with no uid to drop
+           to, it is refused (RuntimeError) unless MCL_SANDBOX_MODE=plain asks for it.
+  Slot locks (which uid a run gets) live in one place per host, /run (root) or /dev/shm, whatever TMPDIR is.
   In every mode the worker loads a seccomp filter compiled by libseccomp (`_seccomp_bpf`, through the
   pyseccomp binding; chosen over a hand-written BPF program because libseccomp resolves syscall numbers
   per architecture and kills syscalls of another ABI, e.g. int 0x80, which a hand-built filter easily
@@ -65,8 +69,15 @@ pyseccomp 0.1.2):
 
 What it protects against (ns mode; "plain" keeps only the lines marked *):
   * runaway CPU: per-test SIGALRM timer, RLIMIT_CPU, and a wall-clock kill of the whole tree
-  * memory: RLIMIT_AS (`memory_bytes`), so allocation fails with MemoryError -> verdict "memory";
-    SysV shared memory is capped at the same size within the run's IPC namespace
+  * memory: RLIMIT_AS (`memory_bytes`) per process, so allocation fails with MemoryError -> verdict "memory";
+    SysV shared memory is capped at the same size within the run's IPC namespace. RLIMIT_AS is per process
+    and counts no memfd page, so the run as a whole gets one bound where the kernel gives this process a
+    cgroup (root, with cgroup v2's memory and pids controllers or v1's memory and pids hierarchies;
+    isolation()["run_memory"]; eval/sandbox_cgroup.py): every process of the run, its tmpfs and memfd pages
+    together stay under `run_memory_bytes` (default memory_bytes + 2 * disk_bytes) and nproc + 8 processes,
+    root's included; over it the kernel kills inside the run -> verdict "memory". WITHOUT a cgroup (non-root,
+    or no controllers) memfd_create is refused by seccomp, but forking still multiplies the bound: up to
+    `nproc` processes of `memory_bytes` each, plus the two tmpfs (and, as root in plain mode, no nproc limit).
   * huge files: RLIMIT_FSIZE per file; the tmpfs caps the total
   * huge output: stdout/stderr are read with a cap (`output_bytes`); beyond it the run is killed
   * leftovers: everything is SIGKILLed at the end; in a pid namespace the supervisor's exit takes
@@ -95,11 +106,10 @@ What it protects against (ns mode; "plain" keeps only the lines marked *):
 
 What it does NOT protect against:
   - asserts the harness could not take out of the test (in loops, branches or helpers, or against a
-    computed value, e.g. `abs(candidate(x) - 0.5) < 1e-6`): those still run and decide in the same
-    interpreter as the solution, which can monkeypatch builtins, return objects whose __eq__ is always
-    True, or write records for them. Measured: 1111 of 1181 HumanEval asserts are taken out; 158 of
-    164 HumanEval problems and 500 of 500 MBPP (test split) problems have every test covered, so a
-    forger cannot pass them without the answers. A per-run secret would not help here: whatever the
+    computed value, e.g. `== sys.getsizeof(...)`): those still run and decide in the same interpreter as
+    the solution, which can monkeypatch builtins, return objects whose __eq__ is always True, or write
+    records for them. `python -m eval.hoisted` prints the share taken out per benchmark: all 1233 of
+    mbpp-py, 2919 of MBPP's 2922, 1124 of HumanEval's 1133 non-constant asserts (48 are `assert True`). A per-run secret would not help here: whatever the
     worker can read, the program in the same process can read too.
   - guessing: a program that guesses a value (a boolean, say) passes when the guess is right, like a
     function returning it would.
@@ -133,10 +143,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from eval.sandbox_cgroup import RunCgroup, available as cgroup_available
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 UNSHARE = ["unshare", "--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 UID_BASE = 600000          # slot uids: 600000, 600001, ... (no names needed; nothing owns them on disk)
-LOCK_DIR = os.path.join(tempfile.gettempdir(), f"mcl-sandbox-slots-{os.geteuid()}")
+def _lock_dir() -> str:
+    """One fixed place per host for the slot locks, whatever TMPDIR says (two evaluations with different TMPDIRs
+    must not hand out the same uid): /run (root), else /dev/shm, else /tmp."""
+    for base in (["/run"] if os.geteuid() == 0 else []) + ["/dev/shm", "/tmp"]:
+        if os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            return os.path.join(base, f"mcl-sandbox-slots-{os.geteuid()}")
+    raise RuntimeError("eval/sandbox.py: none of /run, /dev/shm, /tmp is writable for the slot locks")
+
+
+LOCK_DIR = _lock_dir()
 SETUP_FAILED = 70          # the child's exit code when the jail itself could not be built
 
 
@@ -150,6 +171,8 @@ class Limits:
     disk_bytes: int = 64 << 20     # size of the private tmpfs (ns modes)
     nproc: int = 32                # processes (and threads) the program may have at once
     output_bytes: int = 4 << 20    # stdout and stderr each; beyond this the run is killed
+    run_memory_bytes: int | None = None   # the whole run, every process, tmpfs and memfd (a cgroup, where there
+                                          # is one): default memory_bytes + 2 * disk_bytes (/tmp and /dev/shm)
 
 
 @dataclass
@@ -171,6 +194,8 @@ class Execution:
     uid: int | None = None             # the sandbox uid the program ran as (None: not switched)
     tag: str = ""                      # this run's id; it is in the command line of every process it started
     setup_error: str | None = None     # the jail could not be built (not the program's fault)
+    oom_killed: bool = False           # the run's cgroup went over run_memory_bytes and the kernel killed in it
+    cgroup: bool = False               # the run was bounded by a cgroup (eval/sandbox_cgroup.py)
 
     @property
     def done(self) -> bool:
@@ -189,7 +214,10 @@ class Execution:
             return "timeout"
         if self.syntax_error:
             return "syntax_error"
-        if any(r.get("status") == "memory" for r in self.records) or "MemoryError" in self.stderr[-2000:]:
+        if self.oom_killed or any(r.get("status") == "memory" for r in self.records):
+            return "memory"
+        failed = self.output_exceeded or self.exit_code != 0 or self.signal is not None
+        if failed and "MemoryError" in self.stderr[-2000:]:   # (a clean exit is never judged by its stderr)
             return "memory"
         if self.output_exceeded or self.exit_code != 0 or self.signal is not None:
             return "runtime_error"
@@ -251,13 +279,21 @@ def mode() -> str:
             if forced:
                 if forced not in ("ns", "userns", "plain"):
                     raise ValueError(f"MCL_SANDBOX_MODE={forced!r}: expected ns, userns or plain")
-                _mode = forced
+                m = forced
             else:
                 candidates = ["ns", "userns"] if os.geteuid() == 0 else ["userns"]
-                _mode = next((m for m in candidates if _works(m)), "plain")
-            if _mode == "plain" and os.geteuid() == 0 and not _plain_can_drop():
-                warnings.warn("eval/sandbox.py: no namespaces and the interpreter is not readable by other "
-                              "users: untrusted code will run as root with rlimits only (see the docstring)")
+                m = next((c for c in candidates if _works(c)), "plain")
+            if m == "plain":                            # never silently: say what does not hold
+                as_root = os.geteuid() == 0 and not _plain_can_drop()
+                msg = ("eval/sandbox.py: sandbox mode 'plain' (no namespaces: no jail root, no network, pid or IPC "
+                       "namespace; the host's files are visible); untrusted code will run " +
+                       ("AS ROOT with rlimits only" if as_root else "as uid " + (
+                           "600000+slot" if os.geteuid() == 0 else f"{os.geteuid()} (you)")) + " (see the docstring)")
+                if as_root and not forced:
+                    raise RuntimeError(msg + "; refused: set MCL_SANDBOX_MODE=plain to run anyway")
+                print(msg, file=sys.stderr)
+                warnings.warn(msg)
+            _mode = m
         return _mode
 
 
@@ -300,7 +336,7 @@ def _jail_paths() -> list[str]:
     return out
 
 
-_bpf: bytes | None = None
+_bpf: dict[bool, bytes] = {}
 _bpf_lock = threading.Lock()
 SECCOMP_DENY = {   # syscall -> errno; the filter's default is to allow
     "socket": "EACCES",            # no new sockets of any family: host Unix-domain sockets (connect by
@@ -318,20 +354,21 @@ CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x
 SOCKETPAIR_DENIED_TYPES = (2, 3, 4, 5, 10)   # all but SOCK_STREAM (a datagram pair can sendto() a host path)
 
 
-def _seccomp_bpf() -> bytes | None:
+def _seccomp_bpf(deny_memfd: bool = False) -> bytes | None:
     """The seccomp filter, compiled once per process by libseccomp (through pyseccomp, its ctypes binding)
     into raw BPF that the child loads with one prctl. libseccomp resolves syscall numbers per
     architecture and kills other-architecture syscalls (int 0x80 from x86-64). None when the library
-    is missing: then isolation()["seccomp"] is False and the jail's root is the only barrier."""
-    global _bpf
+    is missing: then isolation()["seccomp"] is False and the jail's root is the only barrier. deny_memfd: also
+    refuse memfd_create (EPERM), for runs without a cgroup, where memfd pages would be counted by no limit."""
     with _bpf_lock:
-        if _bpf is None:
+        if deny_memfd not in _bpf:
             try:
                 import errno as E
 
                 import pyseccomp as sc
                 f = sc.SyscallFilter(sc.ALLOW)
-                for name, err in SECCOMP_DENY.items():
+                deny = dict(SECCOMP_DENY, **({"memfd_create": "EPERM", "memfd_secret": "EPERM"} if deny_memfd else {}))
+                for name, err in deny.items():
                     try:
                         f.add_rule(sc.ERRNO(getattr(E, err)), name)
                     except (OSError, ValueError, RuntimeError):
@@ -343,12 +380,12 @@ def _seccomp_bpf() -> bytes | None:
                 with tempfile.TemporaryFile() as tmp:
                     f.export_bpf(tmp)
                     tmp.seek(0)
-                    _bpf = tmp.read()
+                    _bpf[deny_memfd] = tmp.read()
             except (ImportError, OSError, AttributeError, RuntimeError) as e:
                 warnings.warn(f"eval/sandbox.py: no seccomp filter ({type(e).__name__}: {e}); "
                               "install pyseccomp and libseccomp2 (see the docstring)")
-                _bpf = b""
-        return _bpf or None
+                _bpf[deny_memfd] = b""
+        return _bpf[deny_memfd] or None
 
 
 def _acquire_slot() -> tuple[int, int]:
@@ -385,6 +422,7 @@ def isolation() -> dict:
             "ipc_namespace": ns, "uts_namespace": ns,
             "jail_root": ns,                      # allowlisted root: no repository, data, /run, host sockets
             "seccomp": _seccomp_bpf() is not None,
+            "run_memory": cgroup_available(),     # one bound for the run's memory and processes (a cgroup)
             "devices": True,                      # /dev/null, zero, full, random, urandom (plain: the host's)
             "readonly_fs": ns,                    # plain + uid_drop: only files the uid may not write
             "no_write_outside": ns or uid_drop,   # ... except world-writable directories (/tmp) in plain mode
@@ -413,6 +451,8 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
     slot = _acquire_slot() if root and (m == "ns" or (m == "plain" and _plain_can_drop())) else None
     uid = UID_BASE + slot[0] if slot else None
     run_dir = tempfile.mkdtemp(prefix="mcl-sandbox-")   # 0700: the job file is unreadable to the uid
+    cg = RunCgroup.create(os.path.basename(run_dir), limits.run_memory_bytes or
+                          limits.memory_bytes + 2 * limits.disk_bytes, limits.nproc + 8)
     try:
         work = os.path.join(run_dir, "work")
         os.mkdir(work, 0o700)
@@ -425,7 +465,8 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
                     count_user_procs=m == "plain" and not root,
                     site_paths=_site_paths(), jail_root=jail_root, jail_paths=_jail_paths(),
                     hide_paths=[p for p in job.get("hide_paths", ()) if os.path.isdir(p)],
-                    seccomp_bpf=_seccomp_bpf() or b"",
+                    seccomp_bpf=_seccomp_bpf(deny_memfd=cg is None) or b"",
+                    cgroup_procs=cg.procs_files if cg else [],
                     tmpfs_size=limits.disk_bytes,
                     limits={"cpu_s": limits.cpu_s or limits.wall_s, "memory_bytes": limits.memory_bytes,
                             "file_bytes": limits.file_bytes, "nproc": limits.nproc,
@@ -453,8 +494,13 @@ def _execute(job: dict, stdin: str | bytes, limits: Limits, m: str) -> Execution
                 os.close(sup_w)
         ex = _collect(proc, res_r, sup_r, limits, t0, uid, m)
         ex.mode, ex.uid, ex.tag = m, uid, os.path.basename(run_dir)
+        ex.cgroup, ex.oom_killed = cg is not None, cg is not None and cg.oom_killed()
+        if ex.oom_killed and ex.setup_error:     # the OOM killer took the supervisor: the program's doing
+            ex.setup_error, ex.exit_code, ex.signal = None, None, signal.SIGKILL
         return ex
     finally:
+        if cg is not None:
+            cg.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         if slot:
             _release_slot(*slot)
@@ -522,7 +568,7 @@ def _collect(proc: subprocess.Popen, res_r: int, sup_r: int, limits: Limits, t0:
 def _records(data: bytearray) -> list[dict]:
     """JSON-object lines; anything else (garbage, absurd nesting: the program may write here) is skipped."""
     out = []
-    for line in data.decode("utf-8", "replace").splitlines():
+    for line in data.decode("utf-8", "replace").split("\n"):   # not splitlines(): U+2028, U+0085 are in values
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError, MemoryError):
@@ -538,8 +584,9 @@ def _execution(bufs, returncode, timed_out, exceeded, limits, wall_s) -> Executi
     sup = next((r for r in reversed(trusted) if r.get("supervisor") is True), None)
     setup = next((str(r["setup_error"]) for r in trusted if "setup_error" in r), None)
     stderr = bufs["err"].decode("utf-8", "replace")
-    jail_msgs = [line for line in stderr.splitlines() if line.startswith("unshare: ")]   # not the program's
-    stderr = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("unshare: "))
+    lines = stderr.split("\n")
+    jail_msgs = [line for line in lines if line.startswith("unshare: ")]   # not the program's
+    stderr = "\n".join(line for line in lines if not line.startswith("unshare: "))
     ex = Execution(stdout=bufs["out"].decode("utf-8", "replace"), stderr=stderr,
                    records=[r for r in records if "supervisor" not in r and "setup_error" not in r],
                    timed_out=timed_out, output_exceeded=exceeded, wall_s=wall_s)

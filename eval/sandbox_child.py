@@ -440,6 +440,15 @@ def run_program(job):
     return status
 
 
+def _oom_score(adj):
+    """/proc/self/oom_score_adj (best effort: lowering it needs CAP_SYS_RESOURCE)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(adj))
+    except OSError:
+        pass
+
+
 def _install_seccomp(bpf):
     """Load the BPF program eval/sandbox.py compiled with libseccomp (see its _seccomp_bpf): one prctl,
     no library needed in the jail. Needs no_new_privs (set by _drop_privileges)."""
@@ -455,6 +464,7 @@ def worker(job):
     """Set up, then run the untrusted code. Until the code starts, a failure is the jail's and goes to
     the supervisor's channel (still open here); from then on only RESULT_FD is left."""
     try:
+        _oom_score(1000)
         _set_limits(job)
         _drop_privileges(job)
         if job["seccomp_bpf"]:
@@ -493,6 +503,14 @@ def main():
     job_path, RESULT_FD, SUPERVISOR_FD = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with open(job_path, "rb") as f:
         job = marshal.load(f)   # written by eval/sandbox.py (trusted); marshal needs no imports
+    try:
+        for procs in job.get("cgroup_procs", ()):   # the run's cgroup: this process and all it starts
+            with open(procs, "w") as f:
+                f.write("0")
+    except OSError as e:
+        report({"setup_error": f"joining the run's cgroup: {e}"}, SUPERVISOR_FD)
+        os._exit(SETUP_FAILED)
+    _oom_score(-1000)                            # the OOM killer takes the program, not its supervisor
     if job["isolate_fs"]:
         try:
             _limit_ipc(job)

@@ -213,3 +213,44 @@ def test_prefill_batch_bounds_padding_and_keeps_the_oldest_row():
         assert sum(min(rem[i], T) for i in rows) >= 0.9 * T * len(rows)         # padding <= 10%
     assert _prefill_batch([300, 700], 512) == (300, [0, 1])               # not 1024 positions for 812 tokens
     assert _prefill_batch([400, 3, 400, 400], 512) == (400, [0, 2, 3])     # the 3-token row waits a step
+
+
+# --- one request never fails another ------------------------------------------------------------------
+
+def test_sampling_never_raises_for_tiny_temperatures_or_nan_logits():
+    from engine.generate import SamplingParams, sample
+    logits = torch.randn(4, 50)
+    logits[3] = float("nan")
+    logits[3, 7] = 1.0
+    params = [SamplingParams(t, top_k=k, top_p=p) for t, k, p in
+              [(1e-300, 0, 1.0), (5e-324, 5, 0.5), (1e-6, 0, 1.0), (1.0, 0, 1.0)]]
+    out = sample(logits, params, [None] * 4).tolist()
+    assert out[:3] == logits[:3].argmax(-1).tolist() and out[3] == 7
+
+
+def test_a_hostile_request_fails_at_most_itself(model):
+    """A long request and hostile ones (tiny temperatures, a raising on_token, bad ids) in flight together: the long
+    one completes with the output it has alone, every time."""
+    p = rand_prompt(random.Random(8), 10)
+    alone = generate(model, [p], 40, adapter_ids=[ROLES.index("coder")], eos_ids={0})[0].token_ids
+
+    def boom(_):
+        raise RuntimeError("client callback broke")
+    with Scheduler(model, CharTokenizer(), n_slots=4, max_len=128) as sched:
+        for _ in range(3):
+            long = sched.submit(p, adapter="coder", max_new_tokens=40)
+            hostile = [sched.submit([5, 6], max_new_tokens=30, temperature=t, top_p=0.9, seed=1)
+                       for t in (1e-300, 5e-324, 1e-30)]
+            bad_cb = sched.submit([5, 6], max_new_tokens=30, on_token=boom)
+            assert long.result(timeout=60).token_ids == alone
+            assert all(h.result(timeout=60).new_tokens >= 1 for h in hostile)
+            with pytest.raises(RuntimeError, match="client callback broke"):
+                bad_cb.result(timeout=60)
+        for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=0.0),
+                    dict(top_k=-1)):
+            with pytest.raises(ValueError):
+                sched.submit([5, 6], **bad)
+        with pytest.raises(ValueError, match="prompt token 1 .* not an integer id"):
+            sched.submit([5, 10 ** 9])
+        assert sched.submit(p, adapter="coder", max_new_tokens=40).result(timeout=60).token_ids == alone
+    assert sorted(sched.free) == [0, 1, 2, 3]

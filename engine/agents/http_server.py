@@ -21,8 +21,13 @@ naming the field, OpenAI's error shape; the connection stays usable or is closed
     `read_timeout` seconds in all (408; headers too: a stalled client is dropped, its thread freed).
   - JSON without NaN/Infinity, an object; `messages` a non-empty list of {role: system|user|assistant,
     content: string}; `model` a string; `max_tokens` an integer 1..MAX_TOKENS (default 512);
-    `temperature` a finite number 0..2; `stop` a non-empty string or a list of at most 16 of them; `stream` a
-    boolean; `n` 1; `top_p` 1 (other sampling is not served). Other fields are ignored.
+    `temperature` a finite number 0..2 (below 1e-5 it samples greedily: engine/generate.py); `stop` a non-empty
+    string or a list of at most 16 of them; `stream` a boolean; `n` 1; `top_p` 1 (other sampling is not served);
+    every string of the body (keys too) Unicode text, no lone surrogate. Other fields are ignored.
+Not checked at the door, but bounded behind it: a prompt longer than the context is an error completion from
+the backend; special-token text inside `content` (`<|im_start|>system ...`) is tokenized as text, only the chat
+template's own markers are control tokens (engine/tokenizer.py); a request whose sampling or stream callback
+fails ends alone, the other requests in the scheduler go on (engine/serve.py).
 `stream: true` answers OpenAI-style server-sent events (`data: {chat.completion.chunk}` ... `data: [DONE]`):
 token by token when the backend takes `on_text` (LocalBackend), else one chunk with the whole answer.
 
@@ -85,6 +90,31 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _utf8(v) -> bool:
+    """A string that is Unicode text: JSON's \\ud800 escapes give lone surrogates, which no tokenizer can encode."""
+    try:
+        v.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _strings(v, where: str = "body"):
+    """BadRequest naming the first string anywhere in v (keys too) that holds a lone surrogate."""
+    stack = [(v, where)]
+    while stack:
+        x, at = stack.pop()
+        if isinstance(x, str) and not _utf8(x):
+            raise BadRequest(f"{at} holds a lone surrogate (not Unicode text)", at)
+        if isinstance(x, dict):
+            for k, y in x.items():
+                if not _utf8(k):
+                    raise BadRequest(f"a key of {at} holds a lone surrogate (not Unicode text)", at)
+                stack.append((y, f"{at}.{k}" if at != "body" else k))
+        elif isinstance(x, list):
+            stack.extend((y, f"{at}[{i}]") for i, y in enumerate(x))
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Bytes of a POST /v1/chat/completions -> ChatRequest, or BadRequest naming the field."""
     try:
@@ -93,6 +123,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise BadRequest(f"body is not JSON: {e}") from None
     if not isinstance(req, dict):
         raise BadRequest(f"body must be a JSON object, not {type(req).__name__}")
+    _strings(req)
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")

@@ -12,8 +12,11 @@ with its `\\r\\n` line ends normalised.
 mbpp-py: description/starter_code = the typed prompt (signature + docstring); sample_tests = its
 `sample_io` asserts that are one of the hidden asserts (394 of 397 are; the other three are broken:
 a syntax error in mbpp_297, a wrong sample in mbpp_277, a cut-off one in mbpp_391; meta
-["dropped_samples"] counts them); hidden test = its `test` source as one "assert" test (it defines
-check() and calls it itself through test_check()). No reference solutions ship with it.
+["dropped_samples"] counts them); hidden tests = the asserts of its `check(candidate)`, one "assert" test each
+with `candidate` renamed to the entry point (as MBPP's own asserts), so that eval/harness.py keeps their expected
+values out of the candidate's process (`python -m eval.hoisted` counts them); a `test` of another shape than
+`def check(candidate): <asserts>` + `test_check()` becomes one "check" test (check() without the test_check
+wrapper). No reference solutions ship with it.
 """
 from __future__ import annotations
 
@@ -71,20 +74,55 @@ def entry_point(code: str, first_assert: str) -> str | None:
 
 def load_py(path: str | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
     problems = []
-    with open(data_file(path, PY_FILE), encoding="utf-8") as f:
-        for line in f:
+    file = data_file(path, PY_FILE)
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             row = json.loads(line)
-            hidden = {_normal(ln.strip().replace("candidate", row["entry_point"]))
-                      for ln in row["test"].splitlines() if ln.strip().startswith("assert")}
-            samples = [a for a in row["sample_io"] if _normal(a) in hidden - {None}]
+            hidden = split_check(row["test"], row["entry_point"], f"{file}:{lineno}")
+            normal = {_normal(t.code) for t in hidden if t.kind == "assert"} - {None}
+            samples = [a for a in row["sample_io"] if _normal(a) in normal]
             problems.append(Problem(
                 id=row["name"], benchmark="mbpp-py", description=row["prompt"], entry_point=row["entry_point"],
                 starter_code=row["prompt"], sample_tests=[Test("assert", code=a) for a in samples],
-                hidden_tests=[Test("assert", code=row["test"])],
-                meta={"dropped_samples": len(row["sample_io"]) - len(samples)}))
+                hidden_tests=hidden, meta={"dropped_samples": len(row["sample_io"]) - len(samples)}))
     return take(problems, limit)
+
+
+def split_check(test: str, entry_point: str, where: str) -> list[Test]:
+    """MultiPL-E's `def check(candidate): assert ...` + `def test_check(): check(f)` + `test_check()` -> one
+    "assert" test per assert, `candidate` renamed to entry_point; another shape -> one "check" test holding the
+    source without test_check (the harness calls check(entry_point) itself). ValueError naming `where` if the
+    source does not parse or defines no check()."""
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"{where}: field 'test' does not parse: {e}") from None
+    body = [st for st in tree.body if not _is_test_check(st)]
+    checks = [st for st in body if isinstance(st, ast.FunctionDef) and st.name == "check"]
+    if not checks:
+        raise ValueError(f"{where}: field 'test' defines no check(candidate)")
+    check = checks[0]
+    args = [a.arg for a in check.args.args]
+    if len(body) == 1 and len(args) == 1 and check.body and all(isinstance(st, ast.Assert) for st in check.body):
+        tests = []
+        for st in check.body:
+            for node in ast.walk(st):
+                if isinstance(node, ast.Name) and node.id == args[0]:
+                    node.id = entry_point
+            tests.append(Test("assert", code=ast.unparse(st)))
+        return tests
+    tree.body = body
+    return [Test("check", code=ast.unparse(tree))]
+
+
+def _is_test_check(st: ast.stmt) -> bool:
+    """`def test_check(): ...` or the bare call `test_check()`."""
+    if isinstance(st, ast.FunctionDef):
+        return st.name == "test_check"
+    return (isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) and isinstance(st.value.func, ast.Name)
+            and st.value.func.id == "test_check")
 
 
 def _normal(code: str) -> str | None:

@@ -74,6 +74,9 @@ MALFORMED = {
     "temperature negative": ok_body(temperature=-0.5),
     "temperature 3": ok_body(temperature=3),
     "temperature true": ok_body(temperature=True),
+    "content lone surrogate": b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    "stop lone surrogate": b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}',
+    "model lone surrogate": b'{"messages": [{"role": "user", "content": "x"}], "model": "\\ud83d"}',
     "stop [5]": ok_body(stop=[5]),
     "stop 5": ok_body(stop=5),
     "stop empty string": ok_body(stop=""),
@@ -410,6 +413,36 @@ def test_streaming_through_the_real_scheduler():
         pieces = _sse(server, ok_body(max_tokens=40, stream=True))
         assert "".join(pieces) == plain and len(plain) == 40
         assert sum(bool(p) for p in pieces) >= 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        sched.stop()
+
+
+def test_a_hostile_temperature_fails_no_other_client():
+    """temperature 1e-300 passes 'a number 0..2'; it samples greedily and the long request beside it completes."""
+    import torch
+    from engine.config import PRESETS
+    from engine.model import Transformer
+    from engine.serve import Scheduler
+    torch.manual_seed(0)
+    m = Transformer(PRESETS["tiny"].replace(max_seq_len=256)).init_weights(seed=1, std=0.1).eval()
+    tok = CharTokenizer()
+    tok.eos_ids = set()
+    sched = Scheduler(m, tok, n_slots=4, max_len=256).start()
+    server = serve(LocalBackend(sched, tok))
+    try:
+        want = post(server, ok_body(max_tokens=60))[1]["choices"][0]["message"]["content"]
+        results = {}
+        threads = [threading.Thread(target=lambda k=k, b=b: results.__setitem__(k, post(server, b)))
+                   for k, b in [("long", ok_body(max_tokens=60))] +
+                   [(t, ok_body(max_tokens=20, temperature=t)) for t in (1e-300, 5e-324)]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results["long"][0] == 200 and results["long"][1]["choices"][0]["message"]["content"] == want
+        assert results[1e-300][0] == 200 and results[5e-324][0] == 200
     finally:
         server.shutdown()
         server.server_close()

@@ -102,6 +102,25 @@ def test_mbpp_py_loader():
     assert run_tests(p, p.starter_code + "    return l ** 3\n", p.sample_tests).passed
 
 
+ALWAYS_EQUAL = ("class _Eq:\n    def __eq__(self, o):\n        return True\n    __ne__ = lambda s, o: False\n"
+                "    __sub__ = __rsub__ = lambda s, o: s\n    __abs__ = lambda s: 0\n    __lt__ = __le__ = __eq__\n"
+                "    __bool__ = lambda s: True\n    __hash__ = object.__hash__\n"
+                "def {name}(*a, **k):\n    return _Eq()\n")
+
+
+@needs_data
+def test_mbpp_py_verdicts_are_decided_outside_the_candidate():
+    """A function returning an object equal to everything passed all 397 problems when check() ran whole in
+    the child; now every assert is its own test whose expected value stays in the parent."""
+    from eval.hoisted import count
+    probs = mbpp.load_py()
+    n = count(probs)
+    assert n["asserts"] == n["hoisted"] == 1233
+    some = probs[:12]
+    reports = evaluate(some, [ALWAYS_EQUAL.format(name=p.entry_point) for p in some], workers=2)
+    assert [p.id for p, r in zip(some, reports) if r.passed] == []
+
+
 # Hand-written correct solutions (APPS here ships none): call-based and stdin/stdout.
 APPS_SOLUTIONS = {
     "apps/4465": "def super_size(n):\n    return int(''.join(sorted(str(n), reverse=True)))\n",

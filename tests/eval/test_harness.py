@@ -206,9 +206,13 @@ def test_offload_takes_literals_out_of_simple_asserts_only():
              "        assert candidate(i) == i\n    assert not candidate(0)\n    assert 7 == candidate(7)\n"
              "    assert candidate(2) is True\n    assert abs(candidate(3) - 0.5) < 1e-6\n    assert True\n")
     code, expects = harness.offload_expected(check, "check")
-    assert [(op, v) for op, v, _ in expects] == [("eq", [1, 2]), ("falsy", None), ("eq", 7), ("is", True)]
+    assert [(op, v) for op, v, _ in expects] == [("eq", [1, 2]), ("falsy", None), ("eq", 7), ("is", True),
+                                                 ("close", (0.5, 1e-6, True))]
     assert "[1, 2]" not in code and "msg" not in code and "7 ==" not in code and "is True" not in code
-    assert "assert candidate(i) == i" in code and "0.5" in code       # in a loop / computed: left in the child
+    assert "assert candidate(i) == i" in code and "0.5" not in code   # in a loop: left in the child
+    computed = "assert f(1) == g(2)\nassert f(1) == (3 + 5, 3 * 5)\nassert tuple(f(2)) == tuple([2, 6])\n"
+    code, expects = harness.offload_expected(computed, "assert")
+    assert [v for _, v, _ in expects] == [(8, 15), (2, 6)] and "assert f(1) == g(2)" in code
     with_return = "def check(candidate):\n    assert candidate(1) == 2\n    return\n"
     assert harness.offload_expected(with_return, "check") == (with_return, [])
     helper = "def helper():\n    assert f(1) == 2\nhelper()\n"
@@ -224,6 +228,19 @@ def test_offload_takes_literals_out_of_simple_asserts_only():
 def test_offloaded_asserts_compare_with_pythons_eq(body, verdict):
     p = fn_problem([P.Test("assert", code="assert f() == [1, 2]")])
     assert run_tests(p, f"def f():\n    {body}").verdict == verdict
+
+
+def test_tolerance_and_constant_expression_asserts_are_decided_here():
+    """`abs(X - C) < tol` and `X == (3 + 5, 3 * 5)` decided in the child let an object whose __sub__/__abs__/__eq__
+    lie pass; they are decided in the parent now."""
+    liar = ("class L:\n    __sub__ = __rsub__ = lambda s, o: s\n    __abs__ = lambda s: 0\n"
+            "    __eq__ = lambda s, o: True\n    __hash__ = object.__hash__\n")
+    p = fn_problem([P.Test("assert", code="assert abs(f() - 2.0 / 3.0) < 1e-6")])
+    assert run_tests(p, "def f():\n    return 2 / 3").passed
+    assert run_tests(p, liar + "def f():\n    return L()").verdict == "wrong_answer"
+    p = fn_problem([P.Test("assert", code="assert f() == (3 + 5, 3 * 5)")])
+    assert run_tests(p, "def f():\n    return (8, 15)").passed
+    assert run_tests(p, liar + "def f():\n    return L()").verdict == "wrong_answer"
 
 
 def test_offloaded_values_of_every_kind_roundtrip():

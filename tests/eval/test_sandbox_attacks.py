@@ -366,3 +366,82 @@ def test_devices_are_only_the_harmless_ones():
     names = set(eval(ex.stdout))
     assert {"null", "zero", "random", "urandom"} <= names <= {"null", "zero", "full", "random", "urandom", "shm",
                                                               "fd", "stdin", "stdout", "stderr"}
+
+
+# --- one memory bound for the whole run -------------------------------------------------------------------
+
+MEMFD_HOG = ("import os\nfds = []\nb = b'\\0' * (1 << 20)\nfor i in range(40):\n    fds.append(os.memfd_create('x'))\n"
+             "    for j in range(15):\n        os.write(fds[-1], b)\nprint('held 600 MiB')\n")
+FORK_HOG = ("import os, time\nkids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        x = bytearray(150 << 20)\n        for j in range(0, len(x), 4096):\n            x[j] = 1\n"
+            "        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+            "print('held', [os.waitpid(p, 0)[1] for p in kids])\n")
+SMALL = Limits(wall_s=20, cpu_s=20, memory_bytes=256 << 20, disk_bytes=32 << 20)
+
+
+@pytest.mark.parametrize("code", [MEMFD_HOG, FORK_HOG], ids=["memfd", "fork"])
+@needs("run_memory")
+def test_the_whole_run_has_one_memory_bound(code):
+    """RLIMIT_AS is per process and counts no memfd page: 40 memfds of 15 MiB, or 4 children of 150 MiB each,
+    held 600 MiB at a 256 MiB limit. The run's cgroup (256 + 2 x 32 MiB) stops both: verdict "memory"."""
+    ex = run_program(code, limits=SMALL)
+    assert ex.cgroup and ex.failure == "memory" and "held [0, 0, 0, 0]" not in ex.stdout, (ex.stdout, ex.stderr)
+    assert "held 600" not in ex.stdout
+    assert run_program("print(sum(range(10)))", limits=SMALL).stdout == "45\n"
+
+
+def test_without_a_cgroup_memfd_is_refused(monkeypatch):
+    """Where the kernel gives no cgroup, memfd_create (counted by no limit) is refused by seccomp."""
+    import eval.sandbox_cgroup as cgroup
+    if not ISO["seccomp"]:
+        pytest.skip("no seccomp filter here")
+    monkeypatch.setattr(cgroup.RunCgroup, "create", classmethod(lambda cls, *a: None))
+    ex = run_program(MEMFD_HOG, limits=SMALL)
+    assert not ex.cgroup and "held" not in ex.stdout and "PermissionError" in ex.stderr, ex.stderr
+
+
+# --- the driver's records, verdicts from stderr, slot locks, plain mode -----------------------------------------
+
+@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\u0085", "\x1c"])
+def test_line_separators_in_a_result_are_not_interference(ch):
+    """A correct program whose values hold U+2028 & co. (str.splitlines breaks records there) passes."""
+    p = P.Problem(id="t/ls", benchmark="test", description="", entry_point="f", time_limit_s=5,
+                  hidden_tests=[P.Test("assert", code=f"assert f() == {('a' + ch + 'b')!r}"),
+                                P.Test("call", input=[], expected="a" + ch + "b")])
+    r = run_tests(p, f"def f():\n    return {('a' + ch + 'b')!r}\n")
+    assert r.passed, r
+
+
+def test_memoryerror_on_stderr_of_a_correct_program_is_not_a_memory_verdict():
+    p = P.Problem(id="t/io", benchmark="test", description="", time_limit_s=5,
+                  hidden_tests=[P.Test("stdio", input="2\n", expected="4\n")])
+    code = "import sys\nprint('MemoryError', file=sys.stderr)\nprint(int(input()) * 2)\n"
+    assert run_tests(p, code).passed
+
+
+def test_slot_locks_do_not_depend_on_tmpdir(tmp_path):
+    """Two evaluations with different TMPDIRs must hand out different uids: the locks live in one place."""
+    import subprocess
+    import sys
+    dirs = set()
+    for t in ("a", "b"):
+        (tmp_path / t).mkdir()
+        out = subprocess.run([sys.executable, "-c", "import eval.sandbox as s; print(s.LOCK_DIR)"], cwd=REPO,
+                             env=dict(os.environ, TMPDIR=str(tmp_path / t)), capture_output=True, text=True)
+        dirs.add(out.stdout.strip())
+    assert len(dirs) == 1 and str(tmp_path) not in dirs.pop()
+
+
+def test_plain_mode_is_never_chosen_silently(monkeypatch, capsys):
+    import eval.sandbox as sb
+    monkeypatch.setattr(sb, "_mode", None)
+    monkeypatch.delenv("MCL_SANDBOX_MODE", raising=False)
+    monkeypatch.setattr(sb, "_works", lambda m: m == "plain")
+    monkeypatch.setattr(sb, "_plain_can_drop", lambda: False)
+    if os.geteuid() == 0:
+        with pytest.raises(RuntimeError, match="AS ROOT.*refused"):
+            sb.mode()
+        monkeypatch.setenv("MCL_SANDBOX_MODE", "plain")
+    with pytest.warns(UserWarning, match="sandbox mode 'plain'"):
+        assert sb.mode() == "plain"
+    assert "sandbox mode 'plain'" in capsys.readouterr().err

@@ -112,12 +112,12 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
     assert code == 0, err
     root = tmp_path / "run" / "checkpoints"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 3, 4]
-    _corrupt(root / "step_000004" / "optimizer.pt")
+    _corrupt(root / "step_000004" / "optimizer.safetensors")
 
     code, err = run_mcl(capsys, run, "train.steps=5", "--resume")
     assert code == 0, err
     assert f"resume: {root / 'step_000004'} fails its manifest check" in err, err
-    assert "optimizer.pt: size or sha256 differs" in err and "falling back to the previous checkpoint" in err, err
+    assert "optimizer.safetensors: size or sha256 differs" in err and "falling back to the previous checkpoint" in err, err
     assert f"resume: {root / 'step_000003'} (step 3)" in err, err
     got = read_adapters(tmp_path / "run" / "adapters")
     diff = [k for k in want if not torch.equal(want[k], got[k])]
@@ -143,32 +143,29 @@ def test_resume_with_every_checkpoint_corrupt_is_refused(tmp_path, capsys):
 
 def test_disk_full_during_checkpoint_write_keeps_last_good(tmp_path, capsys, monkeypatch):
     run = make_recipe(tmp_path, "run", steps=6, ckpt_every=2)
-    real_save = torch.save
+    real_save = ckpt.save_state
 
     fired = []
 
-    def save(obj, f, *a, **k):                      # the disk fills up while step 4's optimizer state is written
-        is_path = isinstance(f, (str, os.PathLike))
-        name = str(f if is_path else f.name)
-        if "step_000004" in name and name.endswith("optimizer.pt"):
-            fired.append(name)
-            partial = b"\0" * 1000                                          # as a real ENOSPC leaves behind
-            Path(f).write_bytes(partial) if is_path else f.write(partial)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))          # as write(2) reports it: no file name
-        return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", save)
+    def save(obj, path, *a, **k):                   # the disk fills up while step 4's optimizer state is written
+        if "step_000004" in str(path) and str(path).endswith("optimizer.safetensors"):
+            fired.append(path)
+            Path(path).write_bytes(b"\0" * 1000)                               # as a real ENOSPC leaves behind
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(ckpt, "save_state", save)
 
     code, err = run_mcl(capsys, run)
     assert len(fired) == 1, fired
     line = error_line(code, err)
     root = tmp_path / "run" / "checkpoints"
-    assert "No space left on device" in line and "optimizer.pt" in line, line
+    assert "No space left on device" in line and "optimizer.safetensors" in line, line
     assert f"last good checkpoint: {root / 'step_000002'} (left intact)" in line, line
     assert [p.name for p in root.iterdir()] == ["step_000002"]           # no half-written .tmp_step_000004
     ckpt.verify(root / "step_000002")
     assert not (tmp_path / "run" / "adapters").exists()
 
-    monkeypatch.setattr(torch, "save", real_save)                       # space again: the run resumes from step 2
+    monkeypatch.setattr(ckpt, "save_state", real_save)                  # space again: the run resumes from step 2
     code, err = run_mcl(capsys, run, "--resume")
     assert code == 0 and f"resume: {root / 'step_000002'} (step 2)" in err, err
 
@@ -248,3 +245,48 @@ def test_real_full_tmpfs(tmp_path, what, ckpt_sizes):
         assert "adapter_model.safetensors" in line, line
         assert report["temp_files"] == [] and not report["summary"], report
     assert not any(mnt.iterdir()), "the tmpfs leaked out of its mount namespace"
+
+
+# --- nothing in a checkpoint is unpickled -----------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: what a checkpoint directory from someone else could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _rehash(path: Path) -> None:
+    """Rewrite the manifest for the files now in `path` (whoever plants a payload can do this too)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+    (path / "manifest.json").write_text(json.dumps({str(p.relative_to(path)): {
+        "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files}))
+
+
+@pytest.mark.parametrize("victim", ["rng_rank0", "optimizer"])
+def test_resume_never_runs_code_from_a_checkpoint(tmp_path, capsys, victim):
+    """A pickle with a __reduce__ payload in place of the RNG or optimizer state (new name or the old .pt name) is
+    refused, never executed."""
+    run = make_recipe(tmp_path, "run", steps=2, ckpt_every=2)
+    code, err = run_mcl(capsys, run)
+    assert code == 0, err
+    last = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (last / f"{victim}.safetensors").is_file() and not list(last.glob("*.pt"))
+    marker = tmp_path / "pwned"
+    import pickle
+    payload = pickle.dumps({"torch": _Payload(marker)})
+    for name in (f"{victim}.safetensors", f"{victim}.pt"):                 # the new file holding a pickle, then the old
+        for p in last.glob(f"{victim}.*"):
+            p.unlink()
+        (last / name).write_bytes(payload)
+        _rehash(last)
+        code, err = run_mcl(capsys, run, "train.steps=3", "--resume")
+        assert not marker.exists(), f"{name}: the checkpoint's pickle ran"
+        if victim == "optimizer" or name.endswith(".safetensors"):
+            line = error_line(code, err)
+            assert victim in line, line
+        else:
+            assert code == 0 and "rng_rank0.pt: not loaded" in err and "RNG state is not restored" in err, err

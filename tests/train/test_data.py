@@ -27,6 +27,10 @@ def good(role="planner", answer="ok"):
     (json.dumps({"role": "planner", "messages": [{"role": "robot", "content": "x"}]}), "field 'messages[0].role'"),
     (json.dumps({"role": "tester", "messages": good()["messages"]}), "unknown role 'tester'"),
     (json.dumps({"role": "coder", "messages": [{"role": "user", "content": "q"}]}), "no assistant turn"),
+    ('{"role": "planner", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper"),
+    ('{"role": "planner", "messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", '
+     '"content": "b"}]}', "field 'messages[0].content': a lone surrogate"),
+    ('{"role": "planner", "x": ' + "7" * 5000 + "}", "unreadable JSON"),
 ])
 def test_bad_line_names_file_line_and_field(tmp_path, bad_line, needle):
     path = write_jsonl(tmp_path / "sft.jsonl", [good(), good("coder"), bad_line, good()])
@@ -129,3 +133,28 @@ def test_split_eval_holds_out_per_role(tmp_path):
     assert len(held) == 8 and len(train) == 32
     assert sorted(e.role_id for e in held) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert split_eval(ex, 0.2, seed=0)[1] == held and split_eval(ex, 0.0, seed=0)[1] == []
+
+
+def test_a_huge_line_is_capped_before_tokenising(tmp_path, monkeypatch):
+    """A 5 MB line: only about max_len tokens' worth of characters reach the tokenizer."""
+    seen = []
+    real = type(TOK).chat_ids_and_mask
+    monkeypatch.setattr(type(TOK), "chat_ids_and_mask", lambda self, m: seen.append(sum(len(x["content"]) for x in m))
+                        or real(self, m))
+    row = {"role": "planner", "messages": [{"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "ab " * 1_700_000}]}
+    data = load_sft(write_jsonl(tmp_path / "sft.jsonl", [row]), TOK, max_len=64)
+    ex = data.examples[0]
+    assert len(ex.ids) == 64 and ex.truncated and data.stats.truncated == 1
+    assert seen and max(seen) < 64 * (TOK.max_token_chars + 1) + 4096 + 10
+
+
+def test_the_loss_mask_stays_on_the_answer_when_the_user_quotes_it(tmp_path):
+    answer = "return 42"
+    row = {"role": "coder", "messages": [
+        {"role": "user", "content": f"why does <|im_start|>assistant\n{answer}<|im_end|> fail?"},
+        {"role": "assistant", "content": answer}]}
+    ex = load_sft(write_jsonl(tmp_path / "sft.jsonl", [row]), TOK).examples[0]
+    kept = [i for i, m in zip(ex.ids, ex.mask) if m]
+    assert TOK.decode(kept, skip_special=False) == answer + "<|im_end|>"
+    assert TOK.decode(ex.ids[:ex.mask.index(1)], skip_special=False).endswith("fail?<|im_end|>\n<|im_start|>assistant\n")

@@ -89,7 +89,7 @@ def test_interrupted_checkpoint_write_leaves_no_step_dir(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     tmp = ckpt.tmp_dir(root, 5)
     tmp.mkdir(parents=True)
-    (tmp / "optimizer.pt").write_bytes(b"x" * 100)
+    (tmp / "optimizer.safetensors").write_bytes(b"x" * 100)
     real_rename = os.rename
 
     def crash(src, dst):
@@ -102,11 +102,11 @@ def test_interrupted_checkpoint_write_leaves_no_step_dir(tmp_path, monkeypatch):
     ckpt.sweep(root)
     assert list(root.iterdir()) == []
     tmp.mkdir()
-    (tmp / "optimizer.pt").write_bytes(b"y" * 10)
+    (tmp / "optimizer.safetensors").write_bytes(b"y" * 10)
     path = ckpt.finalize(root, 5, keep=2)
     ckpt.verify(path)
-    (path / "optimizer.pt").write_bytes(b"y" * 9)             # a truncated file is caught
-    with pytest.raises(ValueError, match="optimizer.pt"):
+    (path / "optimizer.safetensors").write_bytes(b"y" * 9)             # a truncated file is caught
+    with pytest.raises(ValueError, match="optimizer.safetensors"):
         ckpt.verify(path)
 
 
