@@ -146,6 +146,8 @@ def main(args):
 # ----------------------------------------------------------------------------------------------------------
 PEER_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 MIXED = {"requests": 16, "adapters": 4, "rank": 32, "new_tokens": 32}
+PREFILL_TOKENS = 512                # the prefill row: one prompt of exactly this many tokens
+BATCH = {"rows": 16, "new_tokens": 64}   # the batched-decode row: 16 sequences decoded together (no adapters)
 
 
 class WorkerDied(RuntimeError):
@@ -158,7 +160,9 @@ class _Worker:
     so that its ru_maxrss is its own peak. Driven by JSON lines on stdin/stdout; stderr goes to a temp file whose
     last line a WorkerDied quotes."""
 
-    def __init__(self, side: str, model: str, weights: str, adapters: list[str] = ()):
+    def __init__(self, side: str, model: str, weights: str, adapters: list[str] = (), seqs: int = 0,
+                 env: dict | None = None, ctx: int = 0):
+        import os
         import subprocess
         import sys
         import tempfile
@@ -168,9 +172,11 @@ class _Worker:
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench_{side}_", suffix=".log")
         cmd = [sys.executable, "-m", "bench.generate", "--worker", side, "--model", model,
                "--gguf", str(model_path(model)), "--weights", weights,
-               *(a for p in adapters for a in ("--adapter", str(p)))]
+               *(a for p in adapters for a in ("--adapter", str(p))), *(("--seqs", str(seqs)) if seqs else ()),
+               *(("--ctx", str(ctx)) if ctx else ())]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, cwd=str(Path(__file__).resolve().parent.parent))
+                                     text=True, cwd=str(Path(__file__).resolve().parent.parent),
+                                     env={**os.environ, **(env or {})})
         self.ask({"op": "ping"})                                             # wait until the model is loaded
 
     def ask(self, msg: dict) -> dict:
@@ -322,6 +328,77 @@ def _mixed_row(name, packed, threads, new_tokens, rounds, workdir: Path) -> dict
             "greedy_agreement_tokens": agree}
 
 
+def _long_prompt(name: str, n: int) -> list[int]:
+    """A chat-templated prompt of exactly n tokens: a question followed by enough of the other prompts."""
+    ids = _chat_prompts(name, [" ".join(PROMPTS * 64)])[0]
+    head = _chat_prompts(name, [""])[0]
+    return ids[:n - 8] + head[-8:]                                      # ends as a template's assistant turn does
+
+
+def _prefill_rows(name, packed, threads, rounds) -> list[dict]:
+    """One prompt of PREFILL_TOKENS tokens, time to the first token: ours (its GEMM dtype: bf16 where the CPU
+    multiplies bf16 natively; then also ours with MCL_GEMM_DTYPE=fp32 beside it) vs llama.cpp. Fresh workers that do
+    only this, so their peak RSS is the peak through prefill."""
+    from engine.cpu_kernels import gemm_dtype
+    prompt = _long_prompt(name, PREFILL_TOKENS)
+    variants = {"ours": {}, "llama.cpp": {}}
+    if gemm_dtype() != __import__("torch").float32:
+        variants["ours_fp32_gemm"] = {"MCL_GEMM_DTYPE": "fp32"}
+    sides, got = {}, {}
+    try:
+        for v, env in variants.items():
+            sides[v] = _Worker("llama.cpp" if v == "llama.cpp" else "ours", name, packed, env=env,
+                               ctx=PREFILL_TOKENS + 16)
+            sides[v].ask({"op": "gen", "prompt": prompt, "new_tokens": 2, "threads": threads})      # warm-up
+        got = {v: [] for v in sides}
+        for r in range(rounds):
+            for v in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                got[v].append(sides[v].ask({"op": "gen", "prompt": prompt, "new_tokens": 2, "threads": threads}))
+    finally:
+        rss = {v: w.close()["maxrss_kb"] / 2**20 for v, w in sides.items()}
+    tps = {v: _median([len(prompt) / g["prefill_s"] for g in got[v]]) for v in got}
+    row = {"model": name, "threads": threads, "prompt_tokens": len(prompt), "rounds": rounds, "ours_weights": packed,
+           "ours_gemm_dtype": str(gemm_dtype()).replace("torch.", "")}
+    for v in got:
+        row[f"{v.replace('.', '_')}_prefill_tok_s"] = round(tps[v], 1)
+        row[f"{v.replace('.', '_')}_peak_rss_gib"] = round(rss[v], 3)
+    row["prefill_ratio"] = round(tps["ours"] / tps["llama.cpp"], 3)
+    row["rss_ratio"] = round(rss["ours"] / rss["llama.cpp"], 2)
+    if "ours_fp32_gemm" in got:
+        row["prefill_ratio_fp32_gemm"] = round(tps["ours_fp32_gemm"] / tps["llama.cpp"], 3)
+    print(f"{name} prefill {len(prompt)} tokens, threads {threads}: " + ", ".join(f"{v} {tps[v]:.0f} tok/s"
+          for v in tps) + f" ({row['prefill_ratio']:.2f}x); peak RSS ours / llama.cpp {rss['ours']:.2f} / "
+          f"{rss['llama.cpp']:.2f} GiB", flush=True)
+    return [row]
+
+
+def _batch_row(name, packed, threads, rounds) -> dict:
+    """BATCH["rows"] chat prompts decoded together, greedy, EOS ignored: decode tok/s after every row has its first
+    token (ours: one Scheduler, every request in flight; llama.cpp: one context, one sequence per prompt)."""
+    n, new = BATCH["rows"], BATCH["new_tokens"]
+    prompts = _chat_prompts(name, [f"{PROMPTS[i % len(PROMPTS)]} (variant {i})" for i in range(n)])
+    sides, got = {}, {}
+    try:
+        for s in ("ours", "llama.cpp"):
+            sides[s] = _Worker(s, name, packed, seqs=n)
+            sides[s].ask({"op": "batch", "prompts": prompts, "new_tokens": 4, "threads": threads})    # warm-up
+        got = {s: [] for s in sides}
+        for r in range(rounds):
+            for s in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                got[s].append(sides[s].ask({"op": "batch", "prompts": prompts, "new_tokens": new, "threads": threads}))
+    finally:
+        rss = {s: w.close()["maxrss_kb"] / 2**20 for s, w in sides.items()}
+    tps = {s: _median([n * (new - 1) / g["decode_s"] for g in got[s]]) for s in got}
+    agree = [_same_prefix(a, b) for a, b in zip(got["ours"][0]["tokens"], got["llama.cpp"][0]["tokens"])]
+    print(f"{name} batched decode {n} rows, threads {threads}: ours {tps['ours']:.1f} tok/s, llama.cpp "
+          f"{tps['llama.cpp']:.1f} ({tps['ours'] / tps['llama.cpp']:.2f}x)", flush=True)
+    return {"model": name, "threads": threads, "rows": n, "new_tokens": new, "rounds": rounds, "ours_weights": packed,
+            "ours_decode_tok_s": round(tps["ours"], 1), "llama_cpp_decode_tok_s": round(tps["llama.cpp"], 1),
+            "ratio": round(tps["ours"] / tps["llama.cpp"], 3),
+            "ours_peak_rss_gib": round(rss["ours"], 3), "llama_cpp_peak_rss_gib": round(rss["llama.cpp"], 3),
+            "greedy_agreement_tokens": agree}
+
+
 def peer_main(args) -> dict | None:
     """`mcl bench generate --peer`: the llama.cpp rows. Returns the result dict, or None (with a note) when
     llama-cpp-python is not installed."""
@@ -354,7 +431,7 @@ def peer_main(args) -> dict | None:
                         "(N-1) / time after the first token; *_cpu_tok_s: the same over the process's CPU time "
                         "(at 1 thread the work done, which other jobs' load does not inflate; at 2 threads it "
                         "includes spin-waiting)",
-              "rows": [], "mixed_adapters": None,
+              "rows": [], "prefill": [], "batched": [], "mixed_adapters": None,
               "command": "mcl bench generate --peer" + (" --quick" if quick else "")
               + (f" --model {args.model}" if args.model else "") + (f" --threads {args.threads}" if args.threads else "")
               + (f" --weights {args.weights}" if getattr(args, "weights", None) else "")
@@ -363,12 +440,15 @@ def peer_main(args) -> dict | None:
     # first model's rows (the larger models take longest).
     # A worker that dies (llama.cpp crashing on this CPU) costs its rows, reported as one line in "errors".
     for i, m in enumerate(models):
-        try:
-            result["rows"] += _batch1_rows(m, packed, threads_list, new_tokens, rounds)
-        except WorkerDied as e:
-            print(e, flush=True)
-            result.setdefault("errors", []).append(str(e))
-        write_result(result, args.out, "generate_peer_cpu.json")
+        for key, fn in (("rows", lambda: _batch1_rows(m, packed, threads_list, new_tokens, rounds)),
+                        ("prefill", lambda: _prefill_rows(m, packed, threads_list[0], rounds)),
+                        ("batched", lambda: [_batch_row(m, packed, threads_list[0], rounds)])):
+            try:
+                result[key] += fn()
+            except WorkerDied as e:
+                print(e, flush=True)
+                result.setdefault("errors", []).append(str(e))
+            write_result(result, args.out, "generate_peer_cpu.json")
         if i == 0:
             try:
                 with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
@@ -416,11 +496,29 @@ class _OursSide:
         return {"wall_s": wall, "tokens": [f.result().token_ids for f in futs]}
 
 
+    def batch(self, prompts, new_tokens, threads):
+        import torch
+
+        from engine.serve import Scheduler
+        torch.set_num_threads(threads)
+        sched = Scheduler(self.model, self.tok, n_slots=len(prompts), max_len=512, ignore_eos=True,
+                          prefix_cache=False)
+        firsts = {}
+        t0 = time.perf_counter()
+        futs = [sched.submit(p, max_new_tokens=new_tokens,
+                             on_token=lambda tok, i=i: firsts.setdefault(i, time.perf_counter()))
+                for i, p in enumerate(prompts)]
+        sched.run_until_done()
+        t1 = time.perf_counter()
+        return {"prefill_s": max(firsts.values()) - t0, "decode_s": t1 - max(firsts.values()),
+                "tokens": [f.result().token_ids for f in futs]}
+
+
 class _LlamaSide:
     """llama.cpp through llama-cpp-python's bindings of its C API (what llama-server does, minus HTTP): one
     context, the adapters loaded once, greedy argmax over the logits of the last token of each sequence."""
 
-    def __init__(self, gguf: str, adapters: list[str], ctx_per_seq: int = 512):
+    def __init__(self, gguf: str, adapters: list[str], ctx_per_seq: int = 512, seqs: int = 0):
         import ctypes
 
         import llama_cpp as L
@@ -431,7 +529,7 @@ class _LlamaSide:
         self.model = L.llama_model_load_from_file(gguf.encode(), L.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
-        n_seq = MIXED["adapters"] if adapters else 1                      # sequences batched per adapter
+        n_seq = seqs or (MIXED["adapters"] if adapters else 1)            # sequences decoded together
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_seq_max = n_seq * ctx_per_seq, n_seq * ctx_per_seq, n_seq
         cp.n_threads = cp.n_threads_batch = 2
@@ -494,6 +592,20 @@ class _LlamaSide:
         return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_cpu_s": time.process_time() - c1,
                 "tokens": out}
 
+    def batch(self, prompts, new_tokens, threads):
+        self.L.llama_set_n_threads(self.ctx, threads, threads)
+        self._set_adapter(None)
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        t0 = time.perf_counter()
+        first = self._decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+        t1 = time.perf_counter()
+        outs = [[t] for t in first]
+        for k in range(1, new_tokens):
+            nxt = self._decode([(o[-1], len(p) + k - 1, s, True) for s, (p, o) in enumerate(zip(prompts, outs))])
+            for o, t in zip(outs, nxt):
+                o.append(t)
+        return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": outs}
+
     def mixed(self, requests, new_tokens, threads):
         self.L.llama_set_n_threads(self.ctx, threads, threads)
         tokens = [None] * len(requests)
@@ -529,8 +641,11 @@ def worker_main(argv=None) -> None:
     ap.add_argument("--gguf", required=True, help="the model's GGUF file (llama.cpp's side loads only this)")
     ap.add_argument("--weights", default="q4")
     ap.add_argument("--adapter", action="append", default=[])
+    ap.add_argument("--seqs", type=int, default=0, help="llama.cpp: sequences in one context (batched rows)")
+    ap.add_argument("--ctx", type=int, default=512, help="llama.cpp: context tokens per sequence")
     a = ap.parse_args(argv)
-    side = _OursSide(a.model, a.weights, a.adapter) if a.worker == "ours" else _LlamaSide(a.gguf, a.adapter)
+    side = (_OursSide(a.model, a.weights, a.adapter) if a.worker == "ours"
+            else _LlamaSide(a.gguf, a.adapter, ctx_per_seq=a.ctx, seqs=a.seqs))
     for line in sys.stdin:
         msg = json.loads(line)
         op = msg.pop("op")

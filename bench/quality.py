@@ -9,7 +9,9 @@ EOS ignored), then both models score prompt + continuation in one forward pass e
 the continuation positions where their next-token argmax agrees. The q4 forward is held on the integer kernel for
 every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
 activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
-decode path's agreement. Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
+decode path's agreement; `agreement_prefill_path_fp32_text` is the same on the fp32 text through the prefill path
+(whole sequences: dequantise + GEMM, bf16 where the CPU multiplies bf16 natively, engine.cpu_kernels.gemm_dtype).
+Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
 greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
 prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax
 (llama-cpp-python from `python -m bench.llama_build`, run in a child process: a crash there is one line,
@@ -77,6 +79,7 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     texts = {"q4": [p + c for p, c in zip(prompts, conts)], "fp32": [p + c for p, c in zip(prompts, fp_conts)]}
     pick = lambda m, s, n: m(torch.tensor([s]))[0, len(s) - n - 1:-1].argmax(-1)     # (n,) next-token choices
     want = {k: [pick(fp32, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
+    prefill = [pick(q4, s, n_tokens) for s in texts["fp32"]]      # whole sequences: the prefill path (dequant + GEMM)
     saved, ck.DEQUANT_MIN_M = ck.DEQUANT_MIN_M, 1 << 30
     try:
         got = {k: [pick(q4, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
@@ -90,6 +93,8 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     row = {"model": name, "tokens_per_prompt": n_tokens, "prompts": len(PROMPTS), "agreement": round(total, 4),
            "per_prompt": [round((g == w).float().mean().item(), 4) for g, w in zip(got["q4"], want["q4"])],
            "agreement_fp32_text": round(rate(got["fp32"], want["fp32"]), 4),
+           "agreement_prefill_path_fp32_text": round(rate(prefill, want["fp32"]), 4),
+           "prefill_gemm_dtype": str(ck.gemm_dtype()).replace("torch.", ""),
            "packed": stats["packed"], "step_bytes": stats["step_bytes"], "q4_generate_s": round(gen_s, 1),
            "goal": 0.98, "goal_met": total >= 0.98}
     if peer:
