@@ -109,6 +109,7 @@ def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
     import torch.nn.functional as F
 
     import engine.cpu_kernels as ck
+    from bench.common import env_var
     from engine.quant import BLOCK_BYTES, PackedLinear
 
     def med(fn, n=5):
@@ -135,14 +136,10 @@ def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
             for m in rows:
                 x = torch.randn(m, K)
                 a = pk.args()
-                saved = ck.DEQUANT_MIN_M
-                try:
-                    ck.DEQUANT_MIN_M = 1 << 30
+                with env_var("MCL_DEQUANT_MIN_M", str(1 << 30)):
                     row[f"int8_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
-                    ck.DEQUANT_MIN_M = 0
+                with env_var("MCL_DEQUANT_MIN_M", "0"):
                     row[f"dequant_sgemm_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
-                finally:
-                    ck.DEQUANT_MIN_M = saved
                 if dense is not None:
                     row[f"fp32_linear_ms_m{m}"] = round(med(lambda: F.linear(x, dense)), 3)
             row["int8_gb_s_m1"] = round(pk.nbytes() / row["int8_ms_m1"] / 1e6, 1)
@@ -184,7 +181,7 @@ def main(argv=None):
     if a.kernels:
         from bench.common import device_name, write_result
         write_result({"bench": "decode_speed --kernels", "device": device_name("cpu"),
-                      "dequant_min_m": __import__("engine.cpu_kernels").cpu_kernels.DEQUANT_MIN_M,
+                      "dequant_min_m": __import__("engine.cpu_kernels").cpu_kernels.dequant_min_m(),
                       "rows": kernels(a.threads)}, a.out, "kernels_cpu.json")
         return
     trees = {"after": HERE.parent.parent} | ({"before": Path(a.before).resolve()} if a.before else {})

@@ -7,9 +7,9 @@
 For each model: the q4 model writes a greedy continuation of `--tokens` tokens for each of 4 chat prompts (batched,
 EOS ignored), then both models score prompt + continuation in one forward pass each (teacher forcing) and we count
 the continuation positions where their next-token argmax agrees. The q4 forward is held on the integer kernel for
-every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
-activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
-decode path's agreement. Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
+every row (MCL_DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32 activations), the
+arithmetic of its decode steps (each row's activations quantised on their own), so this is the decode path's
+agreement. Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
 greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
 prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax. Writes
 quality_cpu.json.
@@ -54,7 +54,8 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     fp32 model's (`agreement_fp32_text`: the same text for every side); with `peer`, llama.cpp on both texts too."""
     from engine.generate import generate
     from engine.hub import load_model
-    import engine.cpu_kernels as ck
+
+    from bench.common import env_var
     fp32, tok = load_model(name, device="cpu")
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
     fp_conts = [g.token_ids for g in generate(fp32, prompts, n_tokens, ignore_eos=True)]
@@ -65,11 +66,8 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     texts = {"q4": [p + c for p, c in zip(prompts, conts)], "fp32": [p + c for p, c in zip(prompts, fp_conts)]}
     pick = lambda m, s, n: m(torch.tensor([s]))[0, len(s) - n - 1:-1].argmax(-1)     # (n,) next-token choices
     want = {k: [pick(fp32, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
-    saved, ck.DEQUANT_MIN_M = ck.DEQUANT_MIN_M, 1 << 30
-    try:
+    with env_var("MCL_DEQUANT_MIN_M", str(1 << 30)):
         got = {k: [pick(q4, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
-    finally:
-        ck.DEQUANT_MIN_M = saved
     stats = q4.pack_stats
     del q4, fp32
     gc.collect()

@@ -30,6 +30,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "cpu_kernels.h"
 
 void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx, int nt) {
     int64_t nb = M * K / 32;

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.cpu_kernels import DEQUANT_MIN_M, available, dequantize_ref, qmatmul_ref
+from engine.cpu_kernels import available, dequant_min_m, dequantize_ref, qmatmul_ref
 from engine.lora import add_adapters
 from engine.model import Transformer
 from engine.quant import BLOCK_BYTES, PACKED_TYPES, FileRows, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
@@ -60,7 +60,7 @@ def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n
     integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is the
     activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
     steps, then an odd tail (decode pairs blocks)."""
-    assert m < DEQUANT_MIN_M                                                  # the integer kernel, not dequant + SGEMM
+    assert m < dequant_min_m()                                                  # the integer kernel, not dequant + SGEMM
     n_rows = 40
     raw = random_blocks(type_name, n_rows, n_cols, seed=m)
     pk = PackedLinear.from_gguf(raw, type_name, n_rows, n_cols)
@@ -93,7 +93,7 @@ def test_fused_equals_separate_calls():
 @pytest.mark.parametrize("gemm,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 @pytest.mark.parametrize("type_name", PACKED_TYPES)
 def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
-    """From DEQUANT_MIN_M rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
+    """From dequant_min_m() rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
     parts): close to the float64 product with the file's weights; within bf16 rounding on the bf16 GEMM path (the
     default where the CPU multiplies bf16 natively; forced here on every CPU)."""
     import engine.cpu_kernels as ck
@@ -101,7 +101,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
     monkeypatch.setenv("MCL_GEMM_DTYPE", gemm)
     raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
     parts = [PackedLinear.from_gguf(r, type_name, 40, 512) for r in raws]
-    x = torch.randn(DEQUANT_MIN_M + 3, 512, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(dequant_min_m() + 3, 512, generator=torch.Generator().manual_seed(0))
     w = torch.cat([torch.from_numpy(gguf_dequant(r, type_name, 40, 512)) for r in raws]).double()
     exact = x.double() @ w.t()
     for got in (parts[0](x), PackedParts(parts)(x)):
