@@ -1,8 +1,8 @@
 /* The one definition of the CPU library's interface: every function it exports, the structs it reads, and their
- * version. engine/qmatmul.c and engine/cpu_ops.c include it; engine/cpu_library.py mirrors it in ctypes (argtypes,
- * ctypes.Structure) and at load compares the library's mcl_abi_version() and mcl_layout() table with its mirror,
- * refusing the library on any difference. Changing a prototype or a struct: change the mirror too and bump
- * MCL_CPU_ABI (tests/test_quant.py also checks every prototype here against the mirror's argtypes).
+ * version. Every C file includes it (the ISA variants through engine/qblocks.h); engine/cpu_library.py mirrors it in
+ * ctypes (argtypes, ctypes.Structure) and at load compares the library's mcl_abi_version() and mcl_layout() table
+ * with its mirror, refusing the library on any difference. Changing a prototype or a struct: change the mirror too
+ * and bump MCL_CPU_ABI (tests/test_cpu_library.py also checks every prototype here against the mirror's argtypes).
  */
 #ifndef MCL_CPU_KERNELS_H
 #define MCL_CPU_KERNELS_H
@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MCL_CPU_ABI 1
+#define MCL_CPU_ABI 2
 
 typedef struct {                 /* one packed weight: engine.cpu_kernels.weight_args */
     const uint8_t *w;
@@ -51,6 +51,10 @@ void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, flo
 int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
             const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
             int kind, int G, int64_t N, float *y, int64_t ldy, int nt);
+int mcl_isa(int i, const char **name);          /* variant i: its name; 1 built, 0 not, -1 past the end */
+int mcl_set_isa(int i);                         /* qmatmul runs variant i from now on; -1 when it is not built */
+/* qmatmul's ISA variants (engine/qblocks.h's kernels; engine/qmatmul.c, engine/qmatmul_<isa>.c), in mcl_isa's order */
+__typeof__(qmatmul) qmatmul_avx2, qmatmul_avxvnni, qmatmul_avx512vnni;
 int dequant(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
             int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, float *out, int nt);
 

@@ -1,7 +1,7 @@
 """The CPU block-quantised matmul (engine/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
 
     from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, available
-    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qmatmul.c's header)
+    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qblocks.h's header)
     y = qmatmul(x, [args])                                 # x (M, K) fp32 -> y (M, N) fp32; several weights: [y1|y2]
     out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # RoPE + KV write + attention, one decode token
     python -m engine.cpu_library                           # build (or find) the library and print its path
@@ -14,9 +14,10 @@ That wins while a call reads each weight for a few rows of x; from dequant_min_m
 concurrent requests) the weights are instead dequantised tile by tile into fp32 and multiplied by torch's SGEMM,
 whose arithmetic rate is several times the integer kernel's.
 
-engine/cpu_library.py compiles the library into $MCL_CACHE/kernels/qmatmul-<sha>.so on first use (about 2 s; needs
-gcc and an AVX2 + FMA + F16C CPU) and checks it against engine/cpu_kernels.h. OpenMP comes from the libgomp torch
-has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
+engine/cpu_library.py compiles the library into $MCL_CACHE/kernels/qmatmul-<sha>.so on first use (a few seconds;
+needs gcc and an AVX2 + FMA + F16C CPU), checks it against engine/cpu_kernels.h and picks the ISA variant of the
+integer kernels this CPU runs best (AVX2, AVX-VNNI or AVX512-VNNI; MCL_CPU_ISA forces one). OpenMP comes from the
+libgomp torch has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from engine.cpu_library import library
 
-BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qmatmul.c)
+BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qblocks.h)
 TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
 
 

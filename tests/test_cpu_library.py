@@ -27,7 +27,7 @@ def _with_field(cls, fields):
      "DecodeLayer.eps at offset 40 size 8 in C, offset 40 size 4 here"),
     (lambda: ("LoraW", _with_field(cl.LoraW, [cl.LoraW._fields_[i] for i in (1, 0, 2, 3)])),
      "LoraW.B at offset 8 size 8 in C, offset 0 size 8 here"),
-    (lambda: ("ABI", 2), "MCL_CPU_ABI is 1 in the library, 2 here"),
+    (lambda: ("ABI", cl.ABI_VERSION + 1), f"MCL_CPU_ABI is {cl.ABI_VERSION} in the library, {cl.ABI_VERSION + 1} here"),
 ])
 def test_a_planted_mismatch_is_refused_at_load_in_one_line(monkeypatch, plant, message):
     name, value = plant()
@@ -66,3 +66,53 @@ def test_every_prototype_in_the_header_matches_the_argtypes():
         assert protos[name] == (restype, argtypes), f"{name}: header {protos[name]}, argtypes {(restype, argtypes)}"
     unbound = set(protos) - set(cl.SIGNATURES) - set(getattr(cl, "VARIANT_SYMBOLS", ()))
     assert not unbound, f"declared in engine/cpu_kernels.h but without argtypes: {sorted(unbound)}"
+
+
+def _runnable_variant() -> str:
+    """A variant other than AVX2 that this CPU runs (the test skips, naming what the CPU lacks, when there is none)."""
+    others = [n for n in cl.VARIANTS if n != "avx2"]
+    ok = [n for n in others if not cl.missing_flags(n)]
+    if not ok:
+        pytest.skip("no ISA variant other than AVX2 runs on this CPU: " +
+                    "; ".join(f"{n} needs {', '.join(cl.missing_flags(n))}" for n in others))
+    return ok[-1]
+
+
+def test_a_variant_that_disagrees_with_avx2_falls_back_with_one_warning_line(monkeypatch, tmp_path, capsys):
+    """The first load on a CPU checks the chosen variant against AVX2; planted here: its outputs off by 1e-3
+    (the check's input, on the Python side). AVX2 runs instead, one line on stderr says why, and the verdict is kept:
+    the next load falls back again without running the check."""
+    name = _runnable_variant()
+    real = cl._variant_output
+    monkeypatch.setattr(cl, "_variant_output", lambda lib, n, case: real(lib, n, case) * (1 + 1e-3 * (n != "avx2")))
+    monkeypatch.setattr(cl, "_verdict_file", lambda so: tmp_path / "verdicts.json")
+    monkeypatch.delenv("MCL_CPU_ISA", raising=False)
+    try:
+        for load in range(2):
+            monkeypatch.setattr(cl, "_LIB", None)
+            cl.library()
+            assert cl.isa() == "avx2"
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"the {name} kernels disagree with AVX2" in err[0], err
+            assert "max relative difference 1.00e-03" in err[0], err
+            monkeypatch.setattr(cl, "check_variant", lambda *a: pytest.fail("the verdict was not reused"))
+    finally:
+        monkeypatch.undo()
+        cl.select_isa()
+    assert cl.isa() == name                                       # undone: the variant agrees again
+
+
+def test_mcl_cpu_isa_forces_a_variant_at_load_and_is_refused_by_name_when_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("MCL_CPU_ISA", "avx2")
+    monkeypatch.setattr(cl, "_LIB", None)
+    try:
+        assert cl.library() and cl.isa() == "avx2"
+        with pytest.raises(ValueError, match=r"MCL_CPU_ISA='sse2': expected one of avx2, avxvnni, avx512vnni"):
+            cl.select_isa("sse2")
+        for name in cl.VARIANTS:
+            if cl.missing_flags(name):
+                with pytest.raises(RuntimeError, match=f"MCL_CPU_ISA={name}: this CPU lacks"):
+                    cl.select_isa(name)
+    finally:
+        monkeypatch.undo()
+        cl.select_isa()

@@ -13,12 +13,25 @@ import torch
 
 from engine.config import PRESETS
 from engine.cpu_kernels import available, dequant_min_m, dequantize_ref, qmatmul_ref
+from engine.cpu_library import VARIANTS, missing_flags, select_isa
 from engine.lora import add_adapters
 from engine.model import Transformer
 from engine.quant import BLOCK_BYTES, PACKED_TYPES, FileRows, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
+
+@pytest.fixture(params=list(VARIANTS))
+def isa(request):
+    """Each ISA variant of the integer kernels (engine/cpu_library.py) that this CPU runs, in turn; the others skip,
+    naming the flags the CPU lacks."""
+    name = request.param
+    if missing_flags(name):
+        pytest.skip(f"the {name} kernels cannot run on this CPU: it lacks {', '.join(missing_flags(name))}")
+    assert select_isa(name) == name, f"the {name} kernels disagree with AVX2 on this CPU (see stderr)"
+    yield name
+    select_isa()
+
 
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 
@@ -55,10 +68,10 @@ def test_layout_equals_gguf_dequantize_exactly(type_name):
 
 @pytest.mark.parametrize("type_name,m,n_cols", [(t, m, k) for t in PACKED_TYPES for m in (1, 5) for k in (512, 608)
                                                 if k % 256 == 0 or not t.endswith("_K")])   # K-quants: whole 256s
-def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n_cols):
-    """y = kernel(x): equal to the float64 reference of the same arithmetic (int8 activations per 32 inputs, exact
-    integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is the
-    activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
+def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n_cols, isa):
+    """y = kernel(x), each ISA variant: equal to the float64 reference of the same arithmetic (int8 activations per 32
+    inputs, exact integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is
+    the activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
     steps, then an odd tail (decode pairs blocks)."""
     assert m < dequant_min_m()                                                  # the integer kernel, not dequant + SGEMM
     n_rows = 40
@@ -296,11 +309,12 @@ def test_fusion_holds_the_weights_once():
 
 
 @pytest.mark.parametrize("adapters", [False, True])
-def test_decode_kernel_equals_eager_path(adapters):
+def test_decode_kernel_equals_eager_path(adapters, isa):
     """engine/cpu_ops.c's decode step (one decode_layer call per layer: RMSNorm, fused QKV, RoPE, KV-cache write,
     grouped-query attention, o_proj, SwiGLU, residuals, and with adapters each row's own LoRA delta) against the eager
-    torch path it replaces: three rows at different positions in scattered cache slots, several greedy steps, rows on
-    different adapters and one on the base; the same logits and cache contents to fp32 rounding."""
+    torch path it replaces, with each ISA variant of the projections: three rows at different positions in scattered
+    cache slots, several greedy steps, rows on different adapters and one on the base; the same logits and cache
+    contents to fp32 rounding."""
     from engine.kv_cache import KVCache
     from engine.lora import LoRABatch
     model = _tiny()
