@@ -272,6 +272,7 @@ def _verdict(lib: ctypes.CDLL, so: Path, name: str) -> dict:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump(known, f, indent=1)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except OSError:                                    # a read-only cache: check again at the next load
             pass
