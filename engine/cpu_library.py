@@ -260,8 +260,10 @@ def _verdict_file(so: Path) -> Path:
 
 
 def _verdict(lib: ctypes.CDLL, so: Path, name: str) -> dict:
-    """check_variant's verdict on this CPU model, from the file beside the library or computed and added to it."""
-    path, cpu = _verdict_file(so), cpu_info()["cpu_model"]
+    """check_variant's verdict on this CPU model (and ISA flags: a VM may show a generic model name), from the file
+    beside the library or computed and added to it."""
+    info = cpu_info()
+    path, cpu = _verdict_file(so), f"{info['cpu_model']} [{' '.join(info['isa'])}]"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
