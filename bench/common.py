@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmark commands (bench/*.py): the device's name for the JSON, and writing the JSON.
+"""Helpers shared by the benchmark commands (bench/*.py): the device's name for the JSON, writing the JSON, and
+setting an environment variable for a block.
 
-    from bench.common import device_name, isa, write_result
+    from bench.common import device_name, env_var, isa, write_result
     result = {"bench": "...", "device": device_name("cpu"), **isa(), "rows": rows}   # isa(): cpu_model, cpu_flags
     write_result(result, args.out, "name_cpu.json")
 
@@ -9,7 +10,9 @@ AMX flags), so numbers from different machines are never compared unknowingly; w
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -39,3 +42,17 @@ def write_result(result: dict, out: str | None, default_name: str) -> None:
         p.mkdir(parents=True, exist_ok=True)
         p = p / default_name
     p.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """os.environ[name] = value inside the block, the previous value (or its absence) after it."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved

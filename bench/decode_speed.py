@@ -4,6 +4,8 @@
     python -m bench.decode_speed --models smollm2-135m --rounds 1                          # this tree only
     python -m bench.decode_speed --profile --models qwen2.5-coder-0.5b                     # where a step's time goes
     python -m bench.decode_speed --kernels --out bench/results/                            # the matmul paths alone
+    python -m bench.decode_speed --kernels --isa avx2,avx512vnni --out bench/results/      # ISA variants side by side
+    MCL_CPU_ISA=avx2 python -m bench.decode_speed --models smollm2-135m                     # one variant, whole model
 
 Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.getrusage's ru_maxrss of that process:
 load + prefill + decode), the trees alternating round by round so that a machine shared with other work loads both
@@ -11,6 +13,9 @@ sides alike; inside a worker the thread counts alternate too. A worker loads the
 then times decode steps (engine.generate.decode_one, greedy), median ms per step over its rounds.
 Workers run with OMP_WAIT_POLICY=PASSIVE (--spin keeps the default): on a machine shared with other work, threads
 spinning at OpenMP barriers starve the one they wait for. --profile adds a cProfile breakdown of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
+--kernels --isa times the ISA variants of the integer kernel (engine/cpu_library.py) in turn on the same inputs, with
+each one's ratio to the first (`int8_<isa>_vs_<first>_m<rows>` > 1: faster); --shapes, --rows and --reps shrink a
+run. Both JSONs record the CPU model and its ISA flags (kernels.cpu_info.isa()).
 """
 from __future__ import annotations
 
@@ -101,17 +106,21 @@ KERNEL_SHAPES = {"smollm2 gate|up Q4_1": ("Q4_1", 3072, 576), "qwen 0.5b down Q6
                  "qwen 1.5b gate|up Q4_K": ("Q4_K", 17920, 1536)}
 
 
-def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
-    """Per real projection shape (random GGUF blocks): fp32 F.linear, the integer kernel and dequant + SGEMM at
-    several batch rows, median ms of 5 after a warm-up; GB/s = packed bytes read per integer-kernel call / time."""
+def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shapes=(), reps: int = 5) -> list[dict]:
+    """Per real projection shape (random GGUF blocks; `shapes`: names containing one of these, all when empty): fp32
+    F.linear, the integer kernel in each ISA variant of `isas` (engine/cpu_library.py; the first is the baseline of
+    the ratios) and dequant + SGEMM at several batch rows, median ms of `reps` after a warm-up, the variants taking
+    turns on each input; GB/s = packed bytes read per integer-kernel call / time."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     import engine.cpu_kernels as ck
+    from bench.common import env_var
+    from engine.cpu_library import select_isa
     from engine.quant import BLOCK_BYTES, PackedLinear
 
-    def med(fn, n=5):
+    def med(fn, n=reps):
         fn()
         ts = []
         for _ in range(n):
@@ -123,6 +132,8 @@ def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
     out = []
     rng = np.random.default_rng(0)
     for name, (typ, N, K) in KERNEL_SHAPES.items():
+        if shapes and not any(s in name for s in shapes):
+            continue
         per, nb = BLOCK_BYTES[typ]
         raw = rng.integers(0, 256, size=(N * K // per, nb), dtype=np.uint8)
         for off in {"Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}[typ]:
@@ -135,17 +146,22 @@ def kernels(threads: list[int], rows=(1, 2, 4, 8, 16, 64)) -> list[dict]:
             for m in rows:
                 x = torch.randn(m, K)
                 a = pk.args()
-                saved = ck.DEQUANT_MIN_M
-                try:
-                    ck.DEQUANT_MIN_M = 1 << 30
-                    row[f"int8_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
-                    ck.DEQUANT_MIN_M = 0
+                with env_var("MCL_DEQUANT_MIN_M", str(1 << 30)):
+                    for isa in isas:
+                        if select_isa(isa) != isa:
+                            raise SystemExit(f"decode_speed: the {isa} kernels disagree with AVX2 here (stderr)")
+                        row[f"int8_{isa}_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
+                    select_isa()
+                for isa in isas[1:]:
+                    row[f"int8_{isa}_vs_{isas[0]}_m{m}"] = round(row[f"int8_{isas[0]}_ms_m{m}"] /
+                                                                 row[f"int8_{isa}_ms_m{m}"], 3)
+                with env_var("MCL_DEQUANT_MIN_M", "0"):
                     row[f"dequant_sgemm_ms_m{m}"] = round(med(lambda: ck.qmatmul(x, [a])), 3)
-                finally:
-                    ck.DEQUANT_MIN_M = saved
                 if dense is not None:
                     row[f"fp32_linear_ms_m{m}"] = round(med(lambda: F.linear(x, dense)), 3)
-            row["int8_gb_s_m1"] = round(pk.nbytes() / row["int8_ms_m1"] / 1e6, 1)
+            if 1 in rows:
+                for isa in isas:
+                    row[f"int8_{isa}_gb_s_m1"] = round(pk.nbytes() / row[f"int8_{isa}_ms_m1"] / 1e6, 1)
             print(row, flush=True)
             out.append(row)
     return out
@@ -173,6 +189,11 @@ def main(argv=None):
     ap.add_argument("--weights", default="q4")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="time the matmul paths alone on real projection shapes")
+    ap.add_argument("--isa", default="", help="--kernels: ISA variants side by side, e.g. avx2,avx512vnni (default: "
+                                              "every variant this CPU runs; the first is the ratios' baseline)")
+    ap.add_argument("--shapes", nargs="*", default=[], help="--kernels: only shapes whose name contains one of these")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="--kernels: rows of x")
+    ap.add_argument("--reps", type=int, default=5, help="--kernels: timed calls per measurement (median)")
     ap.add_argument("--spin", action="store_true", help="keep OpenMP's default (spinning) wait policy in the workers")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
@@ -183,9 +204,16 @@ def main(argv=None):
         return
     if a.kernels:
         from bench.common import device_name, isa, write_result
+        from engine.cpu_kernels import dequant_min_m
+        from engine.cpu_library import VARIANTS, missing_flags
+        isas = a.isa.split(",") if a.isa else [n for n in VARIANTS if not missing_flags(n)]
+        for n in isas:
+            if n not in VARIANTS or missing_flags(n):
+                ap.error(f"--isa {n}: " + (f"this CPU lacks {', '.join(missing_flags(n))}" if n in VARIANTS else
+                                           f"expected some of {', '.join(VARIANTS)}"))
         write_result({"bench": "decode_speed --kernels", "device": device_name("cpu"), **isa(),
-                      "dequant_min_m": __import__("engine.cpu_kernels").cpu_kernels.DEQUANT_MIN_M,
-                      "rows": kernels(a.threads)}, a.out, "kernels_cpu.json")
+                      "isas": isas, "dequant_min_m": dequant_min_m(),
+                      "rows": kernels(a.threads, isas, a.rows, a.shapes, a.reps)}, a.out, "kernels_cpu.json")
         return
     trees = {"after": HERE.parent.parent} | ({"before": Path(a.before).resolve()} if a.before else {})
     rows = []
@@ -214,7 +242,8 @@ def main(argv=None):
                                    for n in row["after"]["tok_s"]}
         rows.append(row)
     from bench.common import device_name, isa, write_result
-    write_result({"bench": "decode_speed", "device": device_name("cpu"), **isa(), "weights": a.weights, "rows": rows,
+    write_result({"bench": "decode_speed", "device": device_name("cpu"), **isa(), "weights": a.weights,
+                  "isa": os.environ.get("MCL_CPU_ISA", "automatic"), "rows": rows,
                   "omp_wait_policy": "default" if a.spin else "PASSIVE",
                   "note": "machine shared with other work: compare within a row (sides alternate), not across runs"},
                  a.out, "decode_speed_cpu.json")

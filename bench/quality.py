@@ -7,10 +7,10 @@
 For each model: the q4 model writes a greedy continuation of `--tokens` tokens for each of 4 chat prompts (batched,
 EOS ignored), then both models score prompt + continuation in one forward pass each (teacher forcing) and we count
 the continuation positions where their next-token argmax agrees. The q4 forward is held on the integer kernel for
-every row (engine.cpu_kernels.DEQUANT_MIN_M raised: a long forward would otherwise take dequant + SGEMM, fp32
-activations), the arithmetic of its decode steps (each row's activations quantised on their own), so this is the
-decode path's agreement; `agreement_prefill_path_fp32_text` is the same on the fp32 text through the prefill path
-(whole sequences: dequantise + GEMM, bf16 where the CPU multiplies bf16 natively, engine.cpu_kernels.gemm_dtype).
+every row (MCL_DEQUANT_MIN_M raised: a long forward would otherwise take dequant + GEMM), the arithmetic of its
+decode steps (each row's activations quantised on their own), so this is the decode path's agreement;
+`agreement_prefill_path_fp32_text` is the same on the fp32 text through the prefill path (whole sequences:
+dequantise + GEMM, bf16 where the CPU multiplies bf16 natively, engine.cpu_kernels.gemm_dtype).
 Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
 greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
 prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax
@@ -68,7 +68,9 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     fp32 model's (`agreement_fp32_text`: the same text for every side); with `peer`, llama.cpp on both texts too."""
     from engine.generate import generate
     from engine.hub import load_model
-    import engine.cpu_kernels as ck
+
+    from bench.common import env_var
+    from engine.cpu_kernels import gemm_dtype
     fp32, tok = load_model(name, device="cpu")
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
     fp_conts = [g.token_ids for g in generate(fp32, prompts, n_tokens, ignore_eos=True)]
@@ -80,11 +82,8 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
     pick = lambda m, s, n: m(torch.tensor([s]))[0, len(s) - n - 1:-1].argmax(-1)     # (n,) next-token choices
     want = {k: [pick(fp32, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
     prefill = [pick(q4, s, n_tokens) for s in texts["fp32"]]      # whole sequences: the prefill path (dequant + GEMM)
-    saved, ck.DEQUANT_MIN_M = ck.DEQUANT_MIN_M, 1 << 30
-    try:
+    with env_var("MCL_DEQUANT_MIN_M", str(1 << 30)):
         got = {k: [pick(q4, s, n_tokens) for s in seqs] for k, seqs in texts.items()}
-    finally:
-        ck.DEQUANT_MIN_M = saved
     stats = q4.pack_stats
     del q4, fp32
     gc.collect()
@@ -94,7 +93,7 @@ def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) ->
            "per_prompt": [round((g == w).float().mean().item(), 4) for g, w in zip(got["q4"], want["q4"])],
            "agreement_fp32_text": round(rate(got["fp32"], want["fp32"]), 4),
            "agreement_prefill_path_fp32_text": round(rate(prefill, want["fp32"]), 4),
-           "prefill_gemm_dtype": str(ck.gemm_dtype()).replace("torch.", ""),
+           "prefill_gemm_dtype": str(gemm_dtype()).replace("torch.", ""),
            "packed": stats["packed"], "step_bytes": stats["step_bytes"], "q4_generate_s": round(gen_s, 1),
            "goal": 0.98, "goal_met": total >= 0.98}
     if peer:

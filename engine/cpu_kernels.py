@@ -1,111 +1,48 @@
 """The CPU block-quantised matmul (engine/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
 
-    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, check_available
+    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, available, check_available
     reason = check_available()                             # None, or why the library cannot run here (one line)
-    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qmatmul.c's header)
+    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qblocks.h's header)
     y = qmatmul(x, [args])                                 # x (M, K) fp32 -> y (M, N) fp32; several weights: [y1|y2]
     out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # RoPE + KV write + attention, one decode token
-    python -m engine.cpu_kernels                           # build (or find) the library and print its path
+    python -m engine.cpu_library                           # build (or find) the library and print its path
 
 Why a C file and not a torch op: on this project's CPUs (AVX2, no AVX-512) torch's int4 / int8 weight-only kernels
 (aten._weight_int4pack_mm_for_cpu, aten._weight_int8pack_mm) and its bf16 GEMV run 5x slower than a plain fp32
 GEMV (bench/decode_speed.py --kernels), so a packed weight would be slower than the dense one. llama.cpp's answer,
 used here: quantise the activations to int8 per 32 inputs and take integer dot products with the weight blocks.
-That wins while a call reads each weight for a few rows of x; from DEQUANT_MIN_M rows on (prefill, a batch of
+That wins while a call reads each weight for a few rows of x; from dequant_min_m() rows on (prefill, a batch of
 concurrent requests) the weights are instead dequantised tile by tile into fp32 and multiplied by torch's SGEMM,
 whose arithmetic rate is several times the integer kernel's.
 
-The library is compiled into $MCL_CACHE/kernels/qmatmul-<sha of source and flags>.so on first use (about 2 s; needs
-gcc and an AVX2 + FMA + F16C CPU: check_available() says up front, without compiling, whether this machine has them,
-so that a caller asking for packed weights fails, or falls back, before any work). OpenMP comes from the libgomp
-torch has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
+engine/cpu_library.py compiles the library into $MCL_CACHE/kernels/qmatmul-<sha>.so on first use (a few seconds;
+needs gcc and an AVX2 + FMA + F16C CPU: check_available() says up front, without compiling, whether this machine has
+them, so that a caller asking for packed weights fails, or falls back, before any work), checks it against engine/cpu_kernels.h and picks the ISA variant of the
+integer kernels this CPU runs best (AVX2, AVX-VNNI or AVX512-VNNI; MCL_CPU_ISA forces one). OpenMP comes from the
+libgomp torch has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-from kernels.cpu_info import cpu_flags, cpu_model, native_bf16
+from engine.cpu_library import check_available, library    # noqa: F401 -- check_available: hub, main job
+from kernels.cpu_info import native_bf16
 
-SRCS = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("cpu_ops.c")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-NEEDS = ("avx2", "fma", "f16c")                 # the CPU flags FLAGS compile for (/proc/cpuinfo's names)
-BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qmatmul.c)
-DEQUANT_MIN_M = int(os.environ.get("MCL_DEQUANT_MIN_M", 64))  # rows of x from which dequantise + SGEMM wins (--kernels)
+BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qblocks.h)
 TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
-_LIB = None
 
 
-def _so_path() -> Path:
-    """Where the library of these sources and flags is (or will be) built."""
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in SRCS) + " ".join(FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mapcoder-lite")
-    return cache / "kernels" / f"qmatmul-{key}.so"
-
-
-def check_available() -> str | None:
-    """None when the library can run here; else why not, in one line: the CPU lacks a flag of NEEDS, or gcc is not
-    on PATH and the library is not built yet. Reads /proc/cpuinfo and PATH, compiles nothing (engine/hub.py's
-    load_model and `mcl main` ask before loading or training)."""
-    missing = [f for f in NEEDS if f not in cpu_flags()]
-    if missing:
-        return (f"engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one ({cpu_model()}) has no "
-                f"{', '.join(missing)}")
-    if shutil.which("gcc") is None and not _so_path().is_file():
-        return "engine/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
-    return None
-
-
-def library() -> ctypes.CDLL:
-    """The compiled kernel library (built on first call); RuntimeError with the reason when it cannot be built."""
-    global _LIB
-    if _LIB is not None:
-        return _LIB
-    reason = check_available()
-    if reason:
-        raise RuntimeError(f"{reason}; load with weights='fp32'")
-    so = _so_path()
-    cache = so.parent
-    cache.mkdir(parents=True, exist_ok=True)
-    if not so.is_file():
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-        os.close(fd)
-        cmd = ["gcc", *FLAGS, *map(str, SRCS), "-o", tmp, "-lm"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            os.unlink(tmp)
-            raise RuntimeError("building engine/qmatmul.c needs gcc on PATH") from None
-        if r.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"building engine/qmatmul.c failed: {' '.join(cmd)}\n{r.stderr.strip()[-2000:]}")
-        os.replace(tmp, so)
-    lib = ctypes.CDLL(str(so))
-    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.quantize_x.argtypes = [P, I, I, P, P, P, C]
-    lib.quantize_x.restype = None
-    lib.qmatmul.argtypes = [P, P, P, I, I, P, P, P, C, P, P, C, C, C, I, P, I, C]
-    lib.qmatmul.restype = C
-    lib.dequant.argtypes = [P, P, P, C, P, P, C, C, C, I, P, I, I, P, C]
-    lib.dequant.restype = C
-    lib.decode_attention.argtypes = [P, I, P, I, P, I, P, P, P, P, I, P, P, I, I, I, I, P, C]
-    lib.decode_attention.restype = C
-    lib.rmsnorm.argtypes = [P, P, I, I, ctypes.c_float, P]
-    lib.rmsnorm.restype = None
-    lib.lora_apply.argtypes = [P, I, P, I, I, I, I, P, P, P, I, P, C]
-    lib.lora_apply.restype = C
-    lib.decode_layer.argtypes = [P, P, I, P, P, P, P, I, P, P, P, C]
-    lib.decode_layer.restype = C
-    _LIB = lib
-    return lib
+def dequant_min_m() -> int:
+    """Rows of x from which dequantise + SGEMM wins over the integer kernel (bench/decode_speed.py --kernels): 64, or
+    MCL_DEQUANT_MIN_M (read at each call)."""
+    v = os.environ.get("MCL_DEQUANT_MIN_M", "")
+    try:
+        return int(v) if v else 64
+    except ValueError:
+        raise ValueError(f"MCL_DEQUANT_MIN_M={v!r}: expected an integer") from None
 
 
 def available() -> bool:
@@ -146,7 +83,7 @@ def _scratch(M: int, K: int):
 def qmatmul(x: torch.Tensor, parts: list[tuple], out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N1 + N2 + ...) fp32 = x (M, K) @ [W1; W2; ...]^T for packed weights given by weight_args tuples.
 
-    Fewer than DEQUANT_MIN_M rows: one quantisation of x into per-thread scratch (no allocation after the first call
+    Fewer than dequant_min_m() rows: one quantisation of x into per-thread scratch (no allocation after the first call
     of a shape), then one integer-kernel call per weight, each writing its columns of y. More rows: dequant + SGEMM."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -154,7 +91,7 @@ def qmatmul(x: torch.Tensor, parts: list[tuple], out: torch.Tensor | None = None
     N = sum(p[9] for p in parts)
     y = torch.empty(M, N) if out is None else out
     lib, nt = library(), torch.get_num_threads()
-    if M >= DEQUANT_MIN_M:
+    if M >= dequant_min_m():
         return _dequant_mm(x, parts, y)
     qx, dx, sx = _scratch(M, K)
     lib.quantize_x(x.data_ptr(), M, K, qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), nt)
@@ -332,7 +269,7 @@ def dequantize_ref(w, scale, wmin, kind: int, group: int, sd=None, md=None) -> t
 
 
 def qmatmul_ref(x, w, scale, wmin, kind: int, group: int, sd=None, md=None) -> torch.Tensor:
-    """What qmatmul computes for fewer than DEQUANT_MIN_M rows, in float64: sum over groups of
+    """What qmatmul computes for fewer than dequant_min_m() rows, in float64: sum over groups of
     scale * dx * (q . qx) + min * sx."""
     qx, dx, sx = quantize_x_ref(x)
     M, K = qx.shape
@@ -345,8 +282,3 @@ def qmatmul_ref(x, w, scale, wmin, kind: int, group: int, sd=None, md=None) -> t
     if wmin is not None:                                                       # mins: group 32 only
         y = y + (group_scales(wmin, md, group).double()[None] * sx.double()[:, None]).sum(-1)
     return y
-
-
-if __name__ == "__main__":
-    library()
-    print(sorted((Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mapcoder-lite") / "kernels").glob("*.so")))

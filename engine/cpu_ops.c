@@ -1,9 +1,9 @@
 /* Decode-step attention for CPU inference: RoPE, the KV-cache write and attention of one new token per row, in one
  * call (eager torch spends ~25 small ops on it per layer, each costing more than its arithmetic at batch 1).
  *
- * Built with engine/qmatmul.c into one library by engine/cpu_kernels.py; the torch reference is the eager path of
- * engine/model.py's Attention (apply_rope, KVCache.update / read, _small_q_attention), which tests/test_quant.py
- * compares it with.
+ * Built with engine/qmatmul.c and its ISA variants into one library by engine/cpu_library.py (the interface:
+ * engine/cpu_kernels.h); the torch reference is the eager path of engine/model.py's Attention (apply_rope, KVCache.update / read,
+ * _small_q_attention), which tests/test_quant.py compares it with.
  *
  * Row b of q (nh heads), k and v (nkv heads each; head_dim hd) is the token at position pos[b] of cache slot
  * slots[b]. The cache tensors of one layer are (n_slots, nkv, L, hd) fp32 contiguous. RoPE is the rotate-half
@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <immintrin.h>
 #include <omp.h>
+
+#include "cpu_kernels.h"
 
 static inline void rope(const float *x, const float *c, const float *s, int64_t hd, float *out) {
     const int64_t h = hd / 2;
@@ -123,37 +125,7 @@ int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, in
  * which at batch 1 cost more than the arithmetic of a small model. decode_layer runs the same sequence of this
  * library's kernels from one call; engine/decode_step.py builds the DecodeLayer once per model and is the reference
  * switch (Transformer.set_decode_kernel(False) keeps the eager path, which tests/test_quant.py compares it with). */
-void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx, int nt);
-int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
-            const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
-            int kind, int G, int64_t N, float *y, int64_t ldy, int nt);
-
-typedef struct {                 /* one packed weight: engine.cpu_kernels.weight_args */
-    const uint8_t *w;
-    const void *scale;
-    const float *sd;
-    const void *wmin;
-    const float *md;
-    int64_t senc, menc, kind, G, N;
-} QWeight;
-
-typedef struct {                 /* one projection's stacked adapters; A == NULL: none */
-    const float *A, *B, *scales;
-    int64_t R;
-} LoraW;
-
-typedef struct {
-    const float *norm1, *norm2, *bq, *bk, *bv;      /* biases may be NULL */
-    double eps;
-    QWeight qkv[3], o, gu[2], down;                 /* qkv: 1 fused or 3 parts; gu: 1 fused or 2 */
-    int64_t n_qkv, n_gu;
-    LoraW lq, lk, lv, lo, lg, lu, ld;
-    int64_t dim, nh, nkv, hd, inter;
-} DecodeLayer;
-
-int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, int64_t in, int64_t out,
-               const float *A, const float *B, const float *scales, int64_t R, const int64_t *ids, int nt);
-
+/* The packed projections of one layer through qmatmul: the ISA variant chosen at load, as every other call. */
 static int proj(const QWeight *p, int n, const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
                 float *y, int64_t ldy, int nt) {
     int rc = 0;
@@ -218,4 +190,23 @@ int decode_layer(const DecodeLayer *ly, float *x, int64_t B, const float *cos, c
     free(buf);
     free(qx);
     return rc;
+}
+
+/* --- the interface check: engine/cpu_library.py compares these with its ctypes mirror at load ------------------ */
+int mcl_abi_version(void) { return MCL_CPU_ABI; }
+
+/* Entry i of the struct layout table: each field's offset ("Struct.field"), then each struct's size ("Struct") as
+ * the value; *name, and *size the bytes of the field or struct; -1 past the end. */
+int64_t mcl_layout(int64_t i, const char **name, int64_t *size) {
+#define MCL_FIELD(S, f) {#S "." #f, offsetof(S, f), sizeof(((S *)0)->f)},
+    static const struct { const char *name; size_t value, size; } T[] = {
+        MCL_FIELDS(MCL_FIELD)
+        {"QWeight", sizeof(QWeight), sizeof(QWeight)}, {"LoraW", sizeof(LoraW), sizeof(LoraW)},
+        {"DecodeLayer", sizeof(DecodeLayer), sizeof(DecodeLayer)},
+    };
+#undef MCL_FIELD
+    if (i < 0 || i >= (int64_t)(sizeof T / sizeof T[0])) return -1;
+    *name = T[i].name;
+    *size = (int64_t)T[i].size;
+    return (int64_t)T[i].value;
 }

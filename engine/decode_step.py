@@ -7,8 +7,8 @@ At batch 1 a small model's eager step is mostly Python: ~40 calls per layer (nor
 adapters, attention, SiLU, residuals), each costing more than its arithmetic. decode_layer runs the same sequence of
 the library's kernels; Transformer.forward takes this path for one-token steps of weights="q4" models while
 `set_decode_kernel` is on (the default), and the eager path otherwise, which tests/test_quant.py compares it with.
-The structures below mirror engine/cpu_ops.c's and hold raw pointers: they are rebuilt when the adapters' tensors
-change (decode_layers checks their addresses on every call).
+The structures (engine/cpu_kernels.h's, mirrored in engine/cpu_library.py) hold raw pointers: they are rebuilt when
+the adapters' tensors change (decode_layers checks their addresses on every call).
 """
 from __future__ import annotations
 
@@ -17,25 +17,7 @@ import ctypes
 import torch
 
 from engine.cpu_kernels import library, lora_apply_fits
-
-P, I64 = ctypes.c_void_p, ctypes.c_int64
-
-
-class QWeight(ctypes.Structure):
-    _fields_ = [("w", P), ("scale", P), ("sd", P), ("wmin", P), ("md", P),
-                ("senc", I64), ("menc", I64), ("kind", I64), ("G", I64), ("N", I64)]
-
-
-class LoraW(ctypes.Structure):
-    _fields_ = [("A", P), ("B", P), ("scales", P), ("R", I64)]
-
-
-class DecodeLayer(ctypes.Structure):
-    _fields_ = [("norm1", P), ("norm2", P), ("bq", P), ("bk", P), ("bv", P), ("eps", ctypes.c_double),
-                ("qkv", QWeight * 3), ("o", QWeight), ("gu", QWeight * 2), ("down", QWeight),
-                ("n_qkv", I64), ("n_gu", I64),
-                ("lq", LoraW), ("lk", LoraW), ("lv", LoraW), ("lo", LoraW), ("lg", LoraW), ("lu", LoraW), ("ld", LoraW),
-                ("dim", I64), ("nh", I64), ("nkv", I64), ("hd", I64), ("inter", I64)]
+from engine.cpu_library import DecodeLayer, LoraW, QWeight
 
 
 def _qweight(args: tuple) -> QWeight:

@@ -1,7 +1,7 @@
 """Packed weights for fast CPU inference: a GGUF's quantised blocks kept at (nearly) their own size, no fp32 copy.
 
 A batch-1 decode step streams every weight once, so its speed is bytes per step and the work done per byte.
-`PackedLinear` holds one projection in a layout of engine/qmatmul.c (integer values in 32-weight blocks + per-group
+`PackedLinear` holds one projection in a layout of engine/qblocks.h (integer values in 32-weight blocks + per-group
 scales and optional mins) and multiplies through that kernel: activations quantised to int8 per 32 inputs, exact
 integer block dot products, as llama.cpp does on the CPU. Many rows at once (prefill, a batch of requests) go
 through dequantised fp32 tiles and torch's SGEMM instead (engine/cpu_kernels.py).
@@ -19,7 +19,7 @@ Modes (engine.hub.load_model's `weights`):
 
 Layouts (w = scale * q + min per group of G inputs along a row; all exact: the integers and scales the file
 encodes, tests/test_quant.py checks each against the gguf package's dequantisation):
-  type  bits/w in file  stored as (engine/qmatmul.c's kinds)                                  bits/w here
+  type  bits/w in file  stored as (engine/qblocks.h's kinds)                                  bits/w here
   Q4_0  4.5             kind 4 nibbles, fp16 scale d, fp16 min -8d, G 32                       5
   Q4_1  5               kind 4 nibbles, fp16 scale d, fp16 min m, G 32                         5
   Q4_K  4.5             kind 4 nibbles, int8 sc x fp32 d, int8 m x fp32 -dmin, G 32            4.625
@@ -42,12 +42,12 @@ MODES = ("fp32", "bf16", "q4")
 BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_0": (32, 22), "Q8_0": (32, 34),
                "Q6_K": (256, 210)}                       # type -> (weights per block, bytes per block)
 PACKED_TYPES = tuple(BLOCK_BYTES)
-KIND_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}                # kind -> bytes per 32 weights (engine/qmatmul.c)
+KIND_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}                # kind -> bytes per 32 weights (engine/qblocks.h)
 _FIELDS = ("w", "scale", "wmin", "sd", "md")
 
 
 class PackedLinear:
-    """y = x W^T with W (out, in) in a layout of engine/qmatmul.c (kind 8, 4, 5 or 6) or, for kind 0, dense.
+    """y = x W^T with W (out, in) in a layout of engine/qblocks.h (kind 8, 4, 5 or 6) or, for kind 0, dense.
 
     w: int8 (out, in) for kind 8, uint8 (out, in/32 * bytes per block) for kinds 4/5/6, the dense weight for kind 0;
     scale / wmin: fp16 (out, in/group), or int8 with fp32 sd / md (out, in/256); wmin None when there are no mins."""
@@ -56,7 +56,7 @@ class PackedLinear:
                  wmin: torch.Tensor | None = None, source: str = "", sd: torch.Tensor | None = None,
                  md: torch.Tensor | None = None):
         if kind not in (0, 4, 5, 6, 8) or (kind and group not in (16, 32)) or (kind in (4, 5) and group != 32):
-            raise ValueError(f"PackedLinear: kind {kind} with group {group} is not a layout of engine/qmatmul.c")
+            raise ValueError(f"PackedLinear: kind {kind} with group {group} is not a layout of engine/qblocks.h")
         if wmin is not None and group != 32:
             raise ValueError("PackedLinear: mins need groups of 32")
         for s, d in ((scale, sd), (wmin, md)):
@@ -236,7 +236,7 @@ def _nibbles_to_blocks(q: np.ndarray) -> np.ndarray:
 
 def _bit_planes(hi: np.ndarray, bits: int) -> np.ndarray:
     """hi (blocks32, 32) high parts of `bits` bits -> (blocks32, 32 * bits / 8) bytes: element e's bits at bit
-    bits * (e // P) of byte e % P, P = 32 * bits / 8 (the order engine/qmatmul.c unpacks with one variable shift)."""
+    bits * (e // P) of byte e % P, P = 32 * bits / 8 (the order engine/qblocks.h unpacks with one variable shift)."""
     P = 32 * bits // 8
     out = np.zeros((hi.shape[0], P), np.uint8)
     for e in range(32):

@@ -14,7 +14,7 @@ import pytest
 
 import kernels.cpu_info as cpu_info
 from bench import llama_build
-from engine import cpu_kernels
+from engine import cpu_kernels, cpu_library
 from engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_packed_path_check_without_gcc(fake_cpu, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
     assert cpu_kernels.check_available() == "engine/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
-    so = cpu_kernels._so_path()                            # already built for these sources: gcc is not needed
+    so = cpu_library.so_path()                            # already built for these sources: gcc is not needed
     so.parent.mkdir(parents=True)
     so.write_bytes(b"")
     assert cpu_kernels.check_available() is None

@@ -12,13 +12,26 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.cpu_kernels import DEQUANT_MIN_M, available, dequantize_ref, qmatmul_ref
+from engine.cpu_kernels import available, dequant_min_m, dequantize_ref, qmatmul_ref
+from engine.cpu_library import VARIANTS, missing_flags, select_isa
 from engine.lora import add_adapters
 from engine.model import Transformer
 from engine.quant import BLOCK_BYTES, PACKED_TYPES, FileRows, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
+
+@pytest.fixture(params=list(VARIANTS))
+def isa(request):
+    """Each ISA variant of the integer kernels (engine/cpu_library.py) that this CPU runs, in turn; the others skip,
+    naming the flags the CPU lacks."""
+    name = request.param
+    if missing_flags(name):
+        pytest.skip(f"the {name} kernels cannot run on this CPU: it lacks {', '.join(missing_flags(name))}")
+    assert select_isa(name) == name, f"the {name} kernels disagree with AVX2 on this CPU (see stderr)"
+    yield name
+    select_isa()
+
 
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 
@@ -55,12 +68,12 @@ def test_layout_equals_gguf_dequantize_exactly(type_name):
 
 @pytest.mark.parametrize("type_name,m,n_cols", [(t, m, k) for t in PACKED_TYPES for m in (1, 5) for k in (512, 608)
                                                 if k % 256 == 0 or not t.endswith("_K")])   # K-quants: whole 256s
-def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n_cols):
-    """y = kernel(x): equal to the float64 reference of the same arithmetic (int8 activations per 32 inputs, exact
-    integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is the
-    activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
+def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n_cols, isa):
+    """y = kernel(x), each ISA variant: equal to the float64 reference of the same arithmetic (int8 activations per 32
+    inputs, exact integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is
+    the activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
     steps, then an odd tail (decode pairs blocks)."""
-    assert m < DEQUANT_MIN_M                                                  # the integer kernel, not dequant + SGEMM
+    assert m < dequant_min_m()                                                  # the integer kernel, not dequant + SGEMM
     n_rows = 40
     raw = random_blocks(type_name, n_rows, n_cols, seed=m)
     pk = PackedLinear.from_gguf(raw, type_name, n_rows, n_cols)
@@ -93,7 +106,7 @@ def test_fused_equals_separate_calls():
 @pytest.mark.parametrize("gemm,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 @pytest.mark.parametrize("type_name", PACKED_TYPES)
 def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
-    """From DEQUANT_MIN_M rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
+    """From dequant_min_m() rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
     parts): close to the float64 product with the file's weights; within bf16 rounding on the bf16 GEMM path (the
     default where the CPU multiplies bf16 natively; forced here on every CPU)."""
     import engine.cpu_kernels as ck
@@ -101,7 +114,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
     monkeypatch.setenv("MCL_GEMM_DTYPE", gemm)
     raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
     parts = [PackedLinear.from_gguf(r, type_name, 40, 512) for r in raws]
-    x = torch.randn(DEQUANT_MIN_M + 3, 512, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(dequant_min_m() + 3, 512, generator=torch.Generator().manual_seed(0))
     w = torch.cat([torch.from_numpy(gguf_dequant(r, type_name, 40, 512)) for r in raws]).double()
     exact = x.double() @ w.t()
     for got in (parts[0](x), PackedParts(parts)(x)):
@@ -296,11 +309,12 @@ def test_fusion_holds_the_weights_once():
 
 
 @pytest.mark.parametrize("adapters", [False, True])
-def test_decode_kernel_equals_eager_path(adapters):
+def test_decode_kernel_equals_eager_path(adapters, isa):
     """engine/cpu_ops.c's decode step (one decode_layer call per layer: RMSNorm, fused QKV, RoPE, KV-cache write,
     grouped-query attention, o_proj, SwiGLU, residuals, and with adapters each row's own LoRA delta) against the eager
-    torch path it replaces: three rows at different positions in scattered cache slots, several greedy steps, rows on
-    different adapters and one on the base; the same logits and cache contents to fp32 rounding."""
+    torch path it replaces, with each ISA variant of the projections: three rows at different positions in scattered
+    cache slots, several greedy steps, rows on different adapters and one on the base; the same logits and cache
+    contents to fp32 rounding."""
     from engine.kv_cache import KVCache
     from engine.lora import LoRABatch
     model = _tiny()
