@@ -359,3 +359,29 @@ def test_sampler_equals_plain_torch_on_fixed_logits_with_mixed_rows():
         draws.append(got)
     kept = [set(col) for col in zip(*draws)]
     assert len(kept[0]) > 10 and len(kept[2]) <= 20 and len(kept[5]) <= 3 and len(kept[4]) <= 2
+
+
+def test_the_one_call_cpu_decode_path_samples_each_row_with_its_settings(monkeypatch):
+    """A packed model's decode steps run engine/decode_step.py's one C call per layer, which returns logits; the
+    scheduler samples them in Python with each row's own temperature / top-k / top-p / seed, so a row draws in a
+    mixed batch exactly what it draws alone."""
+    import engine.serve as serve_mod
+    from engine.quant import pack_dense_model
+    m = Transformer(PRESETS["tiny"]).init_weights(seed=0).eval()
+    add_adapters(m, ["coder"], rank=8, alpha=16)
+    pack_dense_model(m)
+    seen, real = [], serve_mod.sample
+    monkeypatch.setattr(serve_mod, "sample", lambda logits, params, gens: seen.append(
+        sorted((p.temperature, p.top_k, p.top_p) for p in params)) or real(logits, params, gens))
+    settings = [(1.0, 0, 0.9), (0.7, 20, 1.0), (0.0, 0, 1.0)]
+
+    def run(rows):
+        sched = Scheduler(m, None, n_slots=len(rows), max_len=64, ignore_eos=True)
+        futs = [sched.submit([5, 6, 7, 8], adapter="coder" if i else None, max_new_tokens=6, temperature=t, top_k=k,
+                             top_p=p, seed=i) for i, (t, k, p) in rows]
+        sched.run_until_done()
+        return [f.result().token_ids for f in futs]
+    mixed = run(list(enumerate(settings)))
+    assert m.decode_layers is not None and m.decode_layers.layers is not None       # the C path ran
+    assert seen[-1] == sorted(settings) and len(seen) == 6                          # prefill + 5 decode steps
+    assert [run([(i, s)])[0] for i, s in enumerate(settings)] == mixed
