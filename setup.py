@@ -31,7 +31,9 @@ setup(
         # llama-cpp-python (pinned in constraints.txt) is not in `test`: pip would build it with -march=native (AMX
         # on an Intel Xeon, whose path faults; a cached native wheel SIGILLs on another CPU). `python -m
         # bench.llama_build` builds it for this CPU's ISA, AMX off, once per CPU; scripts/test.sh runs it.
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.45,<5.25", "peft>=0.12,<0.22", "sentencepiece"],
+        # openai: the official client drives the HTTP server in tests/agents/test_openai_client.py.
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.45,<5.25", "peft>=0.12,<0.22", "sentencepiece",
+                 "openai>=3.63,<4"],
         # the range refresh_constraints.sh moves the pin within; install it with python -m bench.llama_build
         "bench": ["transformers>=4.45,<5.25", "peft>=0.12,<0.22", "llama-cpp-python>=0.3.30,<0.4"],
     },

@@ -38,7 +38,8 @@ GREEDY_BELOW = 1e-5     # temperatures below this sample greedily: logits / 1e-3
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Greedy rows (temperature < GREEDY_BELOW, NaN included) take argmax; others
     temperature / top-k / top-p with their own seeded generator, so a request's samples do not depend on what else
-    is in the batch. A row whose probabilities come out non-finite or all zero (NaN logits, overflow) falls back to
+    is in the batch (rows of one batch may each have their own settings). Every serving path samples here: the
+    one-call CPU decode step (engine/decode_step.py) returns logits like the eager forward does. A row whose probabilities come out non-finite or all zero (NaN logits, overflow) falls back to
     the argmax of its finite logits instead of raising, so one request's parameters never fail the batch."""
     out = logits.argmax(-1)
     for i, p in enumerate(params):
@@ -49,16 +50,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One row (V,) -> one id, sampled with temperature / top-k / top-p (see sample)."""
+    """One row (V,) -> one id: logits / temperature; top-k keeps the k largest (and ties with the k-th); top-p then
+    keeps the smallest set of most likely tokens whose probability (renormalised after top-k) reaches top_p, as
+    transformers' TopKLogitsWarper and TopPLogitsWarper do; one torch.multinomial draw from `generator`."""
     l = logits.float() / p.temperature                                     # (V,)
     if p.top_k > 0:
         kth = torch.topk(l, min(p.top_k, l.numel())).values[-1]
         l = l.masked_fill(l < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_l, idx = torch.sort(l, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > p.top_p                         # keep the smallest set reaching top_p
-        l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+        probs = sorted_l.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p      # the mass before a token already reaches top_p: the smallest
+        l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))    # set reaching it is kept
     probs = l.softmax(-1)
     if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
         return int(logits.float().nan_to_num(nan=float("-inf")).argmax())

@@ -4,6 +4,7 @@
     sched.start()                                        # background thread; or call sched.step() yourself
     fut = sched.submit(ids, adapter="coder", max_new_tokens=256, stop_strings=["```\\n"])
     res = fut.result()                                   # Result: token_ids, text, counts, timings
+    futs = sched.submit_n(ids, 4, temperature=0.8, top_p=0.9, seed=7, logprobs=2)   # 4 samples, one prefill
     sched.cancel(fut); sched.stop()
 
 One step: (1) finish cancelled requests, (2) admit waiting requests into free KV-cache slots and prefill
@@ -27,10 +28,20 @@ rows stay reusable until a new request takes the slot. The reused K/V rows are t
 same tokens at the same positions writes, so outputs match a run without the cache (greedy: equal up to
 floating-point ties; tests/test_serve.py checks). `stats` counts prompt_tokens, prefill_tokens (computed),
 prefix_hits, prefix_reused_tokens, prefix_copies (vs in place) and prefix_waits.
+
+n samples of one prompt (submit_n) share one prefill: row 0 is admitted with its n - 1 forks (the group waits
+until n slots are free), only row 0 is prefilled, and when its prefill completes the forks copy its K/V rows and
+sample their first token from its last logits with their own generators; then all n decode as rows of the same
+batches. `stats` counts forks and fork_tokens (prompt tokens copied instead of computed).
+
+Per-token logprobs (Result.logprobs, on_logprob) are computed only for the requests that ask for them: the model's
+log-softmax of the raw logits, before temperature, top-k and top-p (the convention of OpenAI's API), so a
+logprob does not depend on the sampling settings.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 import time
 from concurrent.futures import Future
@@ -40,6 +51,16 @@ import torch
 
 from engine.generate import SamplingParams, check_sampling, decode_one, prefill, sample
 from engine.kv_cache import KVCache
+
+
+LOGPROB_FLOOR = -9999.0    # logprobs below it (and -inf, NaN) are reported as it: JSON has no -inf
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float                # log-softmax of the raw logits at the sampled token
+    top: list[tuple[int, float]]  # the k most likely (id, logprob), most likely first
 
 
 @dataclass
@@ -53,6 +74,7 @@ class Result:
     queue_s: float                # submit -> admitted
     ttft_s: float                 # submit -> first new token
     wall_s: float                 # submit -> finished
+    logprobs: list[TokenLogprob] | None = None    # one per token of token_ids, when the request asked
 
 
 @dataclass
@@ -68,9 +90,14 @@ class _Request:
     on_token: object
     future: Future
     t_submit: float
+    logprobs: int | None = None   # None: none; k: the sampled token's logprob and the k most likely
+    on_logprob: object = None
+    fork_of: "_Request | None" = None                      # row 0 of its group, until its prefill is shared
+    forks: list = field(default_factory=list)              # row 0: the group's other rows
     slot: int = -1
     prefilled: int = 0            # prompt tokens already in the cache
     out: list[int] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
     cancelled: bool = False
@@ -111,14 +138,34 @@ class Scheduler:
 
     # --- submitting ------------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_strings=(), on_token=None) -> Future:
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_strings=(), on_token=None,
+               logprobs: int | None = None, on_logprob=None) -> Future:
         """Queue a request; raises ValueError at once for an unknown adapter, a prompt that cannot fit or sampling
-        parameters out of range. adapter: a loaded adapter's name, its id (int; -1 = base) or None (base)."""
+        parameters out of range. adapter: a loaded adapter's name, its id (int; -1 = base) or None (base).
+        on_token(id) after each new token; logprobs=k: Result.logprobs holds each token's TokenLogprob with the k
+        most likely, also passed to on_logprob(entry) before on_token."""
+        return self.submit_n(prompt_ids, 1, adapter, max_new_tokens, temperature, top_p, top_k, seed, stop_strings,
+                             None if on_token is None else (lambda _, t: on_token(t)), logprobs,
+                             None if on_logprob is None else (lambda _, e: on_logprob(e)))[0]
+
+    def submit_n(self, prompt_ids, n: int, adapter: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop_strings=(), on_token=None, logprobs: int | None = None, on_logprob=None) -> list[Future]:
+        """n samples of one prompt, one future each, sharing one prefill (see the module docstring). Row i draws
+        from a generator seeded with row_seed(seed, i) (row 0: seed itself, so n=1 is submit); on_token(row, id)
+        and on_logprob(row, entry) say which row. ValueError as submit, and when n is not 1..n_slots."""
         check_sampling(temperature, top_k, top_p)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.cache.n_slots:
+            raise ValueError(f"n must be an integer from 1 to the {self.cache.n_slots} slots, not {n!r}")
+        V = self.model.cfg.vocab_size
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= V):
+            raise ValueError(f"logprobs must be None or an integer from 0 to {V}, not {logprobs!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer, not {seed!r}")
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("empty prompt")
-        V = self.model.cfg.vocab_size
         for i, t in enumerate(prompt):                  # one bad id would fail the whole batch's forward
             if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= t < V:
                 raise ValueError(f"prompt token {i} ({t!r}) is not an integer id in 0..{V - 1}")
@@ -138,17 +185,23 @@ class Scheduler:
             raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {names or 'none'}")
         if stop_strings and self.tok is None:
             raise ValueError("stop_strings need a tokenizer")
-        fut: Future = Future()
+        budget = max(1, min(max_new_tokens, self.max_len - len(prompt)))
         with self.cv:
-            req = _Request(self._next_id, prompt, adapter, aid, max(1, min(max_new_tokens, self.max_len - len(prompt))),
-                           SamplingParams(temperature, top_k, top_p),
-                           torch.Generator().manual_seed(seed) if seed is not None else None,
-                           tuple(stop_strings), on_token, fut, time.perf_counter())
-            self._next_id += 1
-            self.waiting.append(req)
-            self.by_future[id(fut)] = req
+            reqs = []
+            for i in range(n):
+                req = _Request(self._next_id, prompt, adapter, aid, budget, SamplingParams(temperature, top_k, top_p),
+                               None if seed is None else torch.Generator().manual_seed(row_seed(seed, i)),
+                               tuple(stop_strings), None if on_token is None else _row_callback(on_token, i),
+                               Future(), time.perf_counter(), logprobs,
+                               None if on_logprob is None else _row_callback(on_logprob, i),
+                               fork_of=reqs[0] if reqs else None)
+                self._next_id += 1
+                reqs.append(req)
+                self.by_future[id(req.future)] = req
+            reqs[0].forks = reqs[1:]
+            self.waiting.extend(reqs)
             self.cv.notify()
-        return fut
+        return [r.future for r in reqs]
 
     def cancel(self, fut: Future) -> None:
         """Cancel a queued or running request; its future resolves with finish_reason 'cancelled'."""
@@ -179,6 +232,17 @@ class Scheduler:
         deferred = []
         while self.free and self.waiting:
             req = self.waiting.popleft()
+            if req.fork_of is not None:                 # a fork follows row 0 into a slot; it prefills nothing
+                if req.fork_of.slot < 0:
+                    deferred.append(req)                # row 0 waits (a prefix it shares is being prefilled)
+                    continue
+                self._tick += 1
+                slot = min(self.free, key=lambda s: (self.owner[s] is not None, self.last_use[s]))
+                self._place(req, slot)
+                continue
+            if len(self.free) < 1 + sum(not f.future.done() for f in req.forks):   # a group enters whole
+                self.waiting.appendleft(req)
+                break
             src, n, pending = self._longest_prefix(req) if self.prefix_cache else (-1, 0, 0)
             if pending > n and pending >= self.prefix_min:   # a running prefill is computing more of our prefix
                 deferred.append(req)
@@ -199,11 +263,17 @@ class Scheduler:
                 self.stats["prefix_hits"] += 1
                 self.stats["prefix_reused_tokens"] += n
                 req.prefilled = n
-            self.stats["prompt_tokens"] += len(req.prompt)
-            req.slot, req.t_admit = slot, time.perf_counter()
-            self.owner[slot], self.last_use[slot] = req, self._tick
-            self.running[slot] = req
+            self._place(req, slot)
         self.waiting.extendleft(reversed(deferred))
+
+    def _place(self, req, slot: int):
+        """req runs in `slot` from now on (taken off the free list here when still on it)."""
+        if slot in self.free:
+            self.free.remove(slot)
+        self.stats["prompt_tokens"] += len(req.prompt)
+        req.slot, req.t_admit = slot, time.perf_counter()
+        self.owner[slot], self.last_use[slot] = req, self._tick
+        self.running[slot] = req
 
     def _longest_prefix(self, req) -> tuple[int, int, int]:
         """(slot, n, pending): the slot whose rows 0..n-1 hold req's first n prompt tokens under req's adapter
@@ -222,7 +292,8 @@ class Scheduler:
         return src, best, max(pending, best)
 
     def _prefill_step(self):
-        todo = sorted((r for r in self.running.values() if r.prefilled < len(r.prompt)), key=lambda r: r.rid)
+        todo = sorted((r for r in self.running.values() if r.prefilled < len(r.prompt) and r.fork_of is None),
+                      key=lambda r: r.rid)
         todo = todo[: self.max_prefill_rows]
         if not todo:
             return
@@ -240,7 +311,25 @@ class Scheduler:
                 done_rows.append(i)
         if done_rows:
             reqs = [todo[i] for i in done_rows]
-            self._accept(reqs, logits[done_rows])
+            forks = [(f, i) for i in done_rows for f in self._fork(todo[i])]
+            self._accept(reqs + [f for f, _ in forks], logits[done_rows + [i for _, i in forks]])
+
+    def _fork(self, r: _Request) -> list[_Request]:
+        """r's prompt is in its slot: copy its K/V rows to its running forks (cache[:, fork, :, :L] = cache[:, r, :,
+        :L], K and V), which then sample from r's last logits. A fork not running yet prefills on its own."""
+        out, L = [], len(r.prompt)
+        for f in r.forks:
+            f.fork_of = None
+            if self.running.get(f.slot) is not f:
+                continue
+            self.cache.k[:, f.slot, :, :L] = self.cache.k[:, r.slot, :, :L]
+            self.cache.v[:, f.slot, :, :L] = self.cache.v[:, r.slot, :, :L]
+            f.prefilled = L
+            self.stats["forks"] += 1
+            self.stats["fork_tokens"] += L
+            out.append(f)
+        r.forks = []
+        return out
 
     def _decode_step(self):
         reqs = sorted((r for r in self.running.values() if r.prefilled == len(r.prompt) and r.out),
@@ -284,8 +373,11 @@ class Scheduler:
                     nxt.append(int(sample(logits[i:i + 1], [r.params], [r.generator])[0]))
                 except Exception as e:
                     nxt.append(e)
+        asked = [i for i, (r, t) in enumerate(zip(reqs, nxt)) if r.logprobs is not None and not isinstance(t, Exception)]
+        lps = dict(zip(asked, token_logprobs(logits[asked], [nxt[i] for i in asked],
+                                             [reqs[i].logprobs for i in asked]))) if asked else {}
         now = time.perf_counter()
-        for r, t in zip(reqs, nxt):
+        for i, (r, t) in enumerate(zip(reqs, nxt)):
             if isinstance(t, Exception):
                 self._fail(r, t)
                 continue
@@ -294,8 +386,12 @@ class Scheduler:
             if t in self.eos:
                 self._finish(r, "stop")
                 continue
+            if i in lps:
+                r.lps.append(lps[i])
             r.out.append(t)
             try:
+                if r.on_logprob is not None and i in lps:
+                    r.on_logprob(lps[i])
                 if r.on_token is not None:
                     r.on_token(t)
                 if r.stop_strings and _stops(self.tok, r.out, r.stop_strings):
@@ -309,6 +405,7 @@ class Scheduler:
 
     def _fail(self, r: _Request, e: Exception):
         """End one request with an exception; its slot is freed and its rows forgotten by the prefix cache."""
+        self._release_forks(r)
         if r.slot >= 0 and self.running.get(r.slot) is r:
             del self.running[r.slot]
             self.free.append(r.slot)
@@ -318,7 +415,14 @@ class Scheduler:
         if not r.future.done():
             r.future.set_exception(e)
 
+    def _release_forks(self, r: _Request):
+        """r ends before its prefill was shared: its forks prefill on their own (the prefix cache may serve them)."""
+        for f in r.forks:
+            f.fork_of = None
+        r.forks = []
+
     def _finish(self, r: _Request, reason: str):
+        self._release_forks(r)
         if r.slot >= 0 and self.running.get(r.slot) is r:
             del self.running[r.slot]
             self.free.append(r.slot)
@@ -331,17 +435,19 @@ class Scheduler:
             if cut is not None:
                 text = text[:cut]
         res = Result(ids, text, len(r.prompt), len(ids), reason, r.adapter, (r.t_admit or now) - r.t_submit,
-                     (r.t_first or now) - r.t_submit, now - r.t_submit)
+                     (r.t_first or now) - r.t_submit, now - r.t_submit, r.lps if r.logprobs is not None else None)
         self.stats["finished_" + reason] += 1
         if not r.future.done():
             r.future.set_result(res)
 
     def prefix_summary(self) -> dict:
-        """Prompt tokens admitted, computed and reused; hit rate = reused / admitted prompt tokens."""
+        """Prompt tokens admitted, computed and reused (forks' copied prompts apart); hit rate = reused / admitted
+        prompt tokens."""
         st = self.stats
         return {"prompt_tokens": st["prompt_tokens"], "prefill_tokens": st["prefill_tokens"],
                 "prefix_reused_tokens": st["prefix_reused_tokens"], "prefix_hits": st["prefix_hits"],
                 "prefix_copies": st["prefix_copies"], "prefix_waits": st["prefix_waits"],
+                "forks": st["forks"], "fork_tokens": st["fork_tokens"],
                 "requests": self._tick,
                 "token_hit_rate": round(st["prefix_reused_tokens"] / max(1, st["prompt_tokens"]), 4),
                 "request_hit_rate": round(st["prefix_hits"] / max(1, self._tick), 4)}
@@ -390,6 +496,31 @@ class Scheduler:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a request seeded with `seed`: row 0 uses seed itself (mod 2**64, as
+    torch.Generator.manual_seed takes it), row i > 0 a 64-bit hash of (seed, i), so rows never share a stream."""
+    if row == 0:
+        return seed % (1 << 64)
+    return int.from_bytes(hashlib.blake2b(f"{seed},{row}".encode(), digest_size=8).digest(), "little")
+
+
+def token_logprobs(logits: torch.Tensor, ids: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """logits (B, V) float, the sampled ids (B,), how many most likely to list per row -> one TokenLogprob per row.
+    The log-softmax of the raw logits (temperature, top-k and top-p do not enter); non-finite values and values
+    below LOGPROB_FLOOR are reported as LOGPROB_FLOOR."""
+    lsm = torch.log_softmax(logits, -1).nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
+    chosen = lsm.gather(1, torch.tensor(ids, device=lsm.device)[:, None])[:, 0].tolist()      # (B,)
+    k = max(ks)
+    top_v, top_i = lsm.topk(k, -1) if k else (lsm[:, :0], lsm[:, :0].long())               # (B, k)
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [TokenLogprob(t, c, list(zip(top_i[b][:kb], top_v[b][:kb]))) for b, (t, c, kb) in
+            enumerate(zip(ids, chosen, ks))]
+
+
+def _row_callback(f, row: int):
+    return lambda x: f(row, x)
 
 
 STOP_WINDOW = 64      # tokens decoded per stop-string check: bounded work per token, not the whole output

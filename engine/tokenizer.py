@@ -137,6 +137,15 @@ def _render_bounded(template, source: str, **kw) -> str:
         sys.settrace(old)
 
 
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte alphabet read backwards: the character byte-level BPE writes for each byte -> the byte. Printable
+    Latin-1 bytes stand for themselves; the other 68 bytes are the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
 class StreamDecoder:
     """Incremental decoding for streaming: step(id) returns the new text ('' while a multi-byte character is
     still incomplete). One per generated sequence."""
@@ -294,6 +303,22 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (the logprobs of the HTTP server report them): an added or special token's
+        text; a byte-level token's vocabulary string read back through GPT-2's byte alphabet (so a token holding
+        half of a UTF-8 character gives that half); otherwise its decoded text. b'' for an id not in the vocabulary."""
+        s = self.tk.id_to_token(int(token_id))
+        if s is None:
+            return b""
+        if not hasattr(self, "_added_ids"):
+            self._added_ids = set(self.tk.get_added_tokens_decoder())
+        byte_of = _byte_of_char()
+        if int(token_id) in self._added_ids:
+            return s.encode("utf-8")
+        if all(c in byte_of for c in s):
+            return bytes(byte_of[c] for c in s)
+        return self.decode([int(token_id)], skip_special=False).encode("utf-8")
 
     # --- chat ----------------------------------------------------------------------------------------------
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

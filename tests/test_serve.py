@@ -254,3 +254,134 @@ def test_a_hostile_request_fails_at_most_itself(model):
             sched.submit([5, 10 ** 9])
         assert sched.submit(p, adapter="coder", max_new_tokens=40).result(timeout=60).token_ids == alone
     assert sorted(sched.free) == [0, 1, 2, 3]
+
+
+# --- n samples of one prompt, per-token logprobs, the sampler against plain torch ---------------------
+
+def test_n_samples_share_one_prefill_and_decode_in_one_batch(model):
+    """submit_n: the prompt is prefilled once (prefill_tokens grows by its length, not n times), the n rows decode
+    as one batch, row i draws exactly what a lone request seeded with row_seed(seed, i) draws, row 0 = seed itself."""
+    from engine.serve import row_seed
+    p = rand_prompt(random.Random(11), 9)                     # shorter than prefix_min: the prefix cache cannot help
+    sched = Scheduler(model, CharTokenizer(), n_slots=6, max_len=64, log_batches=True, ignore_eos=True)
+    futs = sched.submit_n(p, 4, adapter="planner", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    sched.run_until_done()
+    outs = [f.result().token_ids for f in futs]
+    st = sched.stats
+    assert st["prefill_tokens"] == len(p) and st["prefill_calls"] == 1 and st["forks"] == 3
+    assert st["fork_tokens"] == 3 * len(p) and sched.batch_log and all(b["size"] == 4 for b in sched.batch_log)
+    assert len({tuple(o) for o in outs}) > 1                  # each row its own stream
+    for i, out in enumerate(outs):
+        alone = Scheduler(model, CharTokenizer(), n_slots=1, max_len=64, ignore_eos=True)
+        f = alone.submit(p, adapter="planner", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=row_seed(3, i))
+        alone.run_until_done()
+        assert f.result().token_ids == out, i
+    assert row_seed(3, 0) == 3 and len({row_seed(3, i) for i in range(16)} | {row_seed(4, 1)}) == 17
+    assert sorted(sched.free) == list(range(6))
+
+
+def test_n_samples_wait_for_n_slots_and_survive_cancelling_row_0(model):
+    p = rand_prompt(random.Random(12), 30)
+    sched = Scheduler(model, CharTokenizer(), n_slots=4, max_len=64, prefill_chunk=8, ignore_eos=True)
+    busy = sched.submit(rand_prompt(random.Random(13), 5), max_new_tokens=6)
+    sched.step()                                              # one slot taken: a group of 4 must wait
+    futs = sched.submit_n(p, 4, max_new_tokens=5)
+    sched.step()
+    assert len(sched.running) == 1 and len(sched.waiting) == 4
+    sched.run_until_done()
+    greedy = [f.result().token_ids for f in futs]
+    assert busy.result().new_tokens == 6 and all(g == greedy[0] for g in greedy)
+    assert greedy[0] == generate(model, [p], 5)[0].token_ids
+    futs = sched.submit_n(p + [1], 3, max_new_tokens=5)       # row 0 cancelled mid-prefill: the forks go on alone
+    sched.step()
+    sched.cancel(futs[0])
+    sched.run_until_done()
+    assert futs[0].result().finish_reason == "cancelled"
+    assert [f.result().token_ids for f in futs[1:]] == [generate(model, [p + [1]], 5)[0].token_ids] * 2
+    assert sorted(sched.free) == list(range(4)) and not sched.running and not sched.by_future
+    with pytest.raises(ValueError, match="n must be an integer from 1 to the 4 slots, not 5"):
+        sched.submit_n(p, 5)
+
+
+def test_logprobs_are_the_raw_log_softmax_and_only_when_asked(model):
+    """Each token's logprob is log_softmax of the model's logits at that position (temperature-independent), with
+    the k most likely in order; a request that does not ask gets none."""
+    p = rand_prompt(random.Random(14), 7)
+    sched = Scheduler(model, CharTokenizer(), n_slots=4, max_len=64, ignore_eos=True)
+    seen = []
+    asked = sched.submit(p, adapter="coder", max_new_tokens=6, temperature=0.7, seed=1, logprobs=3,
+                         on_logprob=seen.append)
+    plain = sched.submit(p, adapter="coder", max_new_tokens=6)
+    sched.run_until_done()
+    r = asked.result()
+    assert plain.result().logprobs is None and len(r.logprobs) == len(r.token_ids) == 6 and seen == r.logprobs
+    with torch.inference_mode():
+        full = model(torch.tensor([p + r.token_ids]), torch.tensor([ROLES.index("coder")]))[0].float()
+    ref = torch.log_softmax(full[len(p) - 1:-1], -1)                                # (6, V)
+    for j, e in enumerate(r.logprobs):
+        assert e.token == r.token_ids[j] and abs(e.logprob - float(ref[j, e.token])) < 1e-4
+        top_v, top_i = ref[j].topk(3)
+        assert [t for t, _ in e.top] == top_i.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(e.top, top_v.tolist())) < 1e-4
+    with pytest.raises(ValueError, match="logprobs must be None or an integer"):
+        sched.submit(p, logprobs=-1)
+
+
+def ref_sample(logits, temperature, top_k, top_p, generator):
+    """Plain torch, as transformers' warpers do it: temperature, top-k, then top-p over the ascending cumulative
+    probabilities (a token goes when the tokens at most as likely as it hold <= 1 - top_p), one multinomial draw."""
+    l = logits / temperature
+    if top_k:
+        l = torch.where(l < torch.topk(l, top_k).values[-1], torch.tensor(float("-inf")), l)
+    if top_p < 1:
+        asc, idx = torch.sort(l)
+        remove = asc.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[-1] = False
+        l = l.clone()
+        l[idx[remove]] = float("-inf")
+    return int(torch.multinomial(l.softmax(-1), 1, generator=generator))
+
+
+def test_sampler_equals_plain_torch_on_fixed_logits_with_mixed_rows():
+    """sample() on one batch whose rows each have their own temperature / top-k / top-p / seed draws exactly what the
+    plain reference draws row by row with the same seeds, 50 times over."""
+    from engine.generate import SamplingParams, sample
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 20, 1.0), (1.0, 50, 0.5), (0.5, 0, 0.05), (2.0, 3, 0.99)]
+    params = [SamplingParams(t, k, p) for t, k, p in settings]
+    ours = [torch.Generator().manual_seed(100 + i) for i in range(6)]
+    refs = [torch.Generator().manual_seed(100 + i) for i in range(6)]
+    draws = []
+    for _ in range(50):
+        got = sample(logits.clone(), params, ours).tolist()
+        want = [ref_sample(logits[i], t, k, p, refs[i]) for i, (t, k, p) in enumerate(settings)]
+        assert got == want
+        draws.append(got)
+    kept = [set(col) for col in zip(*draws)]
+    assert len(kept[0]) > 10 and len(kept[2]) <= 20 and len(kept[5]) <= 3 and len(kept[4]) <= 2
+
+
+def test_the_one_call_cpu_decode_path_samples_each_row_with_its_settings(monkeypatch):
+    """A packed model's decode steps run engine/decode_step.py's one C call per layer, which returns logits; the
+    scheduler samples them in Python with each row's own temperature / top-k / top-p / seed, so a row draws in a
+    mixed batch exactly what it draws alone."""
+    import engine.serve as serve_mod
+    from engine.quant import pack_dense_model
+    m = Transformer(PRESETS["tiny"]).init_weights(seed=0).eval()
+    add_adapters(m, ["coder"], rank=8, alpha=16)
+    pack_dense_model(m)
+    seen, real = [], serve_mod.sample
+    monkeypatch.setattr(serve_mod, "sample", lambda logits, params, gens: seen.append(
+        sorted((p.temperature, p.top_k, p.top_p) for p in params)) or real(logits, params, gens))
+    settings = [(1.0, 0, 0.9), (0.7, 20, 1.0), (0.0, 0, 1.0)]
+
+    def run(rows):
+        sched = Scheduler(m, None, n_slots=len(rows), max_len=64, ignore_eos=True)
+        futs = [sched.submit([5, 6, 7, 8], adapter="coder" if i else None, max_new_tokens=6, temperature=t, top_k=k,
+                             top_p=p, seed=i) for i, (t, k, p) in rows]
+        sched.run_until_done()
+        return [f.result().token_ids for f in futs]
+    mixed = run(list(enumerate(settings)))
+    assert m.decode_layers is not None and m.decode_layers.layers is not None       # the C path ran
+    assert seen[-1] == sorted(settings) and len(seen) == 6                          # prefill + 5 decode steps
+    assert [run([(i, s)])[0] for i, s in enumerate(settings)] == mixed

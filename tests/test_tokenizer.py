@@ -153,6 +153,18 @@ def test_smol_decode_stream(smol):
         smol.decode(smol.apply_chat_template(CONVERSATIONS[0]))
 
 
+@pytest.mark.slow
+def test_smol_token_bytes_add_up_to_the_text(smol):
+    """token_bytes of each token, joined, are the text's UTF-8 bytes (an emoji split over tokens: each token its part);
+    a special token gives its own text."""
+    for text in TEXTS[:6]:
+        ids = smol.encode(text)
+        assert b"".join(smol.token_bytes(i) for i in ids) == text.encode("utf-8"), text
+    parts = [smol.token_bytes(i) for i in smol.encode("🎉")]
+    assert len(parts) > 1 and b"".join(parts) == "🎉".encode("utf-8")
+    assert smol.token_bytes(smol.token_to_id("<|im_end|>")) == b"<|im_end|>" and smol.token_bytes(10 ** 9) == b""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pre-tokenizer families on a small trained byte-level vocabulary (fast, no download)
 # ---------------------------------------------------------------------------------------------------------

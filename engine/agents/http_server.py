@@ -1,17 +1,35 @@
-"""A small OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models) in front of a backend.
-Loopback by default. Used by the tests and by `mcl eval --backend http` against the local engine.
+"""A small OpenAI-compatible server in front of a backend: POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models. Loopback by default. Used by the tests and by `mcl eval --backend http` against the local engine.
 
     MCL_API_KEY=... mcl serve --model smollm2-135m --adapters runs/adapters --port 8000   # key optional
     python -m engine.agents.http_server ...                  # the same flags
     mcl eval --backend http --url http://127.0.0.1:8000 --benchmark humaneval --out runs/eval_http
 
-    server = serve(backend)                 # in-process: port 0 picks a free port
+    server = serve(backend, model_name="smollm2-135m")       # in-process: port 0 picks a free port
     server.url                              # 'http://127.0.0.1:PORT'
     server.shutdown(); server.server_close()
 
-The request's `model` picks the role when it is a role name (retriever, planner, coder, debugger: the
-convention of servers that expose LoRA adapters as models); any other string (the served model's name, a
-teacher's name a client was configured with) means "coder" -- the documented fallback.
+    from openai import OpenAI               # the official client drives it (tests/agents/test_openai_client.py)
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model="coder", messages=[...], n=2, top_p=0.9, seed=1, logprobs=True,
+                                       top_logprobs=3, extra_body={"top_k": 40})
+
+The request's `model` picks the adapter: a role name (retriever, planner, coder, debugger: the convention of
+servers that expose LoRA adapters as models) is that role's adapter; the served model's own name (`model_name`,
+what `mcl serve --model` loaded) is the base model, no adapter; any other string (a teacher's name a client was
+configured with) means "coder" -- the documented fallback. GET /v1/models lists the roles and the model's name.
+
+Sampling, for both endpoints: `n` choices share one prefill and decode as rows of one batch (engine/serve.py's
+submit_n); with `seed`, choice i draws from its own stream seeded from (seed, i) (engine.serve.row_seed);
+`top_p`, and `top_k` (an extension field: extra_body with the openai client) in engine/generate.py's sampler.
+Logprobs are the model's log-softmax of the raw logits (before temperature / top-k / top-p, as OpenAI reports
+them), computed only for requests that ask: chat `logprobs: true` + `top_logprobs` 0..20 -> choices[i].logprobs
+= {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}; completions `logprobs` 0..5 ->
+choices[i].logprobs = {tokens, token_logprobs, top_logprobs: [{token: logprob}, k most likely + the sampled one],
+text_offset (character offsets into the choice's text)}. A token that is part of a UTF-8 character is named
+"bytes:\\xNN..." (its `bytes` are exact). The text keeps a stop string that ended it (the agents' parsers rely
+on it); its logprobs cover every generated token. Defaults differ from OpenAI's: temperature 0 (greedy),
+max_tokens 512.
 
 What is checked at the door, before anything reaches the backend (each failure: 4xx + a JSON message
 naming the field, OpenAI's error shape; the connection stays usable or is closed cleanly):
@@ -19,17 +37,25 @@ naming the field, OpenAI's error shape; the connection stays usable or is closed
     or a DNS-rebinding name cannot drive the server (403); API key when one is set (401; constant-time).
   - Content-Length present (411), at most `max_body` bytes (413, the body is not read), body read within
     `read_timeout` seconds in all (408; headers too: a stalled client is dropped, its thread freed).
-  - JSON without NaN/Infinity, an object; `messages` a non-empty list of {role: system|user|assistant,
-    content: string}; `model` a string; `max_tokens` an integer 1..MAX_TOKENS (default 512);
-    `temperature` a finite number 0..2 (below 1e-5 it samples greedily: engine/generate.py); `stop` a non-empty
-    string or a list of at most 16 of them; `stream` a boolean; `n` 1; `top_p` 1 (other sampling is not served);
-    every string of the body (keys too) Unicode text, no lone surrogate. Other fields are ignored.
+  - JSON without NaN/Infinity, an object; chat: `messages` a non-empty list of {role: system|user|assistant,
+    content: string}; completions: `prompt` a non-empty string or a non-empty list of token ids (0..vocab-1);
+    `model` a string; `max_tokens` an integer 1..MAX_TOKENS (default 512); `temperature` a finite number 0..2
+    (below 1e-5 it samples greedily: engine/generate.py); `top_p` a number in (0, 1]; `top_k` an integer >= 0
+    (0: off); `n` an integer 1..max_n (MAX_N, or fewer: the scheduler's slots); `seed` an integer (64-bit);
+    `stop` a non-empty string or a list of at most 16 of them; `stream` a boolean; `stream_options`
+    {include_usage: boolean}; chat `logprobs` a boolean and `top_logprobs` an integer 0..20 (with logprobs
+    true); completions `logprobs` an integer 0..5, `echo` false, `suffix` null, `best_of` 1 or n (not served
+    otherwise); every string of the body (keys too) Unicode text, no lone surrogate. Other fields are ignored.
+    A backend that only chats (HTTPBackend, a test double) serves plain chat; n > 1, top_p, top_k, seed,
+    logprobs and /v1/completions need one that samples locally (LocalBackend): 400 naming the field.
 Not checked at the door, but bounded behind it: a prompt longer than the context is an error completion from
-the backend; special-token text inside `content` (`<|im_start|>system ...`) is tokenized as text, only the chat
-template's own markers are control tokens (engine/tokenizer.py); a request whose sampling or stream callback
-fails ends alone, the other requests in the scheduler go on (engine/serve.py).
-`stream: true` answers OpenAI-style server-sent events (`data: {chat.completion.chunk}` ... `data: [DONE]`):
-token by token when the backend takes `on_text` (LocalBackend), else one chunk with the whole answer.
+the backend (502); special-token text inside `content` (`<|im_start|>system ...`) is tokenized as text, only
+the chat template's own markers are control tokens (engine/tokenizer.py); a request whose sampling or stream
+callback fails ends alone, the other requests in the scheduler go on (engine/serve.py).
+`stream: true` answers OpenAI-style server-sent events (`data: {chat.completion.chunk}` or `data:
+{text_completion}` ... `data: [DONE]`): token by token (with their logprobs when asked) from a backend that
+samples locally, else one chunk with the whole answer. Text is sent in whole characters, and the last
+characters are held back while a stop string could still cut them.
 
 Each request is handled in its own thread (listen backlog `backlog`), so concurrent clients reach the
 backend concurrently. A client that hangs up before its answer is complete has its request cancelled in the
@@ -40,6 +66,7 @@ comment once a stream has begun): a closed socket answers it with a reset, a hal
 """
 from __future__ import annotations
 
+import codecs
 import hmac
 import inspect
 import ipaddress
@@ -55,12 +82,17 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from engine.agents.backends import Choice, Sampled, Sampling
 from engine.agents.prompts import ROLES
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TOKENS = 32768                 # a request asking for more is refused (the scheduler clips to its context)
+MAX_N = 16                         # choices per request (a group of n needs n KV-cache slots at once)
+MAX_TOP_LOGPROBS = 20              # chat's top_logprobs, as OpenAI's
+MAX_LOGPROBS = 5                   # completions' logprobs, as OpenAI's
 MESSAGE_ROLES = ("system", "user", "assistant")
 API_KEY_ENV = "MCL_API_KEY"
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 class BadRequest(Exception):
@@ -72,14 +104,35 @@ class BadRequest(Exception):
 
 
 @dataclass
-class ChatRequest:
-    role: str
+class Request:
+    """One checked request of either endpoint: `messages` (chat) or `prompt` (completions) is set."""
+    role: str | None                   # the adapter's role; None: the base model
     model: str
-    messages: list[dict]
     max_tokens: int
     temperature: float
     stop: list[str]
     stream: bool
+    messages: list[dict] | None = None
+    prompt: str | list[int] | None = None
+    n: int = 1
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None        # None: not asked; k: each token's logprob and the k most likely
+    include_usage: bool = False        # stream_options.include_usage: a last chunk with the usage
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_tokens, self.temperature, self.top_p, self.top_k, self.n, self.seed,
+                        tuple(self.stop), self.logprobs)
+
+    def local_only(self) -> str | None:
+        """The first field that needs a backend sampling locally (LocalBackend.complete), or None."""
+        for name, used in (("prompt", self.prompt is not None), ("n", self.n != 1), ("top_p", self.top_p != 1),
+                           ("top_k", self.top_k != 0), ("seed", self.seed is not None),
+                           ("logprobs", self.logprobs is not None)):
+            if used:
+                return name
+        return None
 
 
 def _no_constants(name):
@@ -88,6 +141,10 @@ def _no_constants(name):
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _utf8(v) -> bool:
@@ -115,8 +172,7 @@ def _strings(v, where: str = "body"):
             stack.extend((y, f"{at}[{i}]") for i, y in enumerate(x))
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
-    """Bytes of a POST /v1/chat/completions -> ChatRequest, or BadRequest naming the field."""
+def _json_object(body: bytes) -> dict:
     try:
         req = json.loads(body, parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:             # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -124,6 +180,73 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not isinstance(req, dict):
         raise BadRequest(f"body must be a JSON object, not {type(req).__name__}")
     _strings(req)
+    return req
+
+
+def role_of(model: str, model_name: str | None) -> str | None:
+    """A role name -> that role; the served model's own name -> None (the base model); anything else -> coder."""
+    if model in ROLES:
+        return model
+    return None if model_name and model == model_name else "coder"
+
+
+def _common(req: dict, max_n: int, model_name: str | None) -> dict:
+    """The fields both endpoints share, checked -> Request keyword arguments."""
+    model = req.get("model")
+    if model is None:
+        model = ""
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
+    max_tokens = req.get("max_tokens", None)
+    if max_tokens is None:
+        max_tokens = 512
+    elif not _integer(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be an integer from 1 to {MAX_TOKENS}, not {max_tokens!r}", "max_tokens")
+    temperature = req.get("temperature", None)
+    if temperature is None:
+        temperature = 0.0
+    elif not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
+        raise BadRequest(f"temperature must be a number from 0 to 2, not {temperature!r}", "temperature")
+    top_p = req.get("top_p", None)
+    if top_p is None:
+        top_p = 1.0
+    elif not _number(top_p) or not 0 < top_p <= 1:
+        raise BadRequest(f"top_p must be a number above 0 and at most 1, not {top_p!r}", "top_p")
+    top_k = req.get("top_k", None)
+    if top_k is None:
+        top_k = 0
+    elif not _integer(top_k) or top_k < 0:
+        raise BadRequest(f"top_k must be an integer >= 0 (0: off), not {top_k!r}", "top_k")
+    n = req.get("n", None)
+    if n is None:
+        n = 1
+    elif not _integer(n) or not 1 <= n <= max_n:
+        raise BadRequest(f"n must be an integer from 1 to {max_n}, not {n!r}", "n")
+    seed = req.get("seed", None)
+    if seed is not None and (not _integer(seed) or not -(1 << 63) <= seed < (1 << 64)):
+        raise BadRequest(f"seed must be a 64-bit integer, not {seed!r}", "seed")
+    stop = req.get("stop", None)
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("stop must be a non-empty string or a list of at most 16 of them", "stop")
+    stream = req.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false", "stream")
+    options = req.get("stream_options", None)
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    return dict(role=role_of(model, model_name), model=model, max_tokens=max_tokens, temperature=float(temperature),
+                stop=stop, stream=stream, n=n, top_p=float(top_p), top_k=top_k, seed=seed,
+                include_usage=options.get("include_usage", False))
+
+
+def parse_chat_request(body: bytes, max_n: int = MAX_N, model_name: str | None = None) -> Request:
+    """Bytes of a POST /v1/chat/completions -> Request, or BadRequest naming the field."""
+    req = _json_object(body)
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
@@ -135,35 +258,133 @@ def parse_chat_request(body: bytes) -> ChatRequest:
                              f"messages[{i}].role")
         if not isinstance(m.get("content"), str):
             raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
-    model = req.get("model")
-    if model is None:
-        model = ""
-    if not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
-    max_tokens = req.get("max_tokens", None)
-    if max_tokens is None:
-        max_tokens = 512
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest(f"max_tokens must be an integer from 1 to {MAX_TOKENS}, not {max_tokens!r}", "max_tokens")
-    temperature = req.get("temperature", None)
-    if temperature is None:
-        temperature = 0.0
-    elif not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
-        raise BadRequest(f"temperature must be a number from 0 to 2, not {temperature!r}", "temperature")
-    stop = req.get("stop", None)
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("stop must be a non-empty string or a list of at most 16 of them", "stop")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false", "stream")
-    if req.get("n", 1) != 1 or isinstance(req.get("n"), bool):
-        raise BadRequest("n must be 1 (one answer per request)", "n")
-    top_p = req.get("top_p", 1)
-    if not _number(top_p) or top_p != 1:
-        raise BadRequest("top_p must be 1 (nucleus sampling is not served)", "top_p")
-    return ChatRequest(model if model in ROLES else "coder", model, messages, max_tokens, float(temperature),
-                       stop, stream)
+    kw = _common(req, max_n, model_name)
+    logprobs = req.get("logprobs", None)
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadRequest(f"logprobs must be true or false, not {logprobs!r}", "logprobs")
+    top = req.get("top_logprobs", None)
+    if top is not None and (not _integer(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {top!r}", "top_logprobs")
+    if top is not None and not logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    return Request(messages=messages, logprobs=(top or 0) if logprobs else None, **kw)
+
+
+def parse_completion_request(body: bytes, max_n: int = MAX_N, model_name: str | None = None,
+                             vocab_size: int | None = None) -> Request:
+    """Bytes of a POST /v1/completions -> Request, or BadRequest naming the field. `prompt`: a string or a list
+    of token ids (each below vocab_size when it is given); one prompt per request."""
+    req = _json_object(body)
+    prompt = req.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]                                # a batch of one prompt
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("prompt must not be empty", "prompt")
+    elif isinstance(prompt, list) and prompt and all(_integer(t) for t in prompt):
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < (vocab_size or 1 << 62)), None)
+        if bad is not None:
+            raise BadRequest(f"prompt[{bad}] ({prompt[bad]}) is not a token id"
+                             + (f" (0..{vocab_size - 1})" if vocab_size else ""), "prompt")
+    else:
+        raise BadRequest("prompt must be a non-empty string or a non-empty list of token ids (one prompt per request)",
+                         "prompt")
+    kw = _common(req, max_n, model_name)
+    logprobs = req.get("logprobs", None)
+    if logprobs is not None and (not _integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise BadRequest(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, not {logprobs!r}", "logprobs")
+    if req.get("echo", False) not in (False, None):
+        raise BadRequest("echo is not served (the completion's text only)", "echo")
+    if req.get("suffix", None) is not None:
+        raise BadRequest("suffix is not served (no insertion)", "suffix")
+    best_of = req.get("best_of", None)
+    if best_of is not None and best_of not in (1, kw["n"]):
+        raise BadRequest(f"best_of must be 1 or n (no ranking of extra samples), not {best_of!r}", "best_of")
+    return Request(prompt=prompt, logprobs=logprobs, **kw)
+
+
+# --- logprobs in OpenAI's shapes ---------------------------------------------------------------------------
+def token_bytes(tok, token_id: int) -> bytes:
+    """The bytes a token stands for: the tokenizer's token_bytes when it has one, else its decoded text."""
+    f = getattr(tok, "token_bytes", None)
+    return f(token_id) if f is not None else tok.decode([token_id]).encode("utf-8")
+
+
+def token_name(b: bytes) -> str:
+    """A token's text; a token that is part of a UTF-8 character is named by its bytes: 'bytes:\\xe2\\x80'."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
+def chat_logprobs(tok, entries) -> dict:
+    """engine.serve.TokenLogprob entries -> a chat choice's (or chunk's) `logprobs` object."""
+    def one(t, lp):
+        b = token_bytes(tok, t)
+        return {"token": token_name(b), "logprob": lp, "bytes": list(b)}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(tok, entries, offset: int = 0, decoder=None) -> tuple[dict, int]:
+    """TokenLogprob entries -> (a completion choice's (or chunk's) `logprobs` object, the offset after them).
+    text_offset counts the characters of the choice's text before each token, starting at `offset`; `decoder`
+    (a UTF-8 incremental decoder) carries a character split between chunks."""
+    decoder = decoder or codecs.getincrementaldecoder("utf-8")("replace")
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        b = token_bytes(tok, e.token)
+        out["tokens"].append(token_name(b))
+        out["token_logprobs"].append(e.logprob)
+        top = {token_name(token_bytes(tok, t)): lp for t, lp in e.top}
+        top.setdefault(token_name(b), e.logprob)          # the sampled token is always listed
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(decoder.decode(b))
+    return out, offset
+
+
+@dataclass
+class _Sent:
+    """What one choice's stream has sent: tokens, their text, and (completions) the text offset reached."""
+    k: int = 0
+    text: str = ""
+    offset: int = 0
+    decoder: object = None
+
+
+def ready(tok, ids: list[int], done: int, hold: int) -> tuple[int, str | None]:
+    """How many of `ids` a stream can send now and their text: the longest prefix (beyond `done` tokens) whose text
+    has whole characters only and leaves out the last `hold` characters (a stop string may still cut them)."""
+    full = tok.decode(ids)
+    limit = len(full.rstrip("\ufffd")) - hold
+    for k in range(len(ids), done, -1):
+        text = tok.decode(ids[:k])
+        if len(text) <= limit and not text.endswith("\ufffd") and full.startswith(text):
+            return k, text
+    return done, None
+
+
+def usage(s: Sampled) -> dict:
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens}
+
+
+def response_body(req: Request, s: Sampled, tok, cid: str, created: int) -> dict:
+    """The whole answer: a chat.completion or a text_completion object."""
+    model = req.model or req.role or "base"
+    if req.messages is not None:
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None if c.logprobs is None else chat_logprobs(tok, c.logprobs),
+                    "finish_reason": c.finish_reason} for i, c in enumerate(s.choices)]
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": usage(s)}
+    choices = [{"index": i, "text": c.text,
+                "logprobs": None if c.logprobs is None else completion_logprobs(tok, c.logprobs)[0],
+                "finish_reason": c.finish_reason} for i, c in enumerate(s.choices)]
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": usage(s)}
 
 
 def _host_name(value: str) -> str:
@@ -184,9 +405,12 @@ def is_loopback(host: str) -> bool:
 
 
 def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body: int = 1 << 20,
-                 read_timeout: float = 30.0):
+                 read_timeout: float = 30.0, model_name: str | None = None, max_n: int = MAX_N,
+                 vocab_size: int | None = None):
+    """The request handler class. model_name: the served model's name (the base model; listed by /v1/models);
+    max_n: the most choices per request; vocab_size: token ids of a completions prompt must be below it."""
     takes_gone = _takes(backend, "gone")
-    takes_text = _takes(backend, "on_text")
+    local = callable(getattr(backend, "complete", None))   # LocalBackend: token ids in, n choices out
     allowed = {h.lower() for h in allowed_hosts}
     key = api_key.encode() if api_key else None
 
@@ -331,7 +555,9 @@ def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body
             finally:
                 self._read_done.set()
             if self.path.rstrip("/") == "/v1/models":
-                return self._send(200, {"object": "list", "data": [{"id": r, "object": "model"} for r in ROLES]})
+                names = [*ROLES, *([model_name] if model_name else [])]
+                return self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                                    "owned_by": "mapcoder-lite"} for m in names]})
             self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error",
                                        "param": None, "code": None}})
 
@@ -339,56 +565,79 @@ def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body
             body_read = False
             try:
                 self._check_door()
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                path = self.path.rstrip("/")
+                if path not in (CHAT, COMPLETIONS):
                     raise BadRequest(f"no route {self.path}", status=404)
                 body = self._read_body()
                 body_read = True
                 self._read_done.set()
-                req = parse_chat_request(body)
+                req = parse_chat_request(body, max_n, model_name) if path == CHAT else \
+                    parse_completion_request(body, max_n, model_name, vocab_size)
+                field = None if local else req.local_only()
+                if field is not None:
+                    raise BadRequest(f"{field} needs a backend that samples locally (this one only chats)", field)
             except BadRequest as e:
                 return self._refuse(e, body_read)
             if req.stream:
                 return self._answer_stream(req)
             try:
-                c = self._chat(req)
+                s = self._run(req)
+            except ValueError as e:                     # the scheduler refused a value the door let through
+                return self._send(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": None,
+                                                  "code": None}})
             except Exception as e:                      # noqa: BLE001 -- report it to the client, keep serving
                 return self._send(500, {"error": {"message": f"backend failed: {type(e).__name__}: {e}",
                                                   "type": "server_error", "param": None, "code": None}})
-            if c.finish_reason == "cancelled" or self._gone:
+            if self._gone or any(c.finish_reason == "cancelled" for c in s.choices):
                 self.close_connection = True
                 return None                             # the client is gone: nobody to answer
-            if c.error:
-                return self._send(502, {"error": {"message": c.error, "type": "server_error", "param": None,
+            if s.error:
+                return self._send(502, {"error": {"message": s.error, "type": "server_error", "param": None,
                                                   "code": None}})
-            self._send(200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model or req.role,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason}],
-                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                          "total_tokens": c.prompt_tokens + c.completion_tokens},
-            })
+            self._send(200, response_body(req, s, getattr(backend, "tokenizer", None), _new_id(req), int(time.time())))
 
-        def _chat(self, req: ChatRequest, on_text=None):
-            kw = {}
-            if takes_gone:
-                kw["gone"] = self._client_gone
-            if on_text is not None and takes_text:
-                kw["on_text"] = on_text
-            return backend.chat(req.role, req.messages, req.max_tokens, req.temperature, req.stop, **kw)
+        def _run(self, req: Request, on_tokens=None) -> Sampled:
+            """The backend's answer: LocalBackend.complete on token ids, or a chat-only backend's one choice."""
+            if not local:
+                kw = {"gone": self._client_gone} if takes_gone else {}
+                c = backend.chat(req.role, req.messages, req.max_tokens, req.temperature, req.stop, **kw)
+                if c.error:
+                    return Sampled(prompt_tokens=c.prompt_tokens, error=c.error)
+                return Sampled([Choice(c.text, c.finish_reason)], c.prompt_tokens, c.completion_tokens)
+            tok = backend.tokenizer
+            if req.messages is not None:
+                ids = tok.apply_chat_template(req.messages, add_generation_prompt=True)
+            else:
+                ids = tok.encode(req.prompt, add_special=True) if isinstance(req.prompt, str) else req.prompt
+            return backend.complete(req.role, ids, req.sampling(), gone=self._client_gone, on_tokens=on_tokens)
 
         # --- streaming (server-sent events) ------------------------------------------------------
-        def _answer_stream(self, req: ChatRequest):
-            cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-            sent = []                                    # the text the client has, in pieces
+        def _answer_stream(self, req: Request):
+            cid, created, chat = _new_id(req), int(time.time()), req.messages is not None
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            tok = getattr(backend, "tokenizer", None)
+            sent = [_Sent(decoder=codecs.getincrementaldecoder("utf-8")("replace")) for _ in range(req.n)]
             hold = max((len(s) for s in req.stop), default=0) + 8    # a stop string may still cut the tail
 
-            def event(delta: dict, finish=None):
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": req.model or req.role,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            def write(choices, extra=None):
+                obj = {"id": cid, "object": kind, "created": created, "model": req.model or req.role or "base",
+                       "choices": choices, **(extra or {})}
+                self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
                 self.wfile.flush()
+
+            def event(i: int, text: str | None, entries=None, finish=None):
+                """One choice's piece: its text (None: only a finish) and the logprobs of its tokens."""
+                lp = None
+                if entries is not None and chat:
+                    lp = chat_logprobs(tok, entries)
+                elif entries is not None:
+                    lp, sent[i].offset = completion_logprobs(tok, entries, sent[i].offset, sent[i].decoder)
+                if chat:
+                    choice = {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": lp,
+                              "finish_reason": finish}
+                else:
+                    choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+                write([choice])
 
             def begin():
                 if not self._streaming:
@@ -399,44 +648,52 @@ def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body
                     self.send_header("Cache-Control", "no-cache")
                     self.send_header("Connection", "close")
                     self.end_headers()
-                    event({"role": "assistant", "content": ""})
+                    if chat:
+                        write([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for i in range(req.n)])
 
-            def on_text(text: str):                     # the text so far (LocalBackend polls it out)
-                have = "".join(sent)
-                safe = text.rstrip("\ufffd")[: max(0, len(text) - hold)]   # no half characters, no stop tails
-                if self._gone or len(safe) <= len(have) or not safe.startswith(have):
+            def on_tokens(i: int, ids: list[int], entries: list):       # LocalBackend polls them out
+                k, text = ready(tok, ids, sent[i].k, hold)
+                if self._gone or text is None or not text.startswith(sent[i].text):
                     return
                 try:
                     begin()
-                    event({"content": safe[len(have):]})
-                    sent.append(safe[len(have):])
+                    event(i, text[len(sent[i].text):], entries[sent[i].k:k] if req.logprobs is not None else None)
+                    sent[i].k, sent[i].text = k, text
                 except OSError:
                     self._gone = True
 
+            status, error = 502, None
             try:
-                c = self._chat(req, on_text)
+                s = self._run(req, on_tokens if local else None)
+            except ValueError as e:
+                s, status, error = None, 400, str(e)
             except Exception as e:                      # noqa: BLE001
-                c = None
-                error = f"backend failed: {type(e).__name__}: {e}"
+                s, status, error = None, 500, f"backend failed: {type(e).__name__}: {e}"
             else:
-                error = c.error if c.finish_reason != "cancelled" else None
-            if self._gone or (c is not None and c.finish_reason == "cancelled"):
+                error = s.error
+            if self._gone or (s is not None and any(c.finish_reason == "cancelled" for c in s.choices)):
                 self.close_connection = True
                 return None
             if error and not self._streaming:
-                return self._send(500 if c is None else 502, {"error": {"message": error, "type": "server_error",
-                                                                        "param": None, "code": None}})
+                return self._send(status, {"error": {"message": error, "param": None, "code": None,
+                                                     "type": "invalid_request_error" if status == 400 else
+                                                     "server_error"}})
             try:
                 begin()
-                have = "".join(sent)
                 if error:
                     self.wfile.write(b"data: " + json.dumps({"error": {"message": error, "type": "server_error"}})
                                      .encode() + b"\n\n")
                 else:
-                    rest = c.text[len(have):] if c.text.startswith(have) else ""
-                    if rest:
-                        event({"content": rest})
-                    event({}, c.finish_reason)
+                    for i, c in enumerate(s.choices):
+                        rest = c.text[len(sent[i].text):] if c.text.startswith(sent[i].text) else ""
+                        entries = None if c.logprobs is None else c.logprobs[sent[i].k:]
+                        if rest or entries:
+                            event(i, rest, entries)
+                    for i, c in enumerate(s.choices):
+                        event(i, None, finish=c.finish_reason)
+                    if req.include_usage:
+                        write([], {"usage": usage(s)})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except OSError:
@@ -445,8 +702,12 @@ def make_handler(backend, api_key: str | None = None, allowed_hosts=(), max_body
     return Handler
 
 
+def _new_id(req: Request) -> str:
+    return ("chatcmpl-" if req.messages is not None else "cmpl-") + uuid.uuid4().hex[:12]
+
+
 def _takes(backend, name: str) -> bool:
-    """Whether backend.chat accepts the keyword `name` (LocalBackend takes `gone` and `on_text`)."""
+    """Whether backend.chat accepts the keyword `name` (a chat-only backend may take `gone`)."""
     try:
         return name in inspect.signature(backend.chat).parameters
     except (TypeError, ValueError, AttributeError):
@@ -476,15 +737,17 @@ def check_host(host: str, allow_remote: bool = False):
 
 def serve(backend, host: str = "127.0.0.1", port: int = 0, handler=None, api_key: str | None = None,
           allowed_hosts=(), allow_remote: bool = False, max_body: int = 1 << 20,
-          read_timeout: float = 30.0) -> Server:
+          read_timeout: float = 30.0, model_name: str | None = None, max_n: int = MAX_N,
+          vocab_size: int | None = None) -> Server:
     """Start serving in a daemon thread; returns the server (`.url` added). `handler` overrides the
     request handler class (the tests use it to misbehave). A non-loopback `host` needs allow_remote=True;
-    it is then added to the allowed Host names."""
+    it is then added to the allowed Host names. model_name, max_n, vocab_size: see make_handler."""
     check_host(host, allow_remote)
     if not is_loopback(host):
         allowed_hosts = (*allowed_hosts, host)
     cls = Server6 if ":" in host else Server
-    server = cls((host, port), handler or make_handler(backend, api_key, allowed_hosts, max_body, read_timeout))
+    server = cls((host, port), handler or make_handler(backend, api_key, allowed_hosts, max_body, read_timeout,
+                                                       model_name, max_n, vocab_size))
     server.url = f"http://{host}:{server.server_address[1]}" if ":" not in host else \
         f"http://[{host}]:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="mcl-http",
@@ -506,9 +769,11 @@ def cli_serve(a):
     from engine.agents.backends import open_local
     backend = open_local(a.model, a.device, a.dtype, a.adapters, n_slots=a.slots, weights=a.weights)
     server = serve(backend, a.host, a.port, api_key=api_key, allowed_hosts=a.allow_host,
-                   allow_remote=a.allow_remote, max_body=a.max_body, read_timeout=a.read_timeout)
-    print(f"serving {a.model} at {server.url}/v1/chat/completions" + (" (API key required)" if api_key else "")
-          + " (Ctrl-C to stop)", flush=True)
+                   allow_remote=a.allow_remote, max_body=a.max_body, read_timeout=a.read_timeout,
+                   model_name=a.model, max_n=min(MAX_N, a.slots),
+                   vocab_size=backend.scheduler.model.cfg.vocab_size)
+    print(f"serving {a.model} at {server.url}/v1 (chat/completions, completions, models)"
+          + (" (API key required)" if api_key else "") + " (Ctrl-C to stop)", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
