@@ -53,11 +53,15 @@ def _signal_name(rc: int) -> str:
 
 def run_isolated(fn, *args, label: str, timeout: float | None = None, **kwargs):
     """fn(*args, **kwargs) in a child process; its array (or dict of arrays) comes back. ChildError on a crash."""
-    if fn.__module__ == "__main__" or "<locals>" in fn.__qualname__:
+    module = fn.__module__
+    if module == "__main__":                            # run as `python -m package.module`: its importable name
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    if module == "__main__" or "<locals>" in fn.__qualname__:
         raise ValueError(f"run_isolated: {fn.__qualname__} must be a top-level function of an importable module")
     with tempfile.TemporaryDirectory(prefix="mcl_isolated_") as tmp:
         spec, out = Path(tmp) / "call.pkl", Path(tmp) / "out.npz"
-        spec.write_bytes(pickle.dumps((sys.path, fn.__module__, fn.__qualname__, pickle.dumps((args, kwargs)))))
+        spec.write_bytes(pickle.dumps((sys.path, module, fn.__qualname__, pickle.dumps((args, kwargs)))))
         try:
             r = subprocess.run([sys.executable, "-c", _CHILD, str(spec), str(out)], capture_output=True, text=True,
                                timeout=timeout)

@@ -88,6 +88,28 @@ def test_an_exception_is_its_last_line():
     assert e.value.signal is None and "ValueError: bad shape (3, 4) in the child" in str(e.value), str(e.value)
 
 
+def test_a_function_of_a_module_run_with_python_m(tmp_path):
+    """`python -m bench.quality --peer` calls run_isolated on its own top-level function: __main__ is resolved to
+    the module's importable name, so the child can import it."""
+    pkg = tmp_path / "isopkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from bench.isolated import run_isolated
+
+        def twice(n):
+            return np.arange(n) * 2
+
+        if __name__ == "__main__":
+            print(run_isolated(twice, 4, label="test child").tolist())
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "isopkg.mod"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[0, 2, 4, 6]", r.stdout + r.stderr
+
+
 def test_a_local_function_is_refused():
     def local():
         return np.zeros(1)
