@@ -381,11 +381,11 @@ def _batch_row(name, packed, threads, rounds) -> dict:
     try:
         for s in ("ours", "llama.cpp"):
             sides[s] = _Worker(s, name, packed, seqs=n)
-            sides[s].ask({"op": "batch", "prompts": prompts, "new_tokens": 4, "threads": threads})    # warm-up
+            sides[s].ask({"op": "batched", "prompts": prompts, "new_tokens": 4, "threads": threads})    # warm-up
         got = {s: [] for s in sides}
         for r in range(rounds):
             for s in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                got[s].append(sides[s].ask({"op": "batch", "prompts": prompts, "new_tokens": new, "threads": threads}))
+                got[s].append(sides[s].ask({"op": "batched", "prompts": prompts, "new_tokens": new, "threads": threads}))
     finally:
         rss = {s: w.close()["maxrss_kb"] / 2**20 for s, w in sides.items()}
     tps = {s: _median([n * (new - 1) / g["decode_s"] for g in got[s]]) for s in got}
@@ -496,7 +496,7 @@ class _OursSide:
         return {"wall_s": wall, "tokens": [f.result().token_ids for f in futs]}
 
 
-    def batch(self, prompts, new_tokens, threads):
+    def batched(self, prompts, new_tokens, threads):
         import torch
 
         from engine.serve import Scheduler
@@ -592,7 +592,7 @@ class _LlamaSide:
         return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_cpu_s": time.process_time() - c1,
                 "tokens": out}
 
-    def batch(self, prompts, new_tokens, threads):
+    def batched(self, prompts, new_tokens, threads):
         self.L.llama_set_n_threads(self.ctx, threads, threads)
         self._set_adapter(None)
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
