@@ -81,6 +81,13 @@ def entry_point_text(p: Problem) -> str:
     return f"# Function to write\n`{p.entry_point}`" if p.entry_point else ""
 
 
+def answer_cue(p: Problem, what: str) -> str:
+    """The closing line of a code-writing prompt: what to answer with, and the function's name again. It comes after
+    every problem-specific part (so it costs the prefix cache nothing) and right before the answer, where a small
+    model still reads it: with the name only in the middle of the prompt, models wrote a function of another name."""
+    return f"Answer now: {what}" + (f", defining `{p.entry_point}`." if p.entry_point else ".")
+
+
 def format_test(p: Problem, t: Test) -> str:
     if t.kind == "stdio":
         return f"Input:\n{_clip(t.input)}\nExpected output:\n{_clip(t.expected)}"
@@ -197,7 +204,7 @@ def coder(p: Problem, plan: str, algorithm: str) -> list[dict]:
              f"# Problem\n{problem_text(p)}", entry_point_text(p),
              f"# Plan\n{plan.strip() or '(no plan: solve the problem directly)'}",
              f"# Sample tests\n{format_tests(p, p.sample_tests)}"]
-    return _prompt("coder", head, parts, "Answer now: one ```python code block.")
+    return _prompt("coder", head, parts, answer_cue(p, "one ```python code block"))
 
 
 def debugger(p: Problem, plan: str, code: str, report: TestReport, algorithm: str) -> list[dict]:
@@ -209,7 +216,7 @@ def debugger(p: Problem, plan: str, code: str, report: TestReport, algorithm: st
              f"# Plan\n{plan.strip() or '(none)'}",
              f"# Program\n```python\n{code.rstrip() or '# (no code was found in the previous answer)'}\n```",
              f"# Test report\n{format_report(p, report)}"]
-    return _prompt("debugger", head, parts, "Answer now: the revised plan, then one ```python code block.")
+    return _prompt("debugger", head, parts, answer_cue(p, "the revised plan, then one ```python code block"))
 
 
 # --- baselines (tagged with the coder role) -------------------------------------------------
@@ -218,11 +225,11 @@ def direct(p: Problem) -> list[dict]:
     head = (f"Write Python 3 code that solves the problem below. {io_rules(p)}\n"
             f"Answer with exactly one ```python code block and no other text.")
     return _prompt("coder", head, [f"# Problem\n{problem_text(p)}", entry_point_text(p)],
-                   "Answer now: one ```python code block.")
+                   answer_cue(p, "one ```python code block"))
 
 
 def cot(p: Problem) -> list[dict]:
     head = (f"Solve the problem below in Python 3. {io_rules(p)}\nThink step by step: first explain briefly how "
             f"to solve it, then give the whole program in exactly one ```python code block.")
     return _prompt("coder", head, [f"# Problem\n{problem_text(p)}", entry_point_text(p)],
-                   "Answer now: the explanation, then one ```python code block.")
+                   answer_cue(p, "the explanation, then one ```python code block"))
