@@ -44,7 +44,7 @@ from pathlib import Path
 
 from engine.agents.problem import Problem
 from engine.agents.prompts import ROLES
-from kernels.cpu_info import isa
+from kernels.cpu_info import cpu_model, isa
 from recipes.common import git_commit, load_config
 
 CODE = Path(__file__).resolve().parents[1]         # the code tree this command runs from
@@ -303,10 +303,13 @@ def run(cfg: MiniatureConfig, stage: str = "", shards: int = 0, hours: float = 0
 
 # --- status ------------------------------------------------------------------------------------------------
 
-def rates(cfg: MiniatureConfig) -> dict[str, float]:
-    """Measured problems/hour of each model over the finished trajectory shards (problems run / wall)."""
+def rates(cfg: MiniatureConfig, cpu: str = "") -> dict[str, float]:
+    """Measured problems/hour of each model over the finished trajectory shards (problems run / wall), only those
+    run on CPU model `cpu` when given."""
     n, w = {}, {}
     for meta, _ in finished(cfg, "trajectories"):
+        if cpu and meta.get("cpu_model") != cpu:
+            continue
         for a in meta["arms"].values():
             n[a["model"]] = n.get(a["model"], 0) + a["problems_run"]
             w[a["model"]] = w.get(a["model"], 0.0) + a["wall_s"]
@@ -315,7 +318,8 @@ def rates(cfg: MiniatureConfig) -> dict[str, float]:
 
 def status(cfg: MiniatureConfig) -> dict:
     problems, dropped = select_problems(cfg)
-    per_hour = rates(cfg)
+    here = cpu_model()
+    per_hour = rates(cfg, here) or rates(cfg)               # this machine's rate where it has run a shard
     out = {"problems": len(problems), "dropped_by_decontamination": dropped, "held_out": cfg.held_out,
            "problems_per_hour": {m: round(r, 1) for m, r in per_hour.items()}, "stages": {}}
     print(f"miniature: {len(problems)} problems ({cfg.benchmark} {'+'.join(cfg.splits)}; "
@@ -344,7 +348,8 @@ def status(cfg: MiniatureConfig) -> dict:
     rate_txt = ", ".join(f"{m} {r:.1f}" for m, r in per_hour.items()) or "not measured yet"
     complete = all(v["shards_done"] == v["shards"] for v in out["stages"].values())
     left = "complete" if complete else f"open, {total_h:.1f} h left" + (" + unmeasured models" if unmeasured else "")
-    print(f"  problems/hour on the finished shards: {rate_txt}; part 1 {left}")
+    where = f"on this CPU ({here})" if rates(cfg, here) else "on other CPUs (none run here yet)"
+    print(f"  problems/hour {where}: {rate_txt}; part 1 {left}")
     out["complete"], out["hours_left"] = complete, round(total_h, 1)
     return out
 
