@@ -13,7 +13,7 @@ from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.distill import DistillConfig, distill
 from recipes.main_job import MainConfig, main_job
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_hf_dir
+from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

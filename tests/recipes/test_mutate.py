@@ -16,7 +16,7 @@ from recipes.common import read_jsonl_resumable
 from recipes.distill import DistillConfig, distill
 from recipes.mutate import MutateConfig, mutants, mutate, plan_steps, trajectory_mutants
 from recipes.trajectory import Trajectory
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
+from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
 
 ROLES = ("retriever", "planner", "coder", "debugger")
 PROGRAM = '''def f(xs, k):

@@ -2,7 +2,7 @@
 only), four tiny problems, a tiny random-weight model behind the real LocalBackend + Scheduler, and an HTTP
 server that misbehaves on purpose.
 
-    from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
+    from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
 """
 from __future__ import annotations
 
