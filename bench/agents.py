@@ -28,7 +28,7 @@ from bench.common import device_name, isa, write_result
 
 def main(args):
     from engine.agents.backends import LocalBackend
-    from engine.agents.prompts import ROLES
+    from engine.roles import ROLES
     from engine.hub import load_model
     from engine.lora import add_adapters
     from engine.serve import Scheduler

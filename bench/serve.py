@@ -30,7 +30,7 @@ import time
 import torch
 
 from bench.common import device_name, isa, write_result
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from engine.lora import add_adapters
 from engine.serve import Scheduler, row_seed
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_name, isa, write_result
-from engine.data import ROLES, Batch
+from engine.data import Batch
+from engine.roles import ROLES
 from engine.lora import ALL_TARGETS, add_adapters
 from engine.trainer import AdapterAdamW, limit_cpu_heap_growth, token_losses
 

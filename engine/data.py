@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.agents.prompts import ROLES     # the four role names, defined once with the agents' prompts
+from engine.roles import ROLES
 
 CHAT_ROLES = ("system", "user", "assistant")
 

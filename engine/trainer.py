@@ -50,7 +50,8 @@ from engine.chunked_ce import linear_cross_entropy
 from kernels.cpu_info import native_bf16
 from engine import config_file
 from engine import distributed as D
-from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
+from engine.data import Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
+from engine.roles import ROLES
 from engine.lora import ADAPTER_NAME, ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from engine.agents.mapcoder import solve
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from engine.agents.problem import Problem, TestReport
 from eval.report import problem_record, summarize, write_problems, write_summary
 

@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from recipes.common import dedup, run_record, write_examples
 from recipes.distill import teacher_name
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from engine.agents import parsers, prompts
 from engine.agents.parsers import FormatFailure
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from engine.agents.problem import TestReport
 from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
                             run_record, set_threads, write_examples, write_meta)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.parsers import clean
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from engine.agents.problem import Problem
 from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
                             run_record, set_threads, write_examples, write_meta)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from recipes.common import load_config, run_record, set_threads
 
 

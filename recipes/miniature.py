@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.problem import Problem
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from kernels.cpu_info import isa
 from recipes.common import git_commit, load_config
 

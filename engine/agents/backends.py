@@ -32,7 +32,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 
 
 @dataclass

@@ -83,7 +83,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from engine.agents.backends import Choice, Sampled, Sampling
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TOKENS = 32768                 # a request asking for more is refused (the scheduler clips to its context)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 
 from engine.agents.problem import Problem, Test, TestReport
-
-ROLES = ("retriever", "planner", "coder", "debugger")
+from engine.roles import ROLES
 
 _SYSTEM = {
     "retriever": "You are the retriever in a team of coding agents. You recall programming problems similar "

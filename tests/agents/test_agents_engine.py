@@ -12,7 +12,7 @@ import torch
 
 import engine.agents.problem as ev
 from engine.agents.backends import LocalBackend
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from engine.config import PRESETS
 from engine.lora import add_adapters
 from engine.model import Transformer

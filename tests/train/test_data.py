@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from engine.data import ROLES, RoleSampler, collate, load_sft, split_eval
+from engine.data import RoleSampler, collate, load_sft, split_eval
+
+from engine.roles import ROLES
 from tiny_setup import byte_tokenizer, memorisation_rows, write_jsonl
 
 TOK = byte_tokenizer()

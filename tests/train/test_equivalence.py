@@ -11,7 +11,9 @@
 import pytest
 import torch
 
-from engine.data import ROLES, collate, load_sft
+from engine.data import collate, load_sft
+
+from engine.roles import ROLES
 from engine.lora import add_adapters
 from engine.trainer import AdapterAdamW, token_losses
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_model, write_jsonl

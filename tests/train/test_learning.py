@@ -8,7 +8,7 @@
 import pytest
 import torch
 
-from engine.data import ROLES
+from engine.roles import ROLES
 from engine.lora import add_adapters
 from engine.trainer import load_recipe, train
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_model, tiny_tables, write_jsonl, write_recipe

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from engine.data import ROLES
+from engine.roles import ROLES
 from engine.trainer import load_recipe, lr_at, TrainCfg, train
 from tiny_setup import byte_tokenizer, memorisation_rows, read_adapters, tiny_model, tiny_tables, write_jsonl, write_recipe
 

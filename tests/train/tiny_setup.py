@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.config import PRESETS
-from engine.data import ROLES
+from engine.roles import ROLES
 from engine.model import Transformer
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")
