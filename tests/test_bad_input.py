@@ -1,5 +1,5 @@
 """Bad files and flags given to `mcl`: each one is a single error line that names the file and the field (and the
-line, for JSONL), a non-zero exit, and nothing written or changed (issue 16, item 10).
+line, for JSONL), a non-zero exit, and nothing written or changed.
 
     python -m pytest tests/test_bad_input.py -q
 

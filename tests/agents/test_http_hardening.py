@@ -1,4 +1,4 @@
-"""The HTTP server against a hostile or careless client (issue 16, items 7-9): every malformed field is a 400
+"""The HTTP server against a hostile or careless client: every malformed field is a 400
 that never reaches the backend; body cap (413), read deadline, a half-closing client still answered;
 API key, Host/Origin restricted to loopback, a non-loopback --host refused before the model loads;
 OpenAI-style streaming (through the real scheduler on a tiny model); and a bounded load test: 64 concurrent

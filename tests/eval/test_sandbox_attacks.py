@@ -1,4 +1,4 @@
-"""Red-team attacks on eval/sandbox.py and eval/harness.py as tests (issue 16, items 1-4): each attack
+"""Red-team attacks on eval/sandbox.py and eval/harness.py as tests: each attack
 program runs as a candidate would, and the test proves it was stopped: the right verdict, nothing left on
 the host (SysV IPC objects compared before/after through /proc/sysvipc, which is what `ipcs` reads; no
 process of the run left), and the harness still scoring a correct program afterwards.

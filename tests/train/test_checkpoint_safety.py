@@ -1,4 +1,4 @@
-"""`mcl train` and what an earlier run left in its out_dir (issue 16, item 11): finished adapters are not overwritten
+"""`mcl train` and what an earlier run left in its out_dir: finished adapters are not overwritten
 without --overwrite; --resume re-hashes each checkpoint against its sha256 manifest and falls back past a corrupt one
 with a message; a full disk during a checkpoint write is one error line and the last good checkpoint stays intact
 (an injected OSError(ENOSPC), and a real 1-2 MB tmpfs in a private mount namespace where `unshare` allows one).
