@@ -131,7 +131,7 @@ def test_subprocess_entry_point_bad_config(tmp_path, hf_dir):
 @pytest.fixture
 def never_convert(monkeypatch):
     """Fails the test if the conversion starts: a refusal must come before the (slow) GGUF read."""
-    import engine.weights as W
+    import engine.loading.weights as W
 
     def boom(*a, **k):
         raise AssertionError("convert read the GGUF before checking its output directory")

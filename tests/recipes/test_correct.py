@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from engine.agents.http_server import serve
+from engine.serving.http_server import serve
 from recipes.correct import CorrectConfig, correct, parse_verdict
 from recipes.common import read_jsonl_resumable
 from recipes.distill import DistillConfig, distill

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import parse_line
+from engine.training.data import parse_line
 from recipes.common import load_config, read_jsonl_resumable
 from recipes.distill import DistillConfig, build_examples, distill, load_problems, trajectory_examples
 from recipes.trajectory import Trajectory

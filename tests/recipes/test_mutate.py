@@ -8,8 +8,8 @@ import json
 import pytest
 
 from engine.agents import parsers
-from engine.data import parse_line
 from engine.agents import problem as P
+from engine.training.data import parse_line
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.common import read_jsonl_resumable

@@ -1,6 +1,6 @@
 """Weights on disk -> (ModelConfig, state dict in Hugging Face naming), and the `mcl convert` command.
 
-    from engine.weights import load_hf_dir, load_gguf
+    from engine.loading.weights import load_hf_dir, load_gguf
     cfg, sd = load_hf_dir("path/to/hf_dir")                 # config.json + model.safetensors (or sharded + index)
     cfg, sd, meta = load_gguf("model.gguf")                  # dequantised to float32 through the `gguf` package
     model = Transformer(cfg); model.load_state_dict(sd)      # keys: model.layers.0.self_attn.q_proj.weight, ...
@@ -356,7 +356,7 @@ def convert_gguf(gguf_path, outdir, dtype: torch.dtype = torch.float32) -> Path:
     for the model in `gguf_path`; transformers' AutoModelForCausalLM / AutoTokenizer load the result."""
     from safetensors.torch import save_file
 
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
     final = Path(outdir)
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):     # checked before the conversion
         raise ValueError(f"{final}: already exists{' and is not empty' if final.is_dir() else ' (a file)'}; "
