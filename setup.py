@@ -10,7 +10,7 @@ setup(
                 "mixed-role training and serving, agents, evaluation).",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "eval", "eval.*",
                                     "recipes", "recipes.*", "bench"]),
-    package_data={"recipes": ["*.toml", "data/*"], "engine": ["*.c", "*.h"]},   # C kernels: built with gcc on first use
+    package_data={"recipes": ["*.toml", "data/*"], "engine.cpu": ["*.c", "*.h"]},   # C kernels: gcc on first use
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",          # CPU: install torch==2.13.0 first (local wheel); an unpinned torch pulls CUDA

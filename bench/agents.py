@@ -2,14 +2,14 @@
 
     mcl bench agents --json --threads 1           # SmolLM2-135M, 16 HumanEval problems, CPU
     mcl bench agents --json --threads 1 --out bench/results/    # -> agents_smollm2-135m_cpu.json
-    mcl bench agents --weights q4 ...             # packed 4-bit weights in both modes (engine/quant.py)
+    mcl bench agents --weights q4 ...             # packed 4-bit weights in both modes (engine/loading/packed_model.py)
 
 Both runs use one loaded model and one scheduler (16 KV-cache slots), the same problems, greedy decoding,
 k=1 plan and t=1 debug round with a bounded answer length. "sequential" runs one problem at a time
 (concurrency=1: one request in flight, batch of one); "concurrent" runs all problems on 16 threads, so
 the scheduler batches the agent calls of many problems -- of different roles -- into one decode step.
 The scheduler's batch log says how many decode steps mixed roles. Both modes use the same engine,
-automatic prefix caching included (engine/serve.py); each row reports its prompt tokens, the tokens
+automatic prefix caching included (engine/serving/scheduler.py); each row reports its prompt tokens, the tokens
 actually prefilled and the prefix hit rates.
 Last line: {"device", "model", "problems", "rows": [{"mode", "wall_s", "new_tokens", "prompt_tokens",
 "prefill_tokens", "prefix": {...}, "decode_s", "prefill_s"}], "speedup", "mixed_role_steps", "decode_steps",
@@ -27,11 +27,11 @@ from bench.common import device_name, isa, write_result
 
 
 def main(args):
-    from engine.agents.backends import LocalBackend
-    from engine.agents.prompts import ROLES
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     from engine.lora import add_adapters
-    from engine.serve import Scheduler
+    from engine.roles import ROLES
+    from engine.serving.backend import LocalBackend
+    from engine.serving.scheduler import Scheduler
     from eval.run import load_benchmark, run_eval
 
     name = args.model or "smollm2-135m"

@@ -10,10 +10,10 @@
 Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.getrusage's ru_maxrss of that process:
 load + prefill + decode), the trees alternating round by round so that a machine shared with other work loads both
 sides alike; inside a worker the thread counts alternate too. A worker loads the model, prefills a 64-token prompt,
-then times decode steps (engine.generate.decode_one, greedy), median ms per step over its rounds.
+then times decode steps (engine.serving.steps.decode_one, greedy), median ms per step over its rounds.
 Workers run with OMP_WAIT_POLICY=PASSIVE (--spin keeps the default): on a machine shared with other work, threads
 spinning at OpenMP barriers starve the one they wait for. --profile adds a cProfile breakdown of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
---kernels --isa times the ISA variants of the integer kernel (engine/cpu_library.py) in turn on the same inputs, with
+--kernels --isa times the ISA variants of the integer kernel (engine/cpu/library.py) in turn on the same inputs, with
 each one's ratio to the first (`int8_<isa>_vs_<first>_m<rows>` > 1: faster); --shapes, --rows and --reps shrink a
 run. Both JSONs record the CPU model and its ISA flags (kernels.cpu_info.isa()).
 """
@@ -36,9 +36,9 @@ def worker(args) -> dict:
     import torch
 
     import engine
-    from engine.generate import decode_one, prefill
-    from engine.hub import load_model
     from engine.kv_cache import KVCache
+    from engine.loading.hub import load_model
+    from engine.serving.steps import decode_one, prefill
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device="cpu", weights=args.weights)
     load_s = time.perf_counter() - t0
@@ -108,17 +108,17 @@ KERNEL_SHAPES = {"smollm2 gate|up Q4_1": ("Q4_1", 3072, 576), "qwen 0.5b down Q6
 
 def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shapes=(), reps: int = 5) -> list[dict]:
     """Per real projection shape (random GGUF blocks; `shapes`: names containing one of these, all when empty): fp32
-    F.linear, the integer kernel in each ISA variant of `isas` (engine/cpu_library.py; the first is the baseline of
+    F.linear, the integer kernel in each ISA variant of `isas` (engine/cpu/library.py; the first is the baseline of
     the ratios) and dequant + SGEMM at several batch rows, median ms of `reps` after a warm-up, the variants taking
     turns on each input; GB/s = packed bytes read per integer-kernel call / time."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    import engine.cpu_kernels as ck
+    import engine.cpu.kernels as ck
     from bench.common import env_var
-    from engine.cpu_library import select_isa
-    from engine.quant import BLOCK_BYTES, PackedLinear
+    from engine.cpu.library import select_isa
+    from engine.cpu.packed import BLOCK_BYTES, PackedLinear
 
     def med(fn, n=reps):
         fn()
@@ -204,8 +204,8 @@ def main(argv=None):
         return
     if a.kernels:
         from bench.common import device_name, isa, write_result
-        from engine.cpu_kernels import dequant_min_m
-        from engine.cpu_library import VARIANTS, missing_flags
+        from engine.cpu.kernels import dequant_min_m
+        from engine.cpu.library import VARIANTS, missing_flags
         isas = a.isa.split(",") if a.isa else [n for n in VARIANTS if not missing_flags(n)]
         for n in isas:
             if n not in VARIANTS or missing_flags(n):

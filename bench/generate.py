@@ -9,7 +9,7 @@ one warm-up each, then the best of `repeats` timed runs, taken round robin over 
 attention mask; we prefill right-padded and decode every row at its own position.
 
 Four runs per batch size: ours with packed weights (`--weights`, default q4 on the CPU: the GGUF's 4-bit blocks
-through torch's int4 kernel, see engine/quant.py), ours fp32, transformers fp32 (what it makes of a GGUF: it
+through torch's int4 kernel, see engine/cpu/packed.py), ours fp32, transformers fp32 (what it makes of a GGUF: it
 dequantises to fp32) and transformers bf16. `ratio` is ours-packed / transformers-fp32 (the headline figure);
 `ratio_vs_best_hf` divides by the faster of transformers' two. The JSON also reports, per prompt, how many
 leading greedy tokens before the first EOS agree (ours fp32 vs transformers fp32 alone; ours packed vs ours fp32): bf16 rounding can
@@ -69,8 +69,8 @@ def main(args):
 
     from bench.common import device_name, isa, write_result
 
-    from engine.generate import generate
-    from engine.hub import load_model, model_path
+    from engine.loading.hub import load_model, model_path
+    from engine.serving.generate import generate
 
     name = args.model or "smollm2-135m"
     device = args.device or "cpu"
@@ -167,7 +167,7 @@ class _Worker:
         import sys
         import tempfile
 
-        from engine.hub import model_path
+        from engine.loading.hub import model_path
         self.side, self.model = side, model
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench_{side}_", suffix=".log")
         cmd = [sys.executable, "-m", "bench.generate", "--worker", side, "--model", model,
@@ -222,9 +222,9 @@ def _same_prefix(a, b):
 
 def _chat_prompts(name: str, texts) -> list[list[int]]:
     """Chat-templated prompt ids from the model's own GGUF tokenizer (no weights loaded)."""
-    from engine.hub import model_path
-    from engine.tokenizer import Tokenizer
-    from engine.gguf_header import read_header
+    from engine.loading.gguf_header import read_header
+    from engine.loading.hub import model_path
+    from engine.loading.tokenizer import Tokenizer
     path = model_path(name)
     tok = Tokenizer.from_gguf(read_header(path).meta, source=str(path))
     return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
@@ -281,8 +281,8 @@ def _mixed_row(name, packed, threads, new_tokens, rounds, workdir: Path) -> dict
     configuration at a time (its 4 requests batched as 4 sequences), with the GGUF adapters `mcl export` wrote."""
     import torch
 
-    from engine.export_gguf import export_gguf
-    from engine.hub import load_model
+    from engine.loading.export_gguf import export_gguf
+    from engine.loading.hub import load_model
     from engine.lora import add_adapters, save_peft
     n_req, n_ad, rank = MIXED["requests"], MIXED["adapters"], MIXED["rank"]
     names = [f"a{i}" for i in range(n_ad)]
@@ -339,7 +339,7 @@ def _prefill_rows(name, packed, threads, rounds) -> list[dict]:
     """One prompt of PREFILL_TOKENS tokens, time to the first token: ours (its GEMM dtype: bf16 where the CPU
     multiplies bf16 natively; then also ours with MCL_GEMM_DTYPE=fp32 beside it) vs llama.cpp. Fresh workers that do
     only this, so their peak RSS is the peak through prefill."""
-    from engine.cpu_kernels import gemm_dtype
+    from engine.cpu.kernels import gemm_dtype
     prompt = _long_prompt(name, PREFILL_TOKENS)
     variants = {"ours": {}, "llama.cpp": {}}
     if gemm_dtype() != __import__("torch").float32:
@@ -464,7 +464,7 @@ def peer_main(args) -> dict | None:
 # --- the worker processes ---------------------------------------------------------------------------------
 class _OursSide:
     def __init__(self, model: str, weights: str, adapters: list[str]):
-        from engine.hub import load_model
+        from engine.loading.hub import load_model
         from engine.lora import load_peft
         self.model, self.tok = load_model(model, device="cpu", dtype="float32", weights=weights)
         self.adapters = [load_peft(self.model, d) for d in adapters]
@@ -472,7 +472,7 @@ class _OursSide:
     def gen(self, prompt, new_tokens, threads):
         import torch
 
-        from engine.generate import generate
+        from engine.serving.generate import generate
         torch.set_num_threads(threads)
         t = {}
         t0, c0 = time.perf_counter(), time.process_time()
@@ -485,7 +485,7 @@ class _OursSide:
     def mixed(self, requests, new_tokens, threads):
         import torch
 
-        from engine.serve import Scheduler
+        from engine.serving.scheduler import Scheduler
         torch.set_num_threads(threads)
         sched = Scheduler(self.model, self.tok, n_slots=len(requests), max_len=512, ignore_eos=True,
                           prefix_cache=False)
@@ -499,7 +499,7 @@ class _OursSide:
     def batched(self, prompts, new_tokens, threads):
         import torch
 
-        from engine.serve import Scheduler
+        from engine.serving.scheduler import Scheduler
         torch.set_num_threads(threads)
         sched = Scheduler(self.model, self.tok, n_slots=len(prompts), max_len=512, ignore_eos=True,
                           prefix_cache=False)

@@ -10,7 +10,7 @@ the continuation positions where their next-token argmax agrees. The q4 forward 
 every row (MCL_DEQUANT_MIN_M raised: a long forward would otherwise take dequant + GEMM), the arithmetic of its
 decode steps (each row's activations quantised on their own), so this is the decode path's agreement;
 `agreement_prefill_path_fp32_text` is the same on the fp32 text through the prefill path (whole sequences:
-dequantise + GEMM, bf16 where the CPU multiplies bf16 natively, engine.cpu_kernels.gemm_dtype).
+dequantise + GEMM, bf16 where the CPU multiplies bf16 natively, engine.cpu.kernels.gemm_dtype).
 Target (the JSON's `goal`): >= 98% per model. The same is reported on the fp32 model's own
 greedy text (`agreement_fp32_text`: one text for every side), and with --peer llama.cpp's top-1 on both texts (a
 prefill with logits at every position): how far int8 activations as llama.cpp computes them move the argmax
@@ -39,7 +39,7 @@ def _llama_cpp_picks(name: str, seqs, ns, threads: int) -> dict:
     import llama_cpp
     import numpy as np
 
-    from engine.hub import model_path
+    from engine.loading.hub import model_path
     llm = llama_cpp.Llama(model_path=str(model_path(name)), n_ctx=max(map(len, seqs)) + 8, logits_all=True,
                           n_threads=threads, n_batch=512, verbose=False)
     out = {}
@@ -66,11 +66,11 @@ def _peer_picks(name: str, seqs, ns, threads: int) -> list[torch.Tensor] | str:
 def agreement(name: str, n_tokens: int, peer: bool = False, threads: int = 2) -> dict:
     """The statistic on two texts: the q4 model's own greedy continuations (`agreement`, the goal's number) and the
     fp32 model's (`agreement_fp32_text`: the same text for every side); with `peer`, llama.cpp on both texts too."""
-    from engine.generate import generate
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
+    from engine.serving.generate import generate
 
     from bench.common import env_var
-    from engine.cpu_kernels import gemm_dtype
+    from engine.cpu.kernels import gemm_dtype
     fp32, tok = load_model(name, device="cpu")
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
     fp_conts = [g.token_ids for g in generate(fp32, prompts, n_tokens, ignore_eos=True)]

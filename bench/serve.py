@@ -30,9 +30,9 @@ import time
 import torch
 
 from bench.common import device_name, isa, write_result
-from engine.agents.prompts import ROLES
 from engine.lora import add_adapters
-from engine.serve import Scheduler, row_seed
+from engine.roles import ROLES
+from engine.serving.scheduler import Scheduler, row_seed
 
 
 def make_requests(n: int, vocab: int, seed: int = 0):
@@ -100,7 +100,7 @@ def _load(name, device):
             model = model.to(torch.bfloat16) if name != "tiny" else model
         model.init_weights(seed=0)
         return model.eval(), None
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     return load_model(name, device=device, dtype="bfloat16" if device.startswith("cuda") else "float32")
 
 
@@ -144,8 +144,8 @@ def main(args):
 @torch.inference_mode()
 def _gpu_decode_checks(model) -> dict:
     """Batch-1 decode vs the HBM roofline, and batch-64 decode with four adapters vs none (CUDA only)."""
-    from engine.generate import decode_one
     from engine.kv_cache import KVCache
+    from engine.serving.steps import decode_one
     dev = model.device
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)

@@ -13,7 +13,7 @@ the peak right after the model was built (the weights, the library imports). Rou
 A round = one warm-up step + `steps` timed optimizer steps of B x T tokens.
 
 Modes (one optimizer step = all four adapters trained on the same B x T tokens, B/4 rows per role):
-  ours_fp32 / ours_fp32_ckpt     our engine, one mixed-role step (engine.trainer.token_losses: hidden states at the
+  ours_fp32 / ours_fp32_ckpt     our engine, one mixed-role step (engine.training.trainer.token_losses: hidden states at the
                                  loss positions, LM head + CE in chunks; AdapterAdamW), fp32; _ckpt = activation
                                  checkpointing of every block
   ours_bf16 / ours_bf16_ckpt     the same with a bf16 base, bf16 autocast, fp32 master adapters and moments
@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_name, isa, write_result
-from engine.data import ROLES, Batch
 from engine.lora import ALL_TARGETS, add_adapters
-from engine.trainer import AdapterAdamW, limit_cpu_heap_growth, token_losses
+from engine.roles import ROLES
+from engine.training.data import Batch
+from engine.training.trainer import AdapterAdamW, limit_cpu_heap_growth, token_losses
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: `-m bench.train` from here
 MODES = ("ours_fp32", "ours_fp32_ckpt", "ours_bf16", "ours_bf16_ckpt", "single", "peft_fp32", "peft_bf16")
@@ -61,7 +62,7 @@ def _defaults(name: str, device: str, quick: bool) -> dict:
 
 
 def _base(name: str, device: str, dtype: torch.dtype):
-    """(engine model without adapters, its config): a preset with random weights, or a real model via engine.hub."""
+    """(engine model without adapters, its config): a preset with random weights, or a real model via engine.loading.hub."""
     from engine.config import PRESETS
     from engine.model import Transformer
     if name in PRESETS:
@@ -80,7 +81,7 @@ def _base(name: str, device: str, dtype: torch.dtype):
                 else:
                     p.normal_(0, 0.02, generator=g)
         return model, PRESETS[name]
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     model, _ = load_model(name, device=device, dtype=str(dtype).removeprefix("torch."))
     return model, model.cfg
 
@@ -173,7 +174,7 @@ def worker(a) -> dict:
     """One mode, one round, in this process: build, warm up, time `steps` steps; peak memory of this process."""
     cuda = a.device.startswith("cuda")
     if not cuda and a.worker.endswith("_ckpt"):
-        limit_cpu_heap_growth()                                              # as engine.trainer.setup does
+        limit_cpu_heap_growth()                                              # as engine.training.trainer.setup does
     bf16 = "bf16" in a.worker or cuda
     model, cfg = _base(a.model, a.device, torch.bfloat16 if bf16 and not a.worker.startswith("peft") else torch.float32)
     model.requires_grad_(False)

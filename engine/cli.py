@@ -44,10 +44,10 @@ def _model_flags(p: argparse.ArgumentParser):
     p.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "q4"],
                    help="CPU inference weights: fp32 (exact), bf16, or q4 (a GGUF's quantised blocks kept as they are, every "
                         "type the embedded models use: Q4_0/1, Q4_K, Q5_0, Q6_K, Q8_0); "
-                        "see engine/quant.py")
+                        "see engine/loading/packed_model.py")
     p.add_argument("--eager-decode", action="store_true",
                    help="q4 only: run decode steps through the eager torch path (the reference) instead of one C call "
-                        "per layer (engine/decode_step.py)")
+                        "per layer (engine/cpu/decode_step.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,26 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_call("engine.generate:cli_generate"))
+    p.set_defaults(func=_call("engine.serving.generate:cli_generate"))
 
     p = sub.add_parser("chat", help="interactive conversation")
     _model_flags(p)
     p.add_argument("--system", default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.set_defaults(func=_call("engine.generate:cli_chat"))
+    p.set_defaults(func=_call("engine.serving.generate:cli_chat"))
 
     p = sub.add_parser("convert", help="GGUF file -> HF-format directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("gguf")
     p.add_argument("outdir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of model.safetensors (the GGUF is dequantised to float32 first)")
-    p.set_defaults(func=_call("engine.weights:cli_convert"))
+    p.set_defaults(func=_call("engine.loading.weights:cli_convert"))
 
     p = sub.add_parser("export", help="PEFT adapter -> llama.cpp's GGUF LoRA adapter file")
     p.add_argument("--gguf", nargs=2, required=True, metavar=("ADAPTER_DIR", "OUT.gguf"))
     p.add_argument("--model", default="smollm2-135m", help="the base GGUF (embedded name or .gguf file)")
-    p.set_defaults(func=_call("engine.export_gguf:cli_export"))
+    p.set_defaults(func=_call("engine.loading.export_gguf:cli_export"))
 
     p = sub.add_parser("bench", help="side-by-side benchmarks")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -98,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--device", default=None)
         b.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
         b.add_argument("--weights", default=None, choices=["fp32", "bf16", "q4"],
-                       help="our engine's CPU weights (see engine/quant.py); default per bench")
+                       help="our engine's CPU weights (see engine/loading/packed_model.py); default per bench")
         b.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
         if name == "generate":
             b.add_argument("--peer", action="store_true", help="llama.cpp beside ours instead of transformers")
         b.set_defaults(func=_call(target))
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local engine (engine/agents/http_server.py)")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local engine (engine/serving/http_server.py)")
     _model_flags(p)
     p.add_argument("--adapters", default=None, help="directory of PEFT adapters, one subdirectory per role")
     p.add_argument("--slots", type=int, default=16)
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "which the process list does not show)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to read a whole request")
-    p.set_defaults(func=_call("engine.agents.http_server:cli_serve"))
+    p.set_defaults(func=_call("engine.serving.http_server:cli_serve"))
 
     p = sub.add_parser("train", help="train the four role adapters in one mixed-role run")
     p.add_argument("recipe", help="a recipes/*.toml file")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the checkpoints and adapters of an earlier run in train.out_dir (refused otherwise)")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None)
-    p.set_defaults(func=_call("engine.trainer:cli_train"))
+    p.set_defaults(func=_call("engine.training.trainer:cli_train"))
 
     p = sub.add_parser("eval", help="run a strategy over a benchmark")
     _model_flags(p)

@@ -4,7 +4,7 @@
     cfg = PRESETS["smollm2-135m"]            # shapes of a real model
     cfg = ModelConfig.from_hf_dict(json.load(open("config.json")), source="config.json")
 
-The presets carry shapes only; weights come from engine.weights.
+The presets carry shapes only; weights come from engine.loading.weights.
 """
 from __future__ import annotations
 

@@ -65,13 +65,10 @@ class LoRALinear(nn.Module):
         self.lora_B: nn.Parameter | None = None                              # (N, out, R)
         self.register_buffer("lora_scale", torch.zeros(0), persistent=False)  # (N,) fp32
         self.ranks: list[int] = []
-        self.packed = None       # engine.quant.PackedLinear: a bf16 / 4-bit copy of `weight` for CPU inference
         if not self.weight.is_meta:                  # skipped on meta: see engine.model.on_meta
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():
-            return self._packed_forward(x, lora)
         if lora is None or self.lora_A is None:
             return F.linear(x, self.weight, self.bias)
         from kernels.multi_lora import multi_lora
@@ -80,18 +77,11 @@ class LoRALinear(nn.Module):
                        backend=lora.backend)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _packed_forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        """Inference with the packed base (engine/quant.py) plus the adapters' delta in the model dtype."""
-        y = self.packed(x)
-        if self.bias is not None:
-            y = y + self.bias
-        return add_lora_delta(self, x, y, lora)
-
     # --- adapter slots -------------------------------------------------------------------
     def set_adapters(self, ranks: list[int], scales: list[float], seed: int = 0):
         """(Re)build the stacks for len(ranks) adapters, keeping the weights of existing ones."""
         n, R = len(ranks), max(ranks)
-        # weights='q4' models keep their weight on the meta device (packed copy only): adapters go beside the buffers
+        # a weight on the meta device (a packed model keeps only its packed copy): the adapters go beside the buffers
         dev, dt = (self.lora_scale.device if self.weight.is_meta else self.weight.device), self.weight.dtype
         A = torch.zeros(n, R, self.in_features, device=dev, dtype=dt)
         B = torch.zeros(n, self.out_features, R, device=dev, dtype=dt)
@@ -116,26 +106,6 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             delta = self.lora_B[idx, :, :r].float() @ self.lora_A[idx, :r].float()   # (out, in)
             self.weight += (self.lora_scale[idx] * delta).to(self.weight.dtype)
-        self.packed = None       # the packed copy no longer matches: fall back to the exact weight
-
-
-def add_lora_delta(proj: LoRALinear, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-    """y = x W^T (+ bias) of a packed projection -> + the adapters' delta (inference). A few fp32 rows on the CPU
-    (decode): one call of engine/cpu_ops.c's lora_apply, in place; otherwise (prefill, where batched matmuls win)
-    kernels.multi_lora.multi_lora_torch, also its reference."""
-    if lora is None or proj.lora_A is None or not lora.seg.n_lora:
-        return y
-    from engine.cpu_kernels import lora_apply, lora_apply_fits
-    x2 = x.reshape(-1, proj.in_features)
-    if x2.shape[0] <= 32 and x2.dtype == y.dtype == proj.lora_A.dtype == torch.float32 and not x2.is_cuda \
-            and y.stride(-1) == 1 and lora_apply_fits(proj.lora_A.shape[1], proj.in_features, x2.shape[0]):
-        y2 = y.reshape(-1, proj.out_features)
-        lora_apply(x2 if x2.stride(-1) == 1 else x2.contiguous(), y2, proj.lora_A, proj.lora_B, proj.lora_scale,
-                   lora.seg.ids)
-        return y2.view(y.shape)
-    from kernels.multi_lora import multi_lora_torch
-    shape_only = x.new_empty(()).expand(proj.out_features, proj.in_features)        # the weight may be meta (q4)
-    return multi_lora_torch(x, shape_only, None, proj.lora_A, proj.lora_B, proj.lora_scale, lora.seg, base_out=y)
 
 
 # --- model-level helpers ----------------------------------------------------------------------

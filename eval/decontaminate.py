@@ -3,8 +3,7 @@
 A problem's statement (its description, for HumanEval the prompt's signature and docstring) is normalised: lower case,
 every run of non-alphanumeric characters one space. A training file (JSONL, optionally gzipped: SFT examples,
 trajectories) is contaminated by a problem when the normalised statement occurs inside the normalised text of any one
-record (all its string values joined), which also catches a statement quoted inside a longer prompt. The sha256 of
-each normalised statement is reported so that runs can record which statements were checked.
+record (all its string values joined), which also catches a statement quoted inside a longer prompt.
 
     python -m eval.decontaminate recipes/data/*.jsonl* --benchmark humaneval mbpp:test
     # exit 1 and one line per hit (benchmark problem id, file:line) when an evaluation problem is in the data
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import re
 import sys
@@ -26,10 +24,6 @@ MIN_CHARS = 24          # statements shorter than this after normalising are too
 
 def normalise(text: str) -> str:
     return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
-
-
-def statement_hash(problem: Problem) -> str:
-    return hashlib.sha256(normalise(problem.description).encode()).hexdigest()
 
 
 def _strings(obj) -> list[str]:

@@ -373,7 +373,7 @@ def _data_dirs() -> list[str]:
     except (ImportError, ValueError):
         pass
     try:
-        from eval.benchmarks import data_dir
+        from eval.benchmarks.data import data_dir
         dirs.append(data_dir())
     except ImportError:
         pass

@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from engine.agents.problem import Problem, TestReport
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 
 
 def problem_record(problem: Problem, report: TestReport, code: str | None, **extra: Any) -> dict:

@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from engine.agents.mapcoder import solve
-from engine.agents.prompts import ROLES
 from engine.agents.problem import Problem, TestReport
+from engine.roles import ROLES
 from eval.report import problem_record, summarize, write_problems, write_summary
 
 
@@ -159,14 +159,15 @@ def cli_eval(benchmark: str, out: str, model: str = "smollm2-135m", device: str 
              backend_kind: str = "local", url: str | None = None, limit: int | None = None, k: int = 2, t: int = 2,
              data: str | None = None, concurrency: int = 16, max_new_tokens: int = 384) -> int:
     """`mcl eval`: one strategy over one benchmark with a local engine or an HTTP endpoint (engine/cli.py)."""
-    from engine.agents.backends import HTTPBackend, open_local
+    from engine.agents.backends import HTTPBackend
+    from engine.serving.backend import open_local
     problems = load_benchmark(benchmark, data, limit)
     if not problems:
         raise ValueError(f"benchmark {benchmark!r} loaded no problems (data: {data or 'default'})")
     if backend_kind == "http":
         if not url:
             raise ValueError("--backend http needs --url (e.g. http://127.0.0.1:8000)")
-        # One hour per call: a CPU engine behind the URL (engine/agents/http_server.py) can take over five
+        # One hour per call: a CPU engine behind the URL (engine/serving/http_server.py) can take over five
         # minutes for the retriever's (k+1) * max_new_tokens answer in a full batch, and a timed-out call keeps
         # running on the server, so a retry only doubles its work (seen: 300 s timed out every retriever call).
         backend = HTTPBackend(url, model=model, api_key=os.environ.get("OPENAI_API_KEY"),

@@ -4,7 +4,7 @@
     isa()              # {"cpu_model": "AMD EPYC ...", "cpu_flags": ["avx2", "fma", "f16c", "avx512f", ...]}
     python -m kernels.cpu_info
 
-One reader of /proc/cpuinfo for the whole project (engine/cpu_kernels.py's check, bench/llama_build.py's CMake
+One reader of /proc/cpuinfo for the whole project (engine/cpu/kernels.py's check, bench/llama_build.py's CMake
 flags, every benchmark JSON). Standard library only, so kernels/ still imports nothing of ours; off Linux (no
 /proc/cpuinfo) the model is platform.processor() and the flag set is empty.
 """

@@ -164,7 +164,7 @@ def multi_lora_ref(x, weight, bias, lora_a, lora_b, scales, adapter_ids):
 
 def multi_lora_torch(x, weight, bias, lora_a, lora_b, scales, seg: Segments, *, base_out=None):
     """Plain torch over the sorted segments (what the engine runs on CPU); autograd flows natively.
-    base_out: x W^T + bias computed by the caller (engine/quant.py's packed weights); `weight` is then only checked."""
+    base_out: x W^T + bias computed by the caller (engine/cpu/packed.py's packed weights); `weight` is then only checked."""
     _check(x, weight, bias, lora_a, lora_b, scales, seg, triton_path=False)
     seg = seg.with_counts()                                             # host counts (a sync if made without them)
     x2 = x.reshape(-1, x.shape[-1])                                     # [T, in]

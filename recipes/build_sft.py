@@ -6,7 +6,7 @@
     from recipes.build_sft import build_sft
     prov = build_sft("runs/distill", "runs/correct", "recipes/data/mini_sft.jsonl", mutate_dir="runs/mutate")
 
-The output is the trainer's format (engine/data.py), one example per line, distilled examples first (in
+The output is the trainer's format (engine/training/data.py), one example per line, distilled examples first (in
 problem order), then corrected ones, then the mutation stage's debugger examples; exact duplicates (same role
 and messages) are dropped. Each line keeps its "source" (origin distill|correct|mutation|student_repair, problem id, agent
 step), which the trainer ignores.
@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from recipes.common import dedup, run_record, write_examples
 from recipes.distill import teacher_name
 

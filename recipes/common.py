@@ -96,8 +96,9 @@ def write_meta(out: Path, meta: dict, cfg) -> None:
 def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: str = "", timeout_s: float = 300.0,
                  retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8, weights: str = "fp32"):
     """An HTTPBackend when `url` is set, else our engine running `model` on `weights` (fp32 | bf16 | q4: the
-    GGUF's own blocks, engine/quant.py) (call .close() when done)."""
-    from engine.agents.backends import HTTPBackend, open_local
+    GGUF's own blocks, engine/loading/packed_model.py) (call .close() when done)."""
+    from engine.agents.backends import HTTPBackend
+    from engine.serving.backend import open_local
     if url:
         return HTTPBackend(url, model=url_model or model, api_key=os.environ.get(api_key_env) if api_key_env else None,
                            timeout=timeout_s, retries=retries)

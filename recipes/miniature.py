@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.agents.problem import Problem
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
 from kernels.cpu_info import cpu_model, isa
 from recipes.common import git_commit, load_config
 
@@ -55,7 +55,7 @@ STAGES = ("trajectories", "speed")
 class MiniatureConfig:
     student: str = "qwen2.5-coder-0.5b"
     teacher: str = "qwen2.5-coder-1.5b"           # also the supervisor of the correction stage
-    weights: str = "q4"                            # the GGUF's own blocks (engine/quant.py)
+    weights: str = "q4"                            # the GGUF's own blocks (engine/loading/packed_model.py)
     benchmark: str = "mbpp"
     splits: list = field(default_factory=lambda: ["train", "validation"])
     data: str = ""                                 # benchmark data path ("" = the loader's default)

@@ -19,8 +19,8 @@ import os
 import sys
 import time
 
-from engine.agents.backends import open_local
 from engine.agents.problem import Problem
+from engine.serving.backend import open_local
 from recipes.common import set_threads
 from recipes.distill import DistillConfig, distill
 

@@ -76,7 +76,7 @@ def winning_attempt(t: Trajectory) -> tuple[int, int] | None:
 
 def example(role: str, step: str, messages: list[dict], answer: str, problem_id: str, origin: str,
             plan: int | None = None, round: int | None = None) -> dict:
-    """One trainer-format line (engine/data.py): the prompt's messages (system, user) + the answer as the
+    """One trainer-format line (engine/training/data.py): the prompt's messages (system, user) + the answer as the
     assistant turn (parsers.clean: chat special tokens and <think> blocks dropped); "source" says where it came
     from (the trainer ignores it)."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -1,5 +1,5 @@
 """Bad files and flags given to `mcl`: each one is a single error line that names the file and the field (and the
-line, for JSONL), a non-zero exit, and nothing written or changed (issue 16, item 10).
+line, for JSONL), a non-zero exit, and nothing written or changed.
 
     python -m pytest tests/test_bad_input.py -q
 
@@ -131,7 +131,7 @@ def test_subprocess_entry_point_bad_config(tmp_path, hf_dir):
 @pytest.fixture
 def never_convert(monkeypatch):
     """Fails the test if the conversion starts: a refusal must come before the (slow) GGUF read."""
-    import engine.weights as W
+    import engine.loading.weights as W
 
     def boom(*a, **k):
         raise AssertionError("convert read the GGUF before checking its output directory")

@@ -47,7 +47,7 @@ def test_loss_mask_stays_on_the_assistant_turn_when_the_user_quotes_it(tok):
     ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "more than"),
 ])
 def test_a_chat_template_runs_within_bounds(tok, template, needle, monkeypatch):
-    import engine.tokenizer as T
+    import engine.loading.tokenizer as T
     monkeypatch.setattr(T, "TEMPLATE_SECONDS", 1.0)
     monkeypatch.setattr(T, "TEMPLATE_MAX_CHARS", 1 << 20)
     tok.chat_template = template

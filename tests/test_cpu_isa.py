@@ -1,6 +1,6 @@
 """The CPU classes the suite lands on, without their machines: a fake /proc/cpuinfo per class drives the flag reader
 (kernels/cpu_info.py), the llama.cpp build options and wheel cache key (bench/llama_build.py), the packed-weights
-check (engine/cpu_kernels.check_available) and engine/hub.py's load_model (`mcl main`'s fallback:
+check (engine.cpu.kernels.check_available) and engine/loading/hub.py's load_model (`mcl main`'s fallback:
 tests/recipes/test_main_job.py), and the CPU record that every benchmark JSON carries (bench/common.py,
 kernels/bench.py).
 
@@ -14,7 +14,7 @@ import pytest
 
 import kernels.cpu_info as cpu_info
 from bench import llama_build
-from engine import cpu_kernels, cpu_library
+from engine.cpu import kernels as cpu_kernels, library as cpu_library
 from engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_setup_test_extra_leaves_llama_cpp_to_the_builder():
 def test_packed_path_check_names_the_missing_flags(fake_cpu):
     fake_cpu("old_avx")
     reason = cpu_kernels.check_available()
-    assert reason == ("engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one (Intel(R) Xeon(R) CPU "
+    assert reason == ("engine/cpu/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one (Intel(R) Xeon(R) CPU "
                       "E5-2670) has no avx2, fma, f16c")
     fake_cpu("epyc_avx2")
     assert cpu_kernels.check_available() is None or "gcc" in cpu_kernels.check_available()
@@ -110,7 +110,7 @@ def test_packed_path_check_without_gcc(fake_cpu, monkeypatch, tmp_path):
     fake_cpu("epyc_avx512")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
-    assert cpu_kernels.check_available() == "engine/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
+    assert cpu_kernels.check_available() == "engine/cpu/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
     so = cpu_library.so_path()                            # already built for these sources: gcc is not needed
     so.parent.mkdir(parents=True)
     so.write_bytes(b"")
@@ -119,8 +119,8 @@ def test_packed_path_check_without_gcc(fake_cpu, monkeypatch, tmp_path):
 
 def test_load_model_q4_fails_in_one_line_before_reading(fake_cpu, monkeypatch):
     fake_cpu("old_avx")
-    monkeypatch.setattr("engine.hub.resolve", lambda *a: pytest.fail("load_model read the model before checking"))
-    from engine.hub import load_model
+    monkeypatch.setattr("engine.loading.hub.resolve", lambda *a: pytest.fail("load_model read the model before checking"))
+    from engine.loading.hub import load_model
     with pytest.raises(UserError) as e:
         load_model("smollm2-135m", device="cpu", weights="q4")
     msg = str(e.value)

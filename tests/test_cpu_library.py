@@ -1,4 +1,4 @@
-"""The CPU library's interface (engine/cpu_kernels.h against its ctypes mirror in engine/cpu_library.py): a planted
+"""The CPU library's interface (engine/cpu/cpu_kernels.h against its ctypes mirror in engine/cpu/library.py): a planted
 mismatch of a struct or of the ABI version is refused at load in one line naming the header and the field, and every
 prototype in the header matches the argtypes Python calls it with.
 
@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-import engine.cpu_library as cl
-from engine.cpu_kernels import available
+from engine.cpu.kernels import available
+import engine.cpu.library as cl
 
-pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
+pytestmark = pytest.mark.skipif(not available(), reason="engine/cpu/qmatmul.c needs gcc and an AVX2 + FMA CPU")
 
 
 def _with_field(cls, fields):
@@ -38,7 +38,7 @@ def test_a_planted_mismatch_is_refused_at_load_in_one_line(monkeypatch, plant, m
     monkeypatch.setattr(cl, "_LIB", None)                      # load again (the library itself is cached on disk)
     with pytest.raises(RuntimeError) as e:
         cl.library()
-    assert "engine/cpu_kernels.h" in str(e.value) and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "engine/cpu/cpu_kernels.h" in str(e.value) and message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float, "double": ctypes.c_double,
@@ -46,7 +46,7 @@ C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_flo
 
 
 def header_prototypes() -> dict:
-    """name -> (restype, argtypes) of every prototype in engine/cpu_kernels.h, as ctypes would spell them."""
+    """name -> (restype, argtypes) of every prototype in engine/cpu/cpu_kernels.h, as ctypes would spell them."""
     text = (cl.HERE / "cpu_kernels.h").read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     text = re.sub(r"^#.*?(?<!\\)$", "", text, flags=re.S | re.M)             # preprocessor lines, continued ones too
@@ -62,10 +62,10 @@ def test_every_prototype_in_the_header_matches_the_argtypes():
     protos = header_prototypes()
     assert {"qmatmul", "decode_layer", "mcl_layout"} <= set(protos)           # the parser found them
     for name, (restype, argtypes) in cl.SIGNATURES.items():
-        assert name in protos, f"{name}: bound in engine/cpu_library.py, not declared in engine/cpu_kernels.h"
+        assert name in protos, f"{name}: bound in engine/cpu/library.py, not declared in engine/cpu/cpu_kernels.h"
         assert protos[name] == (restype, argtypes), f"{name}: header {protos[name]}, argtypes {(restype, argtypes)}"
     unbound = set(protos) - set(cl.SIGNATURES)                 # (qmatmul's variants are declared by __typeof__)
-    assert not unbound, f"declared in engine/cpu_kernels.h but without argtypes: {sorted(unbound)}"
+    assert not unbound, f"declared in engine/cpu/cpu_kernels.h but without argtypes: {sorted(unbound)}"
 
 
 def _runnable_variant() -> str:

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.isolated import ChildError, run_isolated
-from engine.export_gguf import export_gguf, permute_rows
-from engine.hub import load_model, model_path
+from engine.loading.export_gguf import export_gguf, permute_rows
+from engine.loading.hub import load_model, model_path
+from engine.loading.weights import _unpermute, open_gguf
 from engine.lora import ALL_TARGETS, add_adapters, adapter_id, save_peft
-from engine.weights import _unpermute, open_gguf
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
@@ -166,7 +166,7 @@ def test_llama_cpp_applies_exported_adapter_like_ours(smollm2_adapter, tmp_path,
     assert np.abs(effect_ours).max() > 1.0, "the random adapter must move the logits for this test to mean anything"
     path = export_gguf(d, tmp_path / "rand.gguf", model="smollm2-135m")
     # The same adapter exported without the Q/K row permutation: llama.cpp must apply it wrongly (the check bites).
-    monkeypatch.setattr("engine.export_gguf.permute_rows", lambda w, n_heads: w)
+    monkeypatch.setattr("engine.loading.export_gguf.permute_rows", lambda w, n_heads: w)
     wrong = export_gguf(d, tmp_path / "unpermuted.gguf", model="smollm2-135m")
     monkeypatch.undo()
     f32 = _f32_copy(model_path("smollm2-135m"), tmp_path / "smollm2-f32.gguf")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.generate import SamplingParams, generate, sample
 from engine.model import Transformer
+from engine.serving.generate import generate
+from engine.serving.steps import SamplingParams, sample
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_single_decode_loop_equals_the_previous_results(model):
 
 
 def test_stop_string_keeps_the_token_that_completes_it(model):
-    """The stop check sees only the output's tail (engine.serve.STOP_WINDOW tokens), so a stop far into a long
+    """The stop check sees only the output's tail (engine.serving.scheduler.STOP_WINDOW tokens), so a stop far into a long
     output is still found, at the token that completes it."""
     p = prompts([6], seed=4)[0]
     free = generate(model, [p], 120)[0].token_ids

@@ -1,4 +1,4 @@
-"""engine/gguf_header.py against the gguf package's GGUFReader (the oracle): the embedded models' headers, small
+"""engine/loading/gguf_header.py against the gguf package's GGUFReader (the oracle): the embedded models' headers, small
 files of every value type written with GGUFWriter, and bad input. Run: python -m pytest -q tests/test_gguf_header.py
 (the Qwen comparison runs when its GGUF is cached or MCL_TEST_QWEN=1; GGUFReader spends ~8 s on its vocabulary)."""
 import os
@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
-from engine.gguf_header import read_header
-from engine.weights import gguf_metadata, open_gguf
+from engine.loading.gguf_header import read_header
+from engine.loading.weights import gguf_metadata, open_gguf
 
 Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
 
@@ -30,14 +30,14 @@ def assert_same_as_reader(path):
 
 
 def test_smollm2_header_matches_reader():
-    from engine.hub import model_path
+    from engine.loading.hub import model_path
     h = assert_same_as_reader(model_path("smollm2-135m"))
     assert h.meta["general.architecture"] == "llama" and len(h.meta["tokenizer.ggml.tokens"]) == 49152
 
 
 @pytest.mark.slow
 def test_qwen_header_matches_reader():
-    from engine.hub import EMBEDDED, cache_dir, model_path
+    from engine.loading.hub import EMBEDDED, cache_dir, model_path
     if not (os.environ.get("MCL_TEST_QWEN") or (cache_dir() / EMBEDDED["qwen2.5-coder-0.5b"].filename).is_file()):
         pytest.skip("Qwen2.5-Coder-0.5B GGUF not cached; set MCL_TEST_QWEN=1 to fetch it (491 MB)")
     h = assert_same_as_reader(model_path("qwen2.5-coder-0.5b"))
@@ -125,7 +125,7 @@ def test_not_gguf_and_unsupported_version(tmp_path):
 
 
 def test_truncated_header(tmp_path):
-    from engine.hub import model_path
+    from engine.loading.hub import model_path
     src = model_path("smollm2-135m")
     data_start = read_header(src).data_start
     with open(src, "rb") as f:

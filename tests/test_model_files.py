@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import PRESETS
+from engine.loading.packed_model import load_gguf_packed
+from engine.loading.weights import load_gguf, load_hf_dir
 from engine.model import Transformer
-from engine.quant import load_gguf_packed
-from engine.weights import load_gguf, load_hf_dir
 
 CFG = PRESETS["tiny"]
 HUGE = 10 ** 7
@@ -118,7 +118,7 @@ def test_num_hidden_layers_beyond_the_tensors_is_refused(tmp_path, sd):
     (["a"], "merges'[0] = 'a'"), ([5], "merges'[0] = 5"), (["a b", "x y"], "merges'[1] = 'x y'"), ("a b", "= str"),
 ])
 def test_malformed_gguf_merges(merges, needle):
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
             "tokenizer.ggml.merges": merges}
     with pytest.raises(ValueError) as e:
@@ -131,8 +131,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 @pytest.mark.parametrize("name", ["adapter_config.json", "config.json", "tokenizer_config.json"])
 def test_json_nested_100k_deep_is_one_line_naming_the_file(tmp_path, sd, name):
+    from engine.loading.tokenizer import Tokenizer
     from engine.lora import read_peft_config
-    from engine.tokenizer import Tokenizer
     sys_path = tmp_path / name
     sys_path.write_text(DEEP)
     with pytest.raises(ValueError) as e:
@@ -152,7 +152,7 @@ def test_json_nested_100k_deep_is_one_line_naming_the_file(tmp_path, sd, name):
 
 def test_gguf_metadata_nested_100k_deep_or_of_the_wrong_type(tmp_path, sd):
     import struct
-    from engine.gguf_header import read_header
+    from engine.loading.gguf_header import read_header
     key = b"deep"
     body = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
     body += struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0)
@@ -161,7 +161,7 @@ def test_gguf_metadata_nested_100k_deep_or_of_the_wrong_type(tmp_path, sd):
         read_header(tmp_path / "deep.gguf")
     path = tmp_path / "m.gguf"
     write_gguf(path, sd)
-    from engine.weights import gguf_config
+    from engine.loading.weights import gguf_config
     meta = read_header(path).meta | {"llama.block_count": "two"}
     with pytest.raises(ValueError, match="m.gguf: metadata key 'llama.block_count' = 'two': expected a number"):
         gguf_config(meta, 256, True, str(path))

@@ -9,7 +9,7 @@ greedy generation end to end.
 import pytest
 import torch
 
-from engine.hub import load_model, model_path
+from engine.loading.hub import load_model, model_path
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -70,8 +70,8 @@ def test_logits_match_transformers(ours, hf_model):
 
 
 def test_greedy_generation_matches_transformers(ours, hf_model):
-    """32 greedy tokens on 5 prompts, generated as one batch by engine.generate, equal transformers' generate."""
-    from engine.generate import generate
+    """32 greedy tokens on 5 prompts, generated as one batch by engine.serving.generate, equal transformers' generate."""
+    from engine.serving.generate import generate
     model, tok = ours
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True) for m in PROMPTS]
     outs = generate(model, prompts, max_new_tokens=32, eos_ids=tok.eos_ids)

@@ -6,7 +6,7 @@ same GGUF and give the same logits (fp32, max difference <= 1e-5 of the largest 
 import pytest
 import torch
 
-from engine.hub import load_model, model_path
+from engine.loading.hub import load_model, model_path
 from engine.lora import ALL_TARGETS, add_adapters, adapter_id, load_adapters, save_peft
 
 transformers = pytest.importorskip("transformers")

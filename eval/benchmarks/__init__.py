@@ -5,33 +5,11 @@
 
 `path` may be the benchmarks directory (default: ../shared/data/benchmarks beside the repository, or
 $MCL_DATA) or the data file itself. Names: humaneval, humaneval-wst, mbpp, mbpp-py, apps, xcodeeval,
-codecontests (the last needs a path: no CodeContests data ships).
+codecontests (the last needs a path: no CodeContests data ships). Where the files are: eval/benchmarks/data.py.
 """
 from __future__ import annotations
 
-import os
-
 from engine.agents.problem import Problem
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "benchmarks")
-
-
-def data_dir() -> str:
-    """The benchmarks directory: $MCL_DATA if set, else ../shared/data/benchmarks next to the repo."""
-    return os.environ.get("MCL_DATA") or DEFAULT_DATA
-
-
-def data_file(path: str | None, relative: str) -> str:
-    """Resolve a loader's `path` argument: a file is used as is, a directory (or None: data_dir())
-    gets `relative` appended. Raises FileNotFoundError naming what was tried."""
-    if path is not None and os.path.isfile(path):
-        return path
-    full = os.path.join(path or data_dir(), relative)
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"benchmark data not found: {full} (pass --data DIR or set MCL_DATA to the "
-                                f"benchmarks directory, which holds {relative})")
-    return full
 
 
 def splits(name: str) -> tuple[str, ...] | None:
@@ -58,6 +36,3 @@ def load(name: str, path: str | None = None, split: str | None = None, limit: in
         kwargs["split"] = split
     return loaders[name](**kwargs)
 
-
-def take(items: list, limit: int | None) -> list:
-    return items if limit is None else items[:limit]

@@ -27,7 +27,7 @@ import ast
 import json
 import re
 
-from eval.benchmarks import data_file, take
+from eval.benchmarks.data import data_file, take
 from engine.agents.problem import Problem, Test
 
 FILE = "apps/selected150.jsonl"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from eval.benchmarks import data_dir, take
+from eval.benchmarks.data import data_dir, take
 from engine.agents.problem import Problem, Test
 
 PYTHON3 = 3   # CodeContests language ids: 1 Python 2, 2 C++, 3 Python 3, 4 Java

@@ -28,7 +28,7 @@ import json
 import os
 import re
 
-from eval.benchmarks import data_file, take
+from eval.benchmarks.data import data_file, take
 from engine.agents.problem import Problem, Test
 
 WST_FILE = "humaneval/HumanEvalWST.jsonl"

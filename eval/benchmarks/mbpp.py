@@ -23,7 +23,7 @@ from __future__ import annotations
 import ast
 import json
 
-from eval.benchmarks import data_file, take
+from eval.benchmarks.data import data_file, take
 from engine.agents.problem import Problem, Test
 
 FILE = "mbpp/MBPP.jsonl"

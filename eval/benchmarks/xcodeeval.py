@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from eval.benchmarks import data_file, take
+from eval.benchmarks.data import data_file, take
 from engine.agents.problem import Problem, Test
 
 FILE = "xcodeeval/prog_syn_val.jsonl"

@@ -7,7 +7,7 @@ import re
 import threading
 
 import engine.agents.problem as ev
-from engine.agents.backends import Completion
+from engine.serving.backend import Completion
 
 
 def step_of(role, user):

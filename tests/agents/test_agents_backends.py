@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.agents.backends import Completion, HTTPBackend, LocalBackend, chat_url
-from engine.agents.http_server import serve
+from engine.agents.backends import HTTPBackend, chat_url
+from engine.serving.backend import Completion, LocalBackend
+from engine.serving.http_server import serve
 
 MSGS = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello there"}]
 

@@ -1,4 +1,4 @@
-"""The agents on the real engine: run_eval -> LocalBackend -> engine.serve.Scheduler -> a tiny random model
+"""The agents on the real engine: run_eval -> LocalBackend -> engine.serving.scheduler.Scheduler -> a tiny random model
 with four role adapters. Its answers are noise, so every role fails its format; what is tested is the
 wiring and the point of the design: decode batches that mix the roles of different problems.
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import engine.agents.problem as ev
-from engine.agents.backends import LocalBackend
-from engine.agents.prompts import ROLES
 from engine.config import PRESETS
 from engine.lora import add_adapters
 from engine.model import Transformer
-from engine.serve import Scheduler
+from engine.roles import ROLES
+from engine.serving.backend import LocalBackend
+from engine.serving.scheduler import Scheduler
 from eval.run import run_eval
 
 

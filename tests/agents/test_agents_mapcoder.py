@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-import engine.agents.problem as ev
-from engine.agents.backends import Completion
 from engine.agents.mapcoder import solve
+import engine.agents.problem as ev
+from engine.serving.backend import Completion
 from eval.report import summarize
 from eval.run import run_eval
 from agents_fakes import ScriptedBackend, code, example_of, fake_run_tests, retrieval, step_of

@@ -1,4 +1,4 @@
-"""The HTTP server against a hostile or careless client (issue 16, items 7-9): every malformed field is a 400
+"""The HTTP server against a hostile or careless client: every malformed field is a 400
 that never reaches the backend; body cap (413), read deadline, a half-closing client still answered;
 API key, Host/Origin restricted to loopback, a non-loopback --host refused before the model loads;
 OpenAI-style streaming (through the real scheduler on a tiny model); and a bounded load test: 64 concurrent
@@ -18,8 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.agents.backends import Completion, HTTPBackend, LocalBackend
-from engine.agents.http_server import serve
+from engine.agents.backends import HTTPBackend
+from engine.serving.backend import Completion, LocalBackend
+from engine.serving.http_server import serve
 
 MSGS = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello there"}]
 
@@ -135,7 +136,7 @@ def test_error_names_the_field(echo):
 
 
 def test_valid_fields_reach_the_backend_as_given(echo):
-    from engine.agents.http_server import parse_chat_request
+    from engine.serving.http_server import parse_chat_request
     server, backend = echo
     assert post(server, ok_body(model="planner", max_tokens=7, temperature=0.25, stop="</x>"))[0] == 200
     assert backend.calls[-1][0] == "planner" and backend.calls[-1][2:] == (7, 0.25, ["</x>"])
@@ -318,7 +319,7 @@ def test_api_key():
 
 def test_api_key_from_flag_or_environment(monkeypatch):
     from engine import cli
-    from engine.agents.http_server import API_KEY_ENV, api_key_of
+    from engine.serving.http_server import API_KEY_ENV, api_key_of
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert api_key_of(None) is None
     monkeypatch.setenv(API_KEY_ENV, "from-env")
@@ -347,7 +348,7 @@ def test_host_and_origin_are_restricted(headers, expect):
 def test_non_loopback_host_is_refused_before_the_model_loads(monkeypatch):
     from engine import cli
     loads = []
-    monkeypatch.setattr("engine.agents.backends.open_local", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("engine.serving.backend.open_local", lambda *a, **k: loads.append(a))
     for host in ("0.0.0.0", "192.168.1.5", "example.com", "::"):
         with pytest.raises(SystemExit) as e:
             cli.main(["serve", "--host", host])
@@ -401,7 +402,7 @@ def test_streaming_through_the_real_scheduler():
     import torch
     from engine.config import PRESETS
     from engine.model import Transformer
-    from engine.serve import Scheduler
+    from engine.serving.scheduler import Scheduler
     torch.manual_seed(0)
     m = Transformer(PRESETS["tiny"].replace(max_seq_len=256)).init_weights(seed=1, std=0.1).eval()
     tok = CharTokenizer()
@@ -424,7 +425,7 @@ def test_a_hostile_temperature_fails_no_other_client():
     import torch
     from engine.config import PRESETS
     from engine.model import Transformer
-    from engine.serve import Scheduler
+    from engine.serving.scheduler import Scheduler
     torch.manual_seed(0)
     m = Transformer(PRESETS["tiny"].replace(max_seq_len=256)).init_weights(seed=1, std=0.1).eval()
     tok = CharTokenizer()

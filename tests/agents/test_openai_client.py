@@ -10,12 +10,12 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from engine.agents.backends import LocalBackend                  # noqa: E402
-from engine.agents.http_server import serve                      # noqa: E402
-from engine.config import PRESETS                                # noqa: E402
-from engine.lora import add_adapters                             # noqa: E402
-from engine.model import Transformer                             # noqa: E402
-from engine.serve import Scheduler                               # noqa: E402
+from engine.config import PRESETS                # noqa: E402
+from engine.lora import add_adapters             # noqa: E402
+from engine.model import Transformer             # noqa: E402
+from engine.serving.backend import LocalBackend  # noqa: E402
+from engine.serving.http_server import serve     # noqa: E402
+from engine.serving.scheduler import Scheduler   # noqa: E402
 
 ROLES = ["retriever", "planner", "coder", "debugger"]
 BASE = "tiny-test"
@@ -191,7 +191,7 @@ def test_bad_values_are_400s_naming_the_field(served, endpoint, fields, param):
 
 
 def test_a_chat_only_backend_serves_plain_chat_and_names_what_it_cannot(served):
-    from engine.agents.backends import Completion
+    from engine.serving.backend import Completion
 
     class Echo:
         def chat(self, role, messages, max_new_tokens, temperature=0.0, stop=None):

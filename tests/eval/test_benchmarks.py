@@ -9,7 +9,8 @@ import os
 import pytest
 
 from engine.agents import problem as P
-from eval.benchmarks import apps, codecontests, data_dir, humaneval, load, mbpp, xcodeeval
+from eval.benchmarks import apps, codecontests, humaneval, load, mbpp, xcodeeval
+from eval.benchmarks.data import data_dir
 from eval.harness import evaluate, pass_at_1, run_tests
 
 HERE = os.path.dirname(os.path.abspath(__file__))

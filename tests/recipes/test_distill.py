@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import parse_line
+from engine.training.data import parse_line
 from recipes.common import load_config, read_jsonl_resumable
 from recipes.distill import DistillConfig, build_examples, distill, load_problems, trajectory_examples
 from recipes.trajectory import Trajectory
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
+from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
 

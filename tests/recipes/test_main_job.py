@@ -13,7 +13,7 @@ from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.distill import DistillConfig, distill
 from recipes.main_job import MainConfig, main_job
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_hf_dir
+from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_main_job_tiny_student(sft, tmp_path):
 
 
 def test_main_job_without_the_packed_path_uses_fp32_from_the_start(monkeypatch, capsys, tmp_path):
-    """No gcc, or a CPU without AVX2 / FMA / F16C (engine.cpu_kernels.check_available says which): `mcl main`'s
+    """No gcc, or a CPU without AVX2 / FMA / F16C (engine.cpu.kernels.check_available says which): `mcl main`'s
     default weights=q4 becomes fp32 with one warning line before training, not a failure after it."""
     import recipes.main_job as mj
     seen = {}
@@ -80,14 +80,14 @@ def test_main_job_without_the_packed_path_uses_fp32_from_the_start(monkeypatch, 
     def train_adapters(cfg):
         seen["weights"] = cfg.weights
         raise Stop
-    monkeypatch.setattr("engine.cpu_kernels.check_available", lambda: "engine/qmatmul.c needs ...; this one has no avx2")
+    monkeypatch.setattr("engine.cpu.kernels.check_available", lambda: "engine/cpu/qmatmul.c needs ...; this one has no avx2")
     monkeypatch.setattr(mj, "fetch", lambda student: "model")
     monkeypatch.setattr(mj, "train_adapters", train_adapters)
     with pytest.raises(Stop):
         main_job(MainConfig(device="cpu", weights="q4", out=str(tmp_path / "main")))
     assert seen["weights"] == "fp32"
     warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
-    assert warn == ["main: warning: weights=q4 unavailable (engine/qmatmul.c needs ...; this one has no avx2); "
+    assert warn == ["main: warning: weights=q4 unavailable (engine/cpu/qmatmul.c needs ...; this one has no avx2); "
                     "evaluating with weights=fp32 instead"], warn
-    monkeypatch.setattr("engine.cpu_kernels.check_available", lambda: None)
+    monkeypatch.setattr("engine.cpu.kernels.check_available", lambda: None)
     assert mj.usable_weights(MainConfig(device="cpu", weights="q4")).weights == "q4"

@@ -8,15 +8,15 @@ import json
 import pytest
 
 from engine.agents import parsers
-from engine.data import parse_line
 from engine.agents import problem as P
+from engine.training.data import parse_line
 from recipes.build_sft import build_sft
 from recipes.correct import CorrectConfig, correct
 from recipes.common import read_jsonl_resumable
 from recipes.distill import DistillConfig, distill
 from recipes.mutate import MutateConfig, mutants, mutate, plan_steps, trajectory_mutants
 from recipes.trajectory import Trajectory
-from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
+from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess
 
 ROLES = ("retriever", "planner", "coder", "debugger")
 PROGRAM = '''def f(xs, k):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine.trainer import load_recipe, train          # noqa: E402
+from engine.training.trainer import load_recipe, train  # noqa: E402
 from tiny_setup import byte_tokenizer, tiny_model       # noqa: E402
 
 if __name__ == "__main__":

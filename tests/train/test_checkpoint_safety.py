@@ -1,4 +1,4 @@
-"""`mcl train` and what an earlier run left in its out_dir (issue 16, item 11): finished adapters are not overwritten
+"""`mcl train` and what an earlier run left in its out_dir: finished adapters are not overwritten
 without --overwrite; --resume re-hashes each checkpoint against its sha256 manifest and falls back past a corrupt one
 with a message; a full disk during a checkpoint write is one error line and the last good checkpoint stays intact
 (an injected OSError(ENOSPC), and a real 1-2 MB tmpfs in a private mount namespace where `unshare` allows one).
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
 from engine import cli
+from engine.training import checkpoint as ckpt
 from tiny_setup import byte_tokenizer, memorisation_rows, read_adapters, tiny_tables, write_jsonl, write_recipe
 
 ROOT = Path(ckpt.__file__).parents[1]                 # the engine under test, for subprocesses
@@ -181,7 +181,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
 VERIFY = """
 import json, sys
 from pathlib import Path
-from engine import checkpoint as ckpt
+from engine.training import checkpoint as ckpt
 out = Path(sys.argv[1])
 rows = {}
 for step, path in ckpt.list_checkpoints(out / "checkpoints"):

@@ -1,4 +1,4 @@
-"""engine/chunked_ce.py: the LM head + cross-entropy in chunks of rows equals F.cross_entropy on the full logits, in
+"""engine/training/chunked_ce.py: the LM head + cross-entropy in chunks of rows equals F.cross_entropy on the full logits, in
 value and in the gradient to the hidden states (fp32: to rounding; bf16: within bf16 tolerance), for chunk sizes
 that do and do not divide the row count; bad shapes and a trainable head are refused.
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.chunked_ce import linear_cross_entropy
+from engine.training.chunked_ce import linear_cross_entropy
 
 
 def _inputs(K=37, dim=24, V=301, dtype=torch.float32, seed=0):

@@ -1,4 +1,4 @@
-"""engine/data.py: JSONL validation errors (file:line + field), tokenisation with assistant-only loss masks, truncation
+"""engine/training/data.py: JSONL validation errors (file:line + field), tokenisation with assistant-only loss masks, truncation
 counting, the role-balanced sampler (deterministic, exact save/restore) and role-sorted batches.
 
     python -m pytest tests/train/test_data.py -q
@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from engine.data import ROLES, RoleSampler, collate, load_sft, split_eval
+from engine.training.data import RoleSampler, collate, load_sft, split_eval
+
+from engine.roles import ROLES
 from tiny_setup import byte_tokenizer, memorisation_rows, write_jsonl
 
 TOK = byte_tokenizer()

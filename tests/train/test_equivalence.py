@@ -11,9 +11,11 @@
 import pytest
 import torch
 
-from engine.data import ROLES, collate, load_sft
+from engine.training.data import collate, load_sft
+
 from engine.lora import add_adapters
-from engine.trainer import AdapterAdamW, token_losses
+from engine.roles import ROLES
+from engine.training.trainer import AdapterAdamW, token_losses
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_model, write_jsonl
 
 

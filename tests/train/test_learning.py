@@ -8,9 +8,9 @@
 import pytest
 import torch
 
-from engine.data import ROLES
 from engine.lora import add_adapters
-from engine.trainer import load_recipe, train
+from engine.roles import ROLES
+from engine.training.trainer import load_recipe, train
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_model, tiny_tables, write_jsonl, write_recipe
 
 
@@ -62,7 +62,7 @@ def test_training_one_role_leaves_other_adapters_bitwise_unchanged(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_each_role_loss_halves(tmp_path):
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
     data = write_jsonl(tmp_path / "sft.jsonl", memorisation_rows(16))
     tables = tiny_tables(tmp_path / "out", data, steps=6, global_batch=8, micro_batch=8, lr=2e-3, warmup_steps=2)

@@ -7,9 +7,11 @@ right padding; and token_losses asks the model for exactly the loss positions.
 import torch
 import torch.nn.functional as F
 
-from engine.data import ROLES, collate, load_sft
+from engine.training.data import collate, load_sft
+
 from engine.lora import add_adapters
-from engine.trainer import token_losses
+from engine.roles import ROLES
+from engine.training.trainer import token_losses
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_model, write_jsonl
 
 

@@ -1,4 +1,4 @@
-"""engine/trainer.py micro_batches: grouping the global batch by length partitions the same examples (so the step's
+"""engine/training/trainer.py micro_batches: grouping the global batch by length partitions the same examples (so the step's
 gradient is the same sum), pads less, deals micro-batches to ranks so that W ranks together hold the one-process
 micro-batches, and the ungrouped mode keeps contiguous per-rank blocks.
 
@@ -6,8 +6,8 @@ micro-batches, and the ungrouped mode keeps contiguous per-rank blocks.
 """
 import random
 
-from engine.data import Example
-from engine.trainer import micro_batches
+from engine.training.data import Example
+from engine.training.trainer import micro_batches
 
 
 def _examples(n, seed=0):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine import cli
-from engine.trainer import Recipe, load_recipe
+from engine.training.trainer import Recipe, load_recipe
 from tiny_setup import byte_tokenizer, memorisation_rows, tiny_tables, write_jsonl, write_recipe
 
 RECIPES = Path(__file__).parents[2] / "recipes"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.trainer import load_recipe, train
+from engine.training import checkpoint as ckpt
+from engine.training.trainer import load_recipe, train
 from tiny_setup import byte_tokenizer, memorisation_rows, read_adapters, tiny_model, tiny_tables, write_jsonl, write_recipe
 
 RUN_TINY = Path(__file__).parent / "run_tiny.py"

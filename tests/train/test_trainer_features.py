@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from engine.data import ROLES
-from engine.trainer import load_recipe, lr_at, TrainCfg, train
+from engine.roles import ROLES
+from engine.training.trainer import load_recipe, lr_at, TrainCfg, train
 from tiny_setup import byte_tokenizer, memorisation_rows, read_adapters, tiny_model, tiny_tables, write_jsonl, write_recipe
 
 
@@ -71,10 +71,10 @@ def test_bad_batch_shape_and_vocab_mismatch(tmp_path):
 
 
 def test_eval_runs_the_same_number_of_forwards_on_every_rank(tmp_path, monkeypatch):
-    from engine import distributed as D
-    from engine.data import load_sft
     from engine.lora import add_adapters
-    from engine.trainer import evaluate
+    from engine.training import distributed as D
+    from engine.training.data import load_sft
+    from engine.training.trainer import evaluate
     ex = load_sft(write_jsonl(tmp_path / "e.jsonl", memorisation_rows(2)[:7]), byte_tokenizer()).examples
     model = tiny_model()
     add_adapters(model, ROLES, rank=4)
@@ -93,7 +93,7 @@ def test_eval_runs_the_same_number_of_forwards_on_every_rank(tmp_path, monkeypat
 def test_bf16_base_trains_under_autocast_with_fp32_masters(tmp_path, monkeypatch):
     """model.dtype = bfloat16 on the CPU: the base and the adapters' forward copies are bf16, the optimizer steps fp32
     masters, the loss falls like the fp32 run's (same data, same seed), and the adapters are saved in fp32."""
-    from engine import trainer
+    from engine.training import trainer
     seen = {}
     real = trainer.token_losses
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from engine.data import ROLES
-from engine.trainer import load_recipe, train
+from engine.roles import ROLES
+from engine.training.trainer import load_recipe, train
 from tiny_setup import byte_tokenizer, memorisation_rows, read_wandb_records, tiny_model, tiny_tables, write_jsonl, write_recipe
 
 pytest.importorskip("wandb")

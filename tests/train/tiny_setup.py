@@ -1,4 +1,4 @@
-"""Test fixtures for tests/train: a 256-token byte-level chat tokenizer (the real engine.tokenizer.Tokenizer over a
+"""Test fixtures for tests/train: a 256-token byte-level chat tokenizer (the real engine.loading.tokenizer.Tokenizer over a
 `tokenizers` byte-level BPE with no merges), the tiny random model, a 64-example memorisation set, recipe files,
 and a reader for W&B's offline .wandb record log.
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from engine.config import PRESETS
-from engine.data import ROLES
 from engine.model import Transformer
+from engine.roles import ROLES
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")
 
@@ -24,7 +24,7 @@ def byte_tokenizer():
     Bytes 0xFE/0xFF never occur in UTF-8 text, so every string encodes."""
     from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
     alphabet = sorted(ByteLevel.alphabet())                       # the 256 printable stand-ins of GPT-2
     table = _bytes_to_unicode()
     vocab = {table[b]: b for b in range(254)}

@@ -1,25 +1,18 @@
 """Packed weights for fast CPU inference: a GGUF's quantised blocks kept at (nearly) their own size, no fp32 copy.
 
 A batch-1 decode step streams every weight once, so its speed is bytes per step and the work done per byte.
-`PackedLinear` holds one projection in a layout of engine/qblocks.h (integer values in 32-weight blocks + per-group
-scales and optional mins) and multiplies through that kernel: activations quantised to int8 per 32 inputs, exact
-integer block dot products, as llama.cpp does on the CPU. Many rows at once (prefill, a batch of requests) go
-through dequantised fp32 tiles and torch's SGEMM instead (engine/cpu_kernels.py).
+`PackedLinear` holds one projection in a layout of engine/cpu/qblocks.h (integer values in 32-weight blocks +
+per-group scales and optional mins) and multiplies through that kernel: activations quantised to int8 per 32 inputs,
+exact integer block dot products, as llama.cpp does on the CPU. Many rows at once (prefill, a batch of requests) go
+through dequantised fp32 tiles and torch's SGEMM instead (engine/cpu/kernels.py). A PackedLinear is a plain object,
+not a module: engine/cpu/modules.py's modules hold them, and engine/loading/packed_model.py builds them from a file.
 
-    model, tok = engine.hub.load_model("qwen2.5-coder-0.5b", weights="q4")   # GGUF read straight into this layout
     pk = PackedLinear.from_gguf(raw_bytes, "Q6_K", n_rows, n_cols)          # one tensor
     y = pk(x)                                                                # x (..., in) -> (..., out), fp32
 
-Modes (engine.hub.load_model's `weights`):
-  fp32  nothing packed: the exact reference (parity with transformers), and what training loads.
-  bf16  every projection and the LM head as a dense bf16 copy beside the fp32 weights (as before).
-  q4    inference only: every GGUF tensor of a packed block type goes into its layout below, the model holds no fp32
-        projection weights (they stay on the meta device); embeddings are looked up from the packed rows. An HF
-        directory is re-quantised to Q8_0's layout. The name is kept from when only Q4_0/Q4_1 stayed 4-bit.
-
 Layouts (w = scale * q + min per group of G inputs along a row; all exact: the integers and scales the file
 encodes, tests/test_quant.py checks each against the gguf package's dequantisation):
-  type  bits/w in file  stored as (engine/qblocks.h's kinds)                                  bits/w here
+  type  bits/w in file  stored as (engine/cpu/qblocks.h's kinds)                              bits/w here
   Q4_0  4.5             kind 4 nibbles, fp16 scale d, fp16 min -8d, G 32                       5
   Q4_1  5               kind 4 nibbles, fp16 scale d, fp16 min m, G 32                         5
   Q4_K  4.5             kind 4 nibbles, int8 sc x fp32 d, int8 m x fp32 -dmin, G 32            4.625
@@ -28,7 +21,7 @@ encodes, tests/test_quant.py checks each against the gguf package's dequantisati
   Q6_K  6.56            kind 6 nibbles + 2-bit plane (q - 32), int8 sc x fp32 d, G 16          6.625
 The K-quants keep their sub-block scales as small integers beside one fp32 per 256 weights: d * sc (fp16 times
 6 or 8 bits) is exact in fp32 but not in fp16. Types we do not pack (Q5_1, Q2_K, Q3_K, Q5_K, IQ*, and dense F32/F16
-projections) raise an error naming the tensor, or with `dense_fallback=True` are dequantised to a dense fp32 weight.
+projections) raise an error naming the tensor (the loader may instead dequantise them to a dense fp32 weight).
 """
 from __future__ import annotations
 
@@ -38,16 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("fp32", "bf16", "q4")
 BLOCK_BYTES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_0": (32, 22), "Q8_0": (32, 34),
                "Q6_K": (256, 210)}                       # type -> (weights per block, bytes per block)
 PACKED_TYPES = tuple(BLOCK_BYTES)
-KIND_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}                # kind -> bytes per 32 weights (engine/qblocks.h)
+KIND_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}                # kind -> bytes per 32 weights (engine/cpu/qblocks.h)
 _FIELDS = ("w", "scale", "wmin", "sd", "md")
 
 
 class PackedLinear:
-    """y = x W^T with W (out, in) in a layout of engine/qblocks.h (kind 8, 4, 5 or 6) or, for kind 0, dense.
+    """y = x W^T with W (out, in) in a layout of engine/cpu/qblocks.h (kind 8, 4, 5 or 6) or, for kind 0, dense.
 
     w: int8 (out, in) for kind 8, uint8 (out, in/32 * bytes per block) for kinds 4/5/6, the dense weight for kind 0;
     scale / wmin: fp16 (out, in/group), or int8 with fp32 sd / md (out, in/256); wmin None when there are no mins."""
@@ -56,7 +48,7 @@ class PackedLinear:
                  wmin: torch.Tensor | None = None, source: str = "", sd: torch.Tensor | None = None,
                  md: torch.Tensor | None = None):
         if kind not in (0, 4, 5, 6, 8) or (kind and group not in (16, 32)) or (kind in (4, 5) and group != 32):
-            raise ValueError(f"PackedLinear: kind {kind} with group {group} is not a layout of engine/qblocks.h")
+            raise ValueError(f"PackedLinear: kind {kind} with group {group} is not a layout of engine/cpu/qblocks.h")
         if wmin is not None and group != 32:
             raise ValueError("PackedLinear: mins need groups of 32")
         for s, d in ((scale, sd), (wmin, md)):
@@ -69,9 +61,9 @@ class PackedLinear:
         self._args = None
 
     def args(self) -> tuple:
-        """engine.cpu_kernels.weight_args of this weight (computed once: the tensors do not move)."""
+        """engine.cpu.kernels.weight_args of this weight (computed once: the tensors do not move)."""
         if self._args is None:
-            from engine.cpu_kernels import weight_args
+            from engine.cpu.kernels import weight_args
             self._args = weight_args(self.w, self.scale, self.wmin, self.kind, self.group, self.sd, self.md)
         return self._args
 
@@ -83,7 +75,7 @@ class PackedLinear:
         if self.kind == 0:
             y = F.linear(x2.to(self.w.dtype), self.w).float()
         else:
-            from engine.cpu_kernels import qmatmul
+            from engine.cpu.kernels import qmatmul
             y = qmatmul(x2, [self.args()], out=out)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -91,7 +83,7 @@ class PackedLinear:
         """The weights the kernel multiplies by, fp32 (out, in), or just `rows` (an embedding lookup)."""
         if self.kind == 0:
             return (self.w if rows is None else self.w[rows]).float()
-        from engine.cpu_kernels import dequant
+        from engine.cpu.kernels import dequant
         return dequant(self.args(), rows=rows)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -211,7 +203,7 @@ class PackedParts:
         self._args = [p.args() for p in parts]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.cpu_kernels import qmatmul
+        from engine.cpu.kernels import qmatmul
         _check_width(x, self.in_features, self.source)
         return qmatmul(x.reshape(-1, self.in_features), self._args).view(*x.shape[:-1], self.out_features)
 
@@ -236,7 +228,7 @@ def _nibbles_to_blocks(q: np.ndarray) -> np.ndarray:
 
 def _bit_planes(hi: np.ndarray, bits: int) -> np.ndarray:
     """hi (blocks32, 32) high parts of `bits` bits -> (blocks32, 32 * bits / 8) bytes: element e's bits at bit
-    bits * (e // P) of byte e % P, P = 32 * bits / 8 (the order engine/qblocks.h unpacks with one variable shift)."""
+    bits * (e // P) of byte e % P, P = 32 * bits / 8 (the order engine/cpu/qblocks.h unpacks with one variable shift)."""
     P = 32 * bits // 8
     out = np.zeros((hi.shape[0], P), np.uint8)
     for e in range(32):
@@ -288,193 +280,3 @@ def _q6_k(raw):
 
 
 _DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q6_K": _q6_k}
-
-
-# --- the bf16 mode: dense copies beside the fp32 model -------------------------------------------------------------
-
-def pack_model_bf16(model) -> dict:
-    """Attach dense bf16 PackedLinear copies to every projection and the LM head of an fp32 CPU model."""
-    from engine.lora import LoRALinear
-    if model.device.type != "cpu":
-        raise ValueError("weights='bf16' packs for the CPU; on CUDA load with dtype=bfloat16 instead")
-    n = step_bytes = 0
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.packed = PackedLinear(0, 32, mod.weight.to(torch.bfloat16), source="bf16")
-                step_bytes += mod.packed.nbytes()
-                n += 1
-        model.output_packed = PackedLinear(0, 32, model.output_weight.to(torch.bfloat16), source="bf16")
-        step_bytes += model.output_packed.nbytes()
-    return {"weights": "bf16", "packed": {"bf16": n + 1}, "step_bytes": step_bytes}
-
-
-class FileRows:
-    """An untied embedding table left in the GGUF file: a read-only memory map of its blocks, rows decoded on lookup
-    (PackedLinear.from_gguf of just those rows, then its exact dequantisation, so the values equal a packed copy's).
-    Only the pages of rows looked up become resident, as with llama.cpp's mmap: Qwen2.5-Coder-0.5B's token_embd is
-    94 MB (Q5_0) and 1.5B's 131 MB (Q4_K), of which a run touches a few MB. A tied table is the LM head too, read
-    whole every step, so it is packed in memory instead."""
-
-    def __init__(self, path, offset: int, type_name: str, n_rows: int, n_cols: int, name: str):
-        per, nbytes = BLOCK_BYTES[type_name]
-        self.type_name, self.out_features, self.in_features, self.source = type_name, n_rows, n_cols, name
-        self.rows = np.memmap(path, np.uint8, "r", offset, (n_rows, n_cols // per * nbytes))
-
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 (out, in), or just `rows`."""
-        idx = np.arange(self.out_features) if rows is None else rows.to(torch.int64).numpy()
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.out_features):
-            raise IndexError(f"{self.source}: row index out of range for {self.out_features} rows")
-        pk = PackedLinear.from_gguf(self.rows[idx], self.type_name, len(idx), self.in_features, self.source)
-        return pk.dequantize()
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> rows (B, T, in) fp32, each distinct token decoded once."""
-        uniq, inv = torch.unique(tokens.reshape(-1), return_inverse=True)
-        return self.dequantize(uniq)[inv].view(*tokens.shape, self.in_features)
-
-    def nbytes(self) -> int:
-        return 0                                   # nothing held in memory; a lookup reads its rows' pages
-
-
-# --- the q4 mode: a model that holds only packed weights -----------------------------------------------------------
-
-def _finish_inference_model(model, stats: dict):
-    """Shared tail of both q4 loaders: meta buffers made real, tied head, fused calls, flags."""
-    from engine.lora import LoRALinear
-    for mod_name, mod in model.named_modules():                   # non-persistent buffers (empty LoRA scales)
-        for b_name, b in mod.named_buffers(recurse=False):
-            if b.is_meta:
-                mod.register_buffer(b_name, torch.empty(b.shape, dtype=b.dtype), persistent=False)
-    missing = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.packed is None]
-    if missing or model.embed_packed is None:
-        raise ValueError(f"no packed weight for {(missing or ['model.embed_tokens'])[0]} ({len(missing)} projections missing)")
-    if model.output_packed is None:
-        model.output_packed = model.embed_packed                  # tied LM head: one copy serves both
-    model.inference_only = True
-    model.fuse_packed()
-    stats["step_bytes"] = sum(m.packed.nbytes() for m in model.modules() if isinstance(m, LoRALinear)) + \
-        model.output_packed.nbytes()
-    stats["fused"] = sum(layer.self_attn.qkv_packed is not None for layer in model.model.layers) + \
-        sum(layer.mlp.gate_up_packed is not None for layer in model.model.layers)
-    model.pack_stats = stats
-    return model.eval()
-
-
-def load_gguf_packed(path, header=None, dense_fallback: bool = False):
-    """A GGUF file -> (Transformer for CPU inference, metadata): every 2-D tensor read from its blocks straight into
-    a PackedLinear (read in row chunks: a few MB of scratch at a time, never the fp32 model); norms and biases fp32;
-    an untied embedding table left in the file (FileRows). `header`: engine.gguf_header.read_header(path) if the
-    caller has it (hub.load_model builds the tokenizer from it first, so that its scratch is freed before the weights
-    arrive). A tensor whose block type is not packed raises ValueError naming it, unless dense_fallback (then fp32
-    dense); so does a file shorter than its header says, before any weight is read."""
-    from engine.gguf_header import read_header
-    from engine.model import Transformer
-    from engine.weights import check_gguf_tensors, gguf_config
-    source = str(path)
-    header = header or read_header(path)
-    meta, tensors = header.meta, header.tensors
-    short = next((t for t in tensors if t.have_bytes != t.n_bytes), None)
-    if short is not None:
-        raise ValueError(f"{source}: truncated GGUF file: tensor {short.name} has {short.have_bytes} of "
-                         f"{short.n_bytes} bytes")
-    shapes = {t.name: t.shape for t in tensors}
-    if "token_embd.weight" not in shapes:
-        raise ValueError(f"{source}: no tensor token_embd.weight")
-    cfg = gguf_config(meta, vocab_size=int(shapes["token_embd.weight"][1]), has_output="output.weight" in shapes,
-                      source=source)
-    check_gguf_tensors(cfg, [(t.name, t.tensor_type.name, t.shape) for t in tensors], source)   # before building
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    small, stats = {}, {"weights": "q4", "packed": {}}
-    with open(path, "rb") as f:
-        _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback)
-    missing, unexpected = model.load_state_dict(small, strict=False, assign=True)
-    absent = [k for k in missing if not k.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))]
-    if absent or unexpected:
-        raise ValueError(f"{source}: missing tensors {absent[:5]}, unexpected {list(unexpected)[:5]}")
-    return _finish_inference_model(model, stats), meta
-
-
-def _read_dense(f, t) -> np.ndarray:
-    """A small tensor (norm, bias, or a dense-fallback weight; t an engine.gguf_header.TensorInfo) as fp32, shape
-    in torch order."""
-    from gguf.quants import dequantize
-    raw = np.frombuffer(os.pread(f.fileno(), t.n_bytes, t.data_offset), dtype=np.uint8)
-    kind = t.tensor_type.name
-    arr = raw.view(np.float32) if kind == "F32" else raw.view(np.float16) if kind == "F16" else \
-        dequantize(raw, t.tensor_type)
-    return np.array(arr, dtype=np.float32).reshape(tuple(reversed(t.shape)))
-
-
-def _fuse_when_read(model, hf: str) -> None:
-    """Fuse a layer's QKV (gate/up) as soon as its parts are read, so that the parts' memory is reused by the next
-    layer's reads: fusing every layer at the end (fuse_packed) raised the 0.5B's peak RSS by ~54 MB."""
-    parts = hf.split(".")                                        # model.layers.{i}.self_attn.q_proj.weight
-    if len(parts) >= 5 and parts[1] == "layers":
-        layer = model.model.layers[int(parts[2])]
-        layer.self_attn.fuse()                                   # each fuses once, when all its parts are packed
-        layer.mlp.fuse()
-
-
-def _read_tensors(tensors, f, model, cfg, source, small, stats, dense_fallback):
-    """load_gguf_packed's loop: 2-D tensors into PackedLinear copies on `model`, the rest (fp32) into `small`."""
-    from engine.weights import _unpermute, gguf_to_hf_name
-    for t in tensors:
-        hf = gguf_to_hf_name(t.name)
-        if hf is None:
-            raise ValueError(f"{source}: unexpected tensor {t.name!r} (type {t.tensor_type.name})")
-        kind = t.tensor_type.name
-        heads = cfg.n_heads if "q_proj" in hf else cfg.n_kv_heads if "k_proj" in hf else 0
-        if len(t.shape) == 2 and hf.endswith(".weight"):
-            n_cols, n_rows = t.shape
-            if kind in PACKED_TYPES and hf == "model.embed_tokens.weight" and not cfg.tie_embeddings:
-                model.embed_packed = FileRows(f.name, t.data_offset, kind, n_rows, n_cols, f"{source}: tensor {t.name}")
-                stats["packed"][kind] = stats["packed"].get(kind, 0) + 1
-                continue
-            if kind in PACKED_TYPES:
-                pk = PackedLinear.from_gguf_file(f, t.data_offset, kind, n_rows, n_cols,
-                                                 name=f"{source}: tensor {t.name}")
-            elif dense_fallback:
-                pk = PackedLinear(0, 32, torch.from_numpy(_read_dense(f, t)), source=f"dense({kind})")
-            else:
-                raise ValueError(f"{source}: tensor {t.name} has GGUF type {kind}, which weights='q4' does not pack "
-                                 f"(packed: {', '.join(PACKED_TYPES)}); pass dense_fallback=True to load it as "
-                                 f"dense fp32, or load with weights='fp32'")
-            if cfg.arch == "llama" and heads:
-                pk = pk.permute_rows(_unpermute(torch.arange(n_rows), heads))
-            stats["packed"][pk.source] = stats["packed"].get(pk.source, 0) + 1
-            if hf == "model.embed_tokens.weight":
-                model.embed_packed = pk
-            elif hf == "lm_head.weight":
-                model.output_packed = pk
-            else:
-                model.get_submodule(hf.removesuffix(".weight")).packed = pk
-                _fuse_when_read(model, hf)
-        else:
-            w = torch.from_numpy(_read_dense(f, t))
-            small[hf] = _unpermute(w, heads) if cfg.arch == "llama" and heads else w
-
-
-def pack_dense_model(model):
-    """An fp32 CPU model (HF directory, tests) -> the same model holding only packed weights: every projection, the
-    embeddings and the LM head re-quantised to Q8_0's layout (PackedLinear.from_dense); fp32 weights dropped."""
-    from engine.lora import LoRALinear
-    if model.device.type != "cpu":
-        raise ValueError("weights='q4' packs for the CPU kernels; on CUDA load with dtype=bfloat16 instead")
-    stats = {"weights": "q4", "packed": {}}
-    meta = lambda p: torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.packed = PackedLinear.from_dense(mod.weight)
-                mod.weight = meta(mod.weight)
-                stats["packed"][mod.packed.source] = stats["packed"].get(mod.packed.source, 0) + 1
-        emb = model.model.embed_tokens
-        model.embed_packed = PackedLinear.from_dense(emb.weight)
-        if model.lm_head is not None:
-            model.output_packed = PackedLinear.from_dense(model.lm_head.weight)
-            model.lm_head.weight = meta(model.lm_head.weight)
-        emb.weight = meta(emb.weight)
-    return _finish_inference_model(model, stats)

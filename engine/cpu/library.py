@@ -1,14 +1,14 @@
-"""The CPU kernels' C library: built with gcc, loaded through ctypes, checked against engine/cpu_kernels.h, and set to
+"""The CPU kernels' C library: built with gcc, loaded through ctypes, checked against engine/cpu/cpu_kernels.h, and set to
 the ISA variant of the integer kernels that this CPU runs best.
 
-    from engine.cpu_library import library, isa, select_isa
+    from engine.cpu.library import library, isa, select_isa
     lib = library()      # built on first use into $MCL_CACHE/kernels, then loaded, checked, and its variant chosen
     isa()                # the variant qmatmul runs: "avx2", "avxvnni" or "avx512vnni"
     MCL_CPU_ISA=avx2 python ...           # force a variant (read at load)
-    python -m engine.cpu_library          # build (or find) the library; print its path and the variant chosen
+    python -m engine.cpu.library          # build (or find) the library; print its path and the variant chosen
 
-The interface. engine/cpu_kernels.h is its one definition; this file is the ctypes mirror: SIGNATURES (every
-function Python calls), the Structures QWeight, LoraW and DecodeLayer (engine/decode_step.py fills them), and
+The interface. engine/cpu/cpu_kernels.h is its one definition; this file is the ctypes mirror: SIGNATURES (every
+function Python calls), the Structures QWeight, LoraW and DecodeLayer (engine/cpu/decode_step.py fills them), and
 ABI_VERSION. At load, library() compares the library's MCL_CPU_ABI and its table of struct field offsets and sizes
 (mcl_layout) with the mirror and refuses the library in one line naming the header and the first field that
 differs; a mismatch would otherwise corrupt memory silently.
@@ -20,7 +20,7 @@ cannot build is left out. The choice is the last variant in VARIANTS that the CP
 MCL_CPU_ISA. The first time a variant other than AVX2 is chosen on a CPU model, it is run against the AVX2 variant on
 random blocks of every layout, M = 1 and 3 (check_variant); the verdict is kept beside the library
 (qmatmul-<key>.isa.json), and a variant that disagrees is replaced by AVX2 with one warning line on stderr. The
-choice is process-wide: it also serves engine/cpu_ops.c's decode_layer, which calls qmatmul.
+choice is process-wide: it also serves engine/cpu/cpu_ops.c's decode_layer, which calls qmatmul.
 
 The build options live here, in one place: VARIANTS, COMMON_FLAGS and the shared sources, whose sha names the cached
 library (a changed source, header or flag builds a new one).
@@ -56,7 +56,7 @@ VARIANTS = {                                   # ISA -> (source, its gcc flags, 
 SHARED = [("cpu_ops.c", AVX2)]                 # sources without variants, with their flags
 HEADERS = ["cpu_kernels.h", "qblocks.h"]
 
-# --- the ctypes mirror of engine/cpu_kernels.h --------------------------------------------------------------------
+# --- the ctypes mirror of engine/cpu/cpu_kernels.h --------------------------------------------------------------------
 ABI_VERSION = 2                                # MCL_CPU_ABI
 P, I64, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -98,7 +98,7 @@ SIGNATURES = {                                 # name -> (restype, argtypes), in
 def check_interface(lib: ctypes.CDLL) -> None:
     """RuntimeError, one line, unless the library's MCL_CPU_ABI and every struct field's offset and size (and each
     struct's size) equal this file's mirror."""
-    where = "engine/cpu_kernels.h and its ctypes mirror (engine/cpu_library.py) disagree"
+    where = "engine/cpu/cpu_kernels.h and its ctypes mirror (engine/cpu/library.py) disagree"
     if lib.mcl_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{where}: MCL_CPU_ABI is {lib.mcl_abi_version()} in the library, {ABI_VERSION} here")
     table, name, size = {}, ctypes.c_char_p(), ctypes.c_int64()
@@ -148,7 +148,7 @@ def _gcc(args: list[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(["gcc", *args], capture_output=True, text=True)
     except FileNotFoundError:
-        raise RuntimeError("building engine/qmatmul.c needs gcc on PATH") from None
+        raise RuntimeError("building engine/cpu/qmatmul.c needs gcc on PATH") from None
 
 
 def _units() -> list[tuple[str, list[str]]]:
@@ -165,14 +165,14 @@ def so_path() -> Path:
 
 def check_available() -> str | None:
     """None when the library can run here; else why not, in one line: the CPU lacks a flag of NEEDS, or gcc is not
-    on PATH and the library is not built yet. Reads /proc/cpuinfo and PATH, compiles nothing (engine/hub.py's
+    on PATH and the library is not built yet. Reads /proc/cpuinfo and PATH, compiles nothing (engine/loading/hub.py's
     load_model and `mcl main` ask before loading or training)."""
     missing = [f for f in NEEDS if f not in cpu_flags()]
     if missing:
-        return (f"engine/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one ({cpu_model()}) has no "
+        return (f"engine/cpu/qmatmul.c needs an x86 CPU with AVX2, FMA and F16C; this one ({cpu_model()}) has no "
                 f"{', '.join(missing)}")
     if shutil.which("gcc") is None and not so_path().is_file():
-        return "engine/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
+        return "engine/cpu/qmatmul.c is compiled with gcc on first use, and gcc is not on PATH"
     return None
 
 
@@ -198,7 +198,7 @@ def build() -> Path:
                                    f"{r.stderr.strip()[-2000:]}")
         r = _gcc(["-shared", "-fopenmp", *objs, "-o", f"{tmp}/lib.so", "-lm"])
         if r.returncode != 0:
-            raise RuntimeError(f"linking engine/qmatmul.c failed:\n{r.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"linking engine/cpu/qmatmul.c failed:\n{r.stderr.strip()[-2000:]}")
         os.replace(f"{tmp}/lib.so", so)
     return so
 
@@ -210,7 +210,7 @@ def missing_flags(name: str) -> list[str]:
 
 
 def library() -> ctypes.CDLL:
-    """The compiled kernel library (built on first call, checked against engine/cpu_kernels.h, its ISA variant
+    """The compiled kernel library (built on first call, checked against engine/cpu/cpu_kernels.h, its ISA variant
     chosen); RuntimeError with the reason when it cannot be built or does not match."""
     global _LIB
     with _LOCK:
@@ -259,22 +259,22 @@ def _choose(lib: ctypes.CDLL, so: Path, want: str | None) -> str:
         runnable = [n for n in VARIANTS if not missing_flags(n)]
         want = [n for n in runnable if table[n][1]][-1]
         if want != runnable[-1]:
-            print(f"engine/cpu_library: engine/{VARIANTS[runnable[-1]][0]} did not build with this gcc; the "
+            print(f"engine/cpu/library: engine/cpu/{VARIANTS[runnable[-1]][0]} did not build with this gcc; the "
                   f"{want} kernels run", file=sys.stderr)
     if want != "avx2":
         verdict = _verdict(lib, so, want)
         if not verdict["agrees"]:
-            print(f"engine/cpu_library: the {want} kernels disagree with AVX2 on this CPU ({verdict['worst']}); "
+            print(f"engine/cpu/library: the {want} kernels disagree with AVX2 on this CPU ({verdict['worst']}); "
                   f"the avx2 kernels run", file=sys.stderr)
             want = "avx2"
     if lib.mcl_set_isa(table[want][0]) != 0:
-        raise RuntimeError(f"engine/qmatmul.c: mcl_set_isa refused {want}")
+        raise RuntimeError(f"engine/cpu/qmatmul.c: mcl_set_isa refused {want}")
     _ISA = want
     return want
 
 
 # --- the check of a variant against AVX2 ---------------------------------------------------------------------------
-CHECK_LAYOUTS = ((8, 32, 1, 0), (4, 32, 1, 1), (4, 32, 2, 2), (5, 32, 1, 0), (6, 16, 2, 0))   # engine/qblocks.h's
+CHECK_LAYOUTS = ((8, 32, 1, 0), (4, 32, 1, 1), (4, 32, 2, 2), (5, 32, 1, 0), (6, 16, 2, 0))   # engine/cpu/qblocks.h's
 CHECK_RTOL = 1e-5                              # the integers are equal; only float summation order may differ
 
 
@@ -336,7 +336,7 @@ def _variant_output(lib: ctypes.CDLL, name: str, case) -> torch.Tensor:
     if lib.mcl_set_isa(_isa_table(lib)[name][0]) or lib.qmatmul(
             qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), M, K, w.data_ptr(), scale.data_ptr(), ptr(sd), senc,
             ptr(wmin), ptr(md), menc, kind, G, N, y.data_ptr(), N, 1):
-        raise RuntimeError(f"engine/qmatmul.c: variant {name} refused layout {kind, G, senc, menc}")
+        raise RuntimeError(f"engine/cpu/qmatmul.c: variant {name} refused layout {kind, G, senc, menc}")
     return y
 
 

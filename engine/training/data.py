@@ -6,7 +6,7 @@ One example per line, any mix of the four roles in one file:
                                      {"role": "user", "content": "..."},
                                      {"role": "assistant", "content": "..."}]}
 
-    from engine.data import read_sft, load_sft, split_eval, RoleSampler, collate
+    from engine.training.data import read_sft, load_sft, split_eval, RoleSampler, collate
     rows = read_sft("recipes/data/mini_sft.jsonl", roles=ROLES)   # validated, no tokenizer needed
     data = load_sft("recipes/data/mini_sft.jsonl", tok, roles=ROLES, max_len=1024, rows=rows)
     train, held_out = split_eval(data.examples, eval_fraction=0.05, seed=0)
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.agents.prompts import ROLES     # the four role names, defined once with the agents' prompts
+from engine.roles import ROLES
 
 CHAT_ROLES = ("system", "user", "assistant")
 

@@ -6,7 +6,7 @@
     mcl train recipes/mini_smollm2.toml --overwrite                      # replace an earlier run in OUT (else refused)
     torchrun --nproc_per_node=8 -m engine.cli train recipes/mapcoder_lite_qwen2.5_7b.toml
 
-    from engine.trainer import load_recipe, train
+    from engine.training.trainer import load_recipe, train
     result = train(load_recipe("recipes/mini_smollm2.toml", ["train.steps=20"]))
 
 A step, top to bottom (`train` is the loop, `train_step` one step; `setup` builds what they use):
@@ -14,13 +14,13 @@ A step, top to bottom (`train` is the loop, `train_step` one step; `setup` build
   2. this rank's micro-batches (micro_batches: by default grouped by length, so little padding), each sorted by
      adapter id (contiguous kernel segments)
   3. per micro-batch: h = model(tokens, adapter_ids, logits_at=the assistant positions, return_hidden=True) (K, dim);
-     CE of the LM head's logits in chunks of rows (engine/chunked_ce.py: never a (K, V) tensor beyond one chunk);
+     CE of the LM head's logits in chunks of rows (engine/training/chunked_ce.py: never a (K, V) tensor beyond one chunk);
      loss = (sum of CE over assistant tokens) / N; backward
      -> summed over micro-batches and ranks, the gradient is that of the global batch's token mean, so a
         mixed batch's gradient equals the sum of its single-role parts (adapters share no parameters)
   4. all-reduce (SUM) of the adapter gradients; non-finite loss or gradient -> stop, last good checkpoint untouched
   5. per-adapter gradient clipping, then AdapterAdamW: every adapter steps as if it were trained alone
-  6. log (tqdm, OUT/metrics.jsonl, W&B), eval on the held-out split per role, checkpoint (engine/checkpoint.py)
+  6. log (tqdm, OUT/metrics.jsonl, W&B), eval on the held-out split per role, checkpoint (engine/training/checkpoint.py)
 The learning rate is a pure function of the step (lr_at), so the schedule's state is the step in the checkpoint.
 
 Precision (model.dtype, see base_dtype): fp32 throughout, or a bf16 base: base and adapters bf16 in the forward
@@ -45,13 +45,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine import checkpoint as ckpt
-from engine.chunked_ce import linear_cross_entropy
-from kernels.cpu_info import native_bf16
 from engine import config_file
-from engine import distributed as D
-from engine.data import ROLES, Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
 from engine.lora import ADAPTER_NAME, ALL_TARGETS, add_adapters, copy_peft_, read_peft_checked, save_peft
+from engine.roles import ROLES
+from engine.training import checkpoint as ckpt
+from engine.training import distributed as D
+from engine.training.chunked_ce import linear_cross_entropy
+from engine.training.data import Batch, Example, RoleSampler, collate, load_sft, read_sft, split_eval
+from kernels.cpu_info import native_bf16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class TrainCfg:
     eps: float = 1e-8
     grad_clip: float = 1.0            # per-adapter gradient-norm clip; 0 = off
     grad_checkpointing: bool = False  # recompute block activations in backward
-    ce_chunk: int = 256               # rows per chunk of the LM head + cross-entropy (engine/chunked_ce.py)
+    ce_chunk: int = 256               # rows per chunk of the LM head + cross-entropy (engine/training/chunked_ce.py)
     fsdp: bool = False                # FSDP2-shard the frozen base across ranks (bases that do not fit one GPU)
     seed: int = 0
     log_every: int = 1
@@ -325,7 +326,7 @@ def token_losses(model, batch: Batch, autocast_dtype, ce_chunk: int = 256) -> tu
     """Cross-entropy (fp32) of the assistant targets only: (losses (K,), row of each (K,)), K = loss_mask.sum().
     The model returns the final-normed hidden states at those K positions only (logits_at, return_hidden): the final
     norm, the LM head and the log-softmax skip the prompt and padding positions; then the LM head and the CE run in
-    chunks of `ce_chunk` rows (engine/chunked_ce.py), so no (K, V) logits tensor exists beyond one chunk's.
+    chunks of `ce_chunk` rows (engine/training/chunked_ce.py), so no (K, V) logits tensor exists beyond one chunk's.
     A trainable output head (never the trainer's: the base is frozen) takes the plain path: (K, V) logits, then CE."""
     rows, cols = batch.loss_mask.nonzero(as_tuple=True)                         # (K,), (K,)
     at = rows * batch.tokens.shape[1] + cols                                    # (K,) flattened b * T + t
@@ -373,10 +374,10 @@ def build_model(mc: ModelCfg, d: D.DistInfo, dtype: torch.dtype, seed: int):
             raise ValueError(f"model.name={mc.name!r}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         model = Transformer(PRESETS[preset]).init_weights(seed=seed).to(d.device, dtype)
     else:
-        from engine.hub import load_model
+        from engine.loading.hub import load_model
         model, tok = load_model(mc.name, device=str(d.device), dtype=str(dtype).removeprefix("torch."))
     if mc.tokenizer:
-        from engine.tokenizer import Tokenizer
+        from engine.loading.tokenizer import Tokenizer
         tok = Tokenizer.from_file(mc.tokenizer)
     return model, tok
 
@@ -481,7 +482,7 @@ class Run:
     opt: AdapterAdamW
     sampler: RoleSampler
     eval_ex: list[Example]
-    data_stats: object                # engine.data load statistics (summary)
+    data_stats: object                # engine.training.data load statistics (summary)
     pad_id: int
     autocast_dtype: torch.dtype | None
     out: Path
@@ -628,7 +629,7 @@ def _resume(run: Run) -> int:
 
 
 def save_checkpoint(run: Run, step: int) -> Path | None:
-    """OUT/checkpoints/step_N (engine/checkpoint.py: atomic; a full disk leaves the last good one intact)."""
+    """OUT/checkpoints/step_N (engine/training/checkpoint.py: atomic; a full disk leaves the last good one intact)."""
     d, tc = run.d, run.recipe.train
     path = None
     with ckpt.writing(run.ck_root, step) as tmp:

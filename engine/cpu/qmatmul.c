@@ -2,21 +2,21 @@
  * other variant is checked against; the dispatch to the variant chosen at load; and the code without variants.
  *
  *   qmatmul             y = x @ W^T for int8 activations (quantize_x) and a packed W (layouts and kernels:
- *                       engine/qblocks.h), run by the variant mcl_set_isa chose (AVX2 until then); engine/cpu_ops.c's
+ *                       engine/cpu/qblocks.h), run by the variant mcl_set_isa chose (AVX2 until then); engine/cpu/cpu_ops.c's
  *                       decode_layer calls it too.
  *   qmatmul_avx2        this file's variant: u8 x s8 block dots by _mm256_maddubs_epi16 + _mm256_madd_epi16.
- *   qmatmul_avxvnni     engine/qmatmul_avxvnni.c; qmatmul_avx512vnni: engine/qmatmul_avx512vnni.c (VNNI's dpbusd).
+ *   qmatmul_avxvnni     engine/cpu/qmatmul_avxvnni.c; qmatmul_avx512vnni: engine/cpu/qmatmul_avx512vnni.c (VNNI's dpbusd).
  *   quantize_x          activations to int8 per 32 inputs, as llama.cpp quantises them.
  *   dequant             the fp32 weights the kernels multiply by (large batches: dequantise a tile, then SGEMM).
  *
- * Built by engine/cpu_library.py, which holds each variant's gcc flags, picks the variant from the CPU's features
+ * Built by engine/cpu/library.py, which holds each variant's gcc flags, picks the variant from the CPU's features
  * (MCL_CPU_ISA=avx2|avxvnni|avx512vnni forces one) and checks it against this one the first time it runs on a CPU.
  * A variant this gcc could not build is absent: its symbol is weak here, NULL, and mcl_isa reports it missing.
  */
 #include <immintrin.h>
 #include <math.h>
 
-/* The integer primitives of engine/qblocks.h, AVX2 forms. maddubs sums adjacent u8 x s8 products into int16 with
+/* The integer primitives of engine/cpu/qblocks.h, AVX2 forms. maddubs sums adjacent u8 x s8 products into int16 with
  * saturation, which the bounds never reach: u <= 128 and |s| <= 127 give |pair| <= 32512; dot2_u8s8's u <= 31 give
  * |both pairs| <= 2 * 2 * 31 * 127 = 15748, added in int16 before the one madd. */
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
@@ -35,7 +35,7 @@ static inline __m256i dot2_s16(__m256i a0, __m256i b0, __m256i a1, __m256i b1) {
 #define QMATMUL_NAME qmatmul_avx2
 #include "qblocks.h"
 
-/* --- the variant chosen at load (engine/cpu_library.py) ----------------------------------------------------------- */
+/* --- the variant chosen at load (engine/cpu/library.py) ----------------------------------------------------------- */
 #pragma weak qmatmul_avxvnni
 #pragma weak qmatmul_avx512vnni
 
@@ -69,7 +69,7 @@ int qmatmul(const int8_t *qx, const float *dx, const float *sx, int64_t M, int64
 
 /* --- without variants ------------------------------------------------------------------------------------------- */
 /* qx (M, K) int8, dx and sx (M, K / 32) of x (M, K) fp32: per 32 inputs dx = amax / 127, qx = round(x / dx),
- * sx = dx * sum(qx) (torch reference: engine.cpu_kernels.quantize_x_ref). */
+ * sx = dx * sum(qx) (torch reference: engine.cpu.kernels.quantize_x_ref). */
 void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, float *sx, int nt) {
     int64_t nb = M * K / 32;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nb > 256)

@@ -1,7 +1,7 @@
-/* The integer kernels of engine/qblocks.h with AVX-VNNI (Alder Lake and later cores, Zen 5): u8 x s8 block dots by
+/* The integer kernels of engine/cpu/qblocks.h with AVX-VNNI (Alder Lake and later cores, Zen 5): u8 x s8 block dots by
  * the 256-bit _mm256_dpbusd_avx_epi32 (one instruction for AVX2's maddubs + madd, accumulating in int32, so nothing
- * can saturate) and int16 pairs by _mm256_dpwssd_avx_epi32. Built with -mavxvnni by engine/cpu_library.py, run where
- * /proc/cpuinfo lists avx_vnni (or MCL_CPU_ISA=avxvnni), checked there against engine/qmatmul.c's AVX2 variant.
+ * can saturate) and int16 pairs by _mm256_dpwssd_avx_epi32. Built with -mavxvnni by engine/cpu/library.py, run where
+ * /proc/cpuinfo lists avx_vnni (or MCL_CPU_ISA=avxvnni), checked there against engine/cpu/qmatmul.c's AVX2 variant.
  */
 #include <immintrin.h>
 

@@ -1,6 +1,6 @@
 """The LM head and cross-entropy of the loss positions, in chunks of rows: no [tokens, vocab] tensor outlives a chunk.
 
-    from engine.chunked_ce import linear_cross_entropy
+    from engine.training.chunked_ce import linear_cross_entropy
     h = model(tokens, adapter_ids=ids, logits_at=at, return_hidden=True)       # (K, dim), after the final norm
     ce = linear_cross_entropy(h, model.output_weight, targets, chunk=256)      # (K,) fp32, = F.cross_entropy(
                                                                                 #   h @ W^T .float(), y, reduction="none")

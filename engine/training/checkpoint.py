@@ -14,7 +14,7 @@ fsync'ed and renamed to step_000050 (rename is atomic on POSIX), then the parent
 point leaves either no step_000050 or a complete one; stale .tmp_* directories are swept at the next start.
 Old checkpoints are retired the same way in reverse: renamed to .trash_* first, then deleted.
 
-    from engine.checkpoint import latest, latest_good, verify
+    from engine.training.checkpoint import latest, latest_good, verify
     path = latest("runs/x/checkpoints")        # newest complete checkpoint or None
     verify(path)                               # re-hash every file against the manifest
     path = latest_good("runs/x/checkpoints", log=print)   # newest one that verifies (resume), naming the bad ones

@@ -1,8 +1,8 @@
 /* Decode-step attention for CPU inference: RoPE, the KV-cache write and attention of one new token per row, in one
  * call (eager torch spends ~25 small ops on it per layer, each costing more than its arithmetic at batch 1).
  *
- * Built with engine/qmatmul.c and its ISA variants into one library by engine/cpu_library.py (the interface:
- * engine/cpu_kernels.h); the torch reference is the eager path of engine/model.py's Attention (apply_rope, KVCache.update / read,
+ * Built with engine/cpu/qmatmul.c and its ISA variants into one library by engine/cpu/library.py (the interface:
+ * engine/cpu/cpu_kernels.h); the torch reference is the eager path of engine/model.py's Attention (apply_rope, KVCache.update / read,
  * _small_q_attention), which tests/test_quant.py compares it with.
  *
  * Row b of q (nh heads), k and v (nkv heads each; head_dim hd) is the token at position pos[b] of cache slot
@@ -123,8 +123,9 @@ int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, in
  * The eager path (engine/model.py's Block with packed projections) does RMSNorm, the fused QKV call, bias, adapters,
  * attention, o_proj, residual, RMSNorm, gate|up, SiLU * up, down_proj, residual as ~40 Python-level calls per layer,
  * which at batch 1 cost more than the arithmetic of a small model. decode_layer runs the same sequence of this
- * library's kernels from one call; engine/decode_step.py builds the DecodeLayer once per model and is the reference
- * switch (Transformer.set_decode_kernel(False) keeps the eager path, which tests/test_quant.py compares it with). */
+ * library's kernels from one call; engine/cpu/decode_step.py builds the DecodeLayer once per model, and
+ * engine/cpu/modules.py's set_decode_kernel(model, False) keeps the eager path, which tests/test_quant.py compares it
+ * with. */
 /* The packed projections of one layer through qmatmul: the ISA variant chosen at load, as every other call. */
 static int proj(const QWeight *p, int n, const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K,
                 float *y, int64_t ldy, int nt) {
@@ -192,7 +193,7 @@ int decode_layer(const DecodeLayer *ly, float *x, int64_t B, const float *cos, c
     return rc;
 }
 
-/* --- the interface check: engine/cpu_library.py compares these with its ctypes mirror at load ------------------ */
+/* --- the interface check: engine/cpu/library.py compares these with its ctypes mirror at load ------------------ */
 int mcl_abi_version(void) { return MCL_CPU_ABI; }
 
 /* Entry i of the struct layout table: each field's offset ("Struct.field"), then each struct's size ("Struct") as

@@ -2,7 +2,7 @@
 only), four tiny problems, a tiny random-weight model behind the real LocalBackend + Scheduler, and an HTTP
 server that misbehaves on purpose.
 
-    from tests.recipes.fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
+    from recipes_fakes import PROBLEMS, FakeTeacher, run_tests_inprocess, tiny_local_backend
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler
 
-from engine.agents.backends import Completion
 from engine.agents.problem import Problem, Test, TestReport, TestResult
+from engine.serving.backend import Completion
 
 
 def _problem(name, op_doc, samples, hidden):
@@ -126,10 +126,10 @@ class WordTokenizer:
 
 
 def tiny_local_backend(n_slots=4, seed=3):
-    from engine.agents.backends import LocalBackend
     from engine.config import PRESETS
     from engine.model import Transformer
-    from engine.serve import Scheduler
+    from engine.serving.backend import LocalBackend
+    from engine.serving.scheduler import Scheduler
     model = Transformer(PRESETS["tiny"].replace(max_seq_len=1024)).init_weights(seed=seed, std=0.2).eval()
     sched = Scheduler(model, WordTokenizer(), n_slots=n_slots, max_len=1024)
     sched.start()

@@ -1,7 +1,7 @@
 """A PEFT LoRA adapter -> llama.cpp's GGUF LoRA adapter file, checked against the base GGUF; `mcl export --gguf`.
 
     mcl export --gguf runs/main/train/adapters/coder coder.gguf [--model smollm2-135m]
-    from engine.export_gguf import export_gguf
+    from engine.loading.export_gguf import export_gguf
     export_gguf("runs/main/train/adapters/coder", "coder.gguf", model="smollm2-135m")
     # then, in llama.cpp:  llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora coder.gguf
     #      or llama-cpp-python:  llama_cpp.Llama(model_path=<base gguf>, lora_path="coder.gguf")
@@ -16,7 +16,7 @@ The format, as llama.cpp's src/llama-adapter.cpp reads it (its convert_lora_to_g
             gguf-py writes a numpy array's last axis as ne[0], so these are PEFT's own A (r, in) and B (out, r),
             untransposed. Written float32 (exact; an adapter is a few MB).
   llama Q/K llama-architecture GGUFs store q_proj/k_proj rows permuted per head (adjacent rotary pairs;
-            engine/weights.py undoes it on load). The adapter's delta B A adds to those rows, so B's rows get the
+            engine/loading/weights.py undoes it on load). The adapter's delta B A adds to those rows, so B's rows get the
             same permutation (A acts on the input side and is left alone). qwen2 files are not permuted.
 
 Every tensor is checked against the base GGUF's shapes before anything is written; a mismatch is one line naming
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.loading.weights import _GGUF_LAYER_NAMES, gguf_config, gguf_metadata, open_gguf
 from engine.lora import PEFT_PREFIX, read_peft
-from engine.weights import _GGUF_LAYER_NAMES, gguf_config, gguf_metadata, open_gguf
 
 _HF_TO_GGUF = {hf: gg for gg, hf in _GGUF_LAYER_NAMES.items()}         # "self_attn.q_proj" -> "attn_q"
 _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.default)?\.weight")
@@ -42,14 +42,14 @@ _PEFT_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(\w+\.\w
 
 def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF q/k row order -> llama.cpp's: per head, rows [half0 | half1] become interleaved pairs
-    (r0, r_hd/2, r1, r_hd/2+1, ...). The inverse of engine.weights._unpermute. w: (out, ...)."""
+    (r0, r_hd/2, r1, r_hd/2+1, ...). The inverse of engine.loading.weights._unpermute. w: (out, ...)."""
     out = w.shape[0]
     return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _base_shapes(model) -> tuple[object, dict[str, tuple[int, ...]], Path]:
     """(ModelConfig, GGUF tensor name -> torch-order shape, path) of the base GGUF `model` (name or file)."""
-    from engine.hub import resolve
+    from engine.loading.hub import resolve
     path = resolve(model)
     st = path.stat()
     return _read_base(path, st.st_size, st.st_mtime_ns)

@@ -1,9 +1,9 @@
-/* The integer kernels of engine/qblocks.h with AVX512-VNNI (Ice Lake and later Xeons, Zen 4 and later): u8 x s8 block
+/* The integer kernels of engine/cpu/qblocks.h with AVX512-VNNI (Ice Lake and later Xeons, Zen 4 and later): u8 x s8 block
  * dots by dpbusd (one instruction for AVX2's maddubs + madd, accumulating in int32, so nothing can saturate) and int16
  * pairs by dpwssd, in their 256-bit AVX512VL forms: one 32-byte block is one ymm register, as in llama.cpp's x86
  * kernels, so the kernels' block loops, scales and float sums stay those of the AVX2 reference. Built with -mavx512f
- * -mavx512bw -mavx512vl -mavx512vnni by engine/cpu_library.py, run where /proc/cpuinfo lists those (or
- * MCL_CPU_ISA=avx512vnni), checked there against engine/qmatmul.c's AVX2 variant.
+ * -mavx512bw -mavx512vl -mavx512vnni by engine/cpu/library.py, run where /proc/cpuinfo lists those (or
+ * MCL_CPU_ISA=avx512vnni), checked there against engine/cpu/qmatmul.c's AVX2 variant.
  */
 #include <immintrin.h>
 

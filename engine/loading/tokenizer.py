@@ -1,8 +1,8 @@
 """The tokenizer: a thin wrapper over Hugging Face `tokenizers` (byte-level BPE) plus the chat template.
 
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
     tok = Tokenizer.from_file("hf_dir/tokenizer.json")       # reads tokenizer_config.json beside it if present
-    tok = Tokenizer.from_gguf(metadata)                      # metadata from engine.weights.load_gguf
+    tok = Tokenizer.from_gguf(metadata)                      # metadata from engine.loading.weights.load_gguf
     ids = tok.encode("def f(x):")                            # list[int]; special tokens in the text are parsed
     text = tok.decode(ids)
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
@@ -230,7 +230,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, meta: dict, source: str = "GGUF metadata") -> "Tokenizer":
-        """From the metadata dict of engine.weights.load_gguf (byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
+        """From the metadata dict of engine.loading.weights.load_gguf (byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"{source}: tokenizer.ggml.model={model!r}; only byte-level BPE ('gpt2') is supported")

@@ -1,5 +1,5 @@
 /* The packed block layouts and the integer kernels of y (M, N) = x (M, K) @ W^T, as inline code that each ISA variant
- * of the kernels includes after defining its integer primitives (below); engine/qmatmul.c has the AVX2 variant (the
+ * of the kernels includes after defining its integer primitives (below); engine/cpu/qmatmul.c has the AVX2 variant (the
  * reference), the dispatch between the variants and the code without variants (quantize_x, dequant).
  *
  * A row of W is K/32 blocks of 32 weights, BB bytes each, w = scale[g] * q + min[g] per group g of G (32 or 16):
@@ -17,13 +17,13 @@
  *
  * Activations are quantised as llama.cpp does (its Q8_0 "vec_dot_type"): per 32 inputs x ~= dx * qx, qx int8,
  * dx = amax / 127; sx holds dx * sum(qx) per 32 inputs for the min terms. Block dot products are exact in integers,
- * scaled and summed in fp32 (the torch reference of the arithmetic: engine.cpu_kernels.qmatmul_ref). Signed weights
+ * scaled and summed in fp32 (the torch reference of the arithmetic: engine.cpu.kernels.qmatmul_ref). Signed weights
  * (kinds 8, 6 in qmm_rows / qmm_row1) go as |q| times qx with q's sign, unsigned bytes times signed ones. Decode (one
  * row of x) on the nibble kinds 4, 5, 6 takes qmm_pair1: two blocks unpacked at once against the activations
  * reordered to match (pair_order), weights unsigned; same integers, another float summation order.
  *
  * What a variant defines before including this file (one 32-byte block fills one __m256i, as in llama.cpp's x86
- * kernels; engine/qmatmul.c's are the reference forms):
+ * kernels; engine/cpu/qmatmul.c's are the reference forms):
  *   __m256i dot_u8s8(u, s)             int32 lane j = sum_{i < 4} u[4j + i] * s[4j + i], u unsigned bytes (<= 128),
  *                                      s signed bytes (|s| <= 127)
  *   __m256i dot2_u8s8(u0, s0, u1, s1)  dot_u8s8(u0, s0) + dot_u8s8(u1, s1), for u0, u1 <= 31
@@ -131,7 +131,7 @@ static inline __attribute__((always_inline)) void unpack_pair(const uint8_t *p, 
     }
 }
 
-/* The layouts engine/quant.py writes, as (kind, G, scale encoding, min encoding or 0): Q8_0 and requantised weights
+/* The layouts engine/cpu/packed.py writes, as (kind, G, scale encoding, min encoding or 0): Q8_0 and requantised weights
  * (8, 32, 1, 0), Q4_0 / Q4_1 (4, 32, 1, 1), Q4_K (4, 32, 2, 2), Q5_0 (5, 32, 1, 0), Q6_K (6, 16, 2, 0). */
 static int layout_id(int kind, int G, int senc, int menc) {
     if (kind == 8 && G == 32 && senc == 1 && !menc) return 0;

@@ -1,11 +1,11 @@
-"""The CPU block-quantised matmul (engine/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
+"""The CPU block-quantised matmul (engine/cpu/qmatmul.c): built once with gcc, called through ctypes; its torch reference.
 
-    from engine.cpu_kernels import qmatmul, weight_args, qmatmul_ref, available, check_available
+    from engine.cpu.kernels import qmatmul, weight_args, qmatmul_ref, available, check_available
     reason = check_available()                             # None, or why the library cannot run here (one line)
-    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/qblocks.h's header)
+    args = weight_args(w, scale, wmin, kind=8, group=32)   # one packed weight (layouts: engine/cpu/qblocks.h's header)
     y = qmatmul(x, [args])                                 # x (M, K) fp32 -> y (M, N) fp32; several weights: [y1|y2]
     out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # RoPE + KV write + attention, one decode token
-    python -m engine.cpu_library                           # build (or find) the library and print its path
+    python -m engine.cpu.library                           # build (or find) the library and print its path
 
 Why a C file and not a torch op: on this project's CPUs (AVX2, no AVX-512) torch's int4 / int8 weight-only kernels
 (aten._weight_int4pack_mm_for_cpu, aten._weight_int8pack_mm) and its bf16 GEMV run 5x slower than a plain fp32
@@ -15,9 +15,9 @@ That wins while a call reads each weight for a few rows of x; from dequant_min_m
 concurrent requests) the weights are instead dequantised tile by tile into fp32 and multiplied by torch's SGEMM,
 whose arithmetic rate is several times the integer kernel's.
 
-engine/cpu_library.py compiles the library into $MCL_CACHE/kernels/qmatmul-<sha>.so on first use (a few seconds;
+engine/cpu/library.py compiles the library into $MCL_CACHE/kernels/qmatmul-<sha>.so on first use (a few seconds;
 needs gcc and an AVX2 + FMA + F16C CPU: check_available() says up front, without compiling, whether this machine has
-them, so that a caller asking for packed weights fails, or falls back, before any work), checks it against engine/cpu_kernels.h and picks the ISA variant of the
+them, so that a caller asking for packed weights fails, or falls back, before any work), checks it against engine/cpu/cpu_kernels.h and picks the ISA variant of the
 integer kernels this CPU runs best (AVX2, AVX-VNNI or AVX512-VNNI; MCL_CPU_ISA forces one). OpenMP comes from the
 libgomp torch has already loaded, so both share one thread pool; the thread count follows torch.get_num_threads().
 """
@@ -28,10 +28,10 @@ import threading
 
 import torch
 
-from engine.cpu_library import check_available, library    # noqa: F401 -- check_available: hub, main job
+from engine.cpu.library import check_available, library    # noqa: F401 -- check_available: hub, main job
 from kernels.cpu_info import native_bf16
 
-BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/qblocks.h)
+BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/cpu/qblocks.h)
 TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
 
 
@@ -60,7 +60,7 @@ def _enc(s: torch.Tensor | None) -> int:
 
 def weight_args(w, scale, wmin, kind: int, group: int, sd=None, md=None) -> tuple:
     """The C arguments of one packed weight: (w, scale, sd, senc, wmin, md, menc, kind, group, N, K). Pointers only:
-    the caller keeps the tensors alive (engine/quant.py's PackedLinear holds both)."""
+    the caller keeps the tensors alive (engine/cpu/packed.py's PackedLinear holds both)."""
     ptr = lambda t: None if t is None else t.data_ptr()
     K = w.shape[1] // BLOCK_BYTES[kind] * 32 if kind != 8 else w.shape[1]
     return (ptr(w), ptr(scale), ptr(sd), _enc(scale), ptr(wmin), ptr(md), _enc(wmin), kind, group, w.shape[0], K)
@@ -171,7 +171,7 @@ def _dequant_mm(x: torch.Tensor, parts: list[tuple], y: torch.Tensor) -> torch.T
 
 
 def decode_attention(q, k, v, cos, sin, kc, vc, slots, pos) -> torch.Tensor:
-    """engine/cpu_ops.c: RoPE, KV-cache write and attention of one new token per row, one call.
+    """engine/cpu/cpu_ops.c: RoPE, KV-cache write and attention of one new token per row, one call.
 
     q (B, nh*hd), k / v (B, nkv*hd) fp32 with unit last stride; cos / sin (B, hd); kc / vc one layer's cache
     (n_slots, nkv, L, hd) fp32 contiguous, written at [slots[b], :, pos[b]]; slots / pos (B,) int64.
@@ -189,25 +189,25 @@ def decode_attention(q, k, v, cos, sin, kc, vc, slots, pos) -> torch.Tensor:
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """engine/cpu_ops.c's RMSNorm of fp32 x (..., D) with weight (D,): one call (inference)."""
+    """engine/cpu/cpu_ops.c's RMSNorm of fp32 x (..., D) with weight (D,): one call (inference)."""
     x = x.contiguous()
     out = torch.empty_like(x)
     library().rmsnorm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
     return out
 
 
-LORA_MAX_RANK, LORA_MAX_ROWS = 256, 64      # engine/cpu_ops.c lora_apply's stack buffer (rows x rank)
+LORA_MAX_RANK, LORA_MAX_ROWS = 256, 64      # engine/cpu/cpu_ops.c lora_apply's stack buffer (rows x rank)
 
 
 def lora_apply_fits(rank: int, n_in: int, rows: int) -> bool:
     """Whether lora_apply takes these shapes (its buffer; 8-wide dot products). The one check: engine/lora.py's
-    add_lora_delta and engine/decode_step.py fall back to torch where it says no."""
+    engine/cpu/modules.py's add_lora_delta and engine/cpu/decode_step.py fall back to torch where it says no."""
     return rank <= LORA_MAX_RANK and rank % 8 == 0 and n_in % 8 == 0 and rows <= LORA_MAX_ROWS
 
 
 def lora_apply(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
                ids: torch.Tensor) -> torch.Tensor:
-    """engine/cpu_ops.c: y (T, out) += s[a] B[a] A[a] x[t] for rows with adapter ids[t] = a >= 0, in place; x (T, in)
+    """engine/cpu/cpu_ops.c: y (T, out) += s[a] B[a] A[a] x[t] for rows with adapter ids[t] = a >= 0, in place; x (T, in)
     fp32 with unit last stride, A (N, R, in), B (N, out, R), scales (N,) fp32. One call per projection (inference)."""
     T, n_in = x.shape
     if y.stride(-1) != 1 or x.stride(-1) != 1 or y.dtype != torch.float32:

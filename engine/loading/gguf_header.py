@@ -3,13 +3,13 @@
 Why: gguf.GGUFReader maps the whole file and builds numpy arrays for every part of every field; for
 Qwen2.5-Coder-0.5B's 151,936-token vocabulary that is ~500 MB of transient resident memory (a process at 220 MB
 peaked at 716 MB on the reader alone) and seconds of parsing, and it set the peak RSS of the q4 loader
-(engine/quant.py load_gguf_packed), which needs only the metadata and where each tensor is. Here each value is read
+(engine/loading/packed_model.py's load_gguf_packed), which needs only the metadata and where each tensor is. Here each value is read
 once into plain Python objects; tensor bytes are never touched. The gguf package's reader stays the oracle for
-tests and the loaders that need tensor data (engine/weights.py).
+tests and the loaders that need tensor data (engine/loading/weights.py).
 
     h = read_header("model.gguf")       # GGUFHeader(meta, tensors, alignment, data_start)
-    h.meta["general.architecture"]      # == engine.weights.gguf_metadata(open_gguf(path)), key for key
-    python -m engine.gguf_header model.gguf     # prints a summary
+    h.meta["general.architecture"]      # == engine.loading.weights.gguf_metadata(open_gguf(path)), key for key
+    python -m engine.loading.gguf_header model.gguf     # prints a summary
 
 GGUF v2 and v3, little-endian. Nested arrays come back flattened, as GGUFReader's field.contents() gives them.
 Bad input raises a one-line ValueError naming the file (FileNotFoundError for a missing one).
@@ -104,7 +104,7 @@ def _parse(f, size: int) -> GGUFHeader:
         if key in meta:
             raise _Bad(f"duplicate key {key!r}")
         v = _value(f, struct.unpack("<I", _read(f, 4, size))[0], key, size)
-        if not key.startswith("GGUF."):                    # as engine.weights.gguf_metadata
+        if not key.startswith("GGUF."):                    # as engine.loading.weights.gguf_metadata
             meta[key] = v
     raw = []
     for _ in range(n_tensors):

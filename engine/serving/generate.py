@@ -1,7 +1,7 @@
-"""KV-cached generation: sample -> prefill -> decode_one -> generate, plus `mcl generate` / `mcl chat`.
+"""KV-cached generation: generate() over a batch of prompts, plus `mcl generate` / `mcl chat`.
 
-    from engine.hub import load_model
-    from engine.generate import generate
+    from engine.loading.hub import load_model
+    from engine.serving.generate import generate
     model, tok = load_model("smollm2-135m")
     outs = generate(model, [tok.encode("def fib(n):")], max_new_tokens=32, eos_ids=tok.eos_ids)
     print(tok.decode(outs[0].token_ids))
@@ -11,7 +11,7 @@
 Batches of prompts of different lengths are right-padded and prefilled together; each row then decodes
 at its own position (attention masks by position, so padding never leaks). Rows that finish leave the
 batch. There is one decode loop: generate() hands its prompts to the continuous-batching scheduler
-(engine/serve.py), which calls `prefill`, `decode_one` and `sample` from here.
+(engine/serving/scheduler.py), which calls `prefill`, `decode_one` and `sample` (engine/serving/steps.py).
 """
 from __future__ import annotations
 
@@ -22,91 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kv_cache import KVCache
-
-
-# --- sampling ----------------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0       # 0 = greedy
-    top_k: int = 0                 # 0 = off
-    top_p: float = 1.0             # 1 = off
-
-
-GREEDY_BELOW = 1e-5     # temperatures below this sample greedily: logits / 1e-300 overflow, and softmax gives NaN
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). Greedy rows (temperature < GREEDY_BELOW, NaN included) take argmax; others
-    temperature / top-k / top-p with their own seeded generator, so a request's samples do not depend on what else
-    is in the batch (rows of one batch may each have their own settings). Every serving path samples here: the
-    one-call CPU decode step (engine/decode_step.py) returns logits like the eager forward does. A row whose probabilities come out non-finite or all zero (NaN logits, overflow) falls back to
-    the argmax of its finite logits instead of raising, so one request's parameters never fail the batch."""
-    out = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if not p.temperature >= GREEDY_BELOW:
-            continue
-        out[i] = sample_row(logits[i], p, generators[i])
-    return out
-
-
-def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One row (V,) -> one id: logits / temperature; top-k keeps the k largest (and ties with the k-th); top-p then
-    keeps the smallest set of most likely tokens whose probability (renormalised after top-k) reaches top_p, as
-    transformers' TopKLogitsWarper and TopPLogitsWarper do; one torch.multinomial draw from `generator`."""
-    l = logits.float() / p.temperature                                     # (V,)
-    if p.top_k > 0:
-        kth = torch.topk(l, min(p.top_k, l.numel())).values[-1]
-        l = l.masked_fill(l < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_l, idx = torch.sort(l, descending=True)
-        probs = sorted_l.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p      # the mass before a token already reaches top_p: the smallest
-        l = l.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))    # set reaching it is kept
-    probs = l.softmax(-1)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-        return int(logits.float().nan_to_num(nan=float("-inf")).argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def check_sampling(temperature, top_k, top_p) -> None:
-    """ValueError naming the field unless temperature is finite >= 0, top_k an int >= 0 and 0 < top_p <= 1."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, not {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0, not {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], not {top_p!r}")
-
-
-# --- model steps -------------------------------------------------------------------------------
-def prefill(model, cache: KVCache, prompts: list[list[int]], slots: torch.Tensor, adapter_ids=None,
-            start_pos: list[int] | None = None) -> torch.Tensor:
-    """Run prompts (right-padded into one batch) into the given cache slots; return last-token logits (B, V).
-
-    start_pos lets a caller prefill a chunk of a longer prompt (positions start_pos .. start_pos+len-1)."""
-    dev = cache.k.device
-    B = len(prompts)
-    start = start_pos or [0] * B
-    T = max(len(p) for p in prompts)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    lens = torch.tensor([len(p) for p in prompts])
-    pos = torch.arange(T)[None, :] + torch.tensor(start)[:, None]            # (B, T)
-    # Padding tokens write their keys to the cache's scratch cell, never over a real key.
-    pos = torch.where(torch.arange(T)[None, :] < lens[:, None], pos, cache.scratch)
-    kv_len = max(s + len(p) for s, p in zip(start, prompts))
-    logits = model(tokens.to(dev), adapter_ids, input_pos=pos.to(dev), kv_cache=cache, cache_slots=slots,
-                   kv_len=kv_len, last_idx=(lens - 1).to(dev))
-    return logits[:, 0]                                                      # (B, V)
-
-
-def decode_one(model, cache: KVCache, last: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None,
-               adapter_ids=None, kv_len: int | None = None) -> torch.Tensor:
-    """One token for every row: last (B,) ids at positions pos (B,) -> logits (B, V)."""
-    logits = model(last[:, None], adapter_ids, input_pos=pos[:, None], kv_cache=cache, cache_slots=slots,
-                   kv_len=kv_len)
-    return logits[:, -1]
+from engine.serving.scheduler import Scheduler
 
 
 @dataclass
@@ -123,11 +39,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int] = 
              ignore_eos: bool = False) -> list[Generation]:
     """Generate for a batch of token-id prompts. adapter_ids: None, or a (B,) tensor/list (-1 = base).
 
-    The one decode loop: the prompts go to an engine.serve.Scheduler with a slot each (all prefilled in one batch,
+    The one decode loop: the prompts go to an engine.serving.scheduler.Scheduler with a slot each (all prefilled in one batch,
     then decoded together; rows that finish leave the batch), the same code that serves requests. on_token(row,
     token_id) streams. Stops per row on an EOS id, on a stop string (needs `tokenizer`; the token that completes
     it is kept) or after its max_new_tokens."""
-    from engine.serve import Scheduler
     B = len(prompts)
     ctx = model.cfg.max_seq_len if cache is None else cache.max_len
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -170,10 +85,11 @@ class _Streamer:
 
 
 def _load(args):
-    from engine.hub import load_model
+    from engine.loading.hub import load_model
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, weights=getattr(args, "weights", "fp32"))
     if getattr(args, "eager_decode", False):
-        model.set_decode_kernel(False)
+        from engine.cpu.modules import set_decode_kernel
+        set_decode_kernel(model, False)
     return model, tok
 
 

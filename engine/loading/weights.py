@@ -1,6 +1,6 @@
 """Weights on disk -> (ModelConfig, state dict in Hugging Face naming), and the `mcl convert` command.
 
-    from engine.weights import load_hf_dir, load_gguf
+    from engine.loading.weights import load_hf_dir, load_gguf
     cfg, sd = load_hf_dir("path/to/hf_dir")                 # config.json + model.safetensors (or sharded + index)
     cfg, sd, meta = load_gguf("model.gguf")                  # dequantised to float32 through the `gguf` package
     model = Transformer(cfg); model.load_state_dict(sd)      # keys: model.layers.0.self_attn.q_proj.weight, ...
@@ -346,26 +346,6 @@ def load_gguf(path, dtype: torch.dtype | None = None, reader=None) -> tuple[Mode
     return cfg, check_state_dict(cfg, sd, source), meta
 
 
-def load_gguf_q4(path, cfg: ModelConfig, reader=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The Q4_0 / Q4_1 tensors of a GGUF file in their 4-bit form: HF name -> (q, scale, zero), rows in HF order
-    (llama q/k rows unpermuted like the dequantised weights). See engine/quant.py for the layout. `reader`: as in
-    load_gguf."""
-    from engine.quant import gguf_q4_rows
-    out = {}
-    for t in (reader or open_gguf(path)).tensors:
-        hf = gguf_to_hf_name(t.name)
-        if hf is None or t.tensor_type.name not in ("Q4_0", "Q4_1"):
-            continue
-        n_cols, n_rows = (int(d) for d in t.shape)
-        q, scale, zero = gguf_q4_rows(t.data, t.tensor_type.name, n_rows, n_cols)
-        if cfg.arch == "llama" and hf.endswith("q_proj.weight"):
-            q, scale, zero = (_unpermute(a, cfg.n_heads) for a in (q, scale, zero))
-        elif cfg.arch == "llama" and hf.endswith("k_proj.weight"):
-            q, scale, zero = (_unpermute(a, cfg.n_kv_heads) for a in (q, scale, zero))
-        out[hf] = (q, scale, zero)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # mcl convert: GGUF -> HF directory
 # ----------------------------------------------------------------------------------------------------------
@@ -376,7 +356,7 @@ def convert_gguf(gguf_path, outdir, dtype: torch.dtype = torch.float32) -> Path:
     for the model in `gguf_path`; transformers' AutoModelForCausalLM / AutoTokenizer load the result."""
     from safetensors.torch import save_file
 
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
     final = Path(outdir)
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):     # checked before the conversion
         raise ValueError(f"{final}: already exists{' and is not empty' if final.is_dir() else ' (a file)'}; "

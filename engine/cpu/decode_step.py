@@ -1,14 +1,14 @@
-"""One-token decode steps of a packed CPU model with one C call per layer (engine/cpu_ops.c's decode_layer).
+"""One-token decode steps of a packed CPU model with one C call per layer (engine/cpu/cpu_ops.c's decode_layer).
 
-    layers = decode_layers(model)     # built once per model (None: some projection does not fit the kernel)
-    x = layers.run(x, cos, sin, cache, slots, input_pos, ids)     # x (B, dim) fp32, updated through every layer
+    steps = DecodeLayers.build(decoder.layers, cfg)   # .layers None: some projection does not fit the kernel
+    x = steps.run(x, cos, sin, cache, slots, input_pos, ids)     # x (B, dim) fp32, updated through every layer
 
 At batch 1 a small model's eager step is mostly Python: ~40 calls per layer (norms, the fused projections, bias,
 adapters, attention, SiLU, residuals), each costing more than its arithmetic. decode_layer runs the same sequence of
-the library's kernels; Transformer.forward takes this path for one-token steps of weights="q4" models while
-`set_decode_kernel` is on (the default), and the eager path otherwise, which tests/test_quant.py compares it with.
-The structures (engine/cpu_kernels.h's, mirrored in engine/cpu_library.py) hold raw pointers: they are rebuilt when
-the adapters' tensors change (decode_layers checks their addresses on every call).
+the library's kernels; engine/cpu/modules.py's StepDecoder takes this path for one-token steps of weights="q4"
+models while the decode kernels are on (the default), and the eager path otherwise, which tests/test_quant.py
+compares it with. The structures (engine/cpu/cpu_kernels.h's, mirrored in engine/cpu/library.py) hold raw pointers:
+they are rebuilt when the adapters' tensors change (StepDecoder checks adapter_key on every step).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import ctypes
 
 import torch
 
-from engine.cpu_kernels import library, lora_apply_fits
-from engine.cpu_library import DecodeLayer, LoraW, QWeight
+from engine.cpu.kernels import library, lora_apply_fits
+from engine.cpu.library import DecodeLayer, LoraW, QWeight
 
 
 def _qweight(args: tuple) -> QWeight:
@@ -54,17 +54,17 @@ class DecodeLayers:
         self.key, self._keep = key, keep    # key: adapter_key at build time; _keep: tensors the pointers refer to
 
     @classmethod
-    def build(cls, model) -> "DecodeLayers":
-        cfg = model.cfg
+    def build(cls, layers, cfg) -> "DecodeLayers":
+        """layers: the model's blocks (engine.model.Block), their packed parts swapped in (engine/cpu/modules.py)."""
         out, keep = [], []
-        for layer in model.model.layers:
+        for layer in layers:
             at, mlp = layer.self_attn, layer.mlp
-            qkv, gu = _parts(at.qkv_packed), _parts(mlp.gate_up_packed)
-            o, down = _parts(at.o_proj.packed), _parts(mlp.down_proj.packed)
+            qkv, gu = _parts(getattr(at, "qkv_packed", None)), _parts(getattr(mlp, "gate_up_packed", None))
+            o, down = _parts(getattr(at.o_proj, "packed", None)), _parts(getattr(mlp.down_proj, "packed", None))
             loras = [_lora(p) for p in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj,
                                         mlp.down_proj)]
             if None in (qkv, gu, o, down) or None in loras or len(qkv) > 3 or len(gu) > 2:
-                return cls(None, adapter_key(model), [])
+                return cls(None, adapter_key(layers), [])
             norms = [layer.input_layernorm.weight.detach().float().contiguous(),
                      layer.post_attention_layernorm.weight.detach().float().contiguous()]
             biases = [None if p.bias is None else p.bias.detach().float().contiguous()
@@ -81,7 +81,7 @@ class DecodeLayers:
             ly.o, ly.down = _qweight(o[0]), _qweight(down[0])
             ly.lq, ly.lk, ly.lv, ly.lo, ly.lg, ly.lu, ly.ld = loras
             out.append(ly)
-        return cls(out, adapter_key(model), keep)
+        return cls(out, adapter_key(layers), keep)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slots: torch.Tensor | None,
             input_pos: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -106,16 +106,9 @@ class DecodeLayers:
         return x
 
 
-def adapter_key(model) -> tuple:
-    """What the structures' adapter pointers depend on: the adapter names and the addresses of the first and last
-    projection's stacks (engine.lora's set_adapters replaces every layer's stacks at once)."""
-    first, last = model.model.layers[0].self_attn.q_proj, model.model.layers[-1].mlp.down_proj
-    return tuple(model.adapter_names), _ptr(first.lora_A), _ptr(last.lora_B)
-
-
-def decode_layers(model) -> DecodeLayers | None:
-    """model.decode_layers, (re)built when missing or when the adapters changed; None when the model does not fit."""
-    cur = model.decode_layers
-    if cur is None or cur.key != adapter_key(model):
-        cur = model.decode_layers = DecodeLayers.build(model)
-    return cur if cur.layers is not None else None
+def adapter_key(layers) -> tuple:
+    """What the structures' adapter pointers depend on: the first and last projection's stacks (their shapes and
+    addresses; engine.lora's set_adapters replaces every layer's stacks at once) and the first one's scales."""
+    first, last = layers[0].self_attn.q_proj, layers[-1].mlp.down_proj
+    shape = None if first.lora_A is None else tuple(first.lora_A.shape)
+    return shape, _ptr(first.lora_A), _ptr(first.lora_scale), _ptr(last.lora_B)
