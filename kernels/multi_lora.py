@@ -477,13 +477,19 @@ else:
                for n, k, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4), (128, 128, 8, 3)]]
 
 
-if os.environ.get("MCL_AUTOTUNE", "1") == "0":   # MCL_AUTOTUNE=0: the first config of each list only, for tests on a
-    _GEMM_WIDE, _GEMM_DECODE, _DECODE = _GEMM_WIDE[:1], _GEMM_DECODE[:1], _DECODE[:1]   # GPU (compile time, not speed)
+def autotuning() -> bool:
+    """False with MCL_AUTOTUNE=0: each kernel tries only the first config of its list (tests on a GPU: compile time,
+    not speed). Read at each launch that autotunes (a key already tuned keeps its config)."""
+    return os.environ.get("MCL_AUTOTUNE", "1") != "0"
+
+
+def _prune_first(configs, named_args, **kwargs):
+    return configs if autotuning() else configs[:1]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     """Decode-sized row tiles (BLOCK_M <= 32) try the long-K, narrow-N configs; prefill/training tiles the wide ones."""
-    return _GEMM_DECODE if kwargs["BLOCK_M"] <= 32 else _GEMM_WIDE
+    return _prune_first(_GEMM_DECODE if kwargs["BLOCK_M"] <= 32 else _GEMM_WIDE, named_args)
 
 
 def _shrink_configs():
@@ -500,15 +506,16 @@ def _outer_configs():
             for t, w, s in [(32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 3)]]
 
 
-_ONE = os.environ.get("MCL_AUTOTUNE", "1") == "0"
-_shrink_tuned = triton.autotune(configs=_shrink_configs()[:1] if _ONE else _shrink_configs(),
-                                key=["K", "R", "n_split", "BLOCK_M", "BLOCK_R"])(_shrink_kernel)
-_outer_tuned = triton.autotune(configs=_outer_configs()[:1] if _ONE else _outer_configs(),
-                               key=["P", "Q", "n_chunks", "BLOCK_P", "BLOCK_Q"])(_segment_outer_kernel)
+_FIRST = {"early_config_prune": _prune_first}
+_shrink_tuned = triton.autotune(configs=_shrink_configs(), key=["K", "R", "n_split", "BLOCK_M", "BLOCK_R"],
+                                prune_configs_by=_FIRST)(_shrink_kernel)
+_outer_tuned = triton.autotune(configs=_outer_configs(), key=["P", "Q", "n_chunks", "BLOCK_P", "BLOCK_Q"],
+                               prune_configs_by=_FIRST)(_segment_outer_kernel)
 _gemm_tuned = triton.autotune(configs=_GEMM_WIDE if _INTERPRET else _GEMM_WIDE + _GEMM_DECODE,
                               key=["N", "K", "R", "BLOCK_M", "FUSE_SHRINK", "SPLIT_K", "HAS_BIAS"],
                               prune_configs_by={"early_config_prune": _prune_gemm})(_gemm_expand_kernel)
-_decode_tuned = triton.autotune(configs=_DECODE, key=["N", "K", "BLOCK_M", "BLOCK_C", "HAS_BIAS"])(_decode_kernel)
+_decode_tuned = triton.autotune(configs=_DECODE, key=["N", "K", "BLOCK_M", "BLOCK_C", "HAS_BIAS"],
+                                prune_configs_by=_FIRST)(_decode_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

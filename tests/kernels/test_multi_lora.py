@@ -391,3 +391,15 @@ def test_pick_chunks():
     cpu = torch.device("cpu")                                 # 4 "SMs" off CUDA
     assert ml._pick_chunks(8192, 4, 1, cpu) == 4 and ml._pick_chunks(8192, 4, 4, cpu) == 1
     assert ml._pick_chunks(1000, 4, 1, cpu) == 1              # < 2 x 256 tokens per adapter: one chunk
+
+
+def test_autotune_setting_is_read_at_launch(monkeypatch):
+    """MCL_AUTOTUNE=0 keeps each kernel to its first config; read when a launch prunes, not at import."""
+    import kernels.multi_lora as ml
+    configs = ["a", "b", "c"]
+    monkeypatch.delenv("MCL_AUTOTUNE", raising=False)
+    assert ml._prune_first(configs, {}) == configs
+    assert ml._prune_gemm(configs, {}, BLOCK_M=16) == ml._GEMM_DECODE
+    monkeypatch.setenv("MCL_AUTOTUNE", "0")
+    assert ml._prune_first(configs, {}) == ["a"]
+    assert ml._prune_gemm(configs, {}, BLOCK_M=128) == ml._GEMM_WIDE[:1]
