@@ -41,10 +41,11 @@ def has_table(path: str | None, table: str) -> bool:
 
 # --- provenance --------------------------------------------------------------------------------------------
 
-def git_commit() -> str:
+def git_commit(tree: Path | None = None) -> str:
+    """HEAD of the git checkout holding `tree` (default: this code's own); "" outside git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
+                             cwd=tree or Path(__file__).resolve().parent, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""

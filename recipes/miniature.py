@@ -45,7 +45,7 @@ from pathlib import Path
 from engine.agents.problem import Problem
 from engine.roles import ROLES
 from kernels.cpu_info import cpu_model, isa
-from recipes.common import git_commit, load_config
+from recipes.common import git_commit, load_config, read_jsonl_resumable
 
 CODE = Path(__file__).resolve().parents[1]         # the code tree this command runs from
 STAGES = ("trajectories", "speed")
@@ -202,7 +202,7 @@ def run_arm(cfg: MiniatureConfig, shard: Shard, arm: Arm, work: Path) -> dict:
         raise RuntimeError(f"miniature: {shard.stage} {shard.name} arm {arm.name} failed (exit {rc}); its finished "
                            f"problems are kept in {work / arm.name}, rerun to continue")
     res = json.loads(result.read_text())
-    res.update(commit=_commit_of(tree), started=datetime.datetime.fromtimestamp(t0, datetime.timezone.utc)
+    res.update(commit=git_commit(tree), started=datetime.datetime.fromtimestamp(t0, datetime.timezone.utc)
                .isoformat(timespec="seconds"))
     result.write_text(json.dumps(res, indent=1))
     return res
@@ -213,11 +213,6 @@ def _dirty(tree: Path) -> bool:
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=tree, capture_output=True,
                          text=True)
     return bool(out.stdout.strip())
-
-
-def _commit_of(tree: Path) -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 def run_shard(cfg: MiniatureConfig, shard: Shard) -> dict:
@@ -239,7 +234,6 @@ def run_shard(cfg: MiniatureConfig, shard: Shard) -> dict:
     order = {p.id: i for i, p in enumerate(shard.problems)}
     records = []
     for a in shard.arms:
-        from recipes.common import read_jsonl_resumable
         recs = {r["id"]: r for r in read_jsonl_resumable(work / a.name / "trajectories.jsonl") if r["id"] in order}
         if len(recs) != len(order):
             raise RuntimeError(f"miniature: {shard.name} arm {a.name} holds {len(recs)} of {len(order)} problems")
