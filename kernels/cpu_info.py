@@ -10,6 +10,7 @@ flags, every benchmark JSON). Standard library only, so kernels/ still imports n
 """
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -22,8 +23,14 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_v
 
 def _first_cpu() -> dict[str, str]:
     """The `key: value` lines of /proc/cpuinfo's first processor block ({} where it cannot be read)."""
+    return _parse(CPUINFO)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(path: Path) -> dict[str, str]:
+    """Read once per path and process: the hot paths ask per call (engine/cpu/kernels.gemm_dtype per GEMM)."""
     try:
-        text = CPUINFO.read_text()
+        text = path.read_text()
     except OSError:
         return {}
     block = text.split("\n\n", 1)[0]

@@ -113,6 +113,7 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
     default where the CPU multiplies bf16 natively; forced here on every CPU)."""
     import engine.cpu.kernels as ck
     monkeypatch.setattr(ck, "TILE_WEIGHTS", 7 * 512)                          # 7-row tiles: a partial last tile
+    monkeypatch.setattr(ck, "BF16_TILE_WEIGHTS", 7 * 512)
     monkeypatch.setenv("MCL_GEMM_DTYPE", gemm)
     raws = [random_blocks(type_name, 40, 512, seed=s) for s in (1, 2)]
     parts = [PackedLinear.from_gguf(r, type_name, 40, 512) for r in raws]
@@ -123,6 +124,37 @@ def test_many_rows_dequantise_then_gemm(type_name, gemm, tol, monkeypatch):
         want = exact[:, :got.shape[1]]
         err = (got.double() - want).abs().max().item()
         assert err <= tol * want.abs().max(), f"{gemm}: max error {err:.3g} vs {tol} x {want.abs().max():.3g}"
+
+
+@pytest.mark.parametrize("type_name", PACKED_TYPES)
+def test_dequantise_to_bf16_rounds_as_torch_does(type_name):
+    """The bf16 GEMM's input comes straight from the C code: bit-equal to the fp32 dequantisation rounded by torch
+    (nearest even), for whole tensors, row ranges and gathered rows."""
+    from engine.cpu.kernels import dequant
+    pk = PackedLinear.from_gguf(random_blocks(type_name, 24, 512, seed=3), type_name, 24, 512)
+    full = pk.dequantize()
+    assert torch.equal(dequant(pk.args(), dtype=torch.bfloat16).view(torch.int16),
+                       full.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(dequant(pk.args(), row0=5, nrows=7, dtype=torch.bfloat16), full[5:12].to(torch.bfloat16))
+    rows = torch.tensor([23, 0, 7, 7])
+    assert torch.equal(dequant(pk.args(), rows=rows, dtype=torch.bfloat16), full[rows].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        dequant(pk.args(), out=torch.empty(24, 512), dtype=torch.bfloat16)
+
+
+def test_bf16_rounding_is_nearest_even_at_ties():
+    """Values exactly halfway between two bf16 numbers (the case a truncating conversion gets wrong): Q8_0 blocks
+    whose scale times q lands on ties, compared with torch's rounding."""
+    from engine.cpu.kernels import dequant
+    q = torch.tensor([[1 + 2 * i for i in range(32)]], dtype=torch.int8)          # odd q: low mantissa bits set
+    d = torch.tensor([[1.0 + 2 ** -8]], dtype=torch.float16)                        # fp16 scale with bit 8 of the mantissa
+    pk = PackedLinear(8, 32, q.contiguous(), d.contiguous())
+    full = pk.dequantize()
+    assert ((full.view(torch.int32) & 0xFFFF) == 0x8000).any(), "no exact tie among the values"
+    got = dequant(pk.args(), dtype=torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), full.to(torch.bfloat16).view(torch.int16))
+    assert not torch.equal(got.view(torch.int16), (full.view(torch.int32) >> 16).to(torch.int16)[None].view(1, 32)), \
+        "no value here needed rounding: the test would not see a truncating conversion"
 
 
 def test_gemm_dtype_follows_the_cpu_and_the_override(monkeypatch):

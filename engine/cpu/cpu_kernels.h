@@ -58,6 +58,9 @@ int mcl_set_isa(int i);                         /* qmatmul runs variant i from n
 __typeof__(qmatmul) qmatmul_avx2, qmatmul_avxvnni, qmatmul_avx512vnni;
 int dequant(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
             int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, float *out, int nt);
+int dequant_bf16(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md,
+                 int menc, int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, uint16_t *out,
+                 int nt);
 
 /* --- engine/cpu/cpu_ops.c: the rest of a decode step -------------------------------------------------------------- */
 int decode_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,

@@ -33,6 +33,7 @@ from kernels.cpu_info import native_bf16
 
 BLOCK_BYTES = {8: 32, 4: 16, 5: 20, 6: 24}      # kind -> bytes per 32 weights in a row (engine/cpu/qblocks.h)
 TILE_WEIGHTS = 1 << 19                          # weights dequantised per SGEMM call (2 MB of fp32 scratch)
+BF16_TILE_WEIGHTS = 1 << 23                     # per bf16 GEMM call (16 MB of bf16 scratch: 1.5B's gate|up in 4)
 
 
 def dequant_min_m() -> int:
@@ -106,9 +107,12 @@ def qmatmul(x: torch.Tensor, parts: list[tuple], out: torch.Tensor | None = None
 
 
 def dequant(args: tuple, rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp32 weights (nrows, K) the kernel multiplies by: rows `rows` (int64) or row0 .. row0 + nrows - 1."""
+            out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights (nrows, K) the kernel multiplies by, rows `rows` (int64) or row0 .. row0 + nrows - 1: fp32, or
+    bf16 (the fp32 values rounded to nearest even, as .to(torch.bfloat16) rounds them)."""
     N, K = args[9], args[10]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequant: dtype float32 or bfloat16, not {dtype}")
     if rows is not None:
         rows = rows.to(torch.int64).contiguous()
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= N):
@@ -116,9 +120,11 @@ def dequant(args: tuple, rows: torch.Tensor | None = None, row0: int = 0, nrows:
         nrows = len(rows)
     elif nrows is None:
         nrows = N - row0
-    out = torch.empty(nrows, K) if out is None else out
-    rc = library().dequant(*args[:9], K, None if rows is None else rows.data_ptr(), row0, nrows, out.data_ptr(),
-                           torch.get_num_threads())
+    out = torch.empty(nrows, K, dtype=dtype) if out is None else out
+    if out.dtype != dtype or not out.is_contiguous() or out.numel() != nrows * K:
+        raise ValueError(f"dequant: out must be a contiguous {dtype} tensor of {nrows} x {K}")
+    fn = library().dequant if dtype == torch.float32 else library().dequant_bf16
+    rc = fn(*args[:9], K, None if rows is None else rows.data_ptr(), row0, nrows, out.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"dequant: no layout kind {args[7]} group {args[8]} with K {K}")
     return out
@@ -140,30 +146,32 @@ def gemm_dtype() -> torch.dtype:
 
 
 def _dequant_mm(x: torch.Tensor, parts: list[tuple], y: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T a tile of rows at a time: dequantise (C) into a reused fp32 buffer, then torch's GEMM: fp32 SGEMM,
-    or where bf16 is native the tile and x rounded to bf16 and oneDNN's bf16 GEMM (fp32 accumulation, output rounded
-    to bf16 and widened into y; y's fp32 residual stream is unchanged)."""
+    """y = x @ W^T a tile of weight rows at a time: dequantise (C) into a reused buffer, then torch's GEMM. fp32:
+    TILE_WEIGHTS-weight tiles and SGEMM. bf16 (where the CPU multiplies it natively): the C code rounds the tile
+    straight to bf16 (no fp32 tile), tiles of up to BF16_TILE_WEIGHTS weights (a whole projection of the models
+    here: one large GEMM instead of many narrow ones), oneDNN's bf16 GEMM with fp32 accumulation, its bf16 output
+    widened into y (y's fp32 residual stream is unchanged)."""
     K = x.shape[1]
-    rows = max(1, TILE_WEIGHTS // K)
     dt = gemm_dtype()
-    buf = getattr(_TILES, "buf", None)
-    if buf is None or buf.numel() < rows * K:
-        buf = _TILES.buf = torch.empty(TILE_WEIGHTS + K)
+    cap = max(1, (BF16_TILE_WEIGHTS if dt == torch.bfloat16 else TILE_WEIGHTS) // K)
+    tile = {p: -(-p[9] // -(-p[9] // cap)) for p in parts}            # rows per tile: the part in equal tiles <= cap
+    name = "low" if dt == torch.bfloat16 else "buf"
+    buf = getattr(_TILES, name, None)
+    need = max(tile.values()) * K
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=dt)
+        setattr(_TILES, name, buf)
     if dt == torch.bfloat16:
-        low = getattr(_TILES, "low", None)
-        if low is None or low.numel() < rows * K:
-            low = _TILES.low = torch.empty(TILE_WEIGHTS + K, dtype=torch.bfloat16)
         x = x.to(torch.bfloat16)
     col = 0
     for p in parts:
-        for r0 in range(0, p[9], rows):
-            n = min(rows, p[9] - r0)
-            w = dequant(p, row0=r0, nrows=n, out=buf[:n * K].view(n, K))
-            if dt == torch.bfloat16:
-                w = low[:n * K].view(n, K).copy_(w)
-                y[:, col + r0:col + r0 + n] = x @ w.t()
-            elif n == y.shape[1]:
+        for r0 in range(0, p[9], tile[p]):
+            n = min(tile[p], p[9] - r0)
+            w = dequant(p, row0=r0, nrows=n, out=buf[:n * K].view(n, K), dtype=dt)
+            if dt == torch.float32 and n == y.shape[1]:
                 torch.mm(x, w.t(), out=y)                                   # one tile is the whole output
+            elif n == y.shape[1]:
+                y.copy_(x @ w.t())
             else:
                 y[:, col + r0:col + r0 + n] = x @ w.t()
         col += p[9]

@@ -84,6 +84,7 @@ SIGNATURES = {                                 # name -> (restype, argtypes), in
     "quantize_x": (None, [P, I64, I64, P, P, P, C]),
     "qmatmul": (C, _QMATMUL),
     "dequant": (C, [P, P, P, C, P, P, C, C, C, I64, P, I64, I64, P, C]),
+    "dequant_bf16": (C, [P, P, P, C, P, P, C, C, C, I64, P, I64, I64, P, C]),
     "decode_attention": (C, [P, I64, P, I64, P, I64, P, P, P, P, I64, P, P, I64, I64, I64, I64, P, C]),
     "rmsnorm": (None, [P, P, I64, I64, ctypes.c_float, P]),
     "lora_apply": (C, [P, I64, P, I64, I64, I64, I64, P, P, P, I64, P, C]),

@@ -7,7 +7,8 @@
  *   qmatmul_avx2        this file's variant: u8 x s8 block dots by _mm256_maddubs_epi16 + _mm256_madd_epi16.
  *   qmatmul_avxvnni     engine/cpu/qmatmul_avxvnni.c; qmatmul_avx512vnni: engine/cpu/qmatmul_avx512vnni.c (VNNI's dpbusd).
  *   quantize_x          activations to int8 per 32 inputs, as llama.cpp quantises them.
- *   dequant             the fp32 weights the kernels multiply by (large batches: dequantise a tile, then SGEMM).
+ *   dequant             the fp32 weights the kernels multiply by (large batches: dequantise a tile, then SGEMM);
+ *   dequant_bf16        the same rounded to bf16, where the GEMM of large batches runs in bf16.
  *
  * Built by engine/cpu/library.py, which holds each variant's gcc flags, picks the variant from the CPU's features
  * (MCL_CPU_ISA=avx2|avxvnni|avx512vnni forces one) and checks it against this one the first time it runs on a CPU.
@@ -89,10 +90,20 @@ void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, flo
     }
 }
 
-/* Row n of W in fp32 into o (K): scale * q, then + min (two roundings, as the gguf package's dequantisation). */
+/* 8 fp32 values -> bf16 at o, rounded to nearest even as torch's .to(torch.bfloat16) (finite values; weights are). */
+static inline __attribute__((always_inline)) void store8_bf16(uint16_t *o, __m256 f) {
+    const __m256i b = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);     /* 16-bit halves 0-3, 4-7 */
+    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(p));
+}
+
+/* Row n of W into o (K values): scale * q, then + min (two roundings, as the gguf package's dequantisation), stored
+ * as fp32, or (bf16 = 1) rounded once more to bf16. */
 static inline __attribute__((always_inline)) void dequant_row(
         const uint8_t *w, const void *scale, const float *sd, const void *wmin, const float *md, int64_t K, int64_t n,
-        float *o, const int kind, const int G, const int senc, const int menc) {
+        void *o, const int kind, const int G, const int senc, const int menc, const int bf16) {
     const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1;
     const uint8_t *wr = w + n * nb * BB;
     const void *sc = (const char *)scale + n * ng * ssz, *mn = menc ? (const char *)wmin + n * nb * msz : 0;
@@ -116,20 +127,37 @@ static inline __attribute__((always_inline)) void dequant_row(
         for (int c = 0; c < 4; c++) {
             __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v[c]), _mm256_set1_ps(c < 2 ? s0 : s1));
             if (menc) f = _mm256_add_ps(f, m);
-            _mm256_storeu_ps(o + b * 32 + c * 8, f);
+            if (bf16) store8_bf16((uint16_t *)o + b * 32 + c * 8, f);
+            else _mm256_storeu_ps((float *)o + b * 32 + c * 8, f);
         }
     }
 }
 
-/* The fp32 weights of rows (rows[i], or row0 + i when rows is NULL), i < nrows, into out (nrows, K). */
-int dequant(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
-            int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, float *out, int nt) {
+/* The weights of rows (rows[i], or row0 + i when rows is NULL), i < nrows, into out (nrows, K): fp32 (dequant) or
+ * bf16 (dequant_bf16: the same values rounded to nearest even; the input of a bf16 GEMM, with no fp32 tile between). */
+static inline __attribute__((always_inline)) int dequant_any(
+        const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
+        int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, void *out, int nt, const int bf16) {
     const int layout = layout_id(kind, G, senc, wmin ? menc : 0);
     if (layout < 0 || K % 32 || (senc == 2 && K % 256) || (wmin && menc == 2 && K % 256)) return -1;
-#define DQ_ROW(k, g, se, me) dequant_row(w, scale, sd, wmin, md, K, rows ? rows[i] : row0 + i, out + i * K, k, g, se, me)
+    const int64_t esz = bf16 ? 2 : 4;
+#define DQ_ROW(k, g, se, me) dequant_row(w, scale, sd, wmin, md, K, rows ? rows[i] : row0 + i, \
+                                         (char *)out + i * K * esz, k, g, se, me, bf16)
 #pragma omp parallel for num_threads(nt) schedule(static) if (nrows * K > 65536)
     for (int64_t i = 0; i < nrows; i++) {
         LAYOUT_SWITCH(DQ_ROW)
     }
+#undef DQ_ROW
     return 0;
+}
+
+int dequant(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md, int menc,
+            int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, float *out, int nt) {
+    return dequant_any(w, scale, sd, senc, wmin, md, menc, kind, G, K, rows, row0, nrows, out, nt, 0);
+}
+
+int dequant_bf16(const uint8_t *w, const void *scale, const float *sd, int senc, const void *wmin, const float *md,
+                 int menc, int kind, int G, int64_t K, const int64_t *rows, int64_t row0, int64_t nrows, uint16_t *out,
+                 int nt) {
+    return dequant_any(w, scale, sd, senc, wmin, md, menc, kind, G, K, rows, row0, nrows, out, nt, 1);
 }

@@ -188,7 +188,8 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
     weights: "fp32" (exact; what training needs), or on the CPU "bf16" (dense bf16 copies beside the fp32 weights)
     or "q4": inference only, every GGUF block type kept packed (engine/loading/packed_model.py), read straight from
     the file with no fp32 copy; a type we do not pack is an error naming the tensor unless dense_fallback. An HF
-    directory under "q4" is re-quantised to Q8_0's layout. The model's `pack_stats` says what was packed."""
+    directory under "q4" is re-quantised to Q8_0's layout. The model's `pack_stats` says what was packed.
+    "q4" and "bf16" (CPU inference) also keep freed memory in the process's heap (engine/cpu/heap.py)."""
     from engine.loading.packed_model import MODES, load_gguf_packed, pack_dense_model, pack_model_bf16
     from engine.loading.tokenizer import Tokenizer
     from engine.loading.weights import load_gguf, load_hf_dir
@@ -212,6 +213,10 @@ def load_model(name_or_path, device=None, dtype=None, weights: str = "fp32", den
         if reason:
             raise UserError(f"weights='q4' runs on engine/cpu/kernels.py's C library: {reason}; load with "
                             f"weights='fp32' (--weights fp32)")
+
+    if weights != "fp32":
+        from engine.cpu.heap import keep_freed_memory
+        keep_freed_memory()
 
     path = resolve(name_or_path)
     if weights == "q4" and not path.is_dir():        # inference: straight into the packed layout
