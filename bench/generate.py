@@ -335,7 +335,7 @@ def _long_prompt(name: str, n: int) -> list[int]:
     return ids[:n - 8] + head[-8:]                                      # ends as a template's assistant turn does
 
 
-def _prefill_rows(name, packed, threads, rounds) -> list[dict]:
+def prefill_rows(name, packed, threads, rounds) -> list[dict]:
     """One prompt of PREFILL_TOKENS tokens, time to the first token: ours (its GEMM dtype: bf16 where the CPU
     multiplies bf16 natively; then also ours with MCL_GEMM_DTYPE=fp32 beside it) vs llama.cpp. Fresh workers that do
     only this, so their peak RSS is the peak through prefill."""
@@ -372,7 +372,7 @@ def _prefill_rows(name, packed, threads, rounds) -> list[dict]:
     return [row]
 
 
-def _batch_row(name, packed, threads, rounds) -> dict:
+def batch_row(name, packed, threads, rounds) -> dict:
     """BATCH["rows"] chat prompts decoded together, greedy, EOS ignored: decode tok/s after every row has its first
     token (ours: one Scheduler, every request in flight; llama.cpp: one context, one sequence per prompt)."""
     n, new = BATCH["rows"], BATCH["new_tokens"]
@@ -441,8 +441,8 @@ def peer_main(args) -> dict | None:
     # A worker that dies (llama.cpp crashing on this CPU) costs its rows, reported as one line in "errors".
     for i, m in enumerate(models):
         for key, fn in (("rows", lambda: _batch1_rows(m, packed, threads_list, new_tokens, rounds)),
-                        ("prefill", lambda: _prefill_rows(m, packed, threads_list[0], rounds)),
-                        ("batched", lambda: [_batch_row(m, packed, threads_list[0], rounds)])):
+                        ("prefill", lambda: prefill_rows(m, packed, threads_list[0], rounds)),
+                        ("batched", lambda: [batch_row(m, packed, threads_list[0], rounds)])):
             try:
                 result[key] += fn()
             except WorkerDied as e:

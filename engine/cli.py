@@ -5,7 +5,7 @@ module that owns the work (imported lazily, so `mcl --help` is instant).
     mcl chat --model smollm2-135m
     mcl convert model.gguf out_dir/
     mcl export --gguf ADAPTER_DIR OUT.gguf [--model smollm2-135m]
-    mcl bench generate|lora|train|serve --json
+    mcl bench generate|lora|train|serve|agents|mapcoder --json
     mcl serve --model smollm2-135m --adapters runs/adapters --port 8000    # OpenAI-compatible, loopback
     mcl train recipes/mini_smollm2.toml key=value ...
     mcl eval --benchmark humaneval --strategy mapcoder --limit 10 --out runs/eval
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, target in [("generate", "bench.generate:main"), ("lora", "kernels.bench:main"),
                          ("train", "bench.train:main"), ("serve", "bench.serve:main"),
-                         ("agents", "bench.agents:main")]:
+                         ("agents", "bench.agents:main"), ("mapcoder", "bench.mapcoder:main")]:
         b = bsub.add_parser(name)
         b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         b.add_argument("--out", default=None, help="also write the JSON here (a file, or a dir such as bench/results/)")
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (1 avoids OpenMP spin-waits on a machine shared with other jobs)")
         if name == "generate":
             b.add_argument("--peer", action="store_true", help="llama.cpp beside ours instead of transformers")
+        if name == "mapcoder":
+            b.add_argument("--peer", action="store_true", help="also prefill and batched decode against llama.cpp")
+            b.add_argument("--problems", type=int, default=0, help="the campaign's first N problems (default: its "
+                           "speed_problems, 40)")
         b.set_defaults(func=_call(target))
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the local engine (engine/serving/http_server.py)")
