@@ -68,13 +68,13 @@ def test_layout_equals_gguf_dequantize_exactly(type_name):
     assert torch.equal(pk.embed(rows[None])[0], pk.dequantize()[rows])
 
 
-@pytest.mark.parametrize("type_name,m,n_cols", [(t, m, k) for t in PACKED_TYPES for m in (1, 5) for k in (512, 608)
-                                                if k % 256 == 0 or not t.endswith("_K")])   # K-quants: whole 256s
+@pytest.mark.parametrize("type_name,m,n_cols", [(t, m, k) for t in PACKED_TYPES for m in (1, 2, 5, 8, 11)
+                                                for k in (512, 608) if k % 256 == 0 or not t.endswith("_K")])
 def test_kernel_equals_its_reference_and_bounded_against_dequant(type_name, m, n_cols, isa):
     """y = kernel(x), each ISA variant: equal to the float64 reference of the same arithmetic (int8 activations per 32
     inputs, exact integer block dots) to fp32 rounding; against gguf's dequantised W @ x in float64 the difference is
     the activation rounding only: |err_j| <= sum_k |W_jk| * dx_k / 2. 608 columns are 19 blocks: the kernels' 8-block
-    steps, then an odd tail (decode pairs blocks)."""
+    steps, then an odd tail (decode pairs blocks); 2 to 8 rows go as one register tile each, 11 as 8 + 3."""
     assert m < dequant_min_m()                                                  # the integer kernel, not dequant + SGEMM
     n_rows = 40
     raw = random_blocks(type_name, n_rows, n_cols, seed=m)

@@ -174,7 +174,11 @@ static inline __attribute__((always_inline)) void block_step(
     const float s1 = G == 32 ? 0.f : group_scale(scale, sd, senc, 2 * (b) + 1, b);                                \
     const float mb = menc ? group_scale(wmin, md, menc, b, b) : 0.f;
 
-/* One row of W against MM rows of x (2 <= MM <= 8): each weight block is unpacked once for every row of x. */
+/* One row of W against MM rows of x (2 <= MM <= 8, a constant at each call site: qmm_rows_n's switch, so that the
+ * per-row accumulators and scale vectors stay in registers). Blocks go 8 at a time as in qmm_row1: the weight row's
+ * 8 (G 16: 16) group scales are one vector, times each row's dx as one vector per row; the mins and kind 5's offset
+ * are one vector FMA per row into that row's accumulator; each block is unpacked once for all MM rows and its scale
+ * is a lane of the row's vector. The last nb % 8 blocks go one at a time (block_step). */
 static inline __attribute__((always_inline)) void qmm_rows(
         const int8_t *qx, const float *dx, const float *sx, const int MM, int64_t K, const uint8_t *wr,
         const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
@@ -182,13 +186,61 @@ static inline __attribute__((always_inline)) void qmm_rows(
     const int64_t nb = K / 32, BB = block_bytes(kind);
     __m256 acc[8];
     float rm[8];
+#pragma GCC unroll 8
     for (int i = 0; i < MM; i++) acc[i] = _mm256_setzero_ps(), rm[i] = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 sa[8], sb[8];                                 /* G 32: sa lane j = block b + j; G 16 as qmm_row1 */
+        const __m256 wa8 = scales8(scale, sd, senc, G == 32 ? b : 2 * b, b >> 3);
+        const __m256 wb8 = G == 32 ? _mm256_setzero_ps() : scales8(scale, sd, senc, 2 * b + 8, b >> 3);
+#pragma GCC unroll 8
+        for (int i = 0; i < MM; i++) {
+            const __m256 xd8 = _mm256_loadu_ps(dx + i * nb + b);
+            if (G == 32) {
+                sa[i] = _mm256_mul_ps(wa8, xd8);
+            } else {
+                sa[i] = _mm256_mul_ps(wa8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+                sb[i] = _mm256_mul_ps(wb8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+            }
+            acc[i] = offset_terms8(acc[i], scale, sd, senc, wmin, md, menc, kind, sx + i * nb, b);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);
+            const __m256i lane = G == 32 ? _mm256_set1_epi32(j)
+                                         : _mm256_setr_epi32(2 * (j & 3), 2 * (j & 3), 2 * (j & 3), 2 * (j & 3),
+                                                             2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1);
+#pragma GCC unroll 8
+            for (int i = 0; i < MM; i++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + i * K + (b + j) * 32));
+                if (!UNSIGNED(kind)) xv = _mm256_sign_epi8(xv, wq);
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wa, xv));
+                const __m256 sv = _mm256_permutevar8x32_ps(G == 32 || j < 4 ? sa[i] : sb[i], lane);
+                acc[i] = _mm256_fmadd_ps(sv, p, acc[i]);
+            }
+        }
+    }
+    for (; b < nb; b++) {
         BLOCK_PREP(b)
+#pragma GCC unroll 8
         for (int i = 0; i < MM; i++)
             block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
     }
+#pragma GCC unroll 8
     for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+}
+
+/* qmm_rows with MM a constant in each branch (2 <= mm <= 8). */
+static inline __attribute__((always_inline)) void qmm_rows_n(
+        const int8_t *qx, const float *dx, const float *sx, const int mm, int64_t K, const uint8_t *wr,
+        const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
+        const int kind, const int G, float *y, int64_t ldy) {
+#define QMM_ROWS(MM) qmm_rows(qx, dx, sx, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy); break;
+    switch (mm) {
+        case 2: QMM_ROWS(2) case 3: QMM_ROWS(3) case 4: QMM_ROWS(4) case 5: QMM_ROWS(5)
+        case 6: QMM_ROWS(6) case 7: QMM_ROWS(7) default: QMM_ROWS(8)
+    }
+#undef QMM_ROWS
 }
 
 /* One row of W against one row of x (decode). Blocks go 8 at a time: their scales (times dx) and mins are computed
@@ -317,24 +369,39 @@ static inline __attribute__((always_inline)) float qmm_pair1(
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
 }
 
-/* Row n of W against rows m0 .. m0 + 7 of x; kind, G, senc, menc are constants at each call site (qmatmul's switch,
- * inside the parallel loop: OpenMP outlines the loop body, so a constant passed into it would no longer be one). */
-static inline __attribute__((always_inline)) void qmm_row(
-        const int8_t *qx, const int8_t *qxp, const float *sx16, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+/* Row n of W: its blocks, its scales (and sd), its mins (and md). */
+#define ROW_POINTERS(n)                                                                                            \
+    const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1; \
+    const uint8_t *wr = w + (n) * nb * BB;                                                                         \
+    const void *sc = (const char *)scale + (n) * ng * ssz, *mn = menc ? (const char *)wmin + (n) * nb * msz : 0;   \
+    const float *sdn = sd ? sd + (n) * (K / 256) : 0, *mdn = md ? md + (n) * (K / 256) : 0;                         \
+    (void)nb;
+
+/* Row n of W against the one row of x (decode); kind, G, senc, menc are constants at each call site (qmatmul's
+ * switch, inside the parallel loop: OpenMP outlines the loop body, so a constant passed into it would no longer be
+ * one). Decode and batches have separate parallel loops, so that the small decode loop is compiled on its own. */
+static inline __attribute__((always_inline)) float qmm_one(
+        const int8_t *qx, const int8_t *qxp, const float *sx16, const float *dx, const float *sx, int64_t K,
+        const uint8_t *w, const void *scale, const float *sd, const void *wmin, const float *md, int64_t n,
+        const int kind, const int G, const int senc, const int menc) {
+    ROW_POINTERS(n)
+    if (kind != 8 && qxp) return qmm_pair1(qx, qxp, dx, sx, sx16, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+    return qmm_row1(qx, dx, sx, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+}
+
+/* Row n of W against rows 0 .. M - 1 of x (M >= 2), 8 rows at a time (qmm_rows_n), a last single row by qmm_row1. */
+static inline __attribute__((always_inline)) void qmm_many(
+        const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
         const float *sd, const void *wmin, const float *md, int64_t n, float *y, int64_t ldy,
         const int kind, const int G, const int senc, const int menc) {
-    const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1;
-    const uint8_t *wr = w + n * nb * BB;
-    const void *sc = (const char *)scale + n * ng * ssz, *mn = menc ? (const char *)wmin + n * nb * msz : 0;
-    const float *sdn = sd ? sd + n * (K / 256) : 0, *mdn = md ? md + n * (K / 256) : 0;
+    ROW_POINTERS(n)
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
         const int mm = M - m0 < 8 ? (int)(M - m0) : 8;
         const int8_t *q = qx + m0 * K;
         const float *d = dx + m0 * nb, *s = sx + m0 * nb;
         float *yo = y + m0 * ldy + n;
-        if (mm == 1 && kind != 8 && qxp) *yo = qmm_pair1(q, qxp, d, s, sx16, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
-        else if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
-        else qmm_rows(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
+        if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+        else qmm_rows_n(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
     }
 }
 
@@ -350,11 +417,21 @@ int QMATMUL_NAME(const int8_t *qx, const float *dx, const float *sx, int64_t M, 
         if (kind == 6) sx16 = (float *)(((uintptr_t)(qxp + K) + 31) & ~(uintptr_t)31);
         pair_order(qx, dx, K, qxp, sx16);
     }
-#define QMM_ROW(k, g, se, me) qmm_row(qx, qxp, sx16, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
+#define QMM_ONE(k, g, se, me) y[n] = qmm_one(qx, qxp, sx16, dx, sx, K, w, scale, sd, wmin, md, n, k, g, se, me)
+#define QMM_MANY(k, g, se, me) qmm_many(qx, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
+    if (M == 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
-    for (int64_t n = 0; n < N; n++) {
-        LAYOUT_SWITCH(QMM_ROW)
+        for (int64_t n = 0; n < N; n++) {
+            LAYOUT_SWITCH(QMM_ONE)
+        }
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
+        for (int64_t n = 0; n < N; n++) {
+            LAYOUT_SWITCH(QMM_MANY)
+        }
     }
+#undef QMM_ONE
+#undef QMM_MANY
     free(qxp);
     return 0;
 }
