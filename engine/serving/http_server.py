@@ -146,6 +146,16 @@ def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _field(req: dict, name: str, default, ok, what: str):
+    """req[name], or `default` when absent or null; BadRequest naming the field unless ok(value)."""
+    v = req.get(name, None)
+    if v is None:
+        return default
+    if not ok(v):
+        raise BadRequest(f"{name} must be {what}, not {v!r}", name)
+    return v
+
+
 def _utf8(v) -> bool:
     """A string that is Unicode text: JSON's \\ud800 escapes give lone surrogates, which no tokenizer can encode."""
     try:
@@ -196,31 +206,13 @@ def _common(req: dict, max_n: int, model_name: str | None) -> dict:
         model = ""
     if not isinstance(model, str):
         raise BadRequest("model must be a string", "model")
-    max_tokens = req.get("max_tokens", None)
-    if max_tokens is None:
-        max_tokens = 512
-    elif not _integer(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest(f"max_tokens must be an integer from 1 to {MAX_TOKENS}, not {max_tokens!r}", "max_tokens")
-    temperature = req.get("temperature", None)
-    if temperature is None:
-        temperature = 0.0
-    elif not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
-        raise BadRequest(f"temperature must be a number from 0 to 2, not {temperature!r}", "temperature")
-    top_p = req.get("top_p", None)
-    if top_p is None:
-        top_p = 1.0
-    elif not _number(top_p) or not 0 < top_p <= 1:
-        raise BadRequest(f"top_p must be a number above 0 and at most 1, not {top_p!r}", "top_p")
-    top_k = req.get("top_k", None)
-    if top_k is None:
-        top_k = 0
-    elif not _integer(top_k) or top_k < 0:
-        raise BadRequest(f"top_k must be an integer >= 0 (0: off), not {top_k!r}", "top_k")
-    n = req.get("n", None)
-    if n is None:
-        n = 1
-    elif not _integer(n) or not 1 <= n <= max_n:
-        raise BadRequest(f"n must be an integer from 1 to {max_n}, not {n!r}", "n")
+    max_tokens = _field(req, "max_tokens", 512, lambda v: _integer(v) and 1 <= v <= MAX_TOKENS,
+                        f"an integer from 1 to {MAX_TOKENS}")
+    temperature = _field(req, "temperature", 0.0, lambda v: _number(v) and math.isfinite(v) and 0 <= v <= 2,
+                         "a number from 0 to 2")
+    top_p = _field(req, "top_p", 1.0, lambda v: _number(v) and 0 < v <= 1, "a number above 0 and at most 1")
+    top_k = _field(req, "top_k", 0, lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)")
+    n = _field(req, "n", 1, lambda v: _integer(v) and 1 <= v <= max_n, f"an integer from 1 to {max_n}")
     seed = req.get("seed", None)
     if seed is not None and (not _integer(seed) or not -(1 << 63) <= seed < (1 << 64)):
         raise BadRequest(f"seed must be a 64-bit integer, not {seed!r}", "seed")
