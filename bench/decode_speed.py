@@ -5,6 +5,7 @@
     python -m bench.decode_speed --profile --models qwen2.5-coder-0.5b                     # where a step's time goes
     python -m bench.decode_speed --kernels --out bench/results/                            # the matmul paths alone
     python -m bench.decode_speed --kernels --isa avx2,avx512vnni --out bench/results/      # ISA variants side by side
+    python -m bench.decode_speed --stream --out bench/results/                             # one-row kernel from DRAM
     MCL_CPU_ISA=avx2 python -m bench.decode_speed --models smollm2-135m                     # one variant, whole model
 
 Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.getrusage's ru_maxrss of that process:
@@ -15,7 +16,10 @@ Workers run with OMP_WAIT_POLICY=PASSIVE (--spin keeps the default): on a machin
 spinning at OpenMP barriers starve the one they wait for. --profile adds a cProfile breakdown of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
 --kernels --isa times the ISA variants of the integer kernel (engine/cpu/library.py) in turn on the same inputs, with
 each one's ratio to the first (`int8_<isa>_vs_<first>_m<rows>` > 1: faster); --shapes, --rows and --reps shrink a
-run. Both JSONs record the CPU model and its ISA flags (kernels.cpu_info.isa()).
+run. --stream times the one-row kernel over 24 different weights of each shape, hundreds of MB that no cache holds
+(--kernels' single weight of <= 16 MB may sit in a large L3), against a plain 1 GiB read (torch's fp32 sum) on the
+same threads: a decode step of a model is this streaming. Every JSON records the CPU model and its ISA flags
+(kernels.cpu_info.isa()).
 """
 from __future__ import annotations
 
@@ -118,7 +122,6 @@ def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shap
     import engine.cpu.kernels as ck
     from bench.common import env_var
     from engine.cpu.library import select_isa
-    from engine.cpu.packed import BLOCK_BYTES, PackedLinear
 
     def med(fn, n=reps):
         fn()
@@ -134,11 +137,7 @@ def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shap
     for name, (typ, N, K) in KERNEL_SHAPES.items():
         if shapes and not any(s in name for s in shapes):
             continue
-        per, nb = BLOCK_BYTES[typ]
-        raw = rng.integers(0, 256, size=(N * K // per, nb), dtype=np.uint8)
-        for off in {"Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}[typ]:
-            raw[:, off:off + 2] = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        pk = PackedLinear.from_gguf(raw, typ, N, K)
+        pk = _random_packed(typ, N, K, rng)
         dense = pk.dequantize() if N * K <= 40_000_000 else None
         for nt in threads:
             torch.set_num_threads(nt)
@@ -164,6 +163,54 @@ def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shap
                     row[f"int8_{isa}_gb_s_m1"] = round(pk.nbytes() / row[f"int8_{isa}_ms_m1"] / 1e6, 1)
             print(row, flush=True)
             out.append(row)
+    return out
+
+
+def _random_packed(typ: str, N: int, K: int, rng):
+    """A PackedLinear of random blocks of GGUF type `typ` with small finite fp16 scales."""
+    import numpy as np
+
+    from engine.cpu.packed import BLOCK_BYTES, PackedLinear
+    per, nb = BLOCK_BYTES[typ]
+    raw = rng.integers(0, 256, size=(N * K // per, nb), dtype=np.uint8)
+    for off in {"Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}[typ]:
+        raw[:, off:off + 2] = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return PackedLinear.from_gguf(raw, typ, N, K)
+
+
+def stream(threads: list[int], shapes=(), copies: int = 24, reps: int = 5) -> list[dict]:
+    """GB/s of a plain read and of the one-row integer kernel over `copies` different weights per shape (best of
+    `reps` passes after a warm-up pass)."""
+    import numpy as np
+    import torch
+
+    def best(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    out = []
+    rng = np.random.default_rng(0)
+    for nt in threads:
+        torch.set_num_threads(nt)
+        x = torch.ones(1 << 28)
+        row = {"threads": nt, "plain_read_gb_s": round(4 * x.numel() / best(lambda: x.sum()) / 1e9, 1)}
+        del x
+        for name, (typ, N, K) in KERNEL_SHAPES.items():
+            if (shapes and not any(s in name for s in shapes)) or N * K > 40_000_000:
+                continue
+            pks = [_random_packed(typ, N, K, rng) for _ in range(copies)]
+            xin = torch.randn(1, K)
+            total = sum(p.nbytes() for p in pks)
+            row[f"{name}: MB"] = round(total / 1e6)
+            row[f"{name}: GB/s"] = round(total / best(lambda: [p(xin) for p in pks]) / 1e9, 1)
+            del pks
+        print(row, flush=True)
+        out.append(row)
     return out
 
 
@@ -194,6 +241,7 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", default=[], help="--kernels: only shapes whose name contains one of these")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="--kernels: rows of x")
     ap.add_argument("--reps", type=int, default=5, help="--kernels: timed calls per measurement (median)")
+    ap.add_argument("--stream", action="store_true", help="the one-row kernel over weights no cache holds vs a read")
     ap.add_argument("--spin", action="store_true", help="keep OpenMP's default (spinning) wait policy in the workers")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
@@ -201,6 +249,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a)))
+        return
+    if a.stream:
+        from bench.common import device_name, isa, write_result
+        write_result({"bench": "decode_speed --stream", "device": device_name("cpu"), **isa(), "copies": 24,
+                      "command": "python -m bench.decode_speed --stream " + " ".join(sys.argv[2:]),
+                      "rows": stream(a.threads, a.shapes)}, a.out, "stream_cpu.json")
         return
     if a.kernels:
         from bench.common import device_name, isa, write_result
