@@ -6,6 +6,7 @@ and leaves its files and summary the way the GPU run will, so a loan is not spen
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ STAGES = ["versions_ceilings", "kernel_tests", "big_shape_checks", "bench_lora",
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU stand-in; on a GPU run the script itself")
 def test_gpu_check_dry_run(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path))
+    # The script calls `python3`: the interpreter running this test first on PATH, as in an activated venv.
+    env = dict(os.environ, OUT=str(tmp_path), PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                    os.environ.get("PATH", "")]))
     r = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
