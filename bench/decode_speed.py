@@ -123,14 +123,8 @@ def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shap
     from bench.common import env_var
     from engine.cpu.library import select_isa
 
-    def med(fn, n=reps):
-        fn()
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e3
+    def med(fn):
+        return statistics.median(_times(fn, reps)) * 1e3
 
     out = []
     rng = np.random.default_rng(0)
@@ -166,6 +160,17 @@ def kernels(threads: list[int], isas: list[str], rows=(1, 2, 4, 8, 16, 64), shap
     return out
 
 
+def _times(fn, reps: int) -> list[float]:
+    """Seconds of `reps` calls of fn after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
 def _random_packed(typ: str, N: int, K: int, rng):
     """A PackedLinear of random blocks of GGUF type `typ` with small finite fp16 scales."""
     import numpy as np
@@ -185,13 +190,7 @@ def stream(threads: list[int], shapes=(), copies: int = 24, reps: int = 5) -> li
     import torch
 
     def best(fn):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+        return min(_times(fn, reps))
 
     out = []
     rng = np.random.default_rng(0)
