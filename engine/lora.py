@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.errors import read_json
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 
@@ -239,14 +241,7 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (a PEFT adapter directory holds adapter_config.json "
                                     "and adapter_model.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{cfg_path}: JSON nested deeper than the reader allows (not a PEFT LoraConfig)") from None
+    cfg = read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
     for field in ("r", "lora_alpha", "target_modules"):

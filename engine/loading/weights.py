@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.errors import read_json
 
 # ----------------------------------------------------------------------------------------------------------
 # Hugging Face directories
@@ -133,18 +134,6 @@ def _load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     return sd
-
-
-def read_json(path: Path):
-    """A JSON file's value, or a one-line error naming the file (and the line, for a syntax error)."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested deeper than the reader allows") from None
 
 
 def _rope_fields(d: dict, source) -> dict:
