@@ -397,6 +397,49 @@ def test_decode_kernel_equals_eager_path(adapters, isa):
         assert (base[0] - outs[True][0][0]).abs().max() > 100 * (outs[True] - outs[False]).abs().max()
 
 
+def test_swiglu_equals_torch_to_a_few_ulp():
+    """decode_layer's SwiGLU (a vector exp, 8 lanes, glibc's expf for the last I % 8) against silu(g) * u in float64,
+    over gates from -100 to 100 (the exp's clamps at both ends) in rows of a width that leaves a tail: within 2 fp32
+    ulps (torch's own fp32 silu: 2.5e-7 here)."""
+    from engine.cpu.kernels import swiglu
+    g = torch.cat([torch.linspace(-100, 100, 4001), torch.randn(4001) * 4]).view(2, -1)   # I = 4001: 500 x 8 + 1
+    u = torch.randn_like(g)
+    want = (torch.nn.functional.silu(g.double()) * u.double())
+    got = swiglu(torch.cat([g, u], -1)).double()
+    rel = (got - want).abs() / want.abs().clamp_min(1e-20)      # gates below -88: ~1e-37 for ~1e-42 (the clamp)
+    assert rel.max() < 2.5e-7, f"max relative error {rel.max():.2e} at gate {g.flatten()[rel.argmax()]:.3f}"
+    assert torch.equal(got.float(), swiglu(torch.cat([g, u], -1), nt=1))            # threads split rows, not sums
+
+
+def test_decode_attention_equals_torch_over_long_contexts():
+    """decode_attention (the query heads of a KV head together, a vector exp in the softmax) against RoPE and softmax
+    attention in float64, two rows at 300 and 1,000 keys (exp8's 8-wide loop and its tail), 6 query heads on 2 KV."""
+    from engine.cpu.kernels import decode_attention
+    g = torch.Generator().manual_seed(0)
+    B, nh, nkv, hd, L = 2, 6, 2, 64, 1024
+    q, k, v = (torch.randn(B, n * hd, generator=g) for n in (nh, nkv, nkv))
+    kc, vc = (torch.randn(3, nkv, L, hd, generator=g) for _ in range(2))
+    slots, pos = torch.tensor([2, 0]), torch.tensor([299, 999])
+    ang = pos[:, None].double() / 10000 ** (torch.arange(0, hd, 2).double() / hd)
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).float(), torch.cat([ang.sin(), ang.sin()], -1).float()
+    kc0, vc0 = kc.clone().double(), vc.clone().double()
+    out = decode_attention(q, k, v, cos, sin, kc, vc, slots, pos).double()
+
+    def rope(x, c, s):                                                     # rotate-half, x (..., hd)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * c + torch.cat([-x2, x1], -1) * s
+    for b in range(B):
+        c, s, p = cos[b].double(), sin[b].double(), int(pos[b])
+        kb = rope(k[b].double().view(nkv, hd), c, s)
+        kc0[slots[b], :, p], vc0[slots[b], :, p] = kb, v[b].double().view(nkv, hd)
+        assert torch.allclose(kc[slots[b], :, p].double(), kb, atol=1e-5) and torch.equal(vc[slots[b], :, p], v[b].view(nkv, hd))
+        qb = rope(q[b].double().view(nh, hd), c, s)
+        keys = kc0[slots[b], :, : p + 1].repeat_interleave(nh // nkv, 0)  # (nh, p + 1, hd)
+        att = torch.softmax(torch.einsum("hd,hkd->hk", qb, keys) / hd ** 0.5, -1)
+        want = torch.einsum("hk,hkd->hd", att, vc0[slots[b], :, : p + 1].repeat_interleave(nh // nkv, 0))
+        assert (out[b].view(nh, hd) - want).abs().max() <= 1e-5 * want.abs().max(), b
+
+
 def test_lora_apply_equals_multi_lora_torch():
     """engine/cpu/cpu_ops.c's decode-time adapter delta against kernels.multi_lora.multi_lora_torch: 16 rows over four
     rank-32 adapters (one padded from rank 16) and base rows, added in place into a column slice of a fused output."""

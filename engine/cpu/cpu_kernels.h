@@ -68,6 +68,7 @@ int decode_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, c
                      const int64_t *slots, const int64_t *pos, int64_t B, int64_t nh, int64_t nkv, int64_t hd,
                      float *out, int nt);
 void rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out);
+void swiglu(const float *gu, int64_t B, int64_t I, float *h, int nt);
 int lora_apply(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t T, int64_t in, int64_t out,
                const float *A, const float *B, const float *scales, int64_t R, const int64_t *ids, int nt);
 int decode_layer(const DecodeLayer *ly, float *x, int64_t B, const float *cos, const float *sin, float *kc, float *vc,

@@ -192,6 +192,8 @@ def decode_attention(q, k, v, cos, sin, kc, vc, slots, pos) -> torch.Tensor:
                                     cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), L, slots.data_ptr(),
                                     pos.data_ptr(), B, nh, nkv, hd, out.data_ptr(), torch.get_num_threads())
     if rc:
+        if rc == -3:
+            raise MemoryError("decode_attention: out of memory for the scores")
         raise ValueError(f"decode_attention: {'head_dim > 512 or heads not a multiple of KV heads' if rc == -1 else 'position outside the cache'}")
     return out
 
@@ -201,6 +203,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     library().rmsnorm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def swiglu(gu: torch.Tensor, nt: int | None = None) -> torch.Tensor:
+    """engine/cpu/cpu_ops.c's silu(g) * u for fp32 gu (B, 2 I) = [g | u] per row, as decode_layer computes it; (B, I)."""
+    gu = gu.contiguous()
+    B, I = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(B, I)
+    library().swiglu(gu.data_ptr(), B, I, out.data_ptr(), nt or torch.get_num_threads())
     return out
 
 

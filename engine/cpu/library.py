@@ -87,6 +87,7 @@ SIGNATURES = {                                 # name -> (restype, argtypes), in
     "dequant_bf16": (C, [P, P, P, C, P, P, C, C, C, I64, P, I64, I64, P, C]),
     "decode_attention": (C, [P, I64, P, I64, P, I64, P, P, P, P, I64, P, P, I64, I64, I64, I64, P, C]),
     "rmsnorm": (None, [P, P, I64, I64, ctypes.c_float, P]),
+    "swiglu": (None, [P, I64, I64, P, C]),
     "lora_apply": (C, [P, I64, P, I64, I64, I64, I64, P, P, P, I64, P, C]),
     "decode_layer": (C, [P, P, I64, P, P, P, P, I64, P, P, P, C]),
     "mcl_isa": (C, [C, P]),

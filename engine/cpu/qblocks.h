@@ -112,22 +112,22 @@ static inline __attribute__((always_inline)) void unpack_pair(const uint8_t *p, 
     *lo = _mm256_and_si256(v, m4);
     *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     if (kind == 5) {                       /* element e's high bit: bit 8 * (e % 4) + e / 4 of the block's word */
-        uint32_t h0, h1;
-        memcpy(&h0, p + 16, 4), memcpy(&h1, p + BB + 16, 4);
-        const __m256i h = _mm256_set_m128i(_mm_set1_epi32((int)h1), _mm_set1_epi32((int)h0)), m = _mm256_set1_epi8(0x10);
-        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(
-                  _mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3)), 4), m));
-        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(
-                  _mm256_srlv_epi32(h, _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7)), 4), m));
+        /* dwords 2 and 7 of the 32 bytes from p + 8 are block b's word h0 and b + 1's h1 (the pair is 40 bytes):
+         * one load and one permute give h0 in lo's and hi's bytes 0-15, h1 in 16-31. Byte k of dword i needs bit
+         * 8 k + i (lo: element 4 i + k; hi: 16 + 4 i + k, bit 8 k + 4 + i) at bit 4. */
+        const __m256i h = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(p + 8)),
+                                                      _mm256_setr_epi32(2, 2, 2, 2, 7, 7, 7, 7));
+        const __m256i m = _mm256_set1_epi8(0x10);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_sllv_epi32(h, _mm256_setr_epi32(4, 3, 2, 1, 4, 3, 2, 1)), m));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3)), m));
     } else if (kind == 6) {                /* element e's two bits: bits 8 * (e % 8) + 2 * (e / 8) .. +1 */
-        uint64_t h0, h1;
-        memcpy(&h0, p + 16, 8), memcpy(&h1, p + BB + 16, 8);
-        const __m256i h = _mm256_set_m128i(_mm_set1_epi64x((long long)h1), _mm_set1_epi64x((long long)h0));
+        /* the 32 bytes from p + 16 are block b's word, 16 nibble bytes of b + 1, b + 1's word: one load and one
+         * permute give (h0, h0, h1, h1), the qwords of lo's and hi's bytes 0-7, 8-15, 16-23, 24-31. Byte k of qword
+         * j needs bits 2j .. 2j + 1 of byte k (lo: elements k + 8j; hi: k + 8j + 16, bits 4 + 2j ..) at bits 4-5. */
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)(p + 16)), 0xF0);
         const __m256i m = _mm256_set1_epi8(0x30);
-        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(
-                  _mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), 4), m));
-        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(
-                  _mm256_srlv_epi64(h, _mm256_setr_epi64x(4, 6, 4, 6)), 4), m));
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 2, 4, 2)), m));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), m));
     }
 }
 
@@ -178,7 +178,8 @@ static inline __attribute__((always_inline)) void block_step(
  * per-row accumulators and scale vectors stay in registers). Blocks go 8 at a time as in qmm_row1: the weight row's
  * 8 (G 16: 16) group scales are one vector, times each row's dx as one vector per row; the mins and kind 5's offset
  * are one vector FMA per row into that row's accumulator; each block is unpacked once for all MM rows and its scale
- * is a lane of the row's vector. The last nb % 8 blocks go one at a time (block_step). */
+ * is a lane of the row's vector (G 32: stored, then broadcast from memory, a load instead of a lane shuffle per block
+ * and row). The last nb % 8 blocks go one at a time (block_step). */
 static inline __attribute__((always_inline)) void qmm_rows(
         const int8_t *qx, const float *dx, const float *sx, const int MM, int64_t K, const uint8_t *wr,
         const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
@@ -190,14 +191,15 @@ static inline __attribute__((always_inline)) void qmm_rows(
     for (int i = 0; i < MM; i++) acc[i] = _mm256_setzero_ps(), rm[i] = 0.f;
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        __m256 sa[8], sb[8];                                 /* G 32: sa lane j = block b + j; G 16 as qmm_row1 */
+        __m256 sa[8], sb[8];                                 /* G 16: as qmm_row1 */
+        float sf[8][8] __attribute__((aligned(32)));         /* G 32: sf[i][j] = scale of block b + j times row i's dx */
         const __m256 wa8 = scales8(scale, sd, senc, G == 32 ? b : 2 * b, b >> 3);
         const __m256 wb8 = G == 32 ? _mm256_setzero_ps() : scales8(scale, sd, senc, 2 * b + 8, b >> 3);
 #pragma GCC unroll 8
         for (int i = 0; i < MM; i++) {
             const __m256 xd8 = _mm256_loadu_ps(dx + i * nb + b);
             if (G == 32) {
-                sa[i] = _mm256_mul_ps(wa8, xd8);
+                _mm256_store_ps(sf[i], _mm256_mul_ps(wa8, xd8));
             } else {
                 sa[i] = _mm256_mul_ps(wa8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
                 sb[i] = _mm256_mul_ps(wb8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
@@ -207,7 +209,7 @@ static inline __attribute__((always_inline)) void qmm_rows(
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);
-            const __m256i lane = G == 32 ? _mm256_set1_epi32(j)
+            const __m256i lane = G == 32 ? _mm256_setzero_si256()
                                          : _mm256_setr_epi32(2 * (j & 3), 2 * (j & 3), 2 * (j & 3), 2 * (j & 3),
                                                              2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1);
 #pragma GCC unroll 8
@@ -215,7 +217,8 @@ static inline __attribute__((always_inline)) void qmm_rows(
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + i * K + (b + j) * 32));
                 if (!UNSIGNED(kind)) xv = _mm256_sign_epi8(xv, wq);
                 const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wa, xv));
-                const __m256 sv = _mm256_permutevar8x32_ps(G == 32 || j < 4 ? sa[i] : sb[i], lane);
+                const __m256 sv = G == 32 ? _mm256_broadcast_ss(&sf[i][j])            /* a load, no shuffle */
+                                          : _mm256_permutevar8x32_ps(j < 4 ? sa[i] : sb[i], lane);
                 acc[i] = _mm256_fmadd_ps(sv, p, acc[i]);
             }
         }
