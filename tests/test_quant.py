@@ -411,10 +411,13 @@ def test_swiglu_equals_torch_to_a_few_ulp():
     assert torch.equal(got.float(), swiglu(torch.cat([g, u], -1), nt=1))            # threads split rows, not sums
 
 
-def test_decode_attention_equals_torch_over_long_contexts():
-    """decode_attention (the query heads of a KV head together, a vector exp in the softmax) against RoPE and softmax
-    attention in float64, two rows at 300 and 1,000 keys (exp8's 8-wide loop and its tail), 6 query heads on 2 KV."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_equals_torch_over_long_contexts(threads, monkeypatch):
+    """decode_attention (a vector exp in the softmax) against RoPE and softmax attention in float64, two rows at 300
+    and 1,000 keys (exp8's 8-wide loop and its tail), 6 query heads on 2 KV: on 1 thread the 4 (row, KV head) groups
+    are enough work items, each reading its keys once for 6 heads; on 2 threads each head is an item."""
     from engine.cpu.kernels import decode_attention
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     g = torch.Generator().manual_seed(0)
     B, nh, nkv, hd, L = 2, 6, 2, 64, 1024
     q, k, v = (torch.randn(B, n * hd, generator=g) for n in (nh, nkv, nkv))

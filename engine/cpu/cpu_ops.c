@@ -45,8 +45,8 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* The G query heads of one row that share a KV head (q: G x hd, before RoPE; k, v: that head's cache rows) over
- * keys 0 .. n - 1 into out (G x hd): each key and value row is read once for all G heads. Per head: scores
+/* G query heads of one row that share a KV head (q: G x hd, before RoPE; k, v: that head's cache rows) over
+ * keys 0 .. n - 1 into out (G x hd): each key and value row is read once for the G heads. Per head: scores
  * q . k_j / sqrt(hd), softmax (exp8, max subtracted), the probabilities times the values. -3 when out of memory. */
 static int attend(const float *q, const float *c, const float *s, const float *k, const float *v, int64_t n,
                   int64_t G, int64_t hd, float scale, float *out) {
@@ -112,15 +112,19 @@ int decode_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, c
             rope(k + b * ldk + g * hd, cos + b * hd, sin + b * hd, hd, kc + at);
             for (int64_t i = 0; i < hd; i++) vc[at + i] = v[b * ldv + g * hd + i];
         }
+    /* Work items: (row, KV head, part), a part being `group / parts` query heads of that KV head; whole groups read
+     * each key once for all their heads, one head per item balances the threads when there are few groups. */
+    const int64_t parts = B * nkv >= 4 * nt ? 1 : group, hp = group / parts;
     int rc = 0;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(2) if (B * nkv > 1)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(3) if (B * nh > 1)
     for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < nkv; g++) {
-            const int64_t h0 = g * group;
-            if (attend(q + b * ldq + h0 * hd, cos + b * hd, sin + b * hd, kc + (slots[b] * nkv + g) * L * hd,
-                       vc + (slots[b] * nkv + g) * L * hd, pos[b] + 1, group, hd, scale, out + (b * nh + h0) * hd))
-                rc = -3;
-        }
+        for (int64_t g = 0; g < nkv; g++)
+            for (int64_t part = 0; part < parts; part++) {
+                const int64_t h0 = g * group + part * hp;
+                if (attend(q + b * ldq + h0 * hd, cos + b * hd, sin + b * hd, kc + (slots[b] * nkv + g) * L * hd,
+                           vc + (slots[b] * nkv + g) * L * hd, pos[b] + 1, hp, hd, scale, out + (b * nh + h0) * hd))
+                    rc = -3;
+            }
     return rc;
 }
 

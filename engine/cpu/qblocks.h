@@ -178,8 +178,7 @@ static inline __attribute__((always_inline)) void block_step(
  * per-row accumulators and scale vectors stay in registers). Blocks go 8 at a time as in qmm_row1: the weight row's
  * 8 (G 16: 16) group scales are one vector, times each row's dx as one vector per row; the mins and kind 5's offset
  * are one vector FMA per row into that row's accumulator; each block is unpacked once for all MM rows and its scale
- * is a lane of the row's vector (G 32: stored, then broadcast from memory, a load instead of a lane shuffle per block
- * and row). The last nb % 8 blocks go one at a time (block_step). */
+ * is a lane of the row's vector. The last nb % 8 blocks go one at a time (block_step). */
 static inline __attribute__((always_inline)) void qmm_rows(
         const int8_t *qx, const float *dx, const float *sx, const int MM, int64_t K, const uint8_t *wr,
         const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
@@ -191,15 +190,14 @@ static inline __attribute__((always_inline)) void qmm_rows(
     for (int i = 0; i < MM; i++) acc[i] = _mm256_setzero_ps(), rm[i] = 0.f;
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        __m256 sa[8], sb[8];                                 /* G 16: as qmm_row1 */
-        float sf[8][8] __attribute__((aligned(32)));         /* G 32: sf[i][j] = scale of block b + j times row i's dx */
+        __m256 sa[8], sb[8];                                 /* G 32: sa lane j = block b + j; G 16 as qmm_row1 */
         const __m256 wa8 = scales8(scale, sd, senc, G == 32 ? b : 2 * b, b >> 3);
         const __m256 wb8 = G == 32 ? _mm256_setzero_ps() : scales8(scale, sd, senc, 2 * b + 8, b >> 3);
 #pragma GCC unroll 8
         for (int i = 0; i < MM; i++) {
             const __m256 xd8 = _mm256_loadu_ps(dx + i * nb + b);
             if (G == 32) {
-                _mm256_store_ps(sf[i], _mm256_mul_ps(wa8, xd8));
+                sa[i] = _mm256_mul_ps(wa8, xd8);
             } else {
                 sa[i] = _mm256_mul_ps(wa8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
                 sb[i] = _mm256_mul_ps(wb8, _mm256_permutevar8x32_ps(xd8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
@@ -209,7 +207,7 @@ static inline __attribute__((always_inline)) void qmm_rows(
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             const __m256i wq = unpack_block(wr + (b + j) * BB, kind), wa = UNSIGNED(kind) ? wq : _mm256_sign_epi8(wq, wq);
-            const __m256i lane = G == 32 ? _mm256_setzero_si256()
+            const __m256i lane = G == 32 ? _mm256_set1_epi32(j)
                                          : _mm256_setr_epi32(2 * (j & 3), 2 * (j & 3), 2 * (j & 3), 2 * (j & 3),
                                                              2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1, 2 * (j & 3) + 1);
 #pragma GCC unroll 8
@@ -217,8 +215,7 @@ static inline __attribute__((always_inline)) void qmm_rows(
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + i * K + (b + j) * 32));
                 if (!UNSIGNED(kind)) xv = _mm256_sign_epi8(xv, wq);
                 const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wa, xv));
-                const __m256 sv = G == 32 ? _mm256_broadcast_ss(&sf[i][j])            /* a load, no shuffle */
-                                          : _mm256_permutevar8x32_ps(j < 4 ? sa[i] : sb[i], lane);
+                const __m256 sv = _mm256_permutevar8x32_ps(G == 32 || j < 4 ? sa[i] : sb[i], lane);
                 acc[i] = _mm256_fmadd_ps(sv, p, acc[i]);
             }
         }
