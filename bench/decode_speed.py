@@ -12,8 +12,12 @@ Each measurement is a fresh subprocess per (model, tree) (peak RSS = resource.ge
 load + prefill + decode), the trees alternating round by round so that a machine shared with other work loads both
 sides alike; inside a worker the thread counts alternate too. A worker loads the model, prefills a 64-token prompt,
 then times decode steps (engine.serving.steps.decode_one, greedy), median ms per step over its rounds.
-Workers run with OMP_WAIT_POLICY=PASSIVE (--spin keeps the default): on a machine shared with other work, threads
-spinning at OpenMP barriers starve the one they wait for. --profile adds a cProfile breakdown of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
+Workers' OpenMP threads wait at a barrier by spinning 10,000 rounds, then sleeping (GOMP_SPINCOUNT=10000, --wait
+bounded): on a quiet machine as fast as spinning (1.5B, 2 threads: 21.6-24.2 tok/s vs 22.0-22.4), on a shared one no
+starvation of the thread they wait for (unbounded spinning there: 0.19 vs 5.5 tok/s). --wait passive
+(OMP_WAIT_POLICY=PASSIVE, the setting of earlier tables) sleeps at once and pays a wake-up per parallel region,
+~250 per step: 13-16 tok/s on the same 1.5B; --wait spin keeps OpenMP's default. --profile adds a cProfile breakdown
+of decode steps: the packed matmul kernel, attention (incl. the KV cache), the rest.
 --kernels --isa times the ISA variants of the integer kernel (engine/cpu/library.py) in turn on the same inputs, with
 each one's ratio to the first (`int8_<isa>_vs_<first>_m<rows>` > 1: faster); --shapes, --rows and --reps shrink a
 run. --stream times the one-row kernel over 24 different weights of each shape, hundreds of MB that no cache holds
@@ -213,12 +217,14 @@ def stream(threads: list[int], shapes=(), copies: int = 24, reps: int = 5) -> li
     return out
 
 
+WAIT_ENV = {"bounded": {"GOMP_SPINCOUNT": "10000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {}}
+
+
 def run_worker(tree: Path, model: str, a) -> dict:
     cmd = [sys.executable, str(HERE), "--worker", "--model", model, "--steps", str(a.steps), "--rounds", str(a.rounds),
            "--weights", a.weights, "--threads", *map(str, a.threads)] + (["--profile"] if a.profile else [])
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    if not a.spin:                     # a shared, oversubscribed machine: spinning OpenMP barriers starve the
-        env["OMP_WAIT_POLICY"] = "PASSIVE"   # thread they wait for (2 threads: 0.19 vs 5.5 tok/s here); both sides
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(PYTHONPATH=str(tree), **WAIT_ENV[a.wait])     # both sides alike (the module docstring: why bounded)
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         return {"model": model, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
@@ -241,7 +247,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="--kernels: rows of x")
     ap.add_argument("--reps", type=int, default=5, help="--kernels: timed calls per measurement (median)")
     ap.add_argument("--stream", action="store_true", help="the one-row kernel over weights no cache holds vs a read")
-    ap.add_argument("--spin", action="store_true", help="keep OpenMP's default (spinning) wait policy in the workers")
+    ap.add_argument("--wait", choices=sorted(WAIT_ENV), default="bounded", help="OpenMP barrier wait in the workers")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="")
@@ -297,7 +303,7 @@ def main(argv=None):
     from bench.common import device_name, isa, write_result
     write_result({"bench": "decode_speed", "device": device_name("cpu"), **isa(), "weights": a.weights,
                   "isa": os.environ.get("MCL_CPU_ISA", "automatic"), "rows": rows,
-                  "omp_wait_policy": "default" if a.spin else "PASSIVE",
+                  "omp_wait": {"wait": a.wait, **WAIT_ENV[a.wait]},
                   "note": "machine shared with other work: compare within a row (sides alternate), not across runs"},
                  a.out, "decode_speed_cpu.json")
 
