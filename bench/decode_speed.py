@@ -217,6 +217,13 @@ def stream(threads: list[int], shapes=(), copies: int = 24, reps: int = 5) -> li
     return out
 
 
+def _commit(tree: Path) -> str:
+    """The tree's git commit (+ "-dirty" with uncommitted changes), or "" outside git."""
+    r = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                       text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
 WAIT_ENV = {"bounded": {"GOMP_SPINCOUNT": "10000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {}}
 
 
@@ -303,7 +310,8 @@ def main(argv=None):
     from bench.common import device_name, isa, write_result
     write_result({"bench": "decode_speed", "device": device_name("cpu"), **isa(), "weights": a.weights,
                   "isa": os.environ.get("MCL_CPU_ISA", "automatic"), "rows": rows,
-                  "omp_wait": {"wait": a.wait, **WAIT_ENV[a.wait]},
+                  "omp_wait": {"wait": a.wait, **WAIT_ENV[a.wait]}, "command": " ".join(sys.argv),
+                  "commits": {side: _commit(tree) for side, tree in trees.items()},
                   "note": "machine shared with other work: compare within a row (sides alternate), not across runs"},
                  a.out, "decode_speed_cpu.json")
 
