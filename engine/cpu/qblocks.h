@@ -419,8 +419,8 @@ int QMATMUL_NAME(const int8_t *qx, const float *dx, const float *sx, int64_t M, 
     }
 #define QMM_ONE(k, g, se, me) y[n] = qmm_one(qx, qxp, sx16, dx, sx, K, w, scale, sd, wmin, md, n, k, g, se, me)
 #define QMM_MANY(k, g, se, me) qmm_many(qx, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
-    if (M == 1) {             /* rows in chunks of 16 taken in turn: a thread slowed by the machine takes fewer */
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16) if (N * K > 32768)
+    if (M == 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
         for (int64_t n = 0; n < N; n++) {
             LAYOUT_SWITCH(QMM_ONE)
         }
