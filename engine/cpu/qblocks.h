@@ -18,9 +18,10 @@
  * Activations are quantised as llama.cpp does (its Q8_0 "vec_dot_type"): per 32 inputs x ~= dx * qx, qx int8,
  * dx = amax / 127; sx holds dx * sum(qx) per 32 inputs for the min terms. Block dot products are exact in integers,
  * scaled and summed in fp32 (the torch reference of the arithmetic: engine.cpu.kernels.qmatmul_ref). Signed weights
- * (kinds 8, 6 in qmm_rows / qmm_row1) go as |q| times qx with q's sign, unsigned bytes times signed ones. Decode (one
- * row of x) on the nibble kinds 4, 5, 6 takes qmm_pair1: two blocks unpacked at once against the activations
- * reordered to match (pair_order), weights unsigned; same integers, another float summation order.
+ * (kinds 8, 6 in qmm_rows / qmm_row1) go as |q| times qx with q's sign, unsigned bytes times signed ones. The nibble
+ * kinds 4, 5, 6 take qmm_pair1 (one row of x) and qmm_pairs (2-8 rows): two blocks unpacked at once against the
+ * activations reordered to match (pair_order), weights unsigned, one float step per pair of blocks; same integers,
+ * another float summation order. qmm_rows / qmm_row1 serve kind 8 and each kernel's last nb % 8 blocks.
  *
  * What a variant defines before including this file (one 32-byte block fills one __m256i, as in llama.cpp's x86
  * kernels; engine/cpu/qmatmul.c's are the reference forms):
@@ -369,6 +370,94 @@ static inline __attribute__((always_inline)) float qmm_pair1(
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
 }
 
+/* MM rows of x (2 <= MM <= 8, a constant at each call site) against one row of W for the nibble layouts: qmm_pair1's
+ * arithmetic (same integers, same float steps per row) with each block pair unpacked, and for G 16 its group scales
+ * picked, once for all MM rows. Row i's activations: qx + i K, pair-ordered qxp + i K, dx / sx + i nb, sx16 + i K / 16;
+ * y[i * ldy]. Against qmm_rows it takes one float step (convert, scale, FMA) per pair of blocks and row, not per
+ * block. */
+static inline __attribute__((always_inline)) void qmm_pairs(
+        const int8_t *qx, const int8_t *qxp, const float *dx, const float *sx, const float *sx16, const int MM,
+        int64_t K, const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin,
+        const float *md, const int menc, const int kind, const int G, float *y, int64_t ldy) {
+    const int64_t nb = K / 32, BB = block_bytes(kind);
+    const __m256i sel_lo[2] = {_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5),
+                               _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9,
+                                                12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13)};
+    const __m256i sel_hi[2] = {_mm256_setr_epi8(2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                                6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
+                               _mm256_setr_epi8(10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11,
+                                                14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15)};
+    __m256 acc[8];
+    float rm[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < MM; i++) acc[i] = _mm256_setzero_ps(), rm[i] = 0.f;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 sa[8];                                        /* row i, lane j: the float factor of block b + j */
+        __m256i c16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256 ws = _mm256_setzero_ps(), off0 = ws, off1 = ws;
+        if (G == 32) {
+            ws = scales8(scale, sd, senc, b, b >> 3);
+        } else {
+            const int8_t *s8 = (const int8_t *)scale + 2 * b;
+            const __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+            c16[0] = _mm256_permute2x128_si256(c, c, 0x00), c16[1] = _mm256_permute2x128_si256(c, c, 0x11);
+            ws = _mm256_set1_ps(sd[b >> 3]);
+            const __m256 off = _mm256_mul_ps(ws, _mm256_set1_ps(-32.f));
+            off0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)s8))), off);
+            off1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s8 + 8)))), off);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < MM; i++) {
+            sa[i] = _mm256_mul_ps(ws, _mm256_loadu_ps(dx + i * nb + b));
+            if (G == 16) {
+                const float *s16 = sx16 + i * (K / 16) + 2 * b;
+                acc[i] = _mm256_fmadd_ps(off0, _mm256_loadu_ps(s16), acc[i]);
+                acc[i] = _mm256_fmadd_ps(off1, _mm256_loadu_ps(s16 + 8), acc[i]);
+            }
+            acc[i] = offset_terms8(acc[i], scale, sd, senc, wmin, md, menc, kind, sx + i * nb, b);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            __m256i lo, hi, slo = _mm256_setzero_si256(), shi = slo;
+            unpack_pair(wr + (b + 2 * p) * BB, kind, &lo, &hi);
+            if (G == 16) slo = _mm256_shuffle_epi8(c16[p >> 1], sel_lo[p & 1]), shi = _mm256_shuffle_epi8(c16[p >> 1], sel_hi[p & 1]);
+            const __m256i lane = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+#pragma GCC unroll 8
+            for (int i = 0; i < MM; i++) {
+                const int8_t *xp = qxp + i * K + (b + 2 * p) * 32;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xp);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
+                const __m256i s32 = G == 32 ? dot2_u8s8(lo, x0, hi, x1)
+                                            : dot2_s16(_mm256_maddubs_epi16(lo, x0), slo, _mm256_maddubs_epi16(hi, x1), shi);
+                acc[i] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sa[i], lane), _mm256_cvtepi32_ps(s32), acc[i]);
+            }
+        }
+    }
+    for (; b < nb; b++) {
+        BLOCK_PREP(b)
+#pragma GCC unroll 8
+        for (int i = 0; i < MM; i++)
+            block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+}
+
+/* qmm_pairs with MM a constant in each branch (2 <= mm <= 8). */
+static inline __attribute__((always_inline)) void qmm_pairs_n(
+        const int8_t *qx, const int8_t *qxp, const float *dx, const float *sx, const float *sx16, const int mm,
+        int64_t K, const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin,
+        const float *md, const int menc, const int kind, const int G, float *y, int64_t ldy) {
+#define QMM_PAIRS(MM) qmm_pairs(qx, qxp, dx, sx, sx16, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy); break;
+    switch (mm) {
+        case 2: QMM_PAIRS(2) case 3: QMM_PAIRS(3) case 4: QMM_PAIRS(4) case 5: QMM_PAIRS(5)
+        case 6: QMM_PAIRS(6) case 7: QMM_PAIRS(7) default: QMM_PAIRS(8)
+    }
+#undef QMM_PAIRS
+}
+
 /* Row n of W: its blocks, its scales (and sd), its mins (and md). */
 #define ROW_POINTERS(n)                                                                                            \
     const int64_t nb = K / 32, ng = K / G, BB = block_bytes(kind), ssz = senc == 1 ? 2 : 1, msz = menc == 1 ? 2 : 1; \
@@ -389,19 +478,26 @@ static inline __attribute__((always_inline)) float qmm_one(
     return qmm_row1(qx, dx, sx, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
 }
 
-/* Row n of W against rows 0 .. M - 1 of x (M >= 2), 8 rows at a time (qmm_rows_n), a last single row by qmm_row1. */
+/* Row n of W against rows 0 .. M - 1 of x (M >= 2), 8 rows at a time: the nibble layouts by qmm_pairs_n on the
+ * pair-ordered rows qxp (sx16 for kind 6), the others by qmm_rows_n; a last single row as decode does. */
 static inline __attribute__((always_inline)) void qmm_many(
-        const int8_t *qx, const float *dx, const float *sx, int64_t M, int64_t K, const uint8_t *w, const void *scale,
-        const float *sd, const void *wmin, const float *md, int64_t n, float *y, int64_t ldy,
-        const int kind, const int G, const int senc, const int menc) {
+        const int8_t *qx, const int8_t *qxp, const float *sx16, const float *dx, const float *sx, int64_t M, int64_t K,
+        const uint8_t *w, const void *scale, const float *sd, const void *wmin, const float *md, int64_t n, float *y,
+        int64_t ldy, const int kind, const int G, const int senc, const int menc) {
     ROW_POINTERS(n)
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
         const int mm = M - m0 < 8 ? (int)(M - m0) : 8;
-        const int8_t *q = qx + m0 * K;
-        const float *d = dx + m0 * nb, *s = sx + m0 * nb;
+        const int8_t *q = qx + m0 * K, *qp = qxp ? qxp + m0 * K : 0;
+        const float *d = dx + m0 * nb, *s = sx + m0 * nb, *s16 = sx16 ? sx16 + m0 * (K / 16) : 0;
         float *yo = y + m0 * ldy + n;
-        if (mm == 1) *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
-        else qmm_rows_n(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
+        if (kind != 8 && qp) {
+            if (mm == 1) *yo = qmm_pair1(q, qp, d, s, s16, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+            else qmm_pairs_n(q, qp, d, s, s16, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
+        } else if (mm == 1) {
+            *yo = qmm_row1(q, d, s, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G);
+        } else {
+            qmm_rows_n(q, d, s, mm, K, wr, sc, sdn, senc, mn, mdn, menc, kind, G, yo, ldy);
+        }
     }
 }
 
@@ -411,14 +507,16 @@ int QMATMUL_NAME(const int8_t *qx, const float *dx, const float *sx, int64_t M, 
                  int menc, int kind, int G, int64_t N, float *y, int64_t ldy, int nt) {
     const int layout = layout_id(kind, G, senc, wmin ? menc : 0);
     if (layout < 0 || K % 32 || (senc == 2 && K % 256) || (wmin && menc == 2 && K % 256)) return -1;
-    int8_t *qxp = 0;                                          /* decode, nibble layouts: qmm_pair1's activations */
+    int8_t *qxp = 0;                           /* nibble layouts: the rows pair-ordered for qmm_pair1 / qmm_pairs */
     float *sx16 = 0;
-    if (M == 1 && kind != 8 && (qxp = malloc((size_t)K + (kind == 6 ? (size_t)K / 16 * sizeof(float) : 0) + 32))) {
-        if (kind == 6) sx16 = (float *)(((uintptr_t)(qxp + K) + 31) & ~(uintptr_t)31);
-        pair_order(qx, dx, K, qxp, sx16);
+    const size_t xbytes = (size_t)(M * K);
+    if (kind != 8 && (qxp = malloc(xbytes + (kind == 6 ? xbytes / 16 * sizeof(float) : 0) + 32))) {
+        if (kind == 6) sx16 = (float *)(((uintptr_t)(qxp + xbytes) + 31) & ~(uintptr_t)31);
+        for (int64_t m = 0; m < M; m++)
+            pair_order(qx + m * K, dx + m * (K / 32), K, qxp + m * K, sx16 ? sx16 + m * (K / 16) : 0);
     }
 #define QMM_ONE(k, g, se, me) y[n] = qmm_one(qx, qxp, sx16, dx, sx, K, w, scale, sd, wmin, md, n, k, g, se, me)
-#define QMM_MANY(k, g, se, me) qmm_many(qx, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
+#define QMM_MANY(k, g, se, me) qmm_many(qx, qxp, sx16, dx, sx, M, K, w, scale, sd, wmin, md, n, y, ldy, k, g, se, me)
     if (M == 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (N * K > 32768)
         for (int64_t n = 0; n < N; n++) {
