@@ -77,7 +77,10 @@ void quantize_x(const float *x, int64_t M, int64_t K, int8_t *qx, float *dx, flo
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
         float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < 32; j++) {                 /* not fmaxf: without -ffast-math gcc calls libm for it */
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int s = 0;
         for (int j = 0; j < 32; j++) {
