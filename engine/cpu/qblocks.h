@@ -175,6 +175,30 @@ static inline __attribute__((always_inline)) void block_step(
     const float s1 = G == 32 ? 0.f : group_scale(scale, sd, senc, 2 * (b) + 1, b);                                \
     const float mb = menc ? group_scale(wmin, md, menc, b, b) : 0.f;
 
+/* The multi-row kernels' end: blocks b .. nb - 1 one at a time (block_step) for each of the MM rows, then
+ * y[i * ldy] = the row's accumulator and scalar terms. */
+static inline __attribute__((always_inline)) void rows_finish(
+        const int8_t *qx, const float *dx, const float *sx, const int MM, int64_t K, int64_t b, const uint8_t *wr,
+        const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
+        const int kind, const int G, __m256 *acc, float *rm, float *y, int64_t ldy) {
+    const int64_t nb = K / 32, BB = block_bytes(kind);
+    for (; b < nb; b++) {
+        BLOCK_PREP(b)
+#pragma GCC unroll 8
+        for (int i = 0; i < MM; i++)
+            block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+}
+
+/* A multi-row kernel call with its row count MM a constant in each branch (2 <= mm <= 8): CALL(MM) is the call. */
+#define ROWS_SWITCH(mm, CALL)                                                                                      \
+    switch (mm) {                                                                                                  \
+        case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; case 5: CALL(5); break;           \
+        case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break;                                  \
+    }
+
 /* One row of W against MM rows of x (2 <= MM <= 8, a constant at each call site: qmm_rows_n's switch, so that the
  * per-row accumulators and scale vectors stay in registers). Blocks go 8 at a time as in qmm_row1: the weight row's
  * 8 (G 16: 16) group scales are one vector, times each row's dx as one vector per row; the mins and kind 5's offset
@@ -221,14 +245,7 @@ static inline __attribute__((always_inline)) void qmm_rows(
             }
         }
     }
-    for (; b < nb; b++) {
-        BLOCK_PREP(b)
-#pragma GCC unroll 8
-        for (int i = 0; i < MM; i++)
-            block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+    rows_finish(qx, dx, sx, MM, K, b, wr, scale, sd, senc, wmin, md, menc, kind, G, acc, rm, y, ldy);
 }
 
 /* qmm_rows with MM a constant in each branch (2 <= mm <= 8). */
@@ -236,11 +253,8 @@ static inline __attribute__((always_inline)) void qmm_rows_n(
         const int8_t *qx, const float *dx, const float *sx, const int mm, int64_t K, const uint8_t *wr,
         const void *scale, const float *sd, const int senc, const void *wmin, const float *md, const int menc,
         const int kind, const int G, float *y, int64_t ldy) {
-#define QMM_ROWS(MM) qmm_rows(qx, dx, sx, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy); break;
-    switch (mm) {
-        case 2: QMM_ROWS(2) case 3: QMM_ROWS(3) case 4: QMM_ROWS(4) case 5: QMM_ROWS(5)
-        case 6: QMM_ROWS(6) case 7: QMM_ROWS(7) default: QMM_ROWS(8)
-    }
+#define QMM_ROWS(MM) qmm_rows(qx, dx, sx, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy)
+    ROWS_SWITCH(mm, QMM_ROWS)
 #undef QMM_ROWS
 }
 
@@ -287,6 +301,16 @@ static inline __attribute__((always_inline)) float qmm_row1(
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(rmv) + r;
 }
 
+/* G 16 (kind 6): the 16 int16 group scales of 8 blocks as c16[0] (groups 0-7, both 128-bit halves) and c16[1]
+ * (8-15); g16_scales(c16, p, hi) picks pair p's for its lo (hi = 0: groups 4p + {0, 2} of the 8 blocks' relative
+ * groups, one per 128-bit half) or its hi vector (4p + {1, 3}), each repeated over the half's 8 int16 lanes. */
+static inline __attribute__((always_inline)) __m256i g16_scales(const __m256i c16[2], const int p, const int hi) {
+    const char a = (char)(8 * (p & 1) + 2 * hi), b = (char)(a + 4);   /* byte offsets of the two int16 scales */
+    const __m256i sel = _mm256_setr_epi8(a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1,
+                                         b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1);
+    return _mm256_shuffle_epi8(c16[p >> 1], sel);
+}
+
 /* The activations of one row in unpack_pair's order, for the decode kernel below: per 64 inputs (blocks b, b + 1),
  * elements 0-15 of b, 0-15 of b + 1, 16-31 of b, 16-31 of b + 1 (an odd last block stays as it is). sx16[g] =
  * dx * sum(qx) over inputs 16 g .. 16 g + 15 (kind 6's -32 offset). */
@@ -317,15 +341,6 @@ static inline __attribute__((always_inline)) float qmm_pair1(
         const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin, const float *md,
         const int menc, const int kind, const int G) {
     const int64_t nb = K / 32, BB = block_bytes(kind);
-    /* G 16: pshufb controls picking int16 group scales (relative group 4p + {0, 2} for lo, 4p + {1, 3} for hi) */
-    const __m256i sel_lo[2] = {_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                                4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5),
-                               _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9,
-                                                12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13)};
-    const __m256i sel_hi[2] = {_mm256_setr_epi8(2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-                                                6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
-                               _mm256_setr_epi8(10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11,
-                                                14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15)};
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, rmv = _mm256_setzero_ps();
     float r = 0.f;
     int64_t b = 0;
@@ -356,8 +371,8 @@ static inline __attribute__((always_inline)) float qmm_pair1(
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
             __m256i s32;
             if (G == 32) s32 = dot2_u8s8(lo, x0, hi, x1);
-            else s32 = dot2_s16(_mm256_maddubs_epi16(lo, x0), _mm256_shuffle_epi8(c16[p >> 1], sel_lo[p & 1]),
-                                _mm256_maddubs_epi16(hi, x1), _mm256_shuffle_epi8(c16[p >> 1], sel_hi[p & 1]));
+            else s32 = dot2_s16(_mm256_maddubs_epi16(lo, x0), g16_scales(c16, p, 0),
+                                _mm256_maddubs_epi16(hi, x1), g16_scales(c16, p, 1));
             const __m256 sv = _mm256_permutevar8x32_ps(sa, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p,
                                                                              2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
             acc[p & 1] = _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(s32), acc[p & 1]);
@@ -380,14 +395,6 @@ static inline __attribute__((always_inline)) void qmm_pairs(
         int64_t K, const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin,
         const float *md, const int menc, const int kind, const int G, float *y, int64_t ldy) {
     const int64_t nb = K / 32, BB = block_bytes(kind);
-    const __m256i sel_lo[2] = {_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                                4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5),
-                               _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9,
-                                                12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13)};
-    const __m256i sel_hi[2] = {_mm256_setr_epi8(2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-                                                6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
-                               _mm256_setr_epi8(10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11,
-                                                14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15)};
     __m256 acc[8];
     float rm[8];
 #pragma GCC unroll 8
@@ -422,7 +429,7 @@ static inline __attribute__((always_inline)) void qmm_pairs(
         for (int p = 0; p < 4; p++) {
             __m256i lo, hi, slo = _mm256_setzero_si256(), shi = slo;
             unpack_pair(wr + (b + 2 * p) * BB, kind, &lo, &hi);
-            if (G == 16) slo = _mm256_shuffle_epi8(c16[p >> 1], sel_lo[p & 1]), shi = _mm256_shuffle_epi8(c16[p >> 1], sel_hi[p & 1]);
+            if (G == 16) slo = g16_scales(c16, p, 0), shi = g16_scales(c16, p, 1);
             const __m256i lane = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
 #pragma GCC unroll 8
             for (int i = 0; i < MM; i++) {
@@ -435,14 +442,7 @@ static inline __attribute__((always_inline)) void qmm_pairs(
             }
         }
     }
-    for (; b < nb; b++) {
-        BLOCK_PREP(b)
-#pragma GCC unroll 8
-        for (int i = 0; i < MM; i++)
-            block_step(wq, wa, s0, s1, mb, qx + i * K + b * 32, dx[i * nb + b], sx[i * nb + b], kind, G, menc, &acc[i], &rm[i]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MM; i++) y[i * ldy] = hsum(acc[i]) + rm[i];
+    rows_finish(qx, dx, sx, MM, K, b, wr, scale, sd, senc, wmin, md, menc, kind, G, acc, rm, y, ldy);
 }
 
 /* qmm_pairs with MM a constant in each branch (2 <= mm <= 8). */
@@ -450,11 +450,8 @@ static inline __attribute__((always_inline)) void qmm_pairs_n(
         const int8_t *qx, const int8_t *qxp, const float *dx, const float *sx, const float *sx16, const int mm,
         int64_t K, const uint8_t *wr, const void *scale, const float *sd, const int senc, const void *wmin,
         const float *md, const int menc, const int kind, const int G, float *y, int64_t ldy) {
-#define QMM_PAIRS(MM) qmm_pairs(qx, qxp, dx, sx, sx16, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy); break;
-    switch (mm) {
-        case 2: QMM_PAIRS(2) case 3: QMM_PAIRS(3) case 4: QMM_PAIRS(4) case 5: QMM_PAIRS(5)
-        case 6: QMM_PAIRS(6) case 7: QMM_PAIRS(7) default: QMM_PAIRS(8)
-    }
+#define QMM_PAIRS(MM) qmm_pairs(qx, qxp, dx, sx, sx16, MM, K, wr, scale, sd, senc, wmin, md, menc, kind, G, y, ldy)
+    ROWS_SWITCH(mm, QMM_PAIRS)
 #undef QMM_PAIRS
 }
 
