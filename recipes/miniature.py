@@ -4,7 +4,7 @@
     mcl miniature run                         # the next unfinished shard of the next unfinished stage, then on
     mcl miniature run --shards 1 --commit     # one shard, its files committed to git as it finishes
     mcl miniature run --stage speed           # only that stage
-    mcl miniature gate                        # teacher vs student on the finished shards -> gate.json + table
+    mcl miniature gate                        # teacher vs student (and the speed stage) -> gate.json + tables
     mcl miniature sft --out runs/miniature/sft.jsonl     # SFT inputs rebuilt from the committed records
     (each takes --config FILE and key=value overrides of its [campaign] table)
 
@@ -24,7 +24,7 @@ Stages, in order; a stage is a list of shards, a shard a fixed list of problems 
 A shard runs its arms one after another, each a child process (recipes/miniature_arm.py) that appends each
 finished problem to runs/miniature/<stage>/shard-NNN/<arm>/trajectories.jsonl (fsync'ed): a kill loses at most the
 problems in flight, and the rerun continues the same shard, at the same commit on the same CPU model (else the
-shard restarts whole). When every arm is done, the shard's records go to OUT/<stage>/shard-NNN.jsonl.gz (one line
+shard restarts whole); a speed arm, being one measurement, restarts whole (its finished arms are kept). When every arm is done, the shard's records go to OUT/<stage>/shard-NNN.jsonl.gz (one line
 per problem and arm, "arm" added) and its provenance to OUT/<stage>/shard-NNN.json: commit, CPU model and ISA
 flags, threads, load average, dates, and per arm the wall time, problems/hour and prefix-cache counters.
 """
@@ -182,10 +182,15 @@ def _die_with_parent():                              # a killed campaign takes i
 
 
 def run_arm(cfg: MiniatureConfig, shard: Shard, arm: Arm, work: Path) -> dict:
-    """Run (or resume) one arm in a child process; its result dict (recipes/miniature_arm.py)."""
+    """Run (or resume) one arm in a child process; its result dict (recipes/miniature_arm.py). A speed-stage arm is
+    a measurement of all its problems in one process, so a killed one starts over rather than resuming."""
     result = work / arm.name / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
+    if shard.stage == "speed" and (work / arm.name).is_dir():
+        print(f"miniature: {shard.stage} {shard.name} arm {arm.name} was stopped mid-measurement: starting it over",
+              flush=True)
+        shutil.rmtree(work / arm.name)
     tree = _tree(cfg, arm)
     (work / arm.name).mkdir(parents=True, exist_ok=True)
     spec = {"model": arm.model, "weights": arm.weights, "problems": str(work / "problems.json"), "k": cfg.k,
@@ -386,15 +391,67 @@ def gate(cfg: MiniatureConfig, out_json: str = "bench/results/miniature/gate.jso
                        for role in ROLES},
             "problem_errors": sum(bool(r.get("error")) for r in recs.values()),
         }
+    result["speed"] = speed_results(cfg)
     _write_atomic(Path(out_json), (json.dumps(result, indent=1) + "\n").encode())
     a = result["pass_at_1_all"]
     print(f"gate on {a['n']} problems ({len(shards)} shards): teacher {a['teacher']}/{a['n']}, student "
           f"{a['student']}/{a['n']}, delta {a['delta_teacher_minus_student']:+.3f} ci95 {a['ci95']} "
-          f"McNemar p {a['mcnemar_p']:.3g} -> {out_json}")
-    for arm in ("teacher", "student"):
-        ff = ", ".join(f"{r} {f}/{n}" for r, (f, n) in result[arm]["format_failures"].items())
-        print(f"  {arm}: format failures {ff}")
+          f"McNemar p {a['mcnemar_p']:.3g} -> {out_json}\n")
+    print(markdown(result))
     return result
+
+
+def speed_results(cfg: MiniatureConfig) -> list[dict]:
+    """Each finished speed shard (one model, its arms side by side on the same problems and machine): per arm
+    problems/hour, passed, prompt / prefilled / decoded tokens and the prefix-cache token hit rate; and the ratios
+    of "after_q4"'s problems/hour to each "before" arm's."""
+    out = []
+    for meta, _ in finished(cfg, "speed"):
+        arms = {}
+        for name, a in meta["arms"].items():
+            pre, sch = a.get("prefix", {}), a.get("scheduler", {})
+            arms[name] = {"weights": a["weights"], "code": a.get("commit", "")[:7], "problems": a["problems_run"],
+                          "passed": a["passed"], "wall_s": a["wall_s"], "problems_per_hour": a["problems_per_hour"],
+                          "prompt_tokens": pre.get("prompt_tokens"), "prefill_tokens": pre.get("prefill_tokens"),
+                          "decode_tokens": sch.get("decode_tokens"), "token_hit_rate": pre.get("token_hit_rate")}
+        after = arms.get("after_q4", {}).get("problems_per_hour")
+        ratios = {f"after_q4_vs_{n}": round(after / a["problems_per_hour"], 2) for n, a in arms.items()
+                  if n != "after_q4" and after and a["problems_per_hour"]}
+        out.append({"shard": meta["shard"], "model": next(iter(meta["arms"].values()))["model"],
+                    "cpu_model": meta["cpu_model"], "threads": meta["threads"], "finished": meta["finished"],
+                    "arms": arms, **ratios})
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The gate (and the speed stage, when run) as markdown tables, every figure from `result` (gate.json)."""
+    lines = ["| problems | n | teacher passed | student passed | teacher - student (ci95) | McNemar p |",
+             "|---|---|---|---|---|---|"]
+    for name, label in (("all", "all training problems"), ("held_out", "held-out subset")):
+        a = result.get(f"pass_at_1_{name}")
+        if a:
+            lines.append(f"| {label} | {a['n']} | {a['teacher']} ({a['teacher'] / a['n']:.1%}) | {a['student']} "
+                         f"({a['student'] / a['n']:.1%}) | {100 * a['delta_teacher_minus_student']:+.1f} pts "
+                         f"[{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}] | {a['mcnemar_p']:.2g} |")
+    t, st = result["teacher"], result["student"]
+    lines += ["", f"| role | teacher format failures | teacher prompt / new tokens | student format failures "
+                  f"| student prompt / new tokens |", "|---|---|---|---|---|"]
+    for k in ROLES:
+        lines.append(f"| {k} | " + " | ".join(f"{r['format_failures'][k][0]}/{r['format_failures'][k][1]} | "
+                                             f"{r['tokens'][k]['prompt']:,} / {r['tokens'][k]['completion']:,}"
+                                             for r in (t, st)) + " |")
+    rate = result["problems_per_hour"]
+    lines += ["", f"Problems/hour over the trajectory shards ({', '.join(result['cpus'])}): teacher {t['model']} "
+                  f"{rate.get(t['model'], '?')}, student {st['model']} {rate.get(st['model'], '?')}."]
+    if result.get("speed"):
+        lines += ["", "| model | arm | code | weights | problems | passed | problems/hour | prefix-cache token hit rate "
+                      "| after_q4 / this |", "|---|---|---|---|---|---|---|---|---|"]
+        for sh in result["speed"]:
+            for name, a in sh["arms"].items():
+                ratio = sh.get(f"after_q4_vs_{name}", "")
+                lines.append(f"| {sh['model']} | {name} | {a['code']} | {a['weights']} | {a['problems']} | {a['passed']} "
+                             f"| {a['problems_per_hour']} | {a['token_hit_rate']} | {f'{ratio}x' if ratio else ''} |")
+    return "\n".join(lines)
 
 
 # --- SFT inputs from the committed records -----------------------------------------------------------------

@@ -105,3 +105,60 @@ def test_killed_mid_shard_resumes_without_lost_or_repeated_problems(tmp_path):
     assert stats["problems"] == 2                                        # the 2 problems that are not held out
     assert stats["passed_hidden"] == sum(r["passed"] for r in records if r["arm"] == "teacher"
                                          and r["id"] in meta["problems"][2:])
+
+
+def _speed_shard(out: Path, index: int, model: str, rates: dict[str, float]) -> None:
+    arms = {name: {"model": model, "weights": "fp32" if "fp32" in name else "q4", "commit": "0123456789abcdef",
+                   "problems_run": 40, "passed": 12, "wall_s": 3600 * 40 / r, "problems_per_hour": r,
+                   "prefix": {"prompt_tokens": 1000, "prefill_tokens": 600, "token_hit_rate": 0.4},
+                   "scheduler": {"decode_tokens": 500}} for name, r in rates.items()}
+    d = out / "speed"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"shard-{index:03d}.jsonl.gz").write_bytes(gzip.compress(b""))
+    (d / f"shard-{index:03d}.json").write_text(json.dumps(
+        {"shard": index, "cpu_model": "Test CPU", "threads": 2, "finished": "2026-12-07T00:00:00+00:00", "arms": arms}))
+
+
+def test_speed_results_and_tables_come_from_the_shard_files(tmp_path):
+    from recipes.miniature import markdown, speed_results
+    cfg = MiniatureConfig(out=str(tmp_path))
+    _speed_shard(tmp_path, 0, "qwen2.5-coder-0.5b", {"before_fp32": 100.0, "before_q4": 200.0, "after_q4": 300.0})
+    _speed_shard(tmp_path, 1, "qwen2.5-coder-1.5b", {"before_fp32": 25.0, "before_q4": 50.0, "after_q4": 80.0})
+    sp = speed_results(cfg)
+    assert [s["model"] for s in sp] == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert sp[0]["after_q4_vs_before_fp32"] == 3.0 and sp[0]["after_q4_vs_before_q4"] == 1.5
+    assert sp[1]["after_q4_vs_before_fp32"] == 3.2 and sp[1]["after_q4_vs_before_q4"] == 1.6
+    assert sp[1]["arms"]["before_q4"]["token_hit_rate"] == 0.4 and sp[1]["arms"]["after_q4"]["code"] == "0123456"
+    fmt = {r: [1, 10] for r in ("retriever", "planner", "coder", "debugger")}
+    tok = {r: {"prompt": 1234, "completion": 56} for r in fmt}
+    result = {"pass_at_1_all": {"n": 10, "teacher": 6, "student": 3, "delta_teacher_minus_student": 0.3,
+                                "ci95": [0.1, 0.5], "mcnemar_p": 0.0312},
+              "teacher": {"model": "T", "format_failures": fmt, "tokens": tok},
+              "student": {"model": "S", "format_failures": fmt, "tokens": tok},
+              "problems_per_hour": {"T": 90.5, "S": 270.0}, "cpus": ["Test CPU"], "speed": sp}
+    md = markdown(result)
+    assert "| all training problems | 10 | 6 (60.0%) | 3 (30.0%) | +30.0 pts [+10.0, +50.0] | 0.031 |" in md
+    assert "| planner | 1/10 | 1,234 / 56 | 1/10 | 1,234 / 56 |" in md and "teacher T 90.5, student S 270.0" in md
+    assert "| qwen2.5-coder-1.5b | before_fp32 | 0123456 | fp32 | 40 | 12 | 25.0 | 0.4 | 3.2x |" in md
+
+
+def test_a_stopped_speed_arm_starts_over_and_a_trajectory_arm_resumes(tmp_path, monkeypatch):
+    import recipes.miniature as mini
+    seen = {}
+
+    def fake_run(cmd, cwd, env, preexec_fn):                 # the arm's child process: records what it found
+        spec = json.loads(Path(cmd[-1]).read_text())
+        seen[spec["out"]] = _lines(Path(spec["out"]) / "trajectories.jsonl")
+        Path(spec["result"]).write_text(json.dumps({"problems_run": 1, "wall_s": 1.0}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(mini.subprocess, "run", fake_run)
+    monkeypatch.setattr(mini, "git_commit", lambda tree=None: "c0ffee")
+    cfg = MiniatureConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"))
+    for stage in ("speed", "trajectories"):
+        shard = mini.Shard(stage, 0, [], [mini.Arm("a", "m", "q4")])
+        work = tmp_path / "work" / stage / shard.name
+        (work / "a").mkdir(parents=True)
+        (work / "a" / "trajectories.jsonl").write_text(json.dumps({"id": "p1"}) + "\n")
+        mini.run_arm(cfg, shard, shard.arms[0], work)
+        assert seen[str(work / "a")] == ([] if stage == "speed" else [{"id": "p1"}])
