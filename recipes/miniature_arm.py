@@ -11,18 +11,27 @@ losing or repeating a finished problem. Result: {"problems_run", "wall_s" (the p
 "load_s", "prefix" (the scheduler's prefix-cache counters), "scheduler" (its step counters)}.
 
 Only APIs that the older commits measured here also have are used (Problem.from_dict, open_local(weights=...),
-DistillConfig, distill(cfg, backend=, problems=), Scheduler.prefix_summary).
+DistillConfig, distill(cfg, backend=, problems=), Scheduler.prefix_summary); the one module that moved is looked up
+in the tree's files.
 """
 import dataclasses
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
+import engine
 from engine.agents.problem import Problem
-from engine.serving.backend import open_local
 from recipes.common import set_threads
 from recipes.distill import DistillConfig, distill
+
+# open_local's module moved (engine/agents/backends.py -> engine/serving/backend.py); import the one of the tree on
+# PYTHONPATH by its files, since an editable install of another tree would otherwise answer for a missing module.
+if (Path(engine.__file__).parent / "serving" / "backend.py").is_file():
+    from engine.serving.backend import open_local
+else:
+    from engine.agents.backends import open_local
 
 
 def main(spec_path: str) -> int:
