@@ -3,7 +3,7 @@
     mcl miniature status                      # each stage's done/total, problems/hour per model, hours left
     mcl miniature run                         # the next unfinished shard of the next unfinished stage, then on
     mcl miniature run --shards 1 --commit     # one shard, its files committed to git as it finishes
-    mcl miniature run --stage speed           # only that stage
+    mcl miniature run --stage speed           # only that stage (--index 1: only its shard 1)
     mcl miniature gate                        # teacher vs student (and the speed stage) -> gate.json + tables
     mcl miniature sft --out runs/miniature/sft.jsonl     # SFT inputs rebuilt from the committed records
     (each takes --config FILE and key=value overrides of its [campaign] table)
@@ -278,13 +278,21 @@ def _git_commit_files(paths: list[Path], message: str) -> None:
           flush=True)
 
 
-def run(cfg: MiniatureConfig, stage: str = "", shards: int = 0, hours: float = 0.0, commit: bool = False) -> int:
-    """Run unfinished shards in stage order (only `stage` if given): at most `shards` (0 = all), starting no new
-    shard after `hours` (0 = no limit). With `commit`, each finished shard's two files are committed to git."""
+def run(cfg: MiniatureConfig, stage: str = "", shards: int = 0, hours: float = 0.0, commit: bool = False,
+        index: int = -1) -> int:
+    """Run unfinished shards in stage order (only `stage` if given, only shard `index` if >= 0): at most `shards`
+    (0 = all), starting no new shard after `hours` (0 = no limit). With `commit`, each finished shard's two files
+    are committed to git."""
     if stage and stage not in STAGES:
         raise ValueError(f"miniature: stage {stage!r}: expected one of {', '.join(STAGES)}")
+    if index >= 0 and not stage:
+        raise ValueError("miniature: --index needs --stage (shard numbers count within a stage)")
     problems, _ = select_problems(cfg)
-    todo = [s for st in STAGES if not stage or st == stage for s in plan(cfg, problems)[st] if not is_done(cfg, s)]
+    planned = plan(cfg, problems)
+    if index >= len(planned.get(stage, [])):
+        raise ValueError(f"miniature: stage {stage} has shards 0..{len(planned[stage]) - 1}, not {index}")
+    todo = [s for st in STAGES if not stage or st == stage for s in planned[st]
+            if not is_done(cfg, s) and index in (-1, s.index)]
     t0, ran = time.time(), 0
     for s in todo:
         if (shards and ran >= shards) or (hours and time.time() - t0 > hours * 3600):
@@ -486,6 +494,8 @@ def cli_miniature(action: str, argv: list[str]) -> int:
     ap.add_argument("--config", default=None, help="campaign TOML with a [campaign] table (default recipes/miniature.toml)")
     ap.add_argument("--stage", default="", help="run: only this stage (trajectories | speed)")
     ap.add_argument("--shards", type=int, default=0, help="run: at most this many shards (0 = all)")
+    ap.add_argument("--index", type=int, default=-1, help="run: only this shard of --stage (e.g. 1: the speed "
+                                                          "stage's teacher)")
     ap.add_argument("--hours", type=float, default=0.0, help="run: start no new shard after this many hours")
     ap.add_argument("--commit", action="store_true", help="run: git-commit each finished shard's two files")
     ap.add_argument("--out", default="", help="gate: the JSON to write; sft: the examples file")
@@ -495,7 +505,7 @@ def cli_miniature(action: str, argv: list[str]) -> int:
     if action == "status":
         status(cfg)
     elif action == "run":
-        run(cfg, a.stage, a.shards, a.hours, a.commit)
+        run(cfg, a.stage, a.shards, a.hours, a.commit, a.index)
         status(cfg)
     elif action == "gate":
         gate(cfg, a.out or "bench/results/miniature/gate.json")

@@ -162,3 +162,17 @@ def test_a_stopped_speed_arm_starts_over_and_a_trajectory_arm_resumes(tmp_path, 
         (work / "a" / "trajectories.jsonl").write_text(json.dumps({"id": "p1"}) + "\n")
         mini.run_arm(cfg, shard, shard.arms[0], work)
         assert seen[str(work / "a")] == ([] if stage == "speed" else [{"id": "p1"}])
+
+
+@needs_data
+def test_run_index_picks_one_shard_of_a_stage(tmp_path, monkeypatch):
+    import recipes.miniature as mini
+    ran = []
+    monkeypatch.setattr(mini, "run_shard", lambda cfg, s: ran.append((s.stage, s.index)) or
+                        {"arms": {"a": {"passed": 0, "problems_per_hour": 1.0}}, "cpu_model": "x"})
+    cfg = MiniatureConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"))
+    assert mini.run(cfg, "speed", index=1) == 1 and ran == [("speed", 1)]
+    with pytest.raises(ValueError, match="shards 0..1, not 2"):
+        mini.run(cfg, "speed", index=2)
+    with pytest.raises(ValueError, match="needs --stage"):
+        mini.run(cfg, index=0)
