@@ -1,6 +1,7 @@
 """`mcl eval`: run a strategy over a benchmark, score each final program on the hidden tests, and write
 DIR/problems.jsonl (one line per problem: every agent call, sample-test attempts, the final verdict) and
-DIR/summary.json (pass@1, format failures per role, tokens per role, wall time, peak memory).
+DIR/summary.json (pass@1, format failures per role, tokens per role, wall time, peak memory: CUDA's peak allocation,
+or on the CPU the process's peak RSS from the run's start, model included; `peak_mem_kind` says which).
 
     mcl eval --benchmark humaneval --strategy mapcoder -k 2 -t 2 --limit 10 --out runs/eval_base
     mcl eval --benchmark mbpp --adapters runs/main/adapters --out runs/eval_adapted
@@ -41,10 +42,28 @@ def load_benchmark(name: str, data: str | None = None, limit: int | None = None)
     return load(name, path=data, limit=limit)
 
 
-def _peak_mem() -> tuple[int, str]:
+def _reset_peak_rss() -> bool:
+    """Linux: set the process's peak RSS (VmHWM) to its current RSS, so that the peak read at the end of a run is
+    the run's and not, say, a training step's earlier in the same process. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mem(since_reset: bool) -> tuple[int, str]:
+    """(bytes, kind): CUDA's peak allocation; else the process's peak RSS since _reset_peak_rss (shared by runs
+    going on at once in the process), or since the process began where it could not be reset."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    if since_reset:
+        with open("/proc/self/status") as f:
+            kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+        if kb is not None:
+            return kb * 1024, "process_peak_rss_since_eval_start"
     import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
@@ -116,6 +135,7 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
+    rss_reset = _reset_peak_rss()
     benchmark = benchmark or (problems[0].benchmark if problems else "")
     settings = {"benchmark": benchmark, "strategy": strategy, "model": model, "k": k, "t": t,
                 "max_new_tokens": max_new_tokens, "problems": [p.id for p in problems]}
@@ -140,7 +160,7 @@ def run_eval(problems: list[Problem], backend, strategy: str = "mapcoder", k: in
     partial.unlink()
     (out / "run.json").unlink()
     wall = time.perf_counter() - t0
-    peak, peak_kind = _peak_mem()
+    peak, peak_kind = _peak_mem(rss_reset)
     summary = summarize(records, benchmark=benchmark, strategy=strategy, model=model, k=k, t=t,
                         concurrency=concurrency, max_new_tokens=max_new_tokens)
     completion = sum(v["completion"] for v in summary["tokens"].values())

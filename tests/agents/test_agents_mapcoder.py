@@ -230,6 +230,28 @@ def test_run_eval_runs_problems_concurrently_and_writes_files(tmp_path):
     assert roles.index("planner") < max(i for i, r in enumerate(roles) if r == "retriever")
 
 
+def test_run_eval_peak_memory_is_the_runs_not_the_process_lifetimes(tmp_path):
+    """A peak earlier in the process (the main job trains before it evaluates) is not the evaluation's."""
+    import numpy as np
+    big = np.ones(60_000_000)                               # 480 MB touched, then freed before the run
+    del big
+    b = ScriptedBackend(lambda role, step, user: code("PASS") if step == "code" else
+                        retrieval(1) if step == "retrieve" else "1. A plan." if step == "plan" else "<confidence>90</confidence>")
+    s = run_eval([problem("p0")], b, "mapcoder", k=1, t=1, out_dir=tmp_path, concurrency=1,
+                 run_tests=fake_run_tests, progress=False)
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pytest.skip("this system cannot reset a process's peak RSS (/proc/self/clear_refs)")
+    assert s["peak_mem_kind"] == "process_peak_rss_since_eval_start"
+    assert 0 < s["peak_mem_bytes"] < 400e6 + _rss_bytes()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def test_run_eval_records_a_crashing_problem_and_goes_on(tmp_path, capsys):
     def answer(role, step, user):
         if "Problem bad" in user:
