@@ -221,7 +221,7 @@ def _dirty(tree: Path) -> bool:
 
 
 def run_shard(cfg: MiniatureConfig, shard: Shard) -> dict:
-    work = Path(cfg.work) / shard.stage / shard.name
+    work = Path(cfg.work).resolve() / shard.stage / shard.name      # absolute: an arm runs in its own tree
     machine = {"commit": git_commit(), "dirty": _dirty(CODE), **isa(), "logical_cpus": os.cpu_count(), "threads": cfg.threads}
     marker = work / "started.json"
     if marker.is_file():

@@ -147,18 +147,30 @@ def test_a_stopped_speed_arm_starts_over_and_a_trajectory_arm_resumes(tmp_path, 
     seen = {}
 
     def fake_run(cmd, cwd, env, preexec_fn):                 # the arm's child process: records what it found
+        assert Path(cmd[-1]).is_absolute()                  # it runs in its own tree (cwd), not the campaign's
         spec = json.loads(Path(cmd[-1]).read_text())
+        assert all(Path(spec[k]).is_absolute() for k in ("problems", "out", "result"))
         seen[spec["out"]] = _lines(Path(spec["out"]) / "trajectories.jsonl")
         Path(spec["result"]).write_text(json.dumps({"problems_run": 1, "wall_s": 1.0}))
         return subprocess.CompletedProcess(cmd, 0)
 
+    def stop(cfg, shard, arm, work):
+        seen["work"] = work
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mini, "run_arm", stop)
+    monkeypatch.chdir(tmp_path)
+    cfg = MiniatureConfig(out="out", work="work")                       # relative, as in recipes/miniature.toml
+    with pytest.raises(KeyboardInterrupt):
+        mini.run_shard(cfg, mini.Shard("speed", 0, [], [mini.Arm("a", "m", "q4")]))
+    assert seen.pop("work") == tmp_path / "work" / "speed" / "shard-000"           # absolute
+    monkeypatch.undo()
     monkeypatch.setattr(mini.subprocess, "run", fake_run)
     monkeypatch.setattr(mini, "git_commit", lambda tree=None: "c0ffee")
-    cfg = MiniatureConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"))
     for stage in ("speed", "trajectories"):
         shard = mini.Shard(stage, 0, [], [mini.Arm("a", "m", "q4")])
         work = tmp_path / "work" / stage / shard.name
-        (work / "a").mkdir(parents=True)
+        (work / "a").mkdir(parents=True, exist_ok=True)
         (work / "a" / "trajectories.jsonl").write_text(json.dumps({"id": "p1"}) + "\n")
         mini.run_arm(cfg, shard, shard.arms[0], work)
         assert seen[str(work / "a")] == ([] if stage == "speed" else [{"id": "p1"}])
