@@ -1,8 +1,11 @@
-"""`mcl correct`: supervisor-guided correction of the teacher's failed trajectories (MapCoder-Lite, sec. 3.2).
+"""`mcl correct`: supervisor-guided correction of failed trajectories (MapCoder-Lite, sec. 3.2): the teacher's, or the
+student's own as the paper does.
 
     mcl correct --config recipes/mini_e2e.toml                                  # the [correct] table
     mcl correct trajectories=runs/distill/trajectories.jsonl out=runs/correct rounds=2
     mcl correct supervisor_url=http://127.0.0.1:8000 supervisor_model=qwen2.5-72b ...
+    mcl correct trajectories=STUDENT.jsonl teacher=qwen2.5-coder-0.5b supervisor=qwen2.5-coder-1.5b \
+        fallback=qwen2.5-coder-1.5b weights=q4     # the student's failures: the student first, the 1.5B after
 
     from recipes.correct import CorrectConfig, correct, parse_verdict
     stats = correct(cfg, teacher=backend, supervisor=backend2, run_tests=...)
@@ -15,6 +18,8 @@ For each trajectory of `mcl distill` whose final program fails the problem's tes
                       the coder writes a program from the new plan (its ordinary prompt)
     coder at fault:   the coder answers its original prompt again, with the feedback as a follow-up turn
     the new program is run on the sample and hidden tests: all pass -> corrected, stop
+    still failing, and a `fallback` model is set: it answers the same feedback from the same point (the paper's
+    order: the small model corrects itself first, a stronger one after); the record names who corrected it
 
 A corrected trajectory yields training examples whose prompts are the agents' ORIGINAL prompts (no feedback,
 no supervisor): the student learns to answer right the first time. Kept: the retriever call (if
@@ -57,6 +62,8 @@ class CorrectConfig:
     teacher_url: str = ""
     teacher_model: str = ""
     supervisor: str = ""                 # "" = the teacher (the miniature); the paper uses a stronger model
+    fallback: str = ""                   # a local model that regenerates when the teacher's program still fails
+                                         # ("" = none; the paper's order: the student itself, then a stronger one)
     supervisor_url: str = ""
     supervisor_model: str = ""
     api_key_env: str = "OPENAI_API_KEY"
@@ -74,7 +81,7 @@ class CorrectConfig:
 
 
 PINNED = ("trajectories", "teacher", "teacher_url", "teacher_model", "supervisor", "supervisor_url",
-          "supervisor_model", "rounds", "max_new_tokens")
+          "supervisor_model", "fallback", "rounds", "max_new_tokens")
 
 
 # --- the supervisor's prompt and its verdict ---------------------------------------------------------------
@@ -233,13 +240,54 @@ def _call_record(role, step, messages, c, status, reason="") -> dict:
             "error": c.error}
 
 
-def correct_one(t: Trajectory, teacher, supervisor, run_tests, rounds: int, max_new_tokens: int) -> dict:
+@dataclass
+class _Attempt:
+    """The trajectory's plan and program as corrected so far: each agent's messages and answer."""
+    plan_msgs: list
+    plan_ans: str
+    plan_text: str
+    code_msgs: list
+    code_ans: str
+    code: str
+    plan_changed: bool = False
+
+
+def _regenerate(backend, v: Verdict, a: _Attempt, problem, algorithm, max_new_tokens: int, parse_code):
+    """The blamed agent answers again with the feedback (planner: then the coder from the new plan) ->
+    (the new attempt or None, the call records, the failure or None)."""
+    recs = []
+    if v.agent == "planner":
+        msgs = feedback_turn(a.plan_msgs, a.plan_ans, v.feedback)
+        c = backend.chat("planner", msgs, max_new_tokens=max_new_tokens, temperature=0.0)
+        p = FormatFailure("planner", f"backend error: {c.error}") if c.error else parsers.parse_plan(c.text)
+        recs.append(_call_record("planner", "plan", msgs, c, "error" if c.error else "ok" if p else "failed",
+                                 "" if p else p.reason))
+        if not p:
+            return None, recs, "planner backend error" if c.error else "regenerated plan: format failure"
+        a = dataclasses.replace(a, plan_ans=c.text, plan_text=p.text, plan_changed=True,
+                                code_msgs=prompts.coder(problem, p.text, algorithm))
+        msgs_sent = a.code_msgs
+    else:
+        msgs_sent = feedback_turn(a.code_msgs, a.code_ans, v.feedback)
+    c = backend.chat("coder", msgs_sent, max_new_tokens=max_new_tokens, temperature=0.0)
+    k = FormatFailure("coder", f"backend error: {c.error}") if c.error else parse_code(c.text)
+    recs.append(_call_record("coder", "code", msgs_sent, c, "error" if c.error else "ok" if k else "failed",
+                             "" if k else k.reason))
+    if not k:
+        return None, recs, "coder backend error" if c.error else "regenerated program: format failure"
+    return dataclasses.replace(a, code_ans=c.text, code=k.code), recs, None
+
+
+def correct_one(t: Trajectory, teacher, supervisor, run_tests, rounds: int, max_new_tokens: int,
+                fallback=None, names: tuple[str, str] = ("teacher", "fallback")) -> dict:
     """One failed trajectory -> its correction record: attempts (supervisor call, verdict, regenerated calls,
-    test verdict), success, and the examples of the corrected trajectory."""
+    test verdict), success, and the examples of the corrected trajectory. The blamed agent regenerates on
+    `teacher`; when its program still fails, on `fallback` (if given) from the same point, with the same feedback.
+    `names` label the two in the record (`corrected_by`, each regenerated call's `by`)."""
     problem = t.problem
     calls = t.calls
     out = {"id": t.id, "index": t.index, "attempts": [], "success": False, "blame": None,
-           "skipped": None, "examples": []}
+           "skipped": None, "corrected_by": None, "examples": []}
     coder_call = _first(calls, "coder", "code")
     if coder_call is None or coder_call.status == "error":
         out["skipped"] = "no coder call to correct"
@@ -252,22 +300,22 @@ def correct_one(t: Trajectory, teacher, supervisor, run_tests, rounds: int, max_
     algorithm = t.algorithm
     parse_code = lambda text: parsers.parse_code(text, role="coder", entry_point=problem.entry_point,  # noqa: E731
                                                  starter_code=problem.starter_code)
-    # The current state of the trajectory: (messages, answer) for the plan and the program.
-    plan_msgs = plan_call.messages if plan_call else prompts.planner(problem, None, algorithm)
     plan_ans = plan_call.response if plan_call else ""
-    plan_text = (parsers.parse_plan(plan_ans) or parsers.Plan("")).text if plan_ans else ""
-    code_msgs, code_ans = coder_call.messages, coder_call.response
-    code = (parse_code(code_ans) or parsers.Code("")).code
-    plan_changed = False
+    cur = _Attempt(plan_msgs=plan_call.messages if plan_call else prompts.planner(problem, None, algorithm),
+                   plan_ans=plan_ans,
+                   plan_text=(parsers.parse_plan(plan_ans) or parsers.Plan("")).text if plan_ans else "",
+                   code_msgs=coder_call.messages, code_ans=coder_call.response,
+                   code=(parse_code(coder_call.response) or parsers.Code("")).code)
+    regenerators = [(names[0], teacher)] + ([(names[1], fallback)] if fallback is not None else [])
 
     for rnd in range(1, rounds + 1):
-        ok, report, hidden = _passes(problem, code, run_tests)
+        ok, report, hidden = _passes(problem, cur.code, run_tests)
         if ok:                                                      # (the coder's own program passes after all)
             out["skipped"] = "program passes" if rnd == 1 else None
             break
         att = {"round": rnd, "verdict": None, "regenerated": [], "passed": False, "failure": None}
         out["attempts"].append(att)
-        sup_msgs = supervisor_prompt(problem, plan_text, code, _report_text(problem, report, hidden))
+        sup_msgs = supervisor_prompt(problem, cur.plan_text, cur.code, _report_text(problem, report, hidden))
         c = supervisor.chat("supervisor", sup_msgs, max_new_tokens=max_new_tokens, temperature=0.0)
         if c.error:
             att["supervisor"] = _call_record("supervisor", "supervise", sup_msgs, c, "error", c.error)
@@ -281,45 +329,32 @@ def correct_one(t: Trajectory, teacher, supervisor, run_tests, rounds: int, max_
             break
         att["verdict"] = {"agent": v.agent, "feedback": v.feedback, "how": v.how}
         out["blame"] = v.agent
-        if v.agent == "planner":
-            msgs = feedback_turn(plan_msgs, plan_ans, v.feedback)
-            c = teacher.chat("planner", msgs, max_new_tokens=max_new_tokens, temperature=0.0)
-            p = FormatFailure("planner", f"backend error: {c.error}") if c.error else parsers.parse_plan(c.text)
-            att["regenerated"].append(_call_record("planner", "plan", msgs, c, "error" if c.error else
-                                                   "ok" if p else "failed", "" if p else p.reason))
-            if not p:
-                att["failure"] = "planner backend error" if c.error else "regenerated plan: format failure"
+        following = None                                    # the first valid regenerated attempt: the next round's
+        for name, backend in regenerators:
+            new, recs, failure = _regenerate(backend, v, cur, problem, algorithm, max_new_tokens, parse_code)
+            att["regenerated"] += [{**r, "by": name} for r in recs]
+            att["failure"] = failure
+            if new is None:
+                continue
+            following = following or new
+            ok, report, _ = _passes(problem, new.code, run_tests)
+            if ok:
+                cur, att["passed"], out["success"], out["corrected_by"] = new, True, True, name
                 break
-            plan_ans, plan_text, plan_changed = c.text, p.text, True
-            code_msgs = prompts.coder(problem, plan_text, algorithm)
-            c = teacher.chat("coder", code_msgs, max_new_tokens=max_new_tokens, temperature=0.0)
-            msgs_sent = code_msgs
-        else:
-            msgs_sent = feedback_turn(code_msgs, code_ans, v.feedback)
-            c = teacher.chat("coder", msgs_sent, max_new_tokens=max_new_tokens, temperature=0.0)
-        k = FormatFailure("coder", f"backend error: {c.error}") if c.error else parse_code(c.text)
-        att["regenerated"].append(_call_record("coder", "code", msgs_sent, c, "error" if c.error else
-                                               "ok" if k else "failed", "" if k else k.reason))
-        if not k:
-            att["failure"] = "coder backend error" if c.error else "regenerated program: format failure"
+        if out["success"] or following is None:
             break
-        code_ans, code = c.text, k.code
-        ok, report, _ = _passes(problem, code, run_tests)
-        att["passed"] = ok
-        if ok:
-            out["success"] = True
-            break
+        cur = following
 
     if out["success"]:
         exs = []
         ret = _first(calls, "retriever")
         if ret is not None and ret.status in ("ok", "repaired"):
             exs.append(call_example(ret, t.id, "correct"))
-        if plan_call is not None or plan_changed:
-            exs.append(example("planner", "plan", plan_msgs, plan_ans, t.id, "correct", plan=i0))
-        if verify_call is not None and verify_call.status in ("ok", "repaired") and not plan_changed:
+        if plan_call is not None or cur.plan_changed:
+            exs.append(example("planner", "plan", cur.plan_msgs, cur.plan_ans, t.id, "correct", plan=i0))
+        if verify_call is not None and verify_call.status in ("ok", "repaired") and not cur.plan_changed:
             exs.append(call_example(verify_call, t.id, "correct"))
-        exs.append(example("coder", "code", code_msgs, code_ans, t.id, "correct", plan=i0))
+        exs.append(example("coder", "code", cur.code_msgs, cur.code_ans, t.id, "correct", plan=i0))
         out["examples"] = exs
     return out
 
@@ -343,9 +378,11 @@ def resolve_models(cfg: CorrectConfig) -> CorrectConfig:
     return cfg
 
 
-def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, progress: bool = True) -> dict:
+def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, progress: bool = True,
+            fallback=None) -> dict:
     """Correct the failed trajectories of cfg.trajectories (resuming OUT/corrections.jsonl); write
-    OUT/examples.jsonl and OUT/stats.json; return the stats."""
+    OUT/examples.jsonl and OUT/stats.json; return the stats. `fallback` (a backend) regenerates where the
+    teacher's program still fails; by default cfg.fallback's model (the supervisor's backend when it is the same)."""
     from tqdm import tqdm
     cfg = resolve_models(cfg)
     src = Path(cfg.trajectories)
@@ -383,10 +420,18 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
                 cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
             if supervisor is not teacher:
                 opened.append(supervisor)
+        if fallback is None and cfg.fallback:
+            if (cfg.fallback, "", "") == (cfg.supervisor, cfg.supervisor_url, cfg.supervisor_model):
+                fallback = supervisor
+            else:
+                fallback = open_backend(cfg.fallback, "", "", cfg.api_key_env, cfg.timeout_s, cfg.retries, cfg.device,
+                                        cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
+                opened.append(fallback)
+        names = (cfg.teacher or cfg.teacher_model or "teacher", cfg.fallback or "fallback")
 
         def work(t: Trajectory):
             try:
-                return correct_one(t, teacher, supervisor, run_tests, cfg.rounds, cfg.max_new_tokens)
+                return correct_one(t, teacher, supervisor, run_tests, cfg.rounds, cfg.max_new_tokens, fallback, names)
             except Exception as e:                                  # noqa: BLE001 -- one trajectory, not the run
                 return {"id": t.id, "index": t.index, "attempts": [], "success": False, "blame": None,
                         "skipped": None, "examples": [], "error": f"{type(e).__name__}: {e}",
@@ -419,7 +464,7 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
 
 def summarize(results: list[dict]) -> tuple[list[dict], dict]:
     """Correction records (in trajectory order) -> (examples, stats: attempts, blame, successes, failures)."""
-    blame, wins, failures, how = Counter(), Counter(), Counter(), Counter()
+    blame, wins, failures, how, by = Counter(), Counter(), Counter(), Counter(), Counter()
     sup_calls = sup_errors = regen_calls = regen_errors = 0
     examples = []
     for r in results:
@@ -436,6 +481,7 @@ def summarize(results: list[dict]) -> tuple[list[dict], dict]:
                 regen_errors += g["status"] == "error"
         if r.get("success"):
             wins[r["blame"]] += 1
+            by[r.get("corrected_by") or "teacher"] += 1
         examples += r.get("examples", [])
         if r.get("error"):
             failures["exception: " + r["error"].split(":")[0]] += 1
@@ -455,6 +501,7 @@ def summarize(results: list[dict]) -> tuple[list[dict], dict]:
         "regeneration_backend_errors": regen_errors,
         "successes": sum(bool(r.get("success")) for r in results),
         "successes_by_blame": {a: wins[a] for a in BLAMEABLE},
+        "successes_by_regenerator": dict(by),
         "failures": dict(sorted(failures.items())),
         "examples": {r: per_role[r] for r in ROLES},
         "duplicates_dropped": sum(rejected.values()),

@@ -123,3 +123,26 @@ def test_a_teacher_that_misbehaves_over_http_never_crashes_a_recipe(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_fallback_regenerates_where_the_first_regenerator_fails(tmp_path):
+    """The paper's order: the student answers the feedback first; where its program still fails, the stronger
+    model answers the same feedback from the same point. The record says who corrected each trajectory."""
+    distill_fake(tmp_path)
+    src = str(tmp_path / "distill" / "trajectories.jsonl")
+    weak, strong = FakeTeacher(bad_roles={"coder", "planner"}), FakeTeacher()
+    cfg = CorrectConfig(trajectories=src, out=str(tmp_path / "c"), teacher="student-model", fallback="teacher-model")
+    s = correct(cfg, teacher=weak, supervisor=strong, fallback=strong, run_tests=run_tests_inprocess, progress=False)
+    assert s["successes"] == 2 and s["successes_by_regenerator"] == {"teacher-model": 2}
+    assert s["examples"]["coder"] == 2 and not s["failures"]
+    assert {r for r, _ in weak.log} == {"coder", "planner"}                 # the student was asked first
+    recs = {r["id"]: r for r in read_jsonl_resumable(tmp_path / "c" / "corrections.jsonl")}
+    assert {r["corrected_by"] for r in recs.values()} == {"teacher-model"}
+    div = recs["fake/div"]["attempts"][0]["regenerated"]                   # planner blamed: plan (+ coder) each
+    assert [(g["by"], g["role"], g["status"]) for g in div] == [("student-model", "planner", "failed"),
+                                                                ("teacher-model", "planner", "ok"),
+                                                                ("teacher-model", "coder", "ok")]
+    good = CorrectConfig(trajectories=src, out=str(tmp_path / "c2"), teacher="student-model", fallback="teacher-model")
+    s = correct(good, teacher=FakeTeacher(), supervisor=strong, fallback=weak, run_tests=run_tests_inprocess,
+                progress=False)
+    assert s["successes_by_regenerator"] == {"student-model": 2}             # no fallback needed
