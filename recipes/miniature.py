@@ -4,6 +4,7 @@
     mcl miniature run                         # the next unfinished shard of the next unfinished stage, then on
     mcl miniature run --shards 1 --commit     # one shard, its files committed to git as it finishes
     mcl miniature run --stage speed           # only that stage (--index 1: only its shard 1)
+    mcl miniature run --stage corrections     # part 2: the supervisor-guided corrections of the student's failures
     mcl miniature gate                        # teacher vs student (and the speed stage) -> gate.json + tables
     mcl miniature sft --out runs/miniature/sft.jsonl     # SFT inputs rebuilt from the committed records
     (each takes --config FILE and key=value overrides of its [campaign] table)
@@ -20,13 +21,18 @@ Stages, in order; a stage is a list of shards, a shard a fixed list of problems 
   speed         the first `speed_problems` problems, one shard per model: arms "before_fp32" and "before_q4" run
                 the code of `speed_base` (before the prompt layout and the packed teacher), "after_q4" this
                 commit's: problems/hour and prefix-cache hit rate of each.
+  corrections   (part 2) shard i = the student's failed trajectories of trajectory shard i, held-out problems
+                left out: the teacher as supervisor blames the planner or the coder and writes feedback, the
+                student regenerates, the teacher regenerates where the student's program still fails
+                (recipes/correct.py); `correct_rounds` rounds per failure.
 
 A shard runs its arms one after another, each a child process (recipes/miniature_arm.py) that appends each
-finished problem to runs/miniature/<stage>/shard-NNN/<arm>/trajectories.jsonl (fsync'ed): a kill loses at most the
-problems in flight, and the rerun continues the same shard, at the same commit on the same CPU model (else the
-shard restarts whole); a speed arm, being one measurement, restarts whole (its finished arms are kept). When every arm is done, the shard's records go to OUT/<stage>/shard-NNN.jsonl.gz (one line
-per problem and arm, "arm" added) and its provenance to OUT/<stage>/shard-NNN.json: commit, CPU model and ISA
-flags, threads, load average, dates, and per arm the wall time, problems/hour and prefix-cache counters.
+finished problem to runs/miniature/<stage>/shard-NNN/<arm>/trajectories.jsonl (corrections.jsonl; fsync'ed): a
+kill loses at most the problems in flight, and the rerun continues the same shard, at the same commit on the same
+CPU model (else the shard restarts whole); a speed arm, being one measurement, restarts whole (its finished arms
+are kept). When every arm is done, the shard's records go to OUT/<stage>/shard-NNN.jsonl.gz (one line per problem
+and arm, "arm" added) and its provenance to OUT/<stage>/shard-NNN.json: commit, CPU model and ISA flags, threads,
+load average, dates, and per arm the wall time, problems/hour and prefix-cache counters (corrections: the stats).
 """
 from __future__ import annotations
 
@@ -48,7 +54,9 @@ from kernels.cpu_info import cpu_model, isa
 from recipes.common import git_commit, load_config, read_jsonl_resumable
 
 CODE = Path(__file__).resolve().parents[1]         # the code tree this command runs from
-STAGES = ("trajectories", "speed")
+STAGES = ("trajectories", "speed", "corrections")
+PART = {"trajectories": 1, "speed": 1, "corrections": 2}
+RECORDS = {"mapcoder": "trajectories.jsonl", "correct": "corrections.jsonl"}    # an arm's output, by task
 
 
 @dataclass
@@ -70,6 +78,7 @@ class MiniatureConfig:
     threads: int = 2
     speed_problems: int = 40
     speed_base: str = "3a45b18"                    # the code before the prompt layout change and the packed teacher
+    correct_rounds: int = 1                        # corrections: supervisor -> regenerate -> test, per failure
     out: str = "recipes/data/miniature"
     work: str = "runs/miniature"
 
@@ -77,9 +86,11 @@ class MiniatureConfig:
 @dataclass
 class Arm:
     name: str
-    model: str
+    model: str                                     # mapcoder: the agents' model; correct: the first regenerator
     weights: str
     tree: str = ""                                 # "" = this code tree, else a commit to check out
+    task: str = "mapcoder"                         # mapcoder (recipes.distill) | correct (recipes.correct)
+    supervisor: str = ""                           # correct: the supervisor, also the fallback regenerator
 
 
 @dataclass
@@ -125,7 +136,24 @@ def plan(cfg: MiniatureConfig, problems: list[Problem]) -> dict[str, list[Shard]
                    [Arm("before_fp32", model, "fp32", cfg.speed_base), Arm("before_q4", model, "q4", cfg.speed_base),
                     Arm("after_q4", model, "q4")])
              for i, model in enumerate((cfg.student, cfg.teacher))]
-    return {"trajectories": traj, "speed": speed}
+    return {"trajectories": traj, "speed": speed, "corrections": correction_shards(cfg, problems)}
+
+
+def correction_shards(cfg: MiniatureConfig, problems: list[Problem]) -> list[Shard]:
+    """Shard i: the student's failed trajectories of finished trajectory shard i, held-out problems left out (they
+    are never trained on). One arm: the supervisor (the teacher) blames and gives feedback, the student regenerates,
+    the teacher regenerates where the student's program still fails (recipes.correct). A trajectory shard not yet
+    finished has no correction shard yet."""
+    held = {p.id for p in problems[:cfg.held_out]}
+    by_id = {p.id: p for p in problems}
+    out = []
+    for meta, recs in finished(cfg, "trajectories"):
+        failed = [by_id[r["id"]] for r in recs
+                  if r["arm"] == "student" and not r["passed"] and r["id"] not in held and r["id"] in by_id]
+        if failed:
+            out.append(Shard("corrections", meta["shard"], failed,
+                             [Arm("correct", cfg.student, cfg.weights, task="correct", supervisor=cfg.teacher)]))
+    return out
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -195,7 +223,15 @@ def run_arm(cfg: MiniatureConfig, shard: Shard, arm: Arm, work: Path) -> dict:
     (work / arm.name).mkdir(parents=True, exist_ok=True)
     spec = {"model": arm.model, "weights": arm.weights, "problems": str(work / "problems.json"), "k": cfg.k,
             "t": cfg.t, "max_new_tokens": cfg.max_new_tokens, "concurrency": cfg.concurrency,
-            "threads": cfg.threads, "out": str(work / arm.name), "result": str(result)}
+            "threads": cfg.threads, "out": str(work / arm.name), "result": str(result), "task": arm.task}
+    if arm.task == "correct":                      # its input: the student's trajectories of those problems
+        ids = {p.id for p in shard.problems}
+        src = shard_files(cfg, Shard("trajectories", shard.index, [], []))[0]
+        trajs = [{k: v for k, v in r.items() if k not in ("arm", "model", "weights")} for r in read_records(src)
+                 if r["arm"] == "student" and r["id"] in ids]
+        inp = work / arm.name / "input.jsonl"
+        inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in trajs))
+        spec.update(trajectories=str(inp), supervisor=arm.supervisor, rounds=cfg.correct_rounds)
     (work / arm.name / "spec.json").write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "PYTHONPATH": str(tree)}
     print(f"miniature: {shard.stage} {shard.name} arm {arm.name}: {arm.model} ({arm.weights}) on "
@@ -239,14 +275,15 @@ def run_shard(cfg: MiniatureConfig, shard: Shard) -> dict:
     order = {p.id: i for i, p in enumerate(shard.problems)}
     records = []
     for a in shard.arms:
-        recs = {r["id"]: r for r in read_jsonl_resumable(work / a.name / "trajectories.jsonl") if r["id"] in order}
+        recs = {r["id"]: r for r in read_jsonl_resumable(work / a.name / RECORDS[a.task]) if r["id"] in order}
+        ok = "passed" if a.task == "mapcoder" else "success"             # solved / corrected
         if len(recs) != len(order):
             raise RuntimeError(f"miniature: {shard.name} arm {a.name} holds {len(recs)} of {len(order)} problems")
         records += [{"arm": a.name, "model": a.model, "weights": a.weights, **recs[pid]} for pid in order]
         wall = arms[a.name]["wall_s"]
         arms[a.name].update(model=a.model, weights=a.weights, code=a.tree or "this commit",
                             problems_per_hour=round(3600 * arms[a.name]["problems_run"] / wall, 1) if wall else None,
-                            passed=sum(recs[p]["passed"] for p in order))
+                            passed=sum(bool(recs[p][ok]) for p in order))
     meta = {"stage": shard.stage, "shard": shard.index, "problems": list(order), **machine,
             "settings": {k: getattr(cfg, k) for k in ("k", "t", "max_new_tokens", "concurrency", "seed")},
             "started": started, "finished": _now(), "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
@@ -289,8 +326,10 @@ def run(cfg: MiniatureConfig, stage: str = "", shards: int = 0, hours: float = 0
         raise ValueError("miniature: --index needs --stage (shard numbers count within a stage)")
     problems, _ = select_problems(cfg)
     planned = plan(cfg, problems)
-    if index >= len(planned.get(stage, [])):
-        raise ValueError(f"miniature: stage {stage} has shards 0..{len(planned[stage]) - 1}, not {index}")
+    have = [s.index for s in planned.get(stage, [])]
+    if index >= 0 and index not in have:
+        span = f"shards {have[0]}..{have[-1]}" if have else "no shards yet"
+        raise ValueError(f"miniature: stage {stage} has {span}, not {index}")
     todo = [s for st in STAGES if not stage or st == stage for s in planned[st]
             if not is_done(cfg, s) and index in (-1, s.index)]
     t0, ran = time.time(), 0
@@ -310,11 +349,11 @@ def run(cfg: MiniatureConfig, stage: str = "", shards: int = 0, hours: float = 0
 
 # --- status ------------------------------------------------------------------------------------------------
 
-def rates(cfg: MiniatureConfig, cpu: str = "") -> dict[str, float]:
-    """Measured problems/hour of each model over the finished trajectory shards (problems run / wall), only those
-    run on CPU model `cpu` when given."""
+def rates(cfg: MiniatureConfig, cpu: str = "", stage: str = "trajectories") -> dict[str, float]:
+    """Measured problems/hour of each model (an arm's first model) over the finished shards of `stage` (problems
+    run / wall), only those run on CPU model `cpu` when given."""
     n, w = {}, {}
-    for meta, _ in finished(cfg, "trajectories"):
+    for meta, _ in finished(cfg, stage):
         if cpu and meta.get("cpu_model") != cpu:
             continue
         for a in meta["arms"].values():
@@ -327,37 +366,43 @@ def status(cfg: MiniatureConfig) -> dict:
     problems, dropped = select_problems(cfg)
     here = cpu_model()
     per_hour = rates(cfg, here) or rates(cfg)               # this machine's rate where it has run a shard
+    corr_hour = rates(cfg, here, "corrections") or rates(cfg, stage="corrections")
     out = {"problems": len(problems), "dropped_by_decontamination": dropped, "held_out": cfg.held_out,
-           "problems_per_hour": {m: round(r, 1) for m, r in per_hour.items()}, "stages": {}}
+           "problems_per_hour": {m: round(r, 1) for m, r in per_hour.items()},
+           "corrections_per_hour": {m: round(r, 1) for m, r in corr_hour.items()}, "stages": {}}
     print(f"miniature: {len(problems)} problems ({cfg.benchmark} {'+'.join(cfg.splits)}; "
           f"{len(dropped)} dropped as overlapping {', '.join(cfg.decontaminate)}: "
           f"{', '.join(d['id'] + '~' + '/'.join(d['overlaps']) for d in dropped)}), first {cfg.held_out} held out")
-    total_h, unmeasured = 0.0, set()
     for st, shards in plan(cfg, problems).items():
         done = [s for s in shards if is_done(cfg, s)]
         left = [s for s in shards if not is_done(cfg, s)]
         hours, unknown = 0.0, set()
         for s in left:
             for a in s.arms:
-                r = per_hour.get(a.model)
+                r = (corr_hour if a.task == "correct" else per_hour).get(a.model)
                 if r:
                     hours += len(s.problems) / r * (1.0 if a.weights == cfg.weights else 2.0)   # fp32 ~2x slower
                 else:
-                    unknown.add(a.model)
-        total_h += hours
-        unmeasured |= unknown
+                    unknown.add(a.model if a.task == "mapcoder" else f"{a.task} ({a.model})")
         n_done = sum(len(s.problems) for s in done)
         n_all = sum(len(s.problems) for s in shards)
-        out["stages"][st] = {"shards_done": len(done), "shards": len(shards), "problems_done": n_done,
-                             "problems": n_all, "hours_left": round(hours, 1)}
+        out["stages"][st] = {"part": PART[st], "shards_done": len(done), "shards": len(shards), "problems_done": n_done,
+                             "problems": n_all, "hours_left": round(hours, 1), "unmeasured": sorted(unknown)}
         eta = f"{hours:.1f} h left" + (f" (+ unmeasured: {', '.join(sorted(unknown))})" if unknown else "")
         print(f"  {st:<13} {len(done):>3}/{len(shards)} shards, {n_done}/{n_all} problems, {eta}")
     rate_txt = ", ".join(f"{m} {r:.1f}" for m, r in per_hour.items()) or "not measured yet"
-    complete = all(v["shards_done"] == v["shards"] for v in out["stages"].values())
-    left = "complete" if complete else f"open, {total_h:.1f} h left" + (" + unmeasured models" if unmeasured else "")
     where = f"on this CPU ({here})" if rates(cfg, here) else "on other CPUs (none run here yet)"
-    print(f"  problems/hour {where}: {rate_txt}; part 1 {left}")
-    out["complete"], out["hours_left"] = complete, round(total_h, 1)
+    parts = []
+    for part in sorted(set(PART.values())):
+        sts = [v for st, v in out["stages"].items() if PART[st] == part]
+        complete = all(v["shards_done"] == v["shards"] for v in sts) and (part == 1 or out["stages"]["trajectories"][
+            "shards_done"] == out["stages"]["trajectories"]["shards"])          # part 2's shards follow part 1's
+        hours = sum(v["hours_left"] for v in sts)
+        out[f"part{part}"] = {"complete": complete, "hours_left": round(hours, 1)}
+        parts.append(f"part {part} " + ("complete" if complete else f"open, {hours:.1f} h left"
+                                        + (" + unmeasured" if any(v["unmeasured"] for v in sts) else "")))
+    print(f"  problems/hour {where}: {rate_txt}; {'; '.join(parts)}")
+    out["complete"], out["hours_left"] = out["part1"]["complete"], out["part1"]["hours_left"]
     return out
 
 

@@ -188,3 +188,50 @@ def test_run_index_picks_one_shard_of_a_stage(tmp_path, monkeypatch):
         mini.run(cfg, "speed", index=2)
     with pytest.raises(ValueError, match="needs --stage"):
         mini.run(cfg, index=0)
+
+
+def test_correction_shards_take_the_students_failures_outside_the_held_out_problems(tmp_path):
+    from engine.agents.problem import Problem
+    from recipes.miniature import correction_shards
+    problems = [Problem(id=f"p{i}", benchmark="toy", description=f"problem {i}") for i in range(8)]
+    cfg = MiniatureConfig(out=str(tmp_path), held_out=2, shard_size=4)
+    d = tmp_path / "trajectories"
+    d.mkdir()
+    passed = {"p0": False, "p1": True, "p2": False, "p3": True, "p4": False, "p5": False, "p6": True, "p7": True}
+    for i in (0, 1):                                   # two finished trajectory shards
+        ids = [f"p{4 * i + j}" for j in range(4)]
+        recs = [{"arm": arm, "id": pid, "passed": passed[pid] if arm == "student" else True}
+                for arm in ("teacher", "student") for pid in ids]
+        (d / f"shard-{i:03d}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
+        (d / f"shard-{i:03d}.json").write_text(json.dumps({"shard": i}))
+    shards = correction_shards(cfg, problems)
+    assert [(s.index, [p.id for p in s.problems]) for s in shards] == [(0, ["p2"]), (1, ["p4", "p5"])]   # p0 held out
+    arm = shards[0].arms[0]
+    assert (arm.task, arm.model, arm.supervisor, arm.weights) == ("correct", cfg.student, cfg.teacher, cfg.weights)
+    (d / "shard-001.json").unlink()                    # an unfinished trajectory shard has no correction shard yet
+    assert [s.index for s in correction_shards(cfg, problems)] == [0]
+
+
+@needs_data
+@pytest.mark.slow
+def test_corrections_stage_runs_on_the_committed_student_records(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["student=smollm2-135m", "teacher=smollm2-135m", "shard_size=4", "held_out=2", "concurrency=2",
+              "max_new_tokens=12", "threads=1", f"out={out}", f"work={work}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stage in ("trajectories", "corrections"):
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "miniature", "run", "--stage", stage, "--shards", "1",
+                            *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with gzip.open(out / "trajectories" / "shard-000.jsonl.gz", "rt") as f:
+        traj = [json.loads(x) for x in f]
+    meta = json.loads((out / "trajectories" / "shard-000.json").read_text())
+    failed = [t["id"] for t in traj if t["arm"] == "student" and not t["passed"] and t["id"] in meta["problems"][2:]]
+    with gzip.open(out / "corrections" / "shard-000.jsonl.gz", "rt") as f:
+        corr = [json.loads(x) for x in f]
+    cmeta = json.loads((out / "corrections" / "shard-000.json").read_text())
+    assert [c["id"] for c in corr] == failed == cmeta["problems"] and failed       # 12 tokens: nothing passes
+    assert all(c["arm"] == "correct" and "success" in c and "attempts" in c for c in corr)
+    stats = cmeta["arms"]["correct"]["stats"]
+    assert stats["trajectories"] == len(failed) and cmeta["arms"]["correct"]["problems_run"] == len(failed)
+    assert cmeta["arms"]["correct"]["supervisor_scheduler"]["prompt_tokens"] > 0 or stats["attempted"] == 0
