@@ -497,13 +497,14 @@ def markdown(result: dict) -> str:
     lines += ["", f"Problems/hour over the trajectory shards ({', '.join(result['cpus'])}): teacher {t['model']} "
                   f"{rate.get(t['model'], '?')}, student {st['model']} {rate.get(st['model'], '?')}."]
     if result.get("speed"):
-        lines += ["", "| model | arm | code | weights | problems | passed | problems/hour | prefix-cache token hit rate "
-                      "| after_q4 / this |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | arm | code | weights | problems | passed | problems/hour "
+                      "| prefix-cache token hit rate | after_q4 / this |", "|---|---|---|---|---|---|---|---|---|"]
         for sh in result["speed"]:
             for name, a in sh["arms"].items():
                 ratio = sh.get(f"after_q4_vs_{name}", "")
-                lines.append(f"| {sh['model']} | {name} | {a['code']} | {a['weights']} | {a['problems']} | {a['passed']} "
-                             f"| {a['problems_per_hour']} | {a['token_hit_rate']} | {f'{ratio}x' if ratio else ''} |")
+                lines.append(f"| {sh['model']} | {name} | {a['code']} | {a['weights']} | {a['problems']} "
+                             f"| {a['passed']} | {a['problems_per_hour']} | {a['token_hit_rate']} "
+                             f"| {f'{ratio}x' if ratio else ''} |")
     return "\n".join(lines)
 
 

@@ -235,8 +235,8 @@ def test_run_eval_peak_memory_is_the_runs_not_the_process_lifetimes(tmp_path):
     import numpy as np
     big = np.ones(60_000_000)                               # 480 MB touched, then freed before the run
     del big
-    b = ScriptedBackend(lambda role, step, user: code("PASS") if step == "code" else
-                        retrieval(1) if step == "retrieve" else "1. A plan." if step == "plan" else "<confidence>90</confidence>")
+    answers = {"retrieve": retrieval(1), "plan": "1. A plan.", "verify": "<confidence>90</confidence>"}
+    b = ScriptedBackend(lambda role, step, user: code("PASS") if step == "code" else answers[step])
     s = run_eval([problem("p0")], b, "mapcoder", k=1, t=1, out_dir=tmp_path, concurrency=1,
                  run_tests=fake_run_tests, progress=False)
     try:
