@@ -95,15 +95,18 @@ def write_meta(out: Path, meta: dict, cfg) -> None:
 # --- backends and threads ----------------------------------------------------------------------------------
 
 def open_backend(model: str, url: str = "", url_model: str = "", api_key_env: str = "", timeout_s: float = 300.0,
-                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8, weights: str = "fp32"):
+                 retries: int = 2, device: str = "", dtype: str = "", n_slots: int = 8, weights: str = "fp32",
+                 step_lock=None):
     """An HTTPBackend when `url` is set, else our engine running `model` on `weights` (fp32 | bf16 | q4: the
-    GGUF's own blocks, engine/loading/packed_model.py) (call .close() when done)."""
+    GGUF's own blocks, engine/loading/packed_model.py) (call .close() when done). step_lock: an
+    engine.serving.scheduler.TurnLock shared by the local models of one process (their steps take turns)."""
     from engine.agents.backends import HTTPBackend
     from engine.serving.backend import open_local
     if url:
         return HTTPBackend(url, model=url_model or model, api_key=os.environ.get(api_key_env) if api_key_env else None,
                            timeout=timeout_s, retries=retries)
-    return open_local(model, device or None, dtype or None, None, n_slots=n_slots, weights=weights or "fp32")
+    return open_local(model, device or None, dtype or None, None, n_slots=n_slots, weights=weights or "fp32",
+                      step_lock=step_lock)
 
 
 def set_threads(n: int) -> int:

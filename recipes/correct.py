@@ -408,16 +408,19 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
     write_meta(out, meta, cfg)
     t0, opened = time.perf_counter(), []
     if todo:
+        from engine.serving.scheduler import TurnLock
+        turns = TurnLock()                          # local models of this process take turns on the cores
         if teacher is None:
             teacher = open_backend(cfg.teacher, cfg.teacher_url, cfg.teacher_model, cfg.api_key_env, cfg.timeout_s,
-                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
+                                   cfg.retries, cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights,
+                                   step_lock=turns)
             opened.append(teacher)
         if supervisor is None:
             same = (cfg.supervisor, cfg.supervisor_url, cfg.supervisor_model) == \
                    (cfg.teacher, cfg.teacher_url, cfg.teacher_model)
             supervisor = teacher if same else open_backend(
                 cfg.supervisor, cfg.supervisor_url, cfg.supervisor_model, cfg.api_key_env, cfg.timeout_s, cfg.retries,
-                cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
+                cfg.device, cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights, step_lock=turns)
             if supervisor is not teacher:
                 opened.append(supervisor)
         if fallback is None and cfg.fallback:
@@ -425,7 +428,7 @@ def correct(cfg: CorrectConfig, teacher=None, supervisor=None, run_tests=None, p
                 fallback = supervisor
             else:
                 fallback = open_backend(cfg.fallback, "", "", cfg.api_key_env, cfg.timeout_s, cfg.retries, cfg.device,
-                                        cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights)
+                                        cfg.dtype, n_slots=cfg.concurrency, weights=cfg.weights, step_lock=turns)
                 opened.append(fallback)
         names = (cfg.teacher or cfg.teacher_model or "teacher", cfg.fallback or "fallback")
 

@@ -76,9 +76,13 @@ def correct_arm(spec: dict) -> int:
                         fallback=spec["supervisor"], weights=spec["weights"], rounds=spec["rounds"],
                         max_new_tokens=spec["max_new_tokens"], concurrency=spec["concurrency"],
                         threads=spec["threads"], out=spec["out"])
+    from engine.serving.scheduler import TurnLock
+    turns = TurnLock()                             # the two models' steps take turns on the cores
     t0 = time.perf_counter()
-    first = open_local(spec["model"], None, None, None, n_slots=spec["concurrency"], weights=spec["weights"])
-    judge = open_local(spec["supervisor"], None, None, None, n_slots=spec["concurrency"], weights=spec["weights"])
+    first = open_local(spec["model"], None, None, None, n_slots=spec["concurrency"], weights=spec["weights"],
+                       step_lock=turns)
+    judge = open_local(spec["supervisor"], None, None, None, n_slots=spec["concurrency"], weights=spec["weights"],
+                       step_lock=turns)
     load_s = time.perf_counter() - t0
     try:
         done_before = _count_lines(f"{spec['out']}/corrections.jsonl")

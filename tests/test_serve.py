@@ -120,6 +120,54 @@ def test_background_thread_streams_and_cancels(model):
     assert r2.finish_reason == "cancelled" and r1.wall_s >= r1.ttft_s >= r1.queue_s >= 0
 
 
+def test_two_schedulers_sharing_a_turn_lock_never_step_at_once_and_both_finish(model):
+    import threading
+    import time
+    from engine.serving.scheduler import TurnLock
+    turns, active, steps, overlap = TurnLock(), [0], {"a": 0, "b": 0}, []
+    guard = threading.Lock()
+    scheds = {k: Scheduler(model, CharTokenizer(), n_slots=2, max_len=128, step_lock=turns) for k in steps}
+    for k, sc in scheds.items():
+        def counted(step=sc.step, k=k):                  # the loop's step, timed for overlap
+            with guard:
+                active[0] += 1
+                overlap.append(active[0] > 1)
+            time.sleep(0.001)
+            try:
+                return step()
+            finally:
+                with guard:
+                    active[0] -= 1
+                steps[k] += 1
+        sc.step = counted
+        sc.start()
+    try:
+        futs = [sc.submit([3, 4, 5 + i], max_new_tokens=40) for sc in scheds.values() for i in range(2)]
+        assert all(f.result(timeout=120).new_tokens >= 1 for f in futs)
+    finally:
+        for sc in scheds.values():
+            sc.stop()
+    assert steps["a"] > 5 and steps["b"] > 5 and not any(overlap)
+
+
+def test_turn_lock_serves_waiters_in_arrival_order():
+    import threading
+    import time
+    from engine.serving.scheduler import TurnLock
+    lock, order = TurnLock(), []
+    lock.__enter__()                                     # held: the threads below queue up one by one
+    threads = []
+    for i in range(4):
+        t = threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)                                 # each takes its ticket before the next starts
+    lock.__exit__()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3]
+
+
 # --- prefix caching -------------------------------------------------------------------------------
 
 def _run(model, reqs, arrive_every=0, **kw):

@@ -150,10 +150,10 @@ class LocalBackend:
 
 
 def open_local(model: str, device: str | None = None, dtype: str | None = None, adapters_dir: str | None = None,
-               n_slots: int = 16, weights: str = "fp32") -> LocalBackend:
+               n_slots: int = 16, weights: str = "fp32", step_lock=None) -> LocalBackend:
     """Load a model (engine.loading.hub; `weights` fp32 | bf16 | q4, see engine/loading/packed_model.py), attach the
     role adapters found in `adapters_dir` (one PEFT directory per role, named after it), start a scheduler. Call
-    `.close()` when done."""
+    `.close()` when done. step_lock: a scheduler.TurnLock shared with the other models of this process."""
     from engine.loading.hub import load_model
     from engine.serving.scheduler import Scheduler
     m, tok = load_model(model, device=device, dtype=dtype, weights=weights)
@@ -163,6 +163,6 @@ def open_local(model: str, device: str | None = None, dtype: str | None = None, 
         roles = [n for n in load_adapters(m, adapters_dir) if n in ROLES]
         if not roles:
             raise FileNotFoundError(f"{adapters_dir}: no adapter subdirectory named after a role ({', '.join(ROLES)})")
-    sched = Scheduler(m, tok, n_slots=n_slots)
+    sched = Scheduler(m, tok, n_slots=n_slots, step_lock=step_lock)
     sched.start()
     return LocalBackend(sched, tok, adapters=roles)

@@ -6,6 +6,8 @@
     res = fut.result()                                   # Result: token_ids, text, counts, timings
     futs = sched.submit_n(ids, 4, temperature=0.8, top_p=0.9, seed=7, logprobs=2)   # 4 samples, one prefill
     sched.cancel(fut); sched.stop()
+    turns = TurnLock()                                   # two models in one process: their steps take turns
+    a, b = Scheduler(m1, tok1, step_lock=turns).start(), Scheduler(m2, tok2, step_lock=turns).start()
 
 One step: (1) finish cancelled requests, (2) admit waiting requests into free KV-cache slots and prefill
 them (several prompts in one batch, long prompts in chunks of `prefill_chunk` tokens across steps), (3) decode
@@ -41,6 +43,7 @@ logprob does not depend on the sampling settings.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import threading
 import time
@@ -54,6 +57,28 @@ from engine.serving.steps import SamplingParams, check_sampling, decode_one, pre
 
 
 LOGPROB_FLOOR = -9999.0    # logprobs below it (and -inf, NaN) are reported as it: JSON has no -inf
+
+
+class TurnLock:
+    """A lock that waiting threads get in arrival order (a ticket lock). Schedulers of two models in one process
+    share one so that their steps take turns: each step already uses every core (OpenMP / torch threads), and two at
+    once oversubscribe the cores, where a parallel region waits on descheduled threads. threading.Lock would let a
+    scheduler that releases it take it straight back and starve the other."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cv:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cv.wait()
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
 
 
 @dataclass
@@ -106,9 +131,11 @@ class _Request:
 class Scheduler:
     def __init__(self, model, tokenizer, n_slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
                  max_prefill_rows: int = 8, log_batches: bool = False, ignore_eos: bool = False,
-                 prefix_cache: bool = True, prefix_min: int = 16, eos_ids=None, cache: KVCache | None = None):
+                 prefix_cache: bool = True, prefix_min: int = 16, eos_ids=None, cache: KVCache | None = None,
+                 step_lock: TurnLock | None = None):
         """eos_ids: token ids that end a request (default the tokenizer's; ignore_eos: none).
-        cache: a KVCache with at least n_slots slots to use instead of allocating one."""
+        cache: a KVCache with at least n_slots slots to use instead of allocating one.
+        step_lock: held around each background step (start()), shared with other schedulers of this process."""
         self.model, self.tok = model, tokenizer
         dev = model.device
         self.device = dev
@@ -126,6 +153,7 @@ class Scheduler:
         self.by_future: dict[int, _Request] = {}
         self.cv = threading.Condition()
         self._next_id, self._thread, self._stop = 0, None, False
+        self.step_lock = step_lock if step_lock is not None else contextlib.nullcontext()
         self.log_batches = log_batches
         self.batch_log: list[dict] = []                  # per decode step: size and adapters in the batch
         self.stats = collections.Counter()
@@ -471,7 +499,8 @@ class Scheduler:
                 if self._stop:
                     return
             try:
-                self.step()
+                with self.step_lock:
+                    self.step()
             except Exception as e:                      # a broken step fails every request in flight, loudly
                 with self.cv:
                     for r in list(self.running.values()) + list(self.waiting):
