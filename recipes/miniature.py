@@ -6,7 +6,8 @@
     mcl miniature run --stage speed           # only that stage (--index 1: only its shard 1)
     mcl miniature run --stage corrections     # part 2: the supervisor-guided corrections of the student's failures
     mcl miniature gate                        # teacher vs student (and the speed stage) -> gate.json + tables
-    mcl miniature sft --out runs/miniature/sft.jsonl     # SFT inputs rebuilt from the committed records
+    mcl miniature sft --out runs/miniature/sft.jsonl     # SFT inputs rebuilt from the committed records (teacher
+                                                         # trajectories + corrections; --no-corrections: without)
     (each takes --config FILE and key=value overrides of its [campaign] table)
 
 The problems: MBPP train + validation, minus every problem whose normalised statement overlaps (either inside
@@ -510,10 +511,12 @@ def markdown(result: dict) -> str:
 
 # --- SFT inputs from the committed records -----------------------------------------------------------------
 
-def sft(cfg: MiniatureConfig, out: str, arm: str = "teacher") -> dict:
+def sft(cfg: MiniatureConfig, out: str, arm: str = "teacher", corrections: bool = True) -> dict:
     """The arm's trajectories on the non-held-out problems -> distill's examples (recipes.distill.build_examples),
-    written to `out`; no model runs. Returns distill's stats."""
-    from recipes.common import write_examples
+    then (with `corrections`) the examples of every finished corrections shard (the corrected trajectories, their
+    original prompts), exact duplicates dropped; written to `out`. No model runs. Returns distill's stats with
+    "corrections": records, corrected, examples per role."""
+    from recipes.common import dedup, write_examples
     from recipes.distill import build_examples
     from recipes.trajectory import Trajectory
     problems, _ = select_problems(cfg)
@@ -524,10 +527,16 @@ def sft(cfg: MiniatureConfig, out: str, arm: str = "teacher") -> dict:
              if r["arm"] == arm and r["id"] not in held]
     trajs.sort(key=lambda t: order[t.id])
     examples, stats = build_examples(trajs)
+    fixed = [r for _, recs in finished(cfg, "corrections") for r in recs if r["id"] not in held] if corrections else []
+    extra = [e for r in fixed for e in r.get("examples", [])]
+    examples = dedup(examples + extra)
+    stats["corrections"] = {"records": len(fixed), "corrected": sum(bool(r.get("success")) for r in fixed),
+                            "examples": {role: sum(e["role"] == role for e in extra) for role in ROLES}}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_examples(Path(out), examples)
-    print(f"miniature sft: {len(trajs)} {arm} trajectories (held-out excluded) -> {len(examples)} examples "
-          f"{stats['examples']} -> {out}")
+    print(f"miniature sft: {len(trajs)} {arm} trajectories (held-out excluded) -> {stats['examples']}; "
+          f"{stats['corrections']['corrected']} of {len(fixed)} corrections -> {stats['corrections']['examples']}; "
+          f"{len(examples)} examples after dropping duplicates -> {out}")
     return stats
 
 
@@ -545,6 +554,7 @@ def cli_miniature(action: str, argv: list[str]) -> int:
     ap.add_argument("--hours", type=float, default=0.0, help="run: start no new shard after this many hours")
     ap.add_argument("--commit", action="store_true", help="run: git-commit each finished shard's two files")
     ap.add_argument("--out", default="", help="gate: the JSON to write; sft: the examples file")
+    ap.add_argument("--no-corrections", action="store_true", help="sft: the teacher's trajectories only (ablation)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of [campaign]")
     a = ap.parse_intermixed_args(argv)
     cfg = load_config(MiniatureConfig, a.config or str(CODE / "recipes" / "miniature.toml"), "campaign", a.overrides)
@@ -556,5 +566,5 @@ def cli_miniature(action: str, argv: list[str]) -> int:
     elif action == "gate":
         gate(cfg, a.out or "bench/results/miniature/gate.json")
     else:
-        sft(cfg, a.out or f"{cfg.work}/sft.jsonl")
+        sft(cfg, a.out or f"{cfg.work}/sft.jsonl", corrections=not a.no_corrections)
     return 0

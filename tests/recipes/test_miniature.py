@@ -235,3 +235,27 @@ def test_corrections_stage_runs_on_the_committed_student_records(tmp_path):
     stats = cmeta["arms"]["correct"]["stats"]
     assert stats["trajectories"] == len(failed) and cmeta["arms"]["correct"]["problems_run"] == len(failed)
     assert cmeta["arms"]["correct"]["supervisor_scheduler"]["prompt_tokens"] > 0 or stats["attempted"] == 0
+
+
+@needs_data
+def test_sft_adds_the_committed_corrections_unless_asked_not_to(tmp_path):
+    cfg = MiniatureConfig(out=str(tmp_path / "out"))
+    problems, _ = select_problems(cfg)
+    held, kept = problems[0].id, problems[60].id
+    def ex(pid, text):
+        return {"role": "coder", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": pid},
+                                              {"role": "assistant", "content": text}],
+                "source": {"origin": "correct", "problem": pid}}
+    recs = [{"arm": "correct", "id": kept, "success": True, "examples": [ex(kept, "fixed"), ex(kept, "fixed")]},
+            {"arm": "correct", "id": held, "success": True, "examples": [ex(held, "never trained on")]}]
+    d = tmp_path / "out" / "corrections"
+    d.mkdir(parents=True)
+    (d / "shard-005.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
+    (d / "shard-005.json").write_text(json.dumps({"shard": 5}))
+    stats = sft(cfg, str(tmp_path / "sft.jsonl"))
+    lines = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [e["messages"][-1]["content"] for e in lines] == ["fixed"]        # duplicates and held-out dropped
+    assert stats["corrections"] == {"records": 1, "corrected": 1,
+                                    "examples": {"retriever": 0, "planner": 0, "coder": 2, "debugger": 0}}
+    sft(cfg, str(tmp_path / "sft0.jsonl"), corrections=False)
+    assert (tmp_path / "sft0.jsonl").read_text() == ""
